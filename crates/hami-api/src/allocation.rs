@@ -169,8 +169,8 @@ mod tests {
 
     fn arb_pod() -> impl proptest::strategy::Strategy<Value = PodDevices> {
         use proptest::prelude::*;
-        let dev = ("GPU-[a-f0-9-]{1,12}", 0u64..200_000, 0u32..=100)
-            .prop_map(|(u, m, c)| dev(&u, m, c));
+        let dev =
+            ("GPU-[a-f0-9-]{1,12}", 0u64..200_000, 0u32..=100).prop_map(|(u, m, c)| dev(&u, m, c));
         proptest::collection::vec(proptest::collection::vec(dev, 0..4), 0..5).prop_map(PodDevices)
     }
 

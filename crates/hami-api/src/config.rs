@@ -232,9 +232,8 @@ impl DeviceConfig {
         for (key, value) in sections {
             if key == "nvidia" {
                 let mut unknown = Vec::new();
-                let mut on_unknown = |path: serde_ignored::Path| {
-                    unknown.push(format!("nvidia.{path}"))
-                };
+                let mut on_unknown =
+                    |path: serde_ignored::Path| unknown.push(format!("nvidia.{path}"));
                 let de = serde_ignored::Deserializer::new(&value, &mut on_unknown);
                 config.nvidia = serde_path_to_error::deserialize(de).map_err(|e| {
                     let path = e.path().to_string();
@@ -301,16 +300,15 @@ mod tests {
 
     #[test]
     fn wrong_types_name_file_key_and_type() {
-        let e = DeviceConfig::from_yaml("dc.yaml", "nvidia:\n  deviceSplitCount: ten\n")
-            .unwrap_err();
+        let e =
+            DeviceConfig::from_yaml("dc.yaml", "nvidia:\n  deviceSplitCount: ten\n").unwrap_err();
         assert_eq!(e.file, "dc.yaml");
         assert_eq!(e.key, "nvidia.deviceSplitCount");
         assert!(e.message.contains("u32"), "{e}");
         let e = DeviceConfig::from_yaml("dc.yaml", "nvidia:\n  gpuCorePolicy: sometimes\n")
             .unwrap_err();
         assert_eq!(e.key, "nvidia.gpuCorePolicy");
-        let e = DeviceConfig::from_yaml("dc.yaml", "nvidia:\n  deviceSplitCount: 0\n")
-            .unwrap_err();
+        let e = DeviceConfig::from_yaml("dc.yaml", "nvidia:\n  deviceSplitCount: 0\n").unwrap_err();
         assert!(e.to_string().contains("must be at least 1"), "{e}");
         assert!(DeviceConfig::from_yaml("dc.yaml", "- a\n- b\n").is_err());
         assert!(DeviceConfig::from_yaml("dc.yaml", "hygon: 3\n").is_err());

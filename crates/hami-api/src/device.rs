@@ -174,9 +174,8 @@ pub fn decode_devices_legacy(source: &str, value: &str) -> Result<Vec<DeviceInfo
         };
         let non_negative = |i: usize, name: &str| -> Result<u64, DecodeError> {
             let n = num(i, name)?;
-            u64::try_from(n).map_err(|_| {
-                DecodeError::new(source, entry, format!("{name} {n} is negative"))
-            })
+            u64::try_from(n)
+                .map_err(|_| DecodeError::new(source, entry, format!("{name} {n} is negative")))
         };
         let small = |i: usize, name: &str| -> Result<u32, DecodeError> {
             let n = non_negative(i, name)?;
@@ -298,8 +297,13 @@ mod tests {
         assert_eq!((d[2].mode(), d[2].devcore), (DeviceMode::Mig, 200));
         let again = decode_devices(SRC, &encode_devices_legacy(&d)).unwrap();
         assert_eq!(
-            again.iter().map(|x| (&x.id, x.index, x.mode())).collect::<Vec<_>>(),
-            d.iter().map(|x| (&x.id, x.index, x.mode())).collect::<Vec<_>>()
+            again
+                .iter()
+                .map(|x| (&x.id, x.index, x.mode()))
+                .collect::<Vec<_>>(),
+            d.iter()
+                .map(|x| (&x.id, x.index, x.mode()))
+                .collect::<Vec<_>>()
         );
         assert_eq!(
             encode_devices_legacy(&d[..1]),
@@ -325,7 +329,10 @@ mod tests {
     #[test]
     fn type_prefix_rule() {
         assert_eq!(nvidia_device_type("Tesla T4"), "NVIDIA-Tesla T4");
-        assert_eq!(nvidia_device_type("NVIDIA H100 80GB HBM3"), "NVIDIA H100 80GB HBM3");
+        assert_eq!(
+            nvidia_device_type("NVIDIA H100 80GB HBM3"),
+            "NVIDIA H100 80GB HBM3"
+        );
     }
 
     proptest::proptest! {

@@ -22,9 +22,8 @@ pub enum Handshake {
 impl Handshake {
     pub fn decode(source: &str, value: &str) -> Result<Handshake, DecodeError> {
         if let Some(t) = value.strip_prefix("Requesting_") {
-            let dt = DateTime::strptime(HANDSHAKE_TIME, t).map_err(|_| {
-                DecodeError::new(source, value, "time is not YYYY-MM-DD HH:MM:SS")
-            })?;
+            let dt = DateTime::strptime(HANDSHAKE_TIME, t)
+                .map_err(|_| DecodeError::new(source, value, "time is not YYYY-MM-DD HH:MM:SS"))?;
             let ts = dt
                 .to_zoned(TimeZone::UTC)
                 .map_err(|_| DecodeError::new(source, value, "time out of range"))?
@@ -110,7 +109,6 @@ impl NodeLock {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,7 +140,10 @@ mod tests {
     fn node_lock_round_trip() {
         let v = "2024-05-06T07:08:09Z,default,train-0";
         let l = NodeLock::decode(v).unwrap();
-        assert_eq!((l.namespace.as_str(), l.pod.as_str()), ("default", "train-0"));
+        assert_eq!(
+            (l.namespace.as_str(), l.pod.as_str()),
+            ("default", "train-0")
+        );
         assert_eq!(l.encode(), v);
         let old = NodeLock::decode("2024-05-06T07:08:09+08:00").unwrap();
         assert_eq!(old.encode(), "2024-05-05T23:08:09Z");

@@ -181,7 +181,10 @@ impl ScoringWeights {
     }
 
     pub fn encode(&self) -> String {
-        format!("slot={},core={},memory={}", self.slot, self.core, self.memory)
+        format!(
+            "slot={},core={},memory={}",
+            self.slot, self.core, self.memory
+        )
     }
 }
 
@@ -192,7 +195,12 @@ mod tests {
     #[test]
     fn policies_parse() {
         assert_eq!("Spread".parse::<NodePolicy>(), Ok(NodePolicy::Spread));
-        assert!("fill".parse::<NodePolicy>().unwrap_err().contains("\"fill\""));
+        assert!(
+            "fill"
+                .parse::<NodePolicy>()
+                .unwrap_err()
+                .contains("\"fill\"")
+        );
         let s = GpuPolicySpec::decode("k", "binpack,numa").unwrap();
         assert_eq!((s.policy, s.numa), (GpuPolicy::Binpack, true));
         let s = GpuPolicySpec::decode("k", "topology-aware").unwrap();

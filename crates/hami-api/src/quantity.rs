@@ -198,7 +198,10 @@ mod tests {
 
     #[test]
     fn huge_values_saturate() {
-        assert_eq!(v("9E"), 9_000_000_000_000_000_000i128.min(i64::MAX as i128) as i64);
+        assert_eq!(
+            v("9E"),
+            9_000_000_000_000_000_000i128.min(i64::MAX as i128) as i64
+        );
         assert_eq!(v("100Ei"), i64::MAX);
         assert_eq!(v("1e100"), i64::MAX);
     }

@@ -135,13 +135,20 @@ pub fn nvidia_container_request(
     let cores = get(&config.resource_core_name)?;
     let nums = match get(&config.resource_count_name)? {
         None | Some(0) => return Ok(None),
-        Some(n) => u32::try_from(n)
-            .map_err(|_| err(&config.resource_count_name, n, "is too large"))?,
+        Some(n) => {
+            u32::try_from(n).map_err(|_| err(&config.resource_count_name, n, "is too large"))?
+        }
     };
     let mut mem = mem
         .unwrap_or(0)
         .checked_mul(config.memory_factor)
-        .ok_or_else(|| err(&config.resource_memory_name, mem.unwrap_or(0), "is too large"))?;
+        .ok_or_else(|| {
+            err(
+                &config.resource_memory_name,
+                mem.unwrap_or(0),
+                "is too large",
+            )
+        })?;
     let mut mem_percentage = percentage.map(|p| p as u32);
     if mem == 0 && mem_percentage.is_none() {
         if config.default_memory != 0 {
@@ -249,9 +256,12 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!((r.mem, r.mem_percentage, r.cores), (2000, None, 10));
-        let r = parse(&[("nvidia.com/gpu", "1"), ("nvidia.com/gpumem-percentage", "25")])
-            .unwrap()
-            .unwrap();
+        let r = parse(&[
+            ("nvidia.com/gpu", "1"),
+            ("nvidia.com/gpumem-percentage", "25"),
+        ])
+        .unwrap()
+        .unwrap();
         assert_eq!((r.mem, r.mem_percentage), (0, Some(25)));
         assert_eq!(r.mem_on(16000), 4000);
     }
@@ -309,8 +319,11 @@ mod tests {
 
     #[test]
     fn bad_values_name_resource_value_and_rule() {
-        let e = parse(&[("nvidia.com/gpu", "1"), ("nvidia.com/gpumem-percentage", "140")])
-            .unwrap_err();
+        let e = parse(&[
+            ("nvidia.com/gpu", "1"),
+            ("nvidia.com/gpumem-percentage", "140"),
+        ])
+        .unwrap_err();
         assert_eq!(
             e.to_string(),
             "container \"main\": nvidia.com/gpumem-percentage=140: must be 0-100"

@@ -1,0 +1,361 @@
+//! The decision: which node and which cards a pod gets, and for every node
+//! that cannot take it, why. One function serves the extender, the CLI, the
+//! simulator and the benchmarks.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BinaryHeap};
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+
+use hami_api::allocation::{ContainerDevice, PodDevices};
+use hami_api::annotations as ann;
+use hami_api::policy::NodePolicy;
+use hami_api::request::init_container_count;
+use hami_api::{ContainerRequest, DecodeError, NvidiaConfig, RequestError};
+
+use crate::constraints::{PodConstraints, Policies};
+use crate::reason::{Reason, Rejection};
+use crate::score::node_score;
+use crate::snapshot::{NodeState, PodRecord, Snapshot, Usage};
+use crate::vendor::{Admission, Nvidia, Vendor};
+
+/// Why a pod cannot be considered at all (before looking at nodes).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PodError {
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    #[error(transparent)]
+    Annotation(#[from] DecodeError),
+}
+
+/// A pod reduced to what the engine needs, parsed once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodRequest {
+    /// `namespace/name`.
+    pub key: String,
+    /// Per container in allocation order; `None` for containers without GPUs.
+    pub containers: Vec<Option<ContainerRequest>>,
+    pub init_count: usize,
+    pub constraints: PodConstraints,
+}
+
+impl PodRequest {
+    /// Cards asked for over all containers.
+    pub fn total_cards(&self) -> u64 {
+        self.containers
+            .iter()
+            .flatten()
+            .map(|r| u64::from(r.nums))
+            .sum()
+    }
+}
+
+/// `namespace/name` of a pod.
+pub fn pod_key(pod: &Pod) -> String {
+    format!(
+        "{}/{}",
+        pod.metadata.namespace.as_deref().unwrap_or("default"),
+        pod.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// The outcome of filtering one pod. Node names borrow from the snapshot
+/// or the candidate list, so explaining 10,000 rejections allocates little.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision<'a> {
+    pub node: Option<&'a str>,
+    /// Per container in allocation order (empty for containers without GPUs).
+    pub devices: PodDevices,
+    /// Nodes that cannot take the pod and why (empty unless explaining).
+    pub rejected: Vec<(&'a str, Rejection)>,
+}
+
+impl Decision<'_> {
+    /// The pod annotations the scheduler writes for this decision (the
+    /// shell adds `hami.io/vgpu-time`, which needs a clock).
+    pub fn annotations(&self, vendor: &dyn Vendor) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        if let Some(node) = self.node {
+            let encoded = self.devices.encode();
+            let (to_allocate, allocated) = vendor.allocation_annotations();
+            m.insert(ann::VGPU_NODE.to_string(), node.to_string());
+            m.insert(to_allocate.to_string(), encoded.clone());
+            m.insert(allocated.to_string(), encoded);
+        }
+        m
+    }
+}
+
+/// Whether to explain every rejected node (the extender, the CLI) or only
+/// find the best node (the simulator). Both give the same node and cards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Explain,
+    Fast,
+}
+
+/// The scheduling engine: a vendor backend plus the default policies.
+#[derive(Debug, Clone, Default)]
+pub struct Engine {
+    pub nvidia: Nvidia,
+    pub policies: Policies,
+}
+
+impl Engine {
+    pub fn new(config: NvidiaConfig, policies: Policies) -> Engine {
+        Engine {
+            nvidia: Nvidia::new(config),
+            policies,
+        }
+    }
+
+    /// Parses a pod. `Ok(None)` when it asks for no managed device.
+    pub fn prepare(&self, pod: &Pod) -> Result<Option<PodRequest>, PodError> {
+        let containers = self.nvidia.pod_requests(pod)?;
+        if containers.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let empty = BTreeMap::new();
+        let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
+        Ok(Some(PodRequest {
+            key: pod_key(pod),
+            containers,
+            init_count: init_container_count(pod),
+            constraints: PodConstraints::decode(annotations, self.policies)?,
+        }))
+    }
+
+    /// The admission webhook's rules for this pod (mutates it in place).
+    pub fn admit(&self, pod: &mut Pod) -> Admission {
+        self.nvidia.admit(pod)
+    }
+
+    /// Registers a Kubernetes Node's devices in the snapshot. Returns
+    /// whether it has any; a node whose annotation is malformed is an error
+    /// and is left out of the snapshot.
+    pub fn add_node(&self, snapshot: &mut Snapshot, node: &Node) -> Result<bool, DecodeError> {
+        let name = node.metadata.name.as_deref().unwrap_or_default();
+        match self.nvidia.decode_node(node) {
+            Ok(Some(devices)) => {
+                snapshot.upsert_node(name, devices);
+                Ok(true)
+            }
+            Ok(None) => {
+                snapshot.remove_node(name);
+                Ok(false)
+            }
+            Err(e) => {
+                snapshot.remove_node(name);
+                Err(e)
+            }
+        }
+    }
+
+    /// What a Kubernetes Pod holds, if anything: pods with a node and an
+    /// allocation that are not Succeeded or Failed (pending, bound-but-not-
+    /// running and terminating pods still hold their capacity).
+    pub fn pod_record(&self, pod: &Pod) -> Result<Option<PodRecord>, DecodeError> {
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        if matches!(phase, Some("Succeeded" | "Failed")) {
+            return Ok(None);
+        }
+        let Some(annotations) = pod.metadata.annotations.as_ref() else {
+            return Ok(None);
+        };
+        let (Some(node), Some(allocated)) = (
+            annotations.get(ann::VGPU_NODE),
+            annotations.get(self.nvidia.allocation_annotations().1),
+        ) else {
+            return Ok(None);
+        };
+        let devices = PodDevices::decode(ann::NVIDIA_DEVICES_ALLOCATED, allocated)?;
+        if devices.is_empty() {
+            return Ok(None);
+        }
+        let init_active = !matches!(phase, Some("Running"));
+        Ok(Some(PodRecord::new(
+            node.clone(),
+            devices,
+            init_container_count(pod),
+            init_active,
+        )))
+    }
+
+    /// Finds the node and cards for `pod` among `candidates` (all nodes of
+    /// the snapshot when `None`). Pure: the snapshot is not changed.
+    pub fn filter<'a>(
+        &self,
+        snapshot: &'a Snapshot,
+        pod: &PodRequest,
+        candidates: Option<&'a [String]>,
+        mode: Mode,
+    ) -> Decision<'a> {
+        let nodes = snapshot.nodes();
+        let mut scratch = Vec::new();
+        let mut rejected = Vec::new();
+        // (position among candidates, node index) of the nodes we know.
+        let known: Vec<(usize, usize)> = match candidates {
+            None => (0..nodes.len()).map(|i| (i, i)).collect(),
+            Some(names) => names
+                .iter()
+                .enumerate()
+                .filter_map(|(pos, name)| match snapshot.node_position(name) {
+                    Some(i) => Some((pos, i)),
+                    None => {
+                        if mode == Mode::Explain {
+                            rejected.push((
+                                name.as_str(),
+                                Rejection::node(Reason::NodeInsufficientDevice),
+                            ));
+                        }
+                        None
+                    }
+                })
+                .collect(),
+        };
+        let policy = pod.constraints.node_policy;
+        let total_cards = pod.total_cards();
+        let mut best: Option<Ranked> = None;
+        let mut best_devices = PodDevices::default();
+        match mode {
+            Mode::Explain => {
+                for &(pos, i) in &known {
+                    let node = &nodes[i];
+                    match self.fit_pod(node, pod, &mut scratch) {
+                        Ok(devices) => {
+                            let r = Ranked::new(node_score(&node.totals), pos, i, policy);
+                            if best.as_ref().is_none_or(|b| r > *b) {
+                                best = Some(r);
+                                best_devices = devices;
+                            }
+                        }
+                        Err(rej) => rejected.push((node.name.as_str(), rej)),
+                    }
+                }
+            }
+            Mode::Fast => {
+                // Rank every node in O(1) from its totals, then fit the best
+                // first; the first that fits is the answer Explain would give.
+                let mut heap: BinaryHeap<Ranked> = known
+                    .iter()
+                    .filter(|&&(_, i)| {
+                        let t = &nodes[i].totals;
+                        t.slots.saturating_sub(t.used_slots) >= total_cards
+                    })
+                    .map(|&(pos, i)| Ranked::new(node_score(&nodes[i].totals), pos, i, policy))
+                    .collect();
+                while let Some(r) = heap.pop() {
+                    if let Ok(devices) = self.fit_pod(&nodes[r.node], pod, &mut scratch) {
+                        best = Some(r);
+                        best_devices = devices;
+                        break;
+                    }
+                }
+            }
+        }
+        Decision {
+            node: best.map(|b| nodes[b.node].name.as_str()),
+            devices: best_devices,
+            rejected,
+        }
+    }
+
+    /// Fits every container of the pod on one node, each seeing what the
+    /// previous containers took.
+    pub fn fit_pod(
+        &self,
+        node: &NodeState,
+        pod: &PodRequest,
+        scratch: &mut Vec<usize>,
+    ) -> Result<PodDevices, Rejection> {
+        let mut used: Vec<Usage> = node.devices.iter().map(|d| d.used).collect();
+        let mut out = Vec::with_capacity(pod.containers.len());
+        for (ci, request) in pod.containers.iter().enumerate() {
+            let Some(req) = request else {
+                out.push(Vec::new());
+                continue;
+            };
+            self.nvidia
+                .fit_container(node, &used, req, &pod.constraints, scratch)
+                .map_err(|mut r| {
+                    r.container = ci as u16;
+                    r
+                })?;
+            let mut devices = Vec::with_capacity(scratch.len());
+            for &i in scratch.iter() {
+                let info = &node.devices[i].info;
+                let mem = req.mem_on(info.devmem);
+                used[i].slots += 1;
+                used[i].mem += mem;
+                used[i].cores += req.cores;
+                devices.push(ContainerDevice {
+                    uuid: info.id.clone(),
+                    vendor: self.nvidia.word().to_string(),
+                    mem,
+                    cores: req.cores,
+                });
+            }
+            out.push(devices);
+        }
+        Ok(PodDevices(out))
+    }
+
+    /// Records a decision in the snapshot so the next pod sees it.
+    pub fn reserve(
+        &self,
+        snapshot: &mut Snapshot,
+        pod: &PodRequest,
+        node: &str,
+        devices: PodDevices,
+    ) {
+        snapshot.add_pod(
+            &pod.key,
+            PodRecord::new(node.to_string(), devices, pod.init_count, true),
+        );
+    }
+}
+
+/// A node's rank: higher is better. Binpack prefers the fullest node,
+/// spread the emptiest; ties go to the earlier candidate.
+#[derive(Debug, Clone, Copy)]
+struct Ranked {
+    score: f64,
+    pos: usize,
+    node: usize,
+    policy: NodePolicy,
+}
+
+impl Ranked {
+    fn new(score: f64, pos: usize, node: usize, policy: NodePolicy) -> Ranked {
+        Ranked {
+            score,
+            pos,
+            node,
+            policy,
+        }
+    }
+}
+
+impl Ord for Ranked {
+    fn cmp(&self, o: &Self) -> Ordering {
+        let by_score = match self.policy {
+            NodePolicy::Binpack => self.score.total_cmp(&o.score),
+            NodePolicy::Spread => o.score.total_cmp(&self.score),
+        };
+        by_score.then(o.pos.cmp(&self.pos))
+    }
+}
+
+impl PartialOrd for Ranked {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+impl PartialEq for Ranked {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == Ordering::Equal
+    }
+}
+
+impl Eq for Ranked {}

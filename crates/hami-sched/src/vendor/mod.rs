@@ -1,0 +1,61 @@
+//! Vendor backends. A backend is data plus one trait: it decodes a node's
+//! registration, parses a pod's requests, fits one container onto a node's
+//! cards, names its allocation annotations and applies its admission rules.
+//! Adding a vendor touches one module here and one config section.
+
+pub mod nvidia;
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+
+use hami_api::{ContainerRequest, DecodeError, RequestError};
+
+use crate::constraints::PodConstraints;
+use crate::reason::Rejection;
+use crate::snapshot::{NodeDevices, NodeState, Usage};
+
+pub use nvidia::Nvidia;
+
+/// What the admission webhook does with a pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Not ours to touch (another scheduler, or no managed resources).
+    Untouched,
+    /// The pod was changed in place and may be created.
+    Mutated,
+    /// The pod must be rejected; the message names resource, value and rule.
+    Denied(String),
+}
+
+/// One accelerator vendor's rules.
+pub trait Vendor: Send + Sync {
+    /// The word written in allocations, e.g. `NVIDIA`.
+    fn word(&self) -> &'static str;
+
+    /// Node annotation holding the vendor's device list.
+    fn register_annotation(&self) -> &'static str;
+
+    /// Pod annotations `(to-allocate, allocated)` for this vendor.
+    fn allocation_annotations(&self) -> (&'static str, &'static str);
+
+    /// The node's cards, cordon list and link scores; `Ok(None)` when the
+    /// node has registered none of this vendor's devices.
+    fn decode_node(&self, node: &Node) -> Result<Option<NodeDevices>, DecodeError>;
+
+    /// Every container's request, in allocation order (init containers first).
+    fn pod_requests(&self, pod: &Pod) -> Result<Vec<Option<ContainerRequest>>, RequestError>;
+
+    /// Picks cards for one container given the node's current `used` per
+    /// card (index-aligned with `node.devices`). On success `out` holds the
+    /// chosen card indices in allocation order.
+    fn fit_container(
+        &self,
+        node: &NodeState,
+        used: &[Usage],
+        request: &ContainerRequest,
+        constraints: &PodConstraints,
+        out: &mut Vec<usize>,
+    ) -> Result<(), Rejection>;
+
+    /// Applies the admission defaults and denials to a pod being created.
+    fn admit(&self, pod: &mut Pod) -> Admission;
+}

@@ -1,0 +1,474 @@
+//! The NVIDIA backend: HAMi's fit rules, selectors, NUMA binding, mutex and
+//! topology-aware placement, and the webhook's mutations (spec sections 5-6).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Container, EnvVar, Node, Pod};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity as K8sQuantity;
+
+use hami_api::annotations as ann;
+use hami_api::config::{GpuCorePolicy, NvidiaConfig};
+use hami_api::device::decode_devices;
+use hami_api::node::decode_cordon;
+use hami_api::policy::GpuPolicy;
+use hami_api::request::{
+    has_nvidia_resources, nvidia_container_request, nvidia_pod_requests, resource_value,
+    whole_resource,
+};
+use hami_api::topology::{decode_pair_scores, pair_score};
+use hami_api::{ContainerRequest, DecodeError, NVIDIA, RequestError};
+
+use super::{Admission, Vendor};
+use crate::constraints::PodConstraints;
+use crate::reason::{Reason, Rejection};
+use crate::score::gpu_score;
+use crate::snapshot::{NodeDevices, NodeState, Usage};
+
+/// Largest fitting set searched exhaustively by topology-aware placement.
+const TOPOLOGY_EXACT_LIMIT: usize = 16;
+
+/// NVIDIA cards shared through the interposer (or MIG/MPS).
+#[derive(Debug, Clone, Default)]
+pub struct Nvidia {
+    pub config: NvidiaConfig,
+}
+
+impl Nvidia {
+    pub fn new(config: NvidiaConfig) -> Nvidia {
+        Nvidia { config }
+    }
+}
+
+impl Vendor for Nvidia {
+    fn word(&self) -> &'static str {
+        NVIDIA
+    }
+
+    fn register_annotation(&self) -> &'static str {
+        ann::NODE_NVIDIA_REGISTER
+    }
+
+    fn allocation_annotations(&self) -> (&'static str, &'static str) {
+        (
+            ann::NVIDIA_DEVICES_TO_ALLOCATE,
+            ann::NVIDIA_DEVICES_ALLOCATED,
+        )
+    }
+
+    fn decode_node(&self, node: &Node) -> Result<Option<NodeDevices>, DecodeError> {
+        let Some(annotations) = node.metadata.annotations.as_ref() else {
+            return Ok(None);
+        };
+        let Some(register) = annotations.get(ann::NODE_NVIDIA_REGISTER) else {
+            return Ok(None);
+        };
+        let devices = decode_devices(ann::NODE_NVIDIA_REGISTER, register)?;
+        let cordoned = annotations
+            .get(ann::DEVICE_CORDON)
+            .map(|v| decode_cordon(v))
+            .unwrap_or_default();
+        let pair_scores = match annotations.get(ann::NODE_NVIDIA_SCORE) {
+            Some(v) if !v.trim().is_empty() => decode_pair_scores(ann::NODE_NVIDIA_SCORE, v)?,
+            _ => Vec::new(),
+        };
+        Ok(Some(NodeDevices {
+            devices,
+            cordoned,
+            pair_scores,
+        }))
+    }
+
+    fn pod_requests(&self, pod: &Pod) -> Result<Vec<Option<ContainerRequest>>, RequestError> {
+        nvidia_pod_requests(&self.config, pod)
+    }
+
+    fn fit_container(
+        &self,
+        node: &NodeState,
+        used: &[Usage],
+        req: &ContainerRequest,
+        c: &PodConstraints,
+        out: &mut Vec<usize>,
+    ) -> Result<(), Rejection> {
+        out.clear();
+        let nums = req.nums as usize;
+        let mut rejection = Rejection::for_cards(node.devices.len());
+        if node.devices.is_empty() {
+            rejection.add(Reason::NodeInsufficientDevice, 1);
+            return Err(rejection);
+        }
+        let order = card_order(self.word(), node, used, req, c);
+        let collect_all = c.numa_bind || (c.gpu_policy == GpuPolicy::TopologyAware);
+        let mut fitting: Vec<usize> = Vec::new();
+        for &i in order.iter().rev() {
+            if let Err(reason) = card_fits(node, i, used[i], req, c) {
+                rejection.add(reason, 1);
+                continue;
+            }
+            if !collect_all {
+                out.push(i);
+                if out.len() == nums {
+                    return Ok(());
+                }
+                continue;
+            }
+            fitting.push(i);
+            if c.numa_bind && c.gpu_policy != GpuPolicy::TopologyAware {
+                let numa = node.devices[i].info.numa;
+                let same: Vec<usize> = fitting
+                    .iter()
+                    .copied()
+                    .filter(|&j| node.devices[j].info.numa == numa)
+                    .collect();
+                if same.len() == nums {
+                    *out = same;
+                    return Ok(());
+                }
+            }
+        }
+        if c.gpu_policy == GpuPolicy::TopologyAware && fitting.len() >= nums {
+            let groups: Vec<Vec<usize>> = if c.numa_bind {
+                numa_groups(node, &fitting)
+            } else {
+                vec![fitting.clone()]
+            };
+            let best = groups
+                .iter()
+                .filter(|g| g.len() >= nums)
+                .map(|g| best_linked_set(node, g, nums, used))
+                .max_by(|a, b| a.0.cmp(&b.0).then(std::cmp::Ordering::Greater));
+            if let Some((_, set)) = best {
+                *out = set;
+                return Ok(());
+            }
+        }
+        let found = if collect_all {
+            fitting.len()
+        } else {
+            out.len()
+        };
+        if c.numa_bind && found >= nums {
+            rejection.add(Reason::NumaNotFit, found as u16);
+        } else if found > 0 {
+            rejection.add(Reason::AllocatedCardsInsufficientRequest, found as u16);
+        }
+        out.clear();
+        Err(rejection)
+    }
+
+    fn admit(&self, pod: &mut Pod) -> Admission {
+        admit(&self.config, pod)
+    }
+}
+
+/// Card indices in preference order, best LAST (HAMi sorts stably and
+/// takes from the end, so among equal scores the card registered last wins;
+/// with NUMA binding, the higher NUMA id).
+fn card_order(
+    word: &str,
+    node: &NodeState,
+    used: &[Usage],
+    req: &ContainerRequest,
+    c: &PodConstraints,
+) -> Vec<usize> {
+    let mut keyed: Vec<(f64, i32, usize)> = node
+        .devices
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let request = Usage {
+                slots: 1,
+                mem: req.mem_on(d.info.devmem),
+                cores: req.cores,
+            };
+            let score = gpu_score(d, used[i], word, request, &c.weights);
+            (score, if c.numa_bind { d.info.numa } else { 0 }, i)
+        })
+        .collect();
+    let binpack = c.gpu_policy == GpuPolicy::Binpack;
+    keyed.sort_unstable_by(|a, b| {
+        let by_score = if binpack {
+            a.0.total_cmp(&b.0)
+        } else {
+            b.0.total_cmp(&a.0)
+        };
+        by_score.then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2))
+    });
+    keyed.into_iter().map(|k| k.2).collect()
+}
+
+/// The rules of spec section 6 for one card, in HAMi's order.
+fn card_fits(
+    node: &NodeState,
+    i: usize,
+    used: Usage,
+    req: &ContainerRequest,
+    c: &PodConstraints,
+) -> Result<(), Reason> {
+    let d = &node.devices[i];
+    let info = &d.info;
+    if !info.health {
+        return Err(Reason::CardUnhealthy);
+    }
+    if d.cordoned {
+        return Err(Reason::CardCordoned);
+    }
+    if !c.type_allowed(&d.type_lower) {
+        return Err(Reason::CardTypeMismatch);
+    }
+    if let Some(mode) = c.mode
+        && info.mode() != mode
+    {
+        return Err(Reason::CardModeMismatch);
+    }
+    if !c.uuid_allowed(&info.id) {
+        return Err(Reason::CardUuidMismatch);
+    }
+    if used.slots >= info.count {
+        return Err(Reason::CardTimeSlicingExhausted);
+    }
+    if info.devmem.saturating_sub(used.mem) < req.mem_on(info.devmem) {
+        return Err(Reason::CardInsufficientMemory);
+    }
+    if info.devcore.saturating_sub(used.cores) < req.cores {
+        return Err(Reason::CardInsufficientCore);
+    }
+    if info.devcore == 100 && req.cores == 100 && used.slots > 0 {
+        return Err(Reason::ExclusiveDeviceAllocateConflict);
+    }
+    if info.devcore != 0 && used.cores >= info.devcore && req.cores == 0 {
+        return Err(Reason::CardComputeUnitsExhausted);
+    }
+    if c.gpu_policy == GpuPolicy::Mutex && used.slots > 0 {
+        return Err(Reason::CardInUseMutex);
+    }
+    Ok(())
+}
+
+/// Splits fitting cards by NUMA node, keeping their preference order.
+fn numa_groups(node: &NodeState, fitting: &[usize]) -> Vec<Vec<usize>> {
+    let mut groups: Vec<(i32, Vec<usize>)> = Vec::new();
+    for &i in fitting {
+        let numa = node.devices[i].info.numa;
+        match groups.iter_mut().find(|g| g.0 == numa) {
+            Some(g) => g.1.push(i),
+            None => groups.push((numa, vec![i])),
+        }
+    }
+    groups.into_iter().map(|g| g.1).collect()
+}
+
+/// The `nums` cards of `candidates` (preference order) with the highest sum
+/// of pair scores; for one card, the card with the weakest links to the
+/// other free cards, which keeps well-linked sets whole for later pods.
+/// Ties go to the set that comes first in preference order. Returns (links, set).
+fn best_linked_set(
+    node: &NodeState,
+    candidates: &[usize],
+    nums: usize,
+    used: &[Usage],
+) -> (i64, Vec<usize>) {
+    let link = |a: usize, b: usize| {
+        pair_score(
+            &node.pair_scores,
+            &node.devices[a].info.id,
+            &node.devices[b].info.id,
+        )
+    };
+    if nums == 1 {
+        let free: Vec<usize> = (0..node.devices.len())
+            .filter(|&j| used[j].slots == 0 && node.devices[j].usable())
+            .collect();
+        let mut best: Option<(i64, usize)> = None;
+        for &i in candidates {
+            let links: i64 = free.iter().filter(|&&j| j != i).map(|&j| link(i, j)).sum();
+            if best.is_none_or(|(b, _)| links < b) {
+                best = Some((links, i));
+            }
+        }
+        let (links, i) = best.expect("candidates is not empty");
+        return (-links, vec![i]);
+    }
+    let n = candidates.len();
+    let matrix: Vec<Vec<i64>> = (0..n)
+        .map(|a| {
+            (0..n)
+                .map(|b| {
+                    if a == b {
+                        0
+                    } else {
+                        link(candidates[a], candidates[b])
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let set_score = |set: &[usize]| -> i64 {
+        let mut s = 0;
+        for (x, &a) in set.iter().enumerate() {
+            for &b in &set[x + 1..] {
+                s += matrix[a][b];
+            }
+        }
+        s
+    };
+    let chosen: Vec<usize> = if n <= TOPOLOGY_EXACT_LIMIT {
+        let mut best: Option<(i64, Vec<usize>)> = None;
+        let mut comb: Vec<usize> = (0..nums).collect();
+        loop {
+            let s = set_score(&comb);
+            if best.as_ref().is_none_or(|(b, _)| s > *b) {
+                best = Some((s, comb.clone()));
+            }
+            // Next combination in lexicographic order.
+            let Some(k) = (0..nums).rev().find(|&k| comb[k] < n - nums + k) else {
+                break;
+            };
+            comb[k] += 1;
+            for j in k + 1..nums {
+                comb[j] = comb[j - 1] + 1;
+            }
+        }
+        best.expect("at least one combination").1
+    } else {
+        // Greedy: grow from the preferred card by the strongest total link.
+        let mut set = vec![0];
+        while set.len() < nums {
+            let next = (0..n)
+                .filter(|x| !set.contains(x))
+                .max_by(|&a, &b| {
+                    let la: i64 = set.iter().map(|&s| matrix[s][a]).sum();
+                    let lb: i64 = set.iter().map(|&s| matrix[s][b]).sum();
+                    la.cmp(&lb).then(b.cmp(&a))
+                })
+                .expect("enough candidates");
+            set.push(next);
+        }
+        set
+    };
+    let score = set_score(&chosen);
+    (score, chosen.into_iter().map(|x| candidates[x]).collect())
+}
+
+/// The webhook's NVIDIA rules (spec section 5), applied to a pod in place.
+pub fn admit(config: &NvidiaConfig, pod: &mut Pod) -> Admission {
+    let Some(spec) = pod.spec.as_mut() else {
+        return Admission::Untouched;
+    };
+    if let Some(name) = spec.scheduler_name.as_deref()
+        && name != "default-scheduler"
+        && name != ann::SCHEDULER_NAME
+    {
+        return Admission::Untouched;
+    }
+    let mut managed = false;
+    let containers = spec
+        .init_containers
+        .iter_mut()
+        .flatten()
+        .chain(spec.containers.iter_mut());
+    for container in containers {
+        match admit_container(config, container) {
+            Ok(true) => managed = true,
+            Ok(false) => {}
+            Err(message) => return Admission::Denied(message),
+        }
+    }
+    if !managed {
+        return Admission::Untouched;
+    }
+    if let Some(node) = spec.node_name.as_deref().filter(|n| !n.is_empty()) {
+        return Admission::Denied(format!(
+            "pod sets spec.nodeName={node:?} and asks for {}: pods with GPU resources must be placed by {}, remove spec.nodeName",
+            config.resource_count_name,
+            ann::SCHEDULER_NAME
+        ));
+    }
+    spec.scheduler_name = Some(ann::SCHEDULER_NAME.to_string());
+    if !config.runtime_class_name.is_empty() {
+        spec.runtime_class_name = Some(config.runtime_class_name.clone());
+    }
+    Admission::Mutated
+}
+
+/// Returns whether the container asks for NVIDIA resources; `Err` denies the pod.
+fn admit_container(config: &NvidiaConfig, c: &mut Container) -> Result<bool, String> {
+    let Some(res) = c.resources.as_ref() else {
+        return Ok(false);
+    };
+    if !has_nvidia_resources(config, res) {
+        return Ok(false);
+    }
+    let privileged = c
+        .security_context
+        .as_ref()
+        .and_then(|s| s.privileged)
+        .unwrap_or(false);
+    if privileged {
+        return Err(format!(
+            "container {:?} is privileged and asks for {}: a privileged container sees every GPU of the node, so its limits cannot be enforced; drop privileged or the GPU resources",
+            c.name, config.resource_count_name
+        ));
+    }
+    let has = |name: &str| resource_value(res, name).is_some();
+    let has_count = has(&config.resource_count_name);
+    let has_mem = has(&config.resource_memory_name);
+    let has_pct = has(&config.resource_memory_percentage_name);
+    let has_cores = has(&config.resource_core_name);
+    let pct_is_100 = match resource_value(res, &config.resource_memory_percentage_name) {
+        Some(q) => {
+            whole_resource(&c.name, &config.resource_memory_percentage_name, q)
+                .map_err(|e| e.to_string())?
+                == 100
+        }
+        None => false,
+    };
+    let mut added: Vec<(String, String)> = Vec::new();
+    if !has_count && (has_mem || has_pct || has_cores) {
+        added.push((
+            config.resource_count_name.clone(),
+            config.default_gpu_num.to_string(),
+        ));
+    }
+    let gets_count = has_count || !added.is_empty();
+    if gets_count && !has_cores && (pct_is_100 || (!has_mem && !has_pct)) {
+        added.push((config.resource_core_name.clone(), "100".to_string()));
+    }
+    if !added.is_empty() {
+        let limits = c
+            .resources
+            .get_or_insert_with(Default::default)
+            .limits
+            .get_or_insert_with(BTreeMap::new);
+        for (k, v) in added {
+            limits.insert(k, K8sQuantity(v));
+        }
+    }
+    // Validates every value (whole numbers, ranges) with the one parser.
+    let request = nvidia_container_request(config, c).map_err(|e| e.to_string())?;
+    let mut env = Vec::new();
+    if let Some(p) = request.as_ref().and_then(|r| r.priority) {
+        env.push(("CUDA_TASK_PRIORITY", p.to_string()));
+    }
+    if config.gpu_core_policy != GpuCorePolicy::Default {
+        env.push((
+            "GPU_CORE_UTILIZATION_POLICY",
+            config.gpu_core_policy.as_str().to_string(),
+        ));
+    }
+    for (name, value) in env {
+        let vars = c.env.get_or_insert_with(Vec::new);
+        match vars.iter_mut().find(|e| e.name == name) {
+            Some(e) => {
+                e.value = Some(value);
+                e.value_from = None;
+            }
+            None => vars.push(EnvVar {
+                name: name.to_string(),
+                value: Some(value),
+                value_from: None,
+            }),
+        }
+    }
+    Ok(true)
+}
