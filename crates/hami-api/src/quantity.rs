@@ -192,7 +192,7 @@ mod tests {
         assert_eq!(Quantity::parse("250m").unwrap().milli_value(), 250);
         assert!(!Quantity::parse("1.5").unwrap().is_integer());
         assert!(Quantity::parse("1.0").unwrap().is_integer());
-        assert!(Quantity::parse("1500m").unwrap().is_integer() == false);
+        assert!(!Quantity::parse("1500m").unwrap().is_integer());
         assert!(Quantity::parse("2000m").unwrap().is_integer());
     }
 

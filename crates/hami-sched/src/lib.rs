@@ -12,6 +12,7 @@ pub mod constraints;
 pub mod engine;
 pub mod reason;
 pub mod score;
+pub mod sim;
 pub mod snapshot;
 pub mod vendor;
 

@@ -239,7 +239,7 @@ impl Snapshot {
             .into_iter()
             .map(|info| DeviceState {
                 type_lower: info.device_type.to_ascii_lowercase(),
-                cordoned: reg.cordoned.iter().any(|u| *u == info.id),
+                cordoned: reg.cordoned.contains(&info.id),
                 info,
                 used: Usage::default(),
             })

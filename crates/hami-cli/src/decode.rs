@@ -1,0 +1,324 @@
+//! `hami decode`: explain any HAMi annotation value in words.
+
+use clap::Args;
+
+use hami_api::DecodeError;
+use hami_api::allocation::PodDevices;
+use hami_api::annotations as ann;
+use hami_api::device::{DeviceInfo, decode_devices};
+use hami_api::node::{Handshake, NodeLock, decode_cordon};
+use hami_api::policy::{GpuPolicySpec, NodePolicy, ScoringWeights};
+use hami_api::topology::decode_pair_scores;
+
+#[derive(Debug, Args)]
+pub struct DecodeArgs {
+    /// The value, or `KEY=VALUE` with the annotation key (then the key decides the format).
+    pub value: String,
+    /// The annotation key, when the value alone is ambiguous.
+    #[arg(long)]
+    pub key: Option<String>,
+}
+
+/// Exit code 0 and the explanation, or 2 and why it is not a HAMi value.
+pub fn execute(args: DecodeArgs) -> i32 {
+    let (key, value) = match (&args.key, args.value.split_once('=')) {
+        (Some(k), _) => (Some(k.as_str()), args.value.as_str()),
+        (None, Some((k, v))) if known_key(k) => (Some(k), v),
+        _ => (None, args.value.as_str()),
+    };
+    match explain(key, value) {
+        Ok(text) => {
+            print!("{text}");
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            2
+        }
+    }
+}
+
+fn known_key(k: &str) -> bool {
+    k.starts_with("hami.io/") || k.starts_with("nvidia.com/")
+}
+
+/// Explains a value; with a key, in that key's format, else the format is guessed.
+pub fn explain(key: Option<&str>, value: &str) -> Result<String, String> {
+    let v = value.trim();
+    match key {
+        Some(ann::NODE_NVIDIA_REGISTER) => {
+            devices(&decode_devices(ann::NODE_NVIDIA_REGISTER, v).map_err(s)?)
+        }
+        Some(ann::NVIDIA_DEVICES_ALLOCATED | ann::NVIDIA_DEVICES_TO_ALLOCATE) => {
+            allocation(&PodDevices::decode(key.unwrap_or_default(), v).map_err(s)?)
+        }
+        Some(ann::NODE_HANDSHAKE) => {
+            handshake(&Handshake::decode(ann::NODE_HANDSHAKE, v).map_err(s)?)
+        }
+        Some(ann::NODE_NVIDIA_SCORE) => pair_scores(v),
+        Some(ann::DEVICE_CORDON) => Ok(cordon(v)),
+        Some(ann::NODE_LOCK) => lock(&NodeLock::decode(v).map_err(s)?),
+        Some(ann::DEVICE_SCORING_WEIGHTS) => {
+            weights(&ScoringWeights::decode(ann::DEVICE_SCORING_WEIGHTS, v).map_err(s)?)
+        }
+        Some(ann::GPU_SCHEDULER_POLICY) => {
+            gpu_policy(&GpuPolicySpec::decode(ann::GPU_SCHEDULER_POLICY, v).map_err(s)?)
+        }
+        Some(ann::NODE_SCHEDULER_POLICY) => {
+            let p: NodePolicy = v.parse()?;
+            Ok(format!("node policy {p}: {}\n", node_policy_words(p)))
+        }
+        Some(other) => Err(format!(
+            "{other}: no decoder for this key (see docs/annotations.md)"
+        )),
+        None => guess(v),
+    }
+}
+
+fn s(e: DecodeError) -> String {
+    e.to_string()
+}
+
+fn guess(v: &str) -> Result<String, String> {
+    if v.starts_with('[') {
+        if v.contains("\"uuid\"") {
+            return pair_scores(v);
+        }
+        return devices(&decode_devices(ann::NODE_NVIDIA_REGISTER, v).map_err(s)?);
+    }
+    if v.starts_with("Requesting_") || v.starts_with("Reported") || v.starts_with("Deleted") {
+        return handshake(&Handshake::decode(ann::NODE_HANDSHAKE, v).map_err(s)?);
+    }
+    if let Ok(l) = NodeLock::decode(v) {
+        return lock(&l);
+    }
+    if v.contains("slot=") || v.contains("core=") || v.contains("memory=") {
+        return weights(&ScoringWeights::decode(ann::DEVICE_SCORING_WEIGHTS, v).map_err(s)?);
+    }
+    if let Ok(p) = GpuPolicySpec::decode(ann::GPU_SCHEDULER_POLICY, v) {
+        return gpu_policy(&p);
+    }
+    // Allocation entries have 4 fields per device, register entries 7 to 9.
+    let first = v
+        .split([':', ';'])
+        .find(|e| !e.is_empty())
+        .unwrap_or_default();
+    match first.split(',').count() {
+        4 => allocation(&PodDevices::decode(ann::NVIDIA_DEVICES_ALLOCATED, v).map_err(s)?),
+        7..=9 => devices(&decode_devices(ann::NODE_NVIDIA_REGISTER, v).map_err(s)?),
+        _ if !v.is_empty()
+            && v.split(',')
+                .all(|u| u.trim().starts_with("GPU-") || u.trim().is_empty()) =>
+        {
+            Ok(cordon(v))
+        }
+        _ => Err(format!(
+            "{v:?} is not a HAMi annotation value I know; pass --key to name the annotation"
+        )),
+    }
+}
+
+fn devices(list: &[DeviceInfo]) -> Result<String, String> {
+    let mut out = format!(
+        "node device registration ({}): {} card(s)\n",
+        ann::NODE_NVIDIA_REGISTER,
+        list.len()
+    );
+    for d in list {
+        out.push_str(&format!(
+            "  #{} {} \"{}\": {} MiB, {}% compute, {} slots, NUMA {}, mode {}, {}\n",
+            d.index,
+            d.id,
+            d.device_type,
+            d.devmem,
+            d.devcore,
+            d.count,
+            d.numa,
+            d.mode().as_str(),
+            if d.health {
+                "healthy"
+            } else {
+                "UNHEALTHY (not schedulable)"
+            }
+        ));
+    }
+    Ok(out)
+}
+
+fn allocation(pd: &PodDevices) -> Result<String, String> {
+    let mut out = format!(
+        "pod device allocation ({} / {}): {} container(s), init containers first\n",
+        ann::NVIDIA_DEVICES_ALLOCATED,
+        ann::NVIDIA_DEVICES_TO_ALLOCATE,
+        pd.0.len()
+    );
+    for (i, c) in pd.0.iter().enumerate() {
+        if c.is_empty() {
+            out.push_str(&format!("  container {i}: no device\n"));
+        }
+        for d in c {
+            let cores = if d.cores == 0 {
+                "no compute limit".to_string()
+            } else if d.cores >= 100 {
+                "100% compute (exclusive)".to_string()
+            } else {
+                format!("{}% compute", d.cores)
+            };
+            out.push_str(&format!(
+                "  container {i}: {} ({}): {} MiB, {cores}\n",
+                d.uuid, d.vendor, d.mem
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn handshake(h: &Handshake) -> Result<String, String> {
+    Ok(match h {
+        Handshake::Requesting(t) => format!(
+            "node handshake: the scheduler asked the device plugin to report at {t}; if it has not answered within 60 s and the node advertises no nvidia.com/gpu, the node's devices are dropped\n"
+        ),
+        Handshake::Reported(v) => format!(
+            "node handshake: the device plugin reported ({v}); the scheduler will answer with Requesting_<now>\n"
+        ),
+        Handshake::Deleted(v) => {
+            format!("node handshake: the scheduler dropped this node's devices ({v})\n")
+        }
+    })
+}
+
+fn pair_scores(v: &str) -> Result<String, String> {
+    let scores = decode_pair_scores(ann::NODE_NVIDIA_SCORE, v).map_err(s)?;
+    let mut out = format!(
+        "GPU topology pair scores ({}): higher is a faster link\n",
+        ann::NODE_NVIDIA_SCORE
+    );
+    for sc in &scores {
+        for (other, n) in &sc.score {
+            out.push_str(&format!(
+                "  {} <-> {other}: {n} ({})\n",
+                sc.uuid,
+                link_words(*n)
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn link_words(score: i64) -> String {
+    match score {
+        s if s >= 100 => format!("{} NVLink(s)", s / 100),
+        60 => "same board".into(),
+        50 => "single PCIe switch".into(),
+        40 => "multiple PCIe switches".into(),
+        30 => "host bridge".into(),
+        20 => "same CPU".into(),
+        10 => "across CPUs".into(),
+        _ => "custom".into(),
+    }
+}
+
+fn cordon(v: &str) -> String {
+    let list = decode_cordon(v);
+    format!(
+        "cordoned cards ({}): {} card(s) get no new allocations: {}\n",
+        ann::DEVICE_CORDON,
+        list.len(),
+        list.join(", ")
+    )
+}
+
+fn lock(l: &NodeLock) -> Result<String, String> {
+    Ok(if l.namespace.is_empty() {
+        format!(
+            "node bind lock ({}): taken at {} (old format, no holder)\n",
+            ann::NODE_LOCK,
+            l.since
+        )
+    } else {
+        format!(
+            "node bind lock ({}): held by pod {}/{} since {}\n",
+            ann::NODE_LOCK,
+            l.namespace,
+            l.pod,
+            l.since
+        )
+    })
+}
+
+fn weights(w: &ScoringWeights) -> Result<String, String> {
+    Ok(format!(
+        "GPU score weights ({}): slot x{}, compute x{}, memory x{}\n",
+        ann::DEVICE_SCORING_WEIGHTS,
+        w.slot,
+        w.core,
+        w.memory
+    ))
+}
+
+fn gpu_policy(p: &GpuPolicySpec) -> Result<String, String> {
+    let words = match p.policy {
+        hami_api::policy::GpuPolicy::Binpack => "fill the fullest card first",
+        hami_api::policy::GpuPolicy::Spread => "prefer the emptiest card",
+        hami_api::policy::GpuPolicy::TopologyAware => {
+            "multi-card containers get the best-linked cards"
+        }
+        hami_api::policy::GpuPolicy::Mutex => "only cards nobody else uses",
+    };
+    let numa = if p.numa {
+        "; all cards of a container on one NUMA node"
+    } else {
+        ""
+    };
+    Ok(format!("GPU policy {}: {words}{numa}\n", p.policy))
+}
+
+fn node_policy_words(p: NodePolicy) -> &'static str {
+    match p {
+        NodePolicy::Binpack => "fill the fullest node first",
+        NodePolicy::Spread => "prefer the emptiest node",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guesses_each_format() {
+        let cases = [
+            ("GPU-a,NVIDIA,3000,30:;", "pod device allocation"),
+            (
+                r#"[{"id":"GPU-0","count":10,"devmem":15360,"devcore":100,"type":"NVIDIA-Tesla T4","health":true}]"#,
+                "1 card(s)",
+            ),
+            (
+                "GPU-a,10,15360,100,NVIDIA-Tesla T4,0,true:",
+                "node device registration",
+            ),
+            ("Requesting_2024-05-06 07:08:09", "asked the device plugin"),
+            ("2024-05-06T07:08:09Z,default,p", "held by pod default/p"),
+            ("slot=1,core=1,memory=3", "memory x3"),
+            ("binpack,numa", "one NUMA node"),
+            (r#"[{"uuid":"GPU-a","score":{"GPU-b":200}}]"#, "2 NVLink(s)"),
+            ("GPU-a,GPU-b", "2 card(s)"),
+        ];
+        for (v, want) in cases {
+            let got = explain(None, v).unwrap_or_else(|e| panic!("{v}: {e}"));
+            assert!(got.contains(want), "{v}: {got}");
+        }
+        let got = explain(None, ";GPU-a,NVIDIA,1000,100:;").unwrap();
+        assert!(got.contains("container 0: no device"), "{got}");
+        assert!(got.contains("exclusive"), "{got}");
+    }
+
+    #[test]
+    fn keys_pick_the_format_and_errors_explain() {
+        let got = explain(Some(ann::NODE_SCHEDULER_POLICY), "spread").unwrap();
+        assert!(got.contains("emptiest node"));
+        let e = explain(Some(ann::NVIDIA_DEVICES_ALLOCATED), "GPU-a,NVIDIA,lots,3:").unwrap_err();
+        assert!(e.contains("memory \"lots\""), "{e}");
+        assert!(explain(None, "hello world").is_err());
+        assert!(explain(Some("hami.io/unknown"), "x").is_err());
+    }
+}
