@@ -654,12 +654,18 @@ pub fn process_start_time(pid: i32) -> u64 {
     proc_stat(pid).map_or(0, |(_, t)| t)
 }
 
+/// Whether a process with this PID exists (one `kill(pid, 0)`; a zombie
+/// or a recycled PID still counts). Cheap enough for hundreds of slots.
+pub fn pid_exists(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
 /// Whether `pid` is a live process that is the one that claimed a slot with
 /// `start_time` (0 = do not compare). Zombies count as gone.
 pub fn process_alive(pid: i32, start_time: u64) -> bool {
-    // SAFETY: signal 0 only checks for existence.
-    let r = unsafe { libc::kill(pid, 0) };
-    if r != 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EPERM) {
+    if !pid_exists(pid) {
         return false;
     }
     match proc_stat(pid) {

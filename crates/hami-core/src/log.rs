@@ -1,0 +1,62 @@
+//! `LIBCUDA_LOG_LEVEL` logging to stderr: `[HAMI-core <LEVEL>(<pid>)]: ...`.
+//!
+//! Formats into a stack buffer and writes it with one `write(2)`: no heap
+//! allocation, no lock, usable from any hook.
+
+use std::fmt::{self, Write as _};
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+
+pub(crate) const ERROR: u8 = 0;
+pub(crate) const WARN: u8 = 1;
+pub(crate) const INFO: u8 = 3;
+pub(crate) const DEBUG: u8 = 4;
+
+/// Current level; 2 (the default) shows errors and warnings.
+pub(crate) static LEVEL: AtomicU8 = AtomicU8::new(2);
+
+pub(crate) fn enabled(level: u8) -> bool {
+    level <= LEVEL.load(Relaxed)
+}
+
+struct StackBuf {
+    buf: [u8; 512],
+    len: usize,
+}
+
+impl fmt::Write for StackBuf {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let room = self.buf.len() - 1 - self.len;
+        let n = s.len().min(room);
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
+}
+
+pub(crate) fn write(level: u8, args: fmt::Arguments<'_>) {
+    let name = match level {
+        ERROR => "ERROR",
+        WARN => "WARN",
+        INFO => "INFO",
+        _ => "DEBUG",
+    };
+    let mut b = StackBuf {
+        buf: [0; 512],
+        len: 0,
+    };
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    let _ = write!(b, "[HAMI-core {name}({pid})]: ");
+    let _ = b.write_fmt(args);
+    b.buf[b.len] = b'\n';
+    // SAFETY: writing our own buffer to fd 2.
+    unsafe { libc::write(2, b.buf.as_ptr().cast(), b.len + 1) };
+}
+
+macro_rules! hlog {
+    ($level:expr, $($arg:tt)*) => {
+        if $crate::log::enabled($level) {
+            $crate::log::write($level, format_args!($($arg)*));
+        }
+    };
+}

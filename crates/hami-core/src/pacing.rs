@@ -1,0 +1,382 @@
+//! Compute quota: kernel launches are paced so that the container's share of
+//! a device's time converges to `CUDA_DEVICE_SM_LIMIT` percent.
+//!
+//! # Algorithm: a shared virtual clock corrected by measured kernel time
+//!
+//! Each device has one virtual clock `C` in the shared region (CLOCK_MONOTONIC
+//! ns), shared by every process of the container. With quota `q` (0 < q < 1),
+//! a kernel that keeps the device busy for `d` ns "costs" `d / q` ns of wall
+//! time. A launch at time `t`:
+//!
+//! 1. harvests finished measurements (below), correcting `C`;
+//! 2. takes `s = max(C, t - B)` and sets `C = s + d_est / q` with one
+//!    compare-and-swap (B = 20 ms of credit that an idle container may bank);
+//! 3. sleeps until `s` if `s > t`, then launches, bracketed by two events on
+//!    the caller's stream.
+//!
+//! `d_est` is an exponential moving average (1/8) of this process's measured
+//! kernel times on that device. When the event pair of a launch completes,
+//! its measured time `d` replaces the estimate: `C += (d - d_est) / q`. So
+//! every kernel is eventually charged exactly its measured time, whatever
+//! the estimate was: the estimate only decides *when* the correction lands.
+//! This is a generic cell-rate algorithm (a leaky bucket on device time) fed
+//! back by measurement, not a token bucket refilled from ~1 s NVML samples.
+//!
+//! Expected error over a window of `T` seconds in which the container is
+//! always ready to launch: `C` advances by exactly `busy / q`, and launches
+//! never start earlier than `C - B`, so `|busy/T - q| <= (B + d_max + L) / T`
+//! where `d_max` is the longest kernel and `L` the measurement lag (we keep
+//! at most 32 measurements in flight and synchronise on the oldest beyond
+//! that). For `T = 3 s`, 1 ms kernels: about 1 point. Known biases: the event
+//! pair also times waits for other work on the device, so under contention
+//! from other containers we over-charge and stay below the quota; the very
+//! first launch on a device waits for its own measurement to seed `d_est`.
+//!
+//! `GPU_CORE_UTILIZATION_POLICY=disable` turns pacing off; `default` and
+//! `force` both pace whenever the quota is below 100. `CUDA_TASK_PRIORITY=1`
+//! (the default) processes also hold their launches while the shared region's
+//! suspend flag is set by the node agent; priority-0 processes record their
+//! last launch time there, for the node agent to see.
+
+use crate::ffi::*;
+use crate::memory::current_device;
+use crate::state::{Global, Process, global, process};
+use hami_shm::region::monotonic_ns;
+use std::collections::VecDeque;
+use std::ffi::{c_uint, c_void};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicPtr, Ordering::*};
+
+/// Credit an idle container may bank, ns.
+pub const BURST_NS: u64 = 20_000_000;
+/// Measurements kept in flight before we wait for the oldest.
+const MAX_IN_FLIGHT: usize = 32;
+
+#[derive(Default)]
+struct Measuring {
+    free_events: Vec<usize>,
+    pending: VecDeque<(usize, usize, u64)>,
+    estimate_ns: u64,
+    measured: u64,
+}
+
+/// Per-process, per-device pacing state.
+#[derive(Default)]
+pub struct Pacer {
+    m: Mutex<Measuring>,
+}
+
+macro_rules! driver_fn {
+    ($name:literal : $ty:ty) => {{
+        static SLOT: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+        let p = crate::dl::resolve(&SLOT, concat!($name, "\0").as_bytes(), crate::dl::Lib::Cuda);
+        // SAFETY: the driver's entry point of that name has this signature.
+        (!p.is_null()).then(|| unsafe { std::mem::transmute::<*mut c_void, $ty>(p) })
+    }};
+}
+
+type EvCreate = unsafe extern "C" fn(*mut usize, c_uint) -> CUresult;
+type EvRecord = unsafe extern "C" fn(usize, usize) -> CUresult;
+type EvOne = unsafe extern "C" fn(usize) -> CUresult;
+type EvElapsed = unsafe extern "C" fn(*mut f32, usize, usize) -> CUresult;
+
+fn event_record(ptds: bool) -> Option<EvRecord> {
+    if ptds {
+        driver_fn!("cuEventRecord_ptsz": EvRecord)
+    } else {
+        driver_fn!("cuEventRecord": EvRecord)
+    }
+}
+
+impl Measuring {
+    fn take_event(&mut self) -> Option<usize> {
+        if let Some(e) = self.free_events.pop() {
+            return Some(e);
+        }
+        let create = driver_fn!("cuEventCreate": EvCreate)?;
+        let mut e = 0usize;
+        // SAFETY: valid out pointer; flags 0 = timing enabled.
+        (unsafe { create(&mut e, 0) } == CUDA_SUCCESS).then_some(e)
+    }
+
+    fn drop_events(&mut self) {
+        if let Some(destroy) = driver_fn!("cuEventDestroy_v2": EvOne) {
+            for e in self.free_events.drain(..) {
+                // SAFETY: our own event.
+                unsafe { destroy(e) };
+            }
+        }
+    }
+
+    /// Applies every finished measurement; with `wait_oldest`, first waits
+    /// for the oldest one.
+    fn harvest(&mut self, g: &Global, p: &Process, dev: usize, quota: u32, wait_oldest: bool) {
+        let (Some(query), Some(elapsed), Some(sync)) = (
+            driver_fn!("cuEventQuery": EvOne),
+            driver_fn!("cuEventElapsedTime": EvElapsed),
+            driver_fn!("cuEventSynchronize": EvOne),
+        ) else {
+            return;
+        };
+        if wait_oldest && let Some(&(_, end, _)) = self.pending.front() {
+            // SAFETY: our own event.
+            unsafe { sync(end) };
+        }
+        while let Some(&(start, end, charged)) = self.pending.front() {
+            // SAFETY: our own event.
+            match unsafe { query(end) } {
+                CUDA_SUCCESS => {}
+                600 => break, // CUDA_ERROR_NOT_READY
+                _ => {
+                    self.pending.pop_front();
+                    continue;
+                }
+            }
+            self.pending.pop_front();
+            let mut ms = 0f32;
+            // SAFETY: our own events, both complete.
+            if unsafe { elapsed(&mut ms, start, end) } == CUDA_SUCCESS {
+                let actual = (ms.max(0.0) as f64 * 1e6) as u64;
+                let clock = &g.region.devices[dev].pacing_clock_ns;
+                let q = quota.max(1) as u64;
+                if actual >= charged {
+                    clock.fetch_add((actual - charged) * 100 / q, AcqRel);
+                } else {
+                    let back = (charged - actual) * 100 / q;
+                    let _ = clock.fetch_update(AcqRel, Acquire, |c| Some(c.saturating_sub(back)));
+                }
+                self.estimate_ns = if self.measured == 0 {
+                    actual
+                } else {
+                    (self.estimate_ns * 7 + actual) / 8
+                };
+                self.measured += 1;
+                g.region.add_busy(p.slot, dev, actual);
+            }
+            self.free_events.push(start);
+            self.free_events.push(end);
+        }
+    }
+}
+
+fn sleep_ns(ns: u64) {
+    std::thread::sleep(std::time::Duration::from_nanos(ns));
+}
+
+/// Holds a low-priority launch while the node agent suspends them.
+#[inline]
+fn priority_gate(g: &Global) {
+    if g.env.priority() == 0 {
+        g.region
+            .header
+            .high_priority_launch_ns
+            .store(monotonic_ns(), Relaxed);
+        return;
+    }
+    while g.region.low_priority_suspended() {
+        sleep_ns(1_000_000);
+    }
+}
+
+/// Runs `launch` under the device's quota. `stream` is where the work goes,
+/// `ptds` whether it is a per-thread-default-stream entry point.
+#[inline]
+fn paced(stream: usize, ptds: bool, launch: impl FnOnce() -> CUresult) -> CUresult {
+    let g = global();
+    g.note_launch();
+    priority_gate(g);
+    if !g.pacing_any() {
+        return launch();
+    }
+    paced_slow(g, stream, ptds, launch)
+}
+
+#[cold]
+fn paced_slow(
+    g: &Global,
+    stream: usize,
+    ptds: bool,
+    launch: impl FnOnce() -> CUresult,
+) -> CUresult {
+    let dev = current_device();
+    let quota = g.sm_limit(dev);
+    if quota >= 100 || dev >= hami_shm::MAX_DEVICES {
+        return launch();
+    }
+    let p = process();
+    let mut m = p.pacers[dev].m.lock().unwrap_or_else(|e| e.into_inner());
+    // Seed the estimate from the first kernel, and bound the measurement lag.
+    let wait = (m.measured == 0 && !m.pending.is_empty()) || m.pending.len() >= MAX_IN_FLIGHT;
+    m.harvest(g, p, dev, quota, wait);
+    let estimate = m.estimate_ns;
+    drop(m);
+
+    let clock = &g.region.devices[dev].pacing_clock_ns;
+    let cost = estimate * 100 / quota as u64;
+    let now = monotonic_ns();
+    let mut c = clock.load(Acquire);
+    let start = loop {
+        let s = c.max(now.saturating_sub(BURST_NS));
+        match clock.compare_exchange_weak(c, s + cost, AcqRel, Acquire) {
+            Ok(_) => break s,
+            Err(actual) => c = actual,
+        }
+    };
+    if start > now {
+        sleep_ns(start - now);
+    }
+
+    let mut m = p.pacers[dev].m.lock().unwrap_or_else(|e| e.into_inner());
+    let record = event_record(ptds);
+    let events = match (record, m.take_event(), m.take_event()) {
+        (Some(rec), Some(a), Some(b)) => Some((rec, a, b)),
+        (_, a, b) => {
+            m.free_events.extend(a.into_iter().chain(b));
+            None
+        }
+    };
+    let Some((rec, a, b)) = events else {
+        drop(m);
+        return launch();
+    };
+    // SAFETY: our own event on the caller's stream.
+    if unsafe { rec(a, stream) } != CUDA_SUCCESS {
+        // Likely another context than the events': start a fresh pool.
+        m.free_events.push(a);
+        m.free_events.push(b);
+        m.drop_events();
+        drop(m);
+        return launch();
+    }
+    let r = launch();
+    // SAFETY: as above.
+    if r == CUDA_SUCCESS && unsafe { rec(b, stream) } == CUDA_SUCCESS {
+        m.pending.push_back((a, b, estimate));
+        g.region
+            .slots
+            .get(p.slot)
+            .map(|s| s.launches[dev].fetch_add(1, Relaxed));
+    } else {
+        m.free_events.push(a);
+        m.free_events.push(b);
+    }
+    r
+}
+
+type Launch = unsafe extern "C" fn(
+    usize,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    usize,
+    *mut *mut c_void,
+    *mut *mut c_void,
+) -> CUresult;
+
+/// Whether `real` is a per-thread-default-stream entry point.
+fn is_ptds(real: *const (), ptds_hook_real: &AtomicPtr<c_void>) -> bool {
+    std::ptr::eq(real, ptds_hook_real.load(Relaxed) as *const ())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn launch_kernel(
+    real: Launch,
+    f: usize,
+    gx: c_uint,
+    gy: c_uint,
+    gz: c_uint,
+    bx: c_uint,
+    by: c_uint,
+    bz: c_uint,
+    shmem: c_uint,
+    s: usize,
+    params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+) -> CUresult {
+    let ptds = is_ptds(
+        real as *const (),
+        &crate::hooks::real_cuda::cuLaunchKernel_ptsz,
+    );
+    // SAFETY: forwarding the caller's arguments.
+    paced(s, ptds, || unsafe {
+        real(f, gx, gy, gz, bx, by, bz, shmem, s, params, extra)
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn launch_cooperative(
+    real: unsafe extern "C" fn(
+        usize,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        usize,
+        *mut *mut c_void,
+    ) -> CUresult,
+    f: usize,
+    gx: c_uint,
+    gy: c_uint,
+    gz: c_uint,
+    bx: c_uint,
+    by: c_uint,
+    bz: c_uint,
+    shmem: c_uint,
+    s: usize,
+    params: *mut *mut c_void,
+) -> CUresult {
+    let ptds = is_ptds(
+        real as *const (),
+        &crate::hooks::real_cuda::cuLaunchCooperativeKernel_ptsz,
+    );
+    // SAFETY: forwarding the caller's arguments.
+    paced(s, ptds, || unsafe {
+        real(f, gx, gy, gz, bx, by, bz, shmem, s, params)
+    })
+}
+
+pub(crate) unsafe fn launch_kernel_ex(
+    real: unsafe extern "C" fn(
+        *const LaunchConfig,
+        usize,
+        *mut *mut c_void,
+        *mut *mut c_void,
+    ) -> CUresult,
+    cfg: *const LaunchConfig,
+    f: usize,
+    params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+) -> CUresult {
+    if cfg.is_null() {
+        // SAFETY: let the driver report the caller's mistake.
+        return unsafe { real(cfg, f, params, extra) };
+    }
+    // SAFETY: non-null, caller-owned.
+    let s = unsafe { (*cfg).stream };
+    let ptds = is_ptds(
+        real as *const (),
+        &crate::hooks::real_cuda::cuLaunchKernelEx_ptsz,
+    );
+    // SAFETY: forwarding the caller's arguments.
+    paced(s, ptds, || unsafe { real(cfg, f, params, extra) })
+}
+
+pub(crate) unsafe fn graph_launch(
+    real: unsafe extern "C" fn(usize, usize) -> CUresult,
+    exec: usize,
+    s: usize,
+) -> CUresult {
+    let ptds = is_ptds(
+        real as *const (),
+        &crate::hooks::real_cuda::cuGraphLaunch_ptsz,
+    );
+    // SAFETY: forwarding the caller's arguments.
+    paced(s, ptds, || unsafe { real(exec, s) })
+}

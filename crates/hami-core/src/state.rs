@@ -1,0 +1,310 @@
+//! The interposer's state: what is global to the process image (env, the
+//! mapped shared region) and what belongs to one process (its slot, its
+//! allocations, its pacers), which a forked child rebuilds for itself.
+//!
+//! Nothing here runs in a fork or exit path: the `pthread_atfork` child
+//! handler only stores one atomic flag, and the child rebuilds its state the
+//! next time it calls a hook.
+
+use crate::log::{self, ERROR, INFO, WARN};
+use crate::pacing::Pacer;
+use hami_shm::MAX_DEVICES;
+use hami_shm::env::{CorePolicy, InterposerEnv};
+use hami_shm::region::{self, OverLimit, SharedRegion};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering::*};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+/// What an accounted handle is, so handle spaces never collide.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub(crate) enum Kind {
+    Linear,
+    Physical,
+    Array,
+    Mipmap,
+    Ipc,
+    External,
+    GraphMem,
+}
+
+/// This process's accounted allocations.
+#[derive(Default)]
+pub(crate) struct Tracker {
+    pub map: HashMap<(Kind, u64), (usize, u64)>,
+    /// Graph -> the memory-node allocations it owns.
+    pub graphs: HashMap<usize, Vec<u64>>,
+}
+
+pub(crate) struct Global {
+    pub env: InterposerEnv,
+    pub region: SharedRegion,
+    seen_generation: AtomicU64,
+    pacing_any: AtomicBool,
+    last_poll_ns: AtomicU64,
+    limits_stamp: AtomicU64,
+    launches: AtomicU64,
+}
+
+pub(crate) struct Process {
+    pub pid: i32,
+    pub slot: usize,
+    tracker: Mutex<Tracker>,
+    pub pacers: [Pacer; MAX_DEVICES],
+    last_reclaim_ns: AtomicU64,
+}
+
+static GLOBAL: OnceLock<Global> = OnceLock::new();
+static PROCESS: AtomicPtr<Process> = AtomicPtr::new(std::ptr::null_mut());
+static FORKED: AtomicBool = AtomicBool::new(false);
+
+unsafe extern "C" {
+    fn pthread_atfork(
+        prepare: Option<unsafe extern "C" fn()>,
+        parent: Option<unsafe extern "C" fn()>,
+        child: Option<unsafe extern "C" fn()>,
+    ) -> libc::c_int;
+}
+
+/// Runs in the child right after `fork`: one atomic store, nothing else.
+unsafe extern "C" fn after_fork_in_child() {
+    FORKED.store(true, Release);
+}
+
+pub(crate) fn global() -> &'static Global {
+    GLOBAL.get_or_init(init_global)
+}
+
+fn init_global() -> Global {
+    let mut warnings = Vec::new();
+    let env = InterposerEnv::from_process(&mut warnings);
+    log::LEVEL.store(env.log_level, Relaxed);
+    for w in &warnings {
+        hlog!(WARN, "{w}");
+    }
+    let region = match SharedRegion::open(&env.shared_cache) {
+        Ok(r) => r,
+        Err(e) => {
+            hlog!(
+                ERROR,
+                "{e} ({}); limits apply to this process only",
+                env.shared_cache.display()
+            );
+            match SharedRegion::anonymous() {
+                Ok(r) => r,
+                Err(e) => {
+                    // Nothing sensible is left: an unusable mapping would make
+                    // every hook fail. Abort loudly rather than mis-account.
+                    hlog!(ERROR, "cannot map any shared region: {e}");
+                    std::process::abort();
+                }
+            }
+        }
+    };
+    // The env seeds limits the region does not have yet; the limits file
+    // and the node agent override them.
+    region.apply_limits(&env.limits, false);
+    let g = Global {
+        env,
+        region,
+        seen_generation: AtomicU64::new(u64::MAX),
+        pacing_any: AtomicBool::new(false),
+        last_poll_ns: AtomicU64::new(0),
+        limits_stamp: AtomicU64::new(0),
+        launches: AtomicU64::new(0),
+    };
+    g.reload_limits_file(true);
+    // SAFETY: registering a handler that only stores an atomic.
+    unsafe { pthread_atfork(None, None, Some(after_fork_in_child)) };
+    hlog!(
+        INFO,
+        "initialised: region {}, device 0 limit {} bytes, sm {}%",
+        g.env.shared_cache.display(),
+        g.region.memory_limit(0).unwrap_or(0),
+        g.region.sm_limit(0).unwrap_or(100)
+    );
+    g
+}
+
+impl Global {
+    /// Memory limit of `dev` in bytes, 0 = none.
+    pub fn memory_limit(&self, dev: usize) -> u64 {
+        self.region.memory_limit(dev).unwrap_or(0)
+    }
+
+    /// Compute share of `dev` in percent, 100 = unpaced.
+    pub fn sm_limit(&self, dev: usize) -> u32 {
+        if self.env.core_policy == CorePolicy::Disable {
+            return 100;
+        }
+        self.region.sm_limit(dev).unwrap_or(100)
+    }
+
+    /// Whether any device needs pacing; cheap (one atomic load when the
+    /// limits have not changed).
+    #[inline]
+    pub fn pacing_any(&self) -> bool {
+        let g = self.region.header.limits_generation.load(Acquire);
+        if g != self.seen_generation.load(Relaxed) {
+            let any = (0..MAX_DEVICES).any(|d| self.sm_limit(d) < 100);
+            self.pacing_any.store(any, Relaxed);
+            self.seen_generation.store(g, Relaxed);
+        }
+        self.pacing_any.load(Relaxed)
+    }
+
+    /// Counts a launch; every 1024th polls the limits file.
+    #[inline]
+    pub fn note_launch(&self) {
+        if self.launches.fetch_add(1, Relaxed) & 1023 == 1023 {
+            self.poll_limits_file();
+        }
+    }
+
+    /// Re-reads the limits file when it changed, at most every 250 ms.
+    pub fn poll_limits_file(&self) {
+        let now = region::monotonic_ns();
+        let last = self.last_poll_ns.load(Relaxed);
+        if now.saturating_sub(last) < 250_000_000
+            || self
+                .last_poll_ns
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        self.reload_limits_file(false);
+    }
+
+    fn reload_limits_file(&self, first: bool) {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(md) = std::fs::metadata(&self.env.limits_file) else {
+            return;
+        };
+        let stamp = (md.mtime() as u64)
+            .wrapping_mul(1_000_000_007)
+            .wrapping_add(md.mtime_nsec() as u64)
+            .wrapping_add(md.ino().wrapping_mul(31))
+            ^ md.size();
+        if !first && self.limits_stamp.swap(stamp, Relaxed) == stamp {
+            return;
+        }
+        self.limits_stamp.store(stamp, Relaxed);
+        let mut warnings = Vec::new();
+        match hami_shm::limits::read(&self.env.limits_file, &mut warnings) {
+            Ok(Some(l)) => {
+                if self.region.apply_limits(&l, true) {
+                    hlog!(INFO, "limits changed by {}", self.env.limits_file.display());
+                }
+            }
+            Ok(None) => {}
+            Err(e) => hlog!(WARN, "{}: {e}", self.env.limits_file.display()),
+        }
+        for w in warnings {
+            hlog!(WARN, "{w}");
+        }
+    }
+}
+
+/// This process's state, rebuilt in a forked child.
+pub(crate) fn process() -> &'static Process {
+    let p = PROCESS.load(Acquire);
+    if !p.is_null() && !FORKED.load(Relaxed) {
+        // SAFETY: published below and never freed.
+        return unsafe { &*p };
+    }
+    new_process(p)
+}
+
+#[cold]
+fn new_process(old: *mut Process) -> &'static Process {
+    let g = global();
+    FORKED.store(false, Relaxed);
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    if !old.is_null() {
+        // SAFETY: never freed.
+        if unsafe { (*old).pid } == pid {
+            return unsafe { &*old };
+        }
+    }
+    g.region.reclaim_dead(pid, &|p, _| region::pid_exists(p));
+    let slot = g
+        .region
+        .claim_slot(pid, region::process_start_time(pid), g.env.priority())
+        .or_else(|| {
+            g.region.reclaim_dead(pid, &region::process_alive);
+            g.region
+                .claim_slot(pid, region::process_start_time(pid), g.env.priority())
+        })
+        .unwrap_or_else(|| {
+            hlog!(
+                ERROR,
+                "all {} process slots of the shared region are taken",
+                region::MAX_SLOTS
+            );
+            usize::MAX
+        });
+    let fresh = Box::into_raw(Box::new(Process {
+        pid,
+        slot,
+        tracker: Mutex::new(Tracker::default()),
+        pacers: std::array::from_fn(|_| Pacer::default()),
+        last_reclaim_ns: AtomicU64::new(0),
+    }));
+    // A forked child's old state stays allocated (it may be mid-use by
+    // the thread that forked, in the parent's copy); it is small.
+    match PROCESS.compare_exchange(old, fresh, AcqRel, Acquire) {
+        // SAFETY: just published; never freed.
+        Ok(_) => unsafe { &*fresh },
+        Err(current) => {
+            // Another thread won; give our slot back.
+            // SAFETY: `fresh` was never shared.
+            let mine = unsafe { Box::from_raw(fresh) };
+            g.region.release_slot(mine.slot, pid);
+            // SAFETY: published by the winner; never freed.
+            unsafe { &*current }
+        }
+    }
+}
+
+impl Process {
+    pub fn tracker(&self) -> MutexGuard<'_, Tracker> {
+        self.tracker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admits `bytes` on `dev` for the container, or says why not.
+    pub fn admit(&self, g: &Global, dev: usize, bytes: u64) -> Result<(), OverLimit> {
+        g.poll_limits_file();
+        let limit = g.memory_limit(dev);
+        if self.slot == usize::MAX && limit == 0 {
+            return Ok(());
+        }
+        match g.region.reserve(self.slot, dev, bytes, limit) {
+            Ok(_) => Ok(()),
+            Err(_) => {
+                // Maybe a dead process still holds memory, or a racing
+                // process was near the limit too: reclaim, then retry once.
+                g.region.reclaim_dead(self.pid, &region::process_alive);
+                g.region.reserve(self.slot, dev, bytes, limit).map(|_| ()).inspect_err(|e| {
+                    hlog!(
+                        WARN,
+                        "device {dev}: allocation of {bytes} bytes refused: {} of {} bytes in use",
+                        e.used,
+                        e.limit
+                    );
+                })
+            }
+        }
+    }
+
+    /// Frees slots of dead processes, at most every 100 ms (view hooks).
+    pub fn reclaim_now_and_then(&self, g: &Global) {
+        let now = region::monotonic_ns();
+        let last = self.last_reclaim_ns.load(Relaxed);
+        if now.saturating_sub(last) > 100_000_000 {
+            self.last_reclaim_ns.store(now, Relaxed);
+            g.region
+                .reclaim_dead(self.pid, &|p, _| region::pid_exists(p));
+        }
+    }
+}

@@ -1,0 +1,615 @@
+//! `cuda-probe`: a scripted CUDA driver client for the interposer's tests
+//! and benchmarks. It loads `libcuda.so.1` (and `libnvidia-ml.so.1`) the way
+//! programs do, runs the commands given as arguments and prints one line per
+//! command: `<command> <CUresult> [values...]`.
+//!
+//! `HAMI_PROBE_RESOLVE` picks how entry points are found: `dlsym` (default;
+//! `dlsym` on the library handle, like the CUDA runtime's first step),
+//! `procaddr` (`cuGetProcAddress_v2`, like the CUDA runtime since 12.0, with
+//! per-thread default streams when `HAMI_PROBE_PTDS=1`) or `default`
+//! (`dlsym(RTLD_DEFAULT)`, what a program linked against libcuda gets).
+
+use std::ffi::{CString, c_char, c_int, c_uint, c_void};
+use std::io::Write;
+
+struct Api {
+    lib: *mut c_void,
+    nvml: *mut c_void,
+    mode: String,
+    ptds: bool,
+}
+
+type Gpa2 = unsafe extern "C" fn(*const c_char, *mut *mut c_void, c_int, u64, *mut c_int) -> c_int;
+
+/// Base name for `cuGetProcAddress`: the symbol without `_v2`/`_ptsz`.
+fn base(sym: &str) -> &str {
+    sym.trim_end_matches("_ptsz").trim_end_matches("_v2")
+}
+
+impl Api {
+    fn sym(&self, name: &str) -> *mut c_void {
+        let c = CString::new(name).expect("no NUL");
+        // SAFETY: valid handles and names.
+        unsafe {
+            match self.mode.as_str() {
+                "default" => libc::dlsym(libc::RTLD_DEFAULT, c.as_ptr()),
+                "procaddr" if name.starts_with("cu") && name != "cuGetProcAddress_v2" => {
+                    let gpa = self.sym("cuGetProcAddress_v2");
+                    assert!(!gpa.is_null(), "no cuGetProcAddress_v2");
+                    let gpa: Gpa2 = std::mem::transmute(gpa);
+                    let b = CString::new(base(name)).expect("no NUL");
+                    let mut p = std::ptr::null_mut();
+                    let flags = if self.ptds { 2 } else { 0 };
+                    gpa(b.as_ptr(), &mut p, 12040, flags, std::ptr::null_mut());
+                    p
+                }
+                _ if name.starts_with("nvml") => libc::dlsym(self.nvml, c.as_ptr()),
+                _ => libc::dlsym(self.lib, c.as_ptr()),
+            }
+        }
+    }
+
+    fn f<T: Copy>(&self, name: &str) -> T {
+        let p = self.sym(name);
+        assert!(!p.is_null(), "cuda-probe: {name} not found");
+        assert_eq!(std::mem::size_of::<T>(), std::mem::size_of::<*mut c_void>());
+        // SAFETY: T is a function pointer type matching the symbol.
+        unsafe { std::mem::transmute_copy(&p) }
+    }
+}
+
+macro_rules! call {
+    ($api:expr, $name:expr, fn($($t:ty),*) $(-> $r:ty)?, $($arg:expr),*) => {{
+        let f: unsafe extern "C" fn($($t),*) -> c_int = $api.f($name);
+        // SAFETY: the driver signature of that name.
+        unsafe { f($($arg),*) }
+    }};
+}
+
+fn main() {
+    let mode = std::env::var("HAMI_PROBE_RESOLVE").unwrap_or_else(|_| "dlsym".into());
+    let ptds = std::env::var("HAMI_PROBE_PTDS").is_ok_and(|v| v == "1");
+    // SAFETY: loading the driver by its soname, as programs do.
+    let lib = unsafe { libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+    assert!(!lib.is_null(), "cuda-probe: cannot dlopen libcuda.so.1");
+    // SAFETY: as above.
+    let nvml = unsafe {
+        libc::dlopen(
+            c"libnvidia-ml.so.1".as_ptr(),
+            libc::RTLD_NOW | libc::RTLD_GLOBAL,
+        )
+    };
+    let api = Api {
+        lib,
+        nvml,
+        mode,
+        ptds,
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut ptrs: Vec<u64> = Vec::new();
+    let mut i = 0;
+    let out = std::io::stdout();
+    let num = |i: usize| -> u64 {
+        let s = args
+            .get(i)
+            .unwrap_or_else(|| panic!("missing argument {i}"));
+        hami_shm::size::parse_size(s).unwrap_or_else(|e| panic!("{e}"))
+    };
+    while i < args.len() {
+        let cmd = args[i].as_str();
+        let line;
+        let push = |rc: c_int, p: u64, ptrs: &mut Vec<u64>| {
+            if rc == 0 {
+                ptrs.push(p);
+            }
+            format!("{cmd} {rc} {}", ptrs.len().wrapping_sub(1))
+        };
+        match cmd {
+            "init" => {
+                let rc = call!(api, "cuInit", fn(c_uint), 0);
+                let mut ctx = 0usize;
+                call!(
+                    api,
+                    "cuDevicePrimaryCtxRetain",
+                    fn(*mut usize, c_int),
+                    &mut ctx,
+                    0
+                );
+                call!(api, "cuCtxSetCurrent", fn(usize), ctx);
+                if !api.nvml.is_null() {
+                    call!(api, "nvmlInit_v2", fn(),);
+                }
+                line = format!("init {rc}");
+            }
+            "dev" => {
+                let d = num(i + 1) as c_int;
+                i += 1;
+                let mut ctx = 0usize;
+                let rc = call!(
+                    api,
+                    "cuDevicePrimaryCtxRetain",
+                    fn(*mut usize, c_int),
+                    &mut ctx,
+                    d
+                );
+                call!(api, "cuCtxSetCurrent", fn(usize), ctx);
+                line = format!("dev {rc}");
+            }
+            "alloc" | "managed" | "async" | "pool" | "vmm" | "extmem" => {
+                let size = num(i + 1) as usize;
+                i += 1;
+                let mut p = 0u64;
+                let rc = match cmd {
+                    "alloc" => call!(api, "cuMemAlloc_v2", fn(*mut u64, usize), &mut p, size),
+                    "managed" => call!(
+                        api,
+                        "cuMemAllocManaged",
+                        fn(*mut u64, usize, c_uint),
+                        &mut p,
+                        size,
+                        1
+                    ),
+                    "async" => call!(
+                        api,
+                        if api.ptds {
+                            "cuMemAllocAsync_ptsz"
+                        } else {
+                            "cuMemAllocAsync"
+                        },
+                        fn(*mut u64, usize, usize),
+                        &mut p,
+                        size,
+                        0
+                    ),
+                    "pool" => {
+                        let mut pool = 0usize;
+                        call!(
+                            api,
+                            "cuDeviceGetDefaultMemPool",
+                            fn(*mut usize, c_int),
+                            &mut pool,
+                            0
+                        );
+                        call!(
+                            api,
+                            "cuMemAllocFromPoolAsync",
+                            fn(*mut u64, usize, usize, usize),
+                            &mut p,
+                            size,
+                            pool,
+                            0
+                        )
+                    }
+                    "vmm" => {
+                        // CUmemAllocationProp: pinned, no handle types, device 0.
+                        let prop: [c_int; 8] = [1, 0, 1, 0, 0, 0, 0, 0];
+                        call!(
+                            api,
+                            "cuMemCreate",
+                            fn(*mut u64, usize, *const c_int, u64),
+                            &mut p,
+                            size,
+                            prop.as_ptr(),
+                            0
+                        )
+                    }
+                    _ => {
+                        // CUDA_EXTERNAL_MEMORY_HANDLE_DESC: opaque fd, size.
+                        let mut desc = [0u64; 13];
+                        desc[0] = 1;
+                        desc[3] = size as u64;
+                        call!(
+                            api,
+                            "cuImportExternalMemory",
+                            fn(*mut u64, *const u64),
+                            &mut p,
+                            desc.as_ptr()
+                        )
+                    }
+                };
+                line = push(rc, p, &mut ptrs);
+            }
+            "pitch" => {
+                let (w, h) = (num(i + 1) as usize, num(i + 2) as usize);
+                i += 2;
+                let (mut p, mut pitch) = (0u64, 0usize);
+                let rc = call!(
+                    api,
+                    "cuMemAllocPitch_v2",
+                    fn(*mut u64, *mut usize, usize, usize, c_uint),
+                    &mut p,
+                    &mut pitch,
+                    w,
+                    h,
+                    4
+                );
+                line = format!("{} {pitch}", push(rc, p, &mut ptrs));
+            }
+            "array" | "array3d" | "mipmap" => {
+                let (w, h, z) = (
+                    num(i + 1) as usize,
+                    num(i + 2) as usize,
+                    num(i + 3) as usize,
+                );
+                i += 3;
+                let mut p = 0u64;
+                let rc = match cmd {
+                    "array" => {
+                        // CUDA_ARRAY_DESCRIPTOR, float x 1 channel; z unused.
+                        let d: (usize, usize, c_uint, c_uint) = (w, h, 0x20, 1);
+                        call!(
+                            api,
+                            "cuArrayCreate_v2",
+                            fn(*mut u64, *const (usize, usize, c_uint, c_uint)),
+                            &mut p,
+                            &d
+                        )
+                    }
+                    "array3d" => {
+                        let d: [usize; 5] = [w, h, z, 0x20 | (1 << 32), 0];
+                        call!(
+                            api,
+                            "cuArray3DCreate_v2",
+                            fn(*mut u64, *const usize),
+                            &mut p,
+                            d.as_ptr()
+                        )
+                    }
+                    _ => {
+                        let d: [usize; 5] = [w, h, 0, 0x20 | (1 << 32), 0];
+                        call!(
+                            api,
+                            "cuMipmappedArrayCreate",
+                            fn(*mut u64, *const usize, c_uint),
+                            &mut p,
+                            d.as_ptr(),
+                            z as c_uint
+                        )
+                    }
+                };
+                line = push(rc, p, &mut ptrs);
+            }
+            "free" | "free-async" | "vmm-release" | "array-destroy" | "mipmap-destroy"
+            | "extmem-destroy" | "ipc-close" | "graph-destroy" => {
+                let k = num(i + 1) as usize;
+                i += 1;
+                let p = ptrs.get(k).copied().unwrap_or(0xdead_0000);
+                let rc = match cmd {
+                    "free" => call!(api, "cuMemFree_v2", fn(u64), p),
+                    "free-async" => call!(api, "cuMemFreeAsync", fn(u64, usize), p, 0),
+                    "vmm-release" => call!(api, "cuMemRelease", fn(u64), p),
+                    "array-destroy" => call!(api, "cuArrayDestroy", fn(u64), p),
+                    "mipmap-destroy" => call!(api, "cuMipmappedArrayDestroy", fn(u64), p),
+                    "extmem-destroy" => call!(api, "cuDestroyExternalMemory", fn(u64), p),
+                    "ipc-close" => call!(api, "cuIpcCloseMemHandle", fn(u64), p),
+                    _ => call!(api, "cuGraphDestroy", fn(u64), p),
+                };
+                line = format!("{cmd} {rc}");
+            }
+            "ipc-get" => {
+                let k = num(i + 1) as usize;
+                i += 1;
+                let mut h = [0u8; 64];
+                let rc = call!(
+                    api,
+                    "cuIpcGetMemHandle",
+                    fn(*mut [u8; 64], u64),
+                    &mut h,
+                    ptrs[k]
+                );
+                let hex: String = h.iter().map(|b| format!("{b:02x}")).collect();
+                line = format!("ipc-get {rc} {hex}");
+            }
+            "ipc-open" => {
+                let hex = &args[i + 1];
+                i += 1;
+                let mut h = [0u8; 64];
+                for (j, b) in h.iter_mut().enumerate() {
+                    *b = u8::from_str_radix(&hex[2 * j..2 * j + 2], 16).expect("hex");
+                }
+                let mut p = 0u64;
+                let rc = call!(
+                    api,
+                    "cuIpcOpenMemHandle_v2",
+                    fn(*mut u64, [u8; 64], c_uint),
+                    &mut p,
+                    h,
+                    1
+                );
+                line = push(rc, p, &mut ptrs);
+            }
+            "graph-mem" => {
+                let size = num(i + 1) as usize;
+                i += 1;
+                let mut g = 0u64;
+                call!(api, "cuGraphCreate", fn(*mut u64, c_uint), &mut g, 0);
+                // CUDA_MEM_ALLOC_NODE_PARAMS: pool props (device 0), no access descs, size.
+                let mut prm = [0u64; 15];
+                prm[0] = 1 | (0 << 32);
+                prm[1] = 1;
+                prm[13] = size as u64;
+                let mut node = 0u64;
+                let rc = call!(
+                    api,
+                    "cuGraphAddMemAllocNode",
+                    fn(*mut u64, u64, *const u64, usize, *mut u64),
+                    &mut node,
+                    g,
+                    std::ptr::null(),
+                    0,
+                    prm.as_mut_ptr()
+                );
+                line = push(rc, g, &mut ptrs);
+            }
+            "meminfo" => {
+                let (mut free, mut total) = (0usize, 0usize);
+                let rc = call!(
+                    api,
+                    "cuMemGetInfo_v2",
+                    fn(*mut usize, *mut usize),
+                    &mut free,
+                    &mut total
+                );
+                line = format!("meminfo {rc} {free} {total}");
+            }
+            "totalmem" => {
+                let d = num(i + 1) as c_int;
+                i += 1;
+                let mut b = 0usize;
+                let rc = call!(api, "cuDeviceTotalMem_v2", fn(*mut usize, c_int), &mut b, d);
+                line = format!("totalmem {rc} {b}");
+            }
+            "nvml-mem" | "nvml-mem2" => {
+                let d = num(i + 1) as c_uint;
+                i += 1;
+                let mut h = 0usize;
+                call!(
+                    api,
+                    "nvmlDeviceGetHandleByIndex_v2",
+                    fn(c_uint, *mut usize),
+                    d,
+                    &mut h
+                );
+                let mut m = [0u64; 5];
+                let rc = if cmd == "nvml-mem" {
+                    let rc = call!(
+                        api,
+                        "nvmlDeviceGetMemoryInfo",
+                        fn(usize, *mut u64),
+                        h,
+                        m.as_mut_ptr()
+                    );
+                    m = [0, m[0], 0, m[1], m[2]];
+                    rc
+                } else {
+                    m[0] = 2 << 24 | 40;
+                    call!(
+                        api,
+                        "nvmlDeviceGetMemoryInfo_v2",
+                        fn(usize, *mut u64),
+                        h,
+                        m.as_mut_ptr()
+                    )
+                };
+                line = format!("{cmd} {rc} {} {} {}", m[1], m[3], m[4]);
+            }
+            "nvml-procs" => {
+                let d = num(i + 1) as c_uint;
+                i += 1;
+                let mut h = 0usize;
+                call!(
+                    api,
+                    "nvmlDeviceGetHandleByIndex_v2",
+                    fn(c_uint, *mut usize),
+                    d,
+                    &mut h
+                );
+                let mut n: c_uint = 16;
+                let mut infos = [[0u64; 3]; 16];
+                let rc = call!(
+                    api,
+                    "nvmlDeviceGetComputeRunningProcesses_v3",
+                    fn(usize, *mut c_uint, *mut [u64; 3]),
+                    h,
+                    &mut n,
+                    infos.as_mut_ptr()
+                );
+                let pids: Vec<String> = infos[..n as usize]
+                    .iter()
+                    .map(|e| (e[0] as u32).to_string())
+                    .collect();
+                line = format!("nvml-procs {rc} {n} {}", pids.join(","));
+            }
+            "launch" | "launch-ex" | "launch-coop" | "graph-launch" | "busy" => {
+                // busy <ms> <us per kernel>: launch back to back for that long.
+                let (a, us) = (num(i + 1), num(i + 2));
+                i += 2;
+                let t0 = std::time::Instant::now();
+                let mut n = 0u64;
+                let mut rc = 0;
+                let f = 0x5100_0001usize;
+                let suffix = if api.ptds { "_ptsz" } else { "" };
+                let go = |n: u64| {
+                    (cmd == "busy" && t0.elapsed().as_millis() < a as u128)
+                        || (cmd != "busy" && n < a)
+                };
+                while go(n) {
+                    rc = match cmd {
+                        "launch-ex" => {
+                            let cfg: [u64; 6] = [
+                                (us as u64) | (1 << 32),
+                                1 | (1 << 32),
+                                1 | (1 << 32),
+                                0,
+                                0,
+                                0,
+                            ];
+                            call!(
+                                api,
+                                if suffix.is_empty() {
+                                    "cuLaunchKernelEx"
+                                } else {
+                                    "cuLaunchKernelEx_ptsz"
+                                },
+                                fn(*const u64, usize, usize, usize),
+                                cfg.as_ptr(),
+                                f,
+                                0,
+                                0
+                            )
+                        }
+                        "launch-coop" => call!(
+                            api,
+                            "cuLaunchCooperativeKernel",
+                            fn(
+                                usize,
+                                c_uint,
+                                c_uint,
+                                c_uint,
+                                c_uint,
+                                c_uint,
+                                c_uint,
+                                c_uint,
+                                usize,
+                                usize,
+                            ),
+                            f,
+                            us as c_uint,
+                            1,
+                            1,
+                            1,
+                            1,
+                            1,
+                            0,
+                            0,
+                            0
+                        ),
+                        "graph-launch" => call!(api, "cuGraphLaunch", fn(usize, usize), 0x77, 0),
+                        _ if api.ptds => call!(
+                            api,
+                            "cuLaunchKernel_ptsz",
+                            fn(
+                                usize,
+                                c_uint,
+                                c_uint,
+                                c_uint,
+                                c_uint,
+                                c_uint,
+                                c_uint,
+                                c_uint,
+                                usize,
+                                usize,
+                                usize,
+                            ),
+                            f,
+                            us as c_uint,
+                            1,
+                            1,
+                            1,
+                            1,
+                            1,
+                            0,
+                            0,
+                            0,
+                            0
+                        ),
+                        _ => call!(
+                            api,
+                            "cuLaunchKernel",
+                            fn(
+                                usize,
+                                c_uint,
+                                c_uint,
+                                c_uint,
+                                c_uint,
+                                c_uint,
+                                c_uint,
+                                c_uint,
+                                usize,
+                                usize,
+                                usize,
+                            ),
+                            f,
+                            us as c_uint,
+                            1,
+                            1,
+                            1,
+                            1,
+                            1,
+                            0,
+                            0,
+                            0,
+                            0
+                        ),
+                    };
+                    if rc != 0 {
+                        break;
+                    }
+                    n += 1;
+                }
+                call!(api, "cuCtxSynchronize", fn(),);
+                line = format!("{cmd} {rc} {n} {}", t0.elapsed().as_nanos());
+            }
+            "sleep" => {
+                std::thread::sleep(std::time::Duration::from_millis(num(i + 1)));
+                i += 1;
+                line = "sleep 0".into();
+            }
+            "ready" => line = format!("ready 0 {}", std::process::id()),
+            "hold" => loop {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            },
+            "churn" => {
+                // churn <size> <count>: allocate and free, over and over.
+                let (size, count) = (num(i + 1) as usize, num(i + 2));
+                i += 2;
+                let (mut ok, mut oom) = (0, 0);
+                for _ in 0..count {
+                    let mut p = 0u64;
+                    match call!(api, "cuMemAlloc_v2", fn(*mut u64, usize), &mut p, size) {
+                        0 => {
+                            ok += 1;
+                            call!(api, "cuMemFree_v2", fn(u64), p);
+                        }
+                        _ => oom += 1,
+                    }
+                }
+                line = format!("churn 0 {ok} {oom}");
+            }
+            "fork" => {
+                // fork <size>: the child allocates and reports, the parent waits.
+                let size = num(i + 1) as usize;
+                i += 1;
+                out.lock().flush().ok();
+                // SAFETY: the child only calls the driver through the interposer and exits.
+                let pid = unsafe { libc::fork() };
+                if pid == 0 {
+                    let mut p = 0u64;
+                    let rc = call!(api, "cuMemAlloc_v2", fn(*mut u64, usize), &mut p, size);
+                    let mut free = 0usize;
+                    let mut total = 0usize;
+                    call!(
+                        api,
+                        "cuMemGetInfo_v2",
+                        fn(*mut usize, *mut usize),
+                        &mut free,
+                        &mut total
+                    );
+                    println!("child {rc} {free} {total}");
+                    std::io::stdout().flush().ok();
+                    // SAFETY: leave without running the parent's atexit handlers.
+                    unsafe { libc::_exit(0) };
+                }
+                let mut status = 0;
+                // SAFETY: waiting for our child.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+                line = format!("fork 0 {status}");
+            }
+            other => panic!("cuda-probe: unknown command {other:?}"),
+        }
+        let mut o = out.lock();
+        writeln!(o, "{line}").ok();
+        o.flush().ok();
+        i += 1;
+    }
+}

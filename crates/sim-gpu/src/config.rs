@@ -1,0 +1,104 @@
+//! Which devices the simulation has.
+//!
+//! One device per line: `<memory> <sm count> <uuid> <name...>`, memory with
+//! the interposer's size syntax (`16g`, `3000m`); `#` starts a comment.
+//! `SIM_GPU_DEVICES` holds the text inline (lines separated by `;`),
+//! `SIM_GPU_CONFIG` names a file; with neither there is one 16 GiB, 80-SM
+//! device.
+//!
+//! ```text
+//! # memory sms uuid name
+//! 16g 80 GPU-00000000-0000-0000-0000-000000000001 NVIDIA Sim 16GB
+//! 80g 132 GPU-00000000-0000-0000-0000-000000000002 NVIDIA Sim H100
+//! ```
+
+/// One simulated card.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSpec {
+    pub name: String,
+    pub uuid: String,
+    pub memory: u64,
+    pub sms: u32,
+}
+
+/// Parses the device list; errors name the line.
+pub fn parse(text: &str) -> Result<Vec<DeviceSpec>, String> {
+    let mut out = Vec::new();
+    for (n, raw) in text.split(['\n', ';']).enumerate() {
+        let line = raw.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let mut it = line.split_whitespace();
+        let (Some(mem), Some(sms), Some(uuid)) = (it.next(), it.next(), it.next()) else {
+            return Err(format!(
+                "device line {}: {line:?}: want `<memory> <sms> <uuid> <name>`",
+                n + 1
+            ));
+        };
+        let memory =
+            hami_shm::size::parse_size(mem).map_err(|e| format!("device line {}: {e}", n + 1))?;
+        let sms = sms
+            .parse()
+            .map_err(|_| format!("device line {}: sm count {sms:?} is not a number", n + 1))?;
+        let name: Vec<&str> = it.collect();
+        out.push(DeviceSpec {
+            name: if name.is_empty() {
+                "NVIDIA Sim GPU".into()
+            } else {
+                name.join(" ")
+            },
+            uuid: uuid.to_owned(),
+            memory,
+            sms,
+        });
+    }
+    Ok(out)
+}
+
+/// The devices of this process: from the env, else one default card.
+pub fn from_env() -> Vec<DeviceSpec> {
+    let text = match (
+        std::env::var("SIM_GPU_DEVICES"),
+        std::env::var("SIM_GPU_CONFIG"),
+    ) {
+        (Ok(t), _) => Some(t),
+        (_, Ok(p)) => match std::fs::read_to_string(&p) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("[sim-gpu] SIM_GPU_CONFIG={p}: {e}; using the default device");
+                None
+            }
+        },
+        _ => None,
+    };
+    let parsed = text.map(|t| parse(&t)).transpose().unwrap_or_else(|e| {
+        eprintln!("[sim-gpu] {e}; using the default device");
+        None
+    });
+    match parsed {
+        Some(d) if !d.is_empty() => d,
+        _ => vec![DeviceSpec {
+            name: "NVIDIA Sim 16GB".into(),
+            uuid: "GPU-51a00000-0000-4000-8000-000000000000".into(),
+            memory: 16 << 30,
+            sms: 80,
+        }],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_lines_and_inline_lists() {
+        let d = parse("# c\n16g 80 GPU-a NVIDIA Sim 16GB\n;3000m 10 GPU-b").unwrap();
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[0].name, "NVIDIA Sim 16GB");
+        assert_eq!(d[1].memory, 3000 << 20);
+        assert_eq!(d[1].name, "NVIDIA Sim GPU");
+        assert!(parse("16g x GPU-a").is_err());
+        assert!(parse("16g").is_err());
+    }
+}

@@ -1,0 +1,1193 @@
+//! The simulated CUDA driver API. Signatures follow the driver's `cuda.h`;
+//! only what the interposer and its tests use is here.
+
+use crate::state::{CURRENT, Kind, current_device, now_ns, sleep_until, state};
+use std::ffi::{c_char, c_int, c_uint, c_void};
+
+pub(crate) type CUresult = c_int;
+pub(crate) const SUCCESS: CUresult = 0;
+pub(crate) const INVALID_VALUE: CUresult = 1;
+pub(crate) const OUT_OF_MEMORY: CUresult = 2;
+pub(crate) const INVALID_DEVICE: CUresult = 101;
+pub(crate) const INVALID_HANDLE: CUresult = 400;
+pub(crate) const NOT_FOUND: CUresult = 500;
+pub(crate) const NOT_READY: CUresult = 600;
+
+/// Driver version reported: CUDA 12.4.
+const DRIVER_VERSION: c_int = 12040;
+const CTX_BASE: usize = 0xC000;
+/// Occupancy of one graph launch.
+const GRAPH_LAUNCH_NS: u64 = 1_000_000;
+
+unsafe fn out<T>(p: *mut T, v: T) -> CUresult {
+    if p.is_null() {
+        return INVALID_VALUE;
+    }
+    // SAFETY: non-null pointer to caller-owned storage, per the API contract.
+    unsafe { p.write(v) };
+    SUCCESS
+}
+
+fn copy_str(dst: *mut c_char, len: c_int, s: &str) -> CUresult {
+    if dst.is_null() || len <= 0 {
+        return INVALID_VALUE;
+    }
+    let n = s.len().min(len as usize - 1);
+    // SAFETY: dst has room for len bytes per the API contract.
+    unsafe {
+        std::ptr::copy_nonoverlapping(s.as_ptr(), dst.cast(), n);
+        *dst.add(n) = 0;
+    }
+    SUCCESS
+}
+
+fn device_ok(dev: c_int) -> bool {
+    dev >= 0 && (dev as usize) < state().devices.len()
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuInit(_flags: c_uint) -> CUresult {
+    drop(state());
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDriverGetVersion(v: *mut c_int) -> CUresult {
+    // SAFETY: forwarded caller pointer.
+    unsafe { out(v, DRIVER_VERSION) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceGetCount(n: *mut c_int) -> CUresult {
+    let count = state().devices.len() as c_int;
+    // SAFETY: forwarded caller pointer.
+    unsafe { out(n, count) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceGet(d: *mut c_int, ordinal: c_int) -> CUresult {
+    if !device_ok(ordinal) {
+        return INVALID_DEVICE;
+    }
+    // SAFETY: forwarded caller pointer.
+    unsafe { out(d, ordinal) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceGetName(name: *mut c_char, len: c_int, dev: c_int) -> CUresult {
+    let s = state();
+    match s.devices.get(dev as usize) {
+        Some(d) => copy_str(name, len, &d.spec.name),
+        None => INVALID_DEVICE,
+    }
+}
+
+fn uuid_bytes(text: &str) -> [u8; 16] {
+    let hex: Vec<u8> = text
+        .trim_start_matches("GPU-")
+        .bytes()
+        .filter(u8::is_ascii_hexdigit)
+        .collect();
+    std::array::from_fn(|i| {
+        let h = |j: usize| {
+            hex.get(j)
+                .map_or(0, |c| (*c as char).to_digit(16).unwrap_or(0) as u8)
+        };
+        (h(2 * i) << 4) | h(2 * i + 1)
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceGetUuid(uuid: *mut [u8; 16], dev: c_int) -> CUresult {
+    let s = state();
+    match s.devices.get(dev as usize) {
+        // SAFETY: forwarded caller pointer.
+        Some(d) => unsafe { out(uuid, uuid_bytes(&d.spec.uuid)) },
+        None => INVALID_DEVICE,
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceGetUuid_v2(uuid: *mut [u8; 16], dev: c_int) -> CUresult {
+    // SAFETY: same contract.
+    unsafe { cuDeviceGetUuid(uuid, dev) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: c_int) -> CUresult {
+    let s = state();
+    match s.devices.get(dev as usize) {
+        // SAFETY: forwarded caller pointer.
+        Some(d) => unsafe { out(bytes, d.spec.memory as usize) },
+        None => INVALID_DEVICE,
+    }
+}
+
+/// `CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT`.
+const ATTR_SM_COUNT: c_int = 16;
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceGetAttribute(v: *mut c_int, attr: c_int, dev: c_int) -> CUresult {
+    let s = state();
+    let Some(d) = s.devices.get(dev as usize) else {
+        return INVALID_DEVICE;
+    };
+    let value = match attr {
+        ATTR_SM_COUNT => d.spec.sms as c_int,
+        _ => 0,
+    };
+    // SAFETY: forwarded caller pointer.
+    unsafe { out(v, value) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut usize, dev: c_int) -> CUresult {
+    if !device_ok(dev) {
+        return INVALID_DEVICE;
+    }
+    // SAFETY: forwarded caller pointer.
+    unsafe { out(ctx, CTX_BASE + dev as usize) }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuDevicePrimaryCtxRelease_v2(_dev: c_int) -> CUresult {
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuCtxCreate_v2(ctx: *mut usize, _flags: c_uint, dev: c_int) -> CUresult {
+    if !device_ok(dev) {
+        return INVALID_DEVICE;
+    }
+    CURRENT.with(|c| c.set(dev as usize));
+    // SAFETY: forwarded caller pointer.
+    unsafe { out(ctx, CTX_BASE + dev as usize) }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuCtxDestroy_v2(_ctx: usize) -> CUresult {
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuCtxSetCurrent(ctx: usize) -> CUresult {
+    if ctx == 0 {
+        return SUCCESS;
+    }
+    let dev = ctx.wrapping_sub(CTX_BASE);
+    if dev >= state().devices.len() {
+        return INVALID_VALUE;
+    }
+    CURRENT.with(|c| c.set(dev));
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuCtxGetCurrent(ctx: *mut usize) -> CUresult {
+    // SAFETY: forwarded caller pointer.
+    unsafe { out(ctx, CTX_BASE + current_device()) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuCtxGetDevice(dev: *mut c_int) -> CUresult {
+    // SAFETY: forwarded caller pointer.
+    unsafe { out(dev, current_device() as c_int) }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuCtxSynchronize() -> CUresult {
+    let dev = current_device();
+    let t = state().devices.get(dev).map_or(0, |d| d.busy_until);
+    sleep_until(t);
+    SUCCESS
+}
+
+// ---- memory -------------------------------------------------------------
+
+fn alloc_into(p: *mut u64, dev: usize, size: u64, kind: Kind) -> CUresult {
+    if p.is_null() || size == 0 {
+        return INVALID_VALUE;
+    }
+    match state().take(dev, size, kind) {
+        // SAFETY: checked non-null.
+        Some(a) => unsafe { out(p, a) },
+        None => OUT_OF_MEMORY,
+    }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemAlloc_v2(p: *mut u64, size: usize) -> CUresult {
+    alloc_into(p, current_device(), size as u64, Kind::Linear)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemAllocPitch_v2(
+    p: *mut u64,
+    pitch: *mut usize,
+    width: usize,
+    height: usize,
+    _elem: c_uint,
+) -> CUresult {
+    if pitch.is_null() {
+        return INVALID_VALUE;
+    }
+    let pt = width.div_ceil(512) * 512;
+    let r = alloc_into(p, current_device(), (pt * height) as u64, Kind::Linear);
+    if r == SUCCESS {
+        // SAFETY: checked non-null.
+        unsafe { *pitch = pt };
+    }
+    r
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemAllocManaged(p: *mut u64, size: usize, _flags: c_uint) -> CUresult {
+    alloc_into(p, current_device(), size as u64, Kind::Managed)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemFree_v2(p: u64) -> CUresult {
+    if state().give_back(p, &[Kind::Linear, Kind::Managed, Kind::Async]) {
+        SUCCESS
+    } else {
+        INVALID_VALUE
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CUresult {
+    let s = state();
+    let Some(d) = s.devices.get(current_device()) else {
+        return INVALID_DEVICE;
+    };
+    if free.is_null() || total.is_null() {
+        return INVALID_VALUE;
+    }
+    // SAFETY: checked non-null.
+    unsafe {
+        *free = (d.spec.memory - d.used) as usize;
+        *total = d.spec.memory as usize;
+    }
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemGetAddressRange_v2(
+    base: *mut u64,
+    size: *mut usize,
+    p: u64,
+) -> CUresult {
+    let s = state();
+    let Some((&a, al)) = s
+        .allocs
+        .range(..=p)
+        .next_back()
+        .filter(|(a, al)| p < *a + al.size)
+    else {
+        return NOT_FOUND;
+    };
+    // SAFETY: optional caller pointers, written when non-null.
+    unsafe {
+        if !base.is_null() {
+            *base = a;
+        }
+        if !size.is_null() {
+            *size = al.size as usize;
+        }
+    }
+    SUCCESS
+}
+
+fn stream_device(stream: u64) -> usize {
+    if stream == 0 {
+        return current_device();
+    }
+    state()
+        .streams
+        .get(&stream)
+        .map_or(current_device(), |s| s.0)
+}
+
+fn mem_alloc_async(p: *mut u64, size: usize, stream: u64) -> CUresult {
+    alloc_into(p, stream_device(stream), size as u64, Kind::Async)
+}
+fn mem_free_async(p: u64, _stream: u64) -> CUresult {
+    if state().give_back(p, &[Kind::Async, Kind::Linear]) {
+        SUCCESS
+    } else {
+        INVALID_VALUE
+    }
+}
+fn mem_alloc_from_pool_async(p: *mut u64, size: usize, pool: u64, stream: u64) -> CUresult {
+    let dev = if pool >= 0xB000 && pool < 0xB000 + 64 {
+        (pool - 0xB000) as usize
+    } else {
+        stream_device(stream)
+    };
+    alloc_into(p, dev, size as u64, Kind::Async)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemAllocAsync(p: *mut u64, size: usize, stream: u64) -> CUresult {
+    mem_alloc_async(p, size, stream)
+}
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemAllocAsync_ptsz(p: *mut u64, size: usize, stream: u64) -> CUresult {
+    mem_alloc_async(p, size, stream)
+}
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemFreeAsync(p: u64, stream: u64) -> CUresult {
+    mem_free_async(p, stream)
+}
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemFreeAsync_ptsz(p: u64, stream: u64) -> CUresult {
+    mem_free_async(p, stream)
+}
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemAllocFromPoolAsync(
+    p: *mut u64,
+    size: usize,
+    pool: u64,
+    stream: u64,
+) -> CUresult {
+    mem_alloc_from_pool_async(p, size, pool, stream)
+}
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemAllocFromPoolAsync_ptsz(
+    p: *mut u64,
+    size: usize,
+    pool: u64,
+    stream: u64,
+) -> CUresult {
+    mem_alloc_from_pool_async(p, size, pool, stream)
+}
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceGetDefaultMemPool(pool: *mut u64, dev: c_int) -> CUresult {
+    if !device_ok(dev) {
+        return INVALID_DEVICE;
+    }
+    // SAFETY: forwarded caller pointer.
+    unsafe { out(pool, 0xB000 + dev as u64) }
+}
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemPoolTrimTo(_pool: u64, _keep: usize) -> CUresult {
+    SUCCESS
+}
+
+/// `CUmemAllocationProp`: type, requestedHandleTypes, location {type, id}, ...
+#[repr(C)]
+pub(crate) struct MemAllocationProp {
+    pub kind: c_int,
+    pub handle_types: c_int,
+    pub location_type: c_int,
+    pub location_id: c_int,
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemCreate(
+    handle: *mut u64,
+    size: usize,
+    prop: *const MemAllocationProp,
+    _flags: u64,
+) -> CUresult {
+    if prop.is_null() {
+        return INVALID_VALUE;
+    }
+    // SAFETY: non-null, caller-owned.
+    let dev = unsafe { (*prop).location_id } as usize;
+    alloc_into(handle, dev, size as u64, Kind::Physical)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemRelease(handle: u64) -> CUresult {
+    if state().give_back(handle, &[Kind::Physical]) {
+        SUCCESS
+    } else {
+        INVALID_VALUE
+    }
+}
+
+/// `CUDA_ARRAY_DESCRIPTOR`.
+#[repr(C)]
+pub(crate) struct ArrayDesc {
+    pub width: usize,
+    pub height: usize,
+    pub format: c_uint,
+    pub channels: c_uint,
+}
+
+/// `CUDA_ARRAY3D_DESCRIPTOR`.
+#[repr(C)]
+pub(crate) struct Array3dDesc {
+    pub width: usize,
+    pub height: usize,
+    pub depth: usize,
+    pub format: c_uint,
+    pub channels: c_uint,
+    pub flags: c_uint,
+}
+
+/// Bytes per element of a `CUarray_format` value.
+pub(crate) fn format_bytes(format: c_uint) -> u64 {
+    match format {
+        0x01 | 0x08 => 1,        // UNSIGNED_INT8, SIGNED_INT8
+        0x02 | 0x09 | 0x10 => 2, // (U)INT16, HALF
+        _ => 4,                  // 32-bit ints, FLOAT, and anything newer
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuArrayCreate_v2(arr: *mut u64, d: *const ArrayDesc) -> CUresult {
+    if d.is_null() {
+        return INVALID_VALUE;
+    }
+    // SAFETY: non-null, caller-owned.
+    let d = unsafe { &*d };
+    let size = d.width as u64 * d.height.max(1) as u64 * d.channels as u64 * format_bytes(d.format);
+    alloc_into(arr, current_device(), size, Kind::Array)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuArray3DCreate_v2(arr: *mut u64, d: *const Array3dDesc) -> CUresult {
+    if d.is_null() {
+        return INVALID_VALUE;
+    }
+    // SAFETY: non-null, caller-owned.
+    let d = unsafe { &*d };
+    let size = d.width as u64
+        * d.height.max(1) as u64
+        * d.depth.max(1) as u64
+        * d.channels as u64
+        * format_bytes(d.format);
+    alloc_into(arr, current_device(), size, Kind::Array)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuArrayDestroy(arr: u64) -> CUresult {
+    if state().give_back(arr, &[Kind::Array]) {
+        SUCCESS
+    } else {
+        INVALID_HANDLE
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMipmappedArrayCreate(
+    arr: *mut u64,
+    d: *const Array3dDesc,
+    levels: c_uint,
+) -> CUresult {
+    if d.is_null() {
+        return INVALID_VALUE;
+    }
+    // SAFETY: non-null, caller-owned.
+    let d = unsafe { &*d };
+    let (mut w, mut h, mut z) = (
+        d.width as u64,
+        d.height.max(1) as u64,
+        d.depth.max(1) as u64,
+    );
+    let mut size = 0;
+    for _ in 0..levels.max(1) {
+        size += w * h * z * d.channels as u64 * format_bytes(d.format);
+        (w, h, z) = ((w / 2).max(1), (h / 2).max(1), (z / 2).max(1));
+    }
+    alloc_into(arr, current_device(), size, Kind::Mipmap)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMipmappedArrayDestroy(arr: u64) -> CUresult {
+    if state().give_back(arr, &[Kind::Mipmap]) {
+        SUCCESS
+    } else {
+        INVALID_HANDLE
+    }
+}
+
+/// `CUipcMemHandle`: 64 opaque bytes; the simulation stores the size first.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct IpcMemHandle(pub [u8; 64]);
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuIpcGetMemHandle(h: *mut IpcMemHandle, p: u64) -> CUresult {
+    let size = match state().allocs.get(&p) {
+        Some(a) => a.size,
+        None => return INVALID_VALUE,
+    };
+    let mut b = [0u8; 64];
+    b[..8].copy_from_slice(&size.to_le_bytes());
+    b[8..16].copy_from_slice(&p.to_le_bytes());
+    // SAFETY: forwarded caller pointer.
+    unsafe { out(h, IpcMemHandle(b)) }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuIpcOpenMemHandle_v2(p: *mut u64, h: IpcMemHandle, _flags: c_uint) -> CUresult {
+    let size = u64::from_le_bytes(h.0[..8].try_into().expect("8 bytes"));
+    alloc_into(p, current_device(), size, Kind::IpcMapping)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuIpcCloseMemHandle(p: u64) -> CUresult {
+    if state().give_back(p, &[Kind::IpcMapping]) {
+        SUCCESS
+    } else {
+        INVALID_VALUE
+    }
+}
+
+/// `CUDA_EXTERNAL_MEMORY_HANDLE_DESC`: type, handle union (16 bytes), size, flags.
+#[repr(C)]
+pub(crate) struct ExternalMemoryDesc {
+    pub kind: c_int,
+    pub handle: [u64; 2],
+    pub size: u64,
+    pub flags: c_uint,
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuImportExternalMemory(
+    m: *mut u64,
+    d: *const ExternalMemoryDesc,
+) -> CUresult {
+    if d.is_null() {
+        return INVALID_VALUE;
+    }
+    // SAFETY: non-null, caller-owned.
+    let size = unsafe { (*d).size };
+    alloc_into(m, current_device(), size, Kind::External)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuDestroyExternalMemory(m: u64) -> CUresult {
+    if state().give_back(m, &[Kind::External]) {
+        SUCCESS
+    } else {
+        INVALID_HANDLE
+    }
+}
+
+// ---- graphs ---------------------------------------------------------------
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGraphCreate(g: *mut u64, _flags: c_uint) -> CUresult {
+    let mut s = state();
+    let h = s.new_handle();
+    s.graphs.insert(h, Vec::new());
+    // SAFETY: forwarded caller pointer.
+    unsafe { out(g, h) }
+}
+
+/// `CUDA_MEM_ALLOC_NODE_PARAMS`: poolProps (`CUmemPoolProps`, 88 bytes,
+/// location at offset 8), accessDescs, accessDescCount, bytesize, dptr.
+#[repr(C)]
+pub(crate) struct MemAllocNodeParams {
+    pub pool_kind: c_int,
+    pub pool_handle_types: c_int,
+    pub location_type: c_int,
+    pub location_id: c_int,
+    pub pool_rest: [u8; 72],
+    pub access_descs: *const c_void,
+    pub access_desc_count: usize,
+    pub bytesize: usize,
+    pub dptr: u64,
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGraphAddMemAllocNode(
+    node: *mut u64,
+    graph: u64,
+    _deps: *const u64,
+    _ndeps: usize,
+    params: *mut MemAllocNodeParams,
+) -> CUresult {
+    if node.is_null() || params.is_null() {
+        return INVALID_VALUE;
+    }
+    // SAFETY: non-null, caller-owned.
+    let prm = unsafe { &mut *params };
+    let mut s = state();
+    if !s.graphs.contains_key(&graph) {
+        return INVALID_HANDLE;
+    }
+    let Some(a) = s.take(
+        prm.location_id as usize,
+        prm.bytesize as u64,
+        Kind::GraphMem,
+    ) else {
+        return OUT_OF_MEMORY;
+    };
+    s.graphs.get_mut(&graph).expect("checked").push(a);
+    prm.dptr = a;
+    let h = s.new_handle();
+    // SAFETY: checked non-null.
+    unsafe { *node = h };
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuGraphDestroy(graph: u64) -> CUresult {
+    let mut s = state();
+    let Some(mem) = s.graphs.remove(&graph) else {
+        return INVALID_HANDLE;
+    };
+    for a in mem {
+        s.give_back(a, &[Kind::GraphMem]);
+    }
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGraphInstantiateWithFlags(
+    exec: *mut u64,
+    graph: u64,
+    _flags: u64,
+) -> CUresult {
+    // SAFETY: forwarded caller pointer.
+    unsafe { out(exec, graph) }
+}
+
+fn graph_launch(_exec: u64, stream: u64) -> CUresult {
+    let dev = stream_device(stream);
+    state().occupy(dev, stream, GRAPH_LAUNCH_NS);
+    SUCCESS
+}
+#[unsafe(no_mangle)]
+pub extern "C" fn cuGraphLaunch(exec: u64, stream: u64) -> CUresult {
+    graph_launch(exec, stream)
+}
+#[unsafe(no_mangle)]
+pub extern "C" fn cuGraphLaunch_ptsz(exec: u64, stream: u64) -> CUresult {
+    graph_launch(exec, stream)
+}
+
+// ---- modules and launches ---------------------------------------------------
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuModuleLoadData(m: *mut u64, _image: *const c_void) -> CUresult {
+    let h = state().new_handle();
+    // SAFETY: forwarded caller pointer.
+    unsafe { out(m, h) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuModuleGetFunction(
+    f: *mut u64,
+    m: u64,
+    _name: *const c_char,
+) -> CUresult {
+    // SAFETY: forwarded caller pointer.
+    unsafe { out(f, m + 1) }
+}
+
+fn launch(f: u64, gx: c_uint, gy: c_uint, gz: c_uint, stream: u64) -> CUresult {
+    if f == 0 {
+        return INVALID_HANDLE;
+    }
+    let blocks = gx as u64 * gy.max(1) as u64 * gz.max(1) as u64;
+    let dev = stream_device(stream);
+    state().occupy(dev, stream, blocks * 1000);
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuLaunchKernel(
+    f: u64,
+    gx: c_uint,
+    gy: c_uint,
+    gz: c_uint,
+    _bx: c_uint,
+    _by: c_uint,
+    _bz: c_uint,
+    _shmem: c_uint,
+    stream: u64,
+    _params: *mut *mut c_void,
+    _extra: *mut *mut c_void,
+) -> CUresult {
+    launch(f, gx, gy, gz, stream)
+}
+#[unsafe(no_mangle)]
+pub extern "C" fn cuLaunchKernel_ptsz(
+    f: u64,
+    gx: c_uint,
+    gy: c_uint,
+    gz: c_uint,
+    _bx: c_uint,
+    _by: c_uint,
+    _bz: c_uint,
+    _shmem: c_uint,
+    stream: u64,
+    _params: *mut *mut c_void,
+    _extra: *mut *mut c_void,
+) -> CUresult {
+    launch(f, gx, gy, gz, stream)
+}
+#[unsafe(no_mangle)]
+pub extern "C" fn cuLaunchCooperativeKernel(
+    f: u64,
+    gx: c_uint,
+    gy: c_uint,
+    gz: c_uint,
+    _bx: c_uint,
+    _by: c_uint,
+    _bz: c_uint,
+    _shmem: c_uint,
+    stream: u64,
+    _params: *mut *mut c_void,
+) -> CUresult {
+    launch(f, gx, gy, gz, stream)
+}
+#[unsafe(no_mangle)]
+pub extern "C" fn cuLaunchCooperativeKernel_ptsz(
+    f: u64,
+    gx: c_uint,
+    gy: c_uint,
+    gz: c_uint,
+    _bx: c_uint,
+    _by: c_uint,
+    _bz: c_uint,
+    _shmem: c_uint,
+    stream: u64,
+    _params: *mut *mut c_void,
+) -> CUresult {
+    launch(f, gx, gy, gz, stream)
+}
+
+/// `CUlaunchConfig`.
+#[repr(C)]
+pub(crate) struct LaunchConfig {
+    pub grid: [c_uint; 3],
+    pub block: [c_uint; 3],
+    pub shmem: c_uint,
+    pub stream: u64,
+    pub attrs: *mut c_void,
+    pub num_attrs: c_uint,
+}
+
+unsafe fn launch_ex(cfg: *const LaunchConfig, f: u64) -> CUresult {
+    if cfg.is_null() {
+        return INVALID_VALUE;
+    }
+    // SAFETY: non-null, caller-owned.
+    let c = unsafe { &*cfg };
+    launch(f, c.grid[0], c.grid[1], c.grid[2], c.stream)
+}
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuLaunchKernelEx(
+    cfg: *const LaunchConfig,
+    f: u64,
+    _p: *mut *mut c_void,
+    _e: *mut *mut c_void,
+) -> CUresult {
+    // SAFETY: forwarded.
+    unsafe { launch_ex(cfg, f) }
+}
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuLaunchKernelEx_ptsz(
+    cfg: *const LaunchConfig,
+    f: u64,
+    _p: *mut *mut c_void,
+    _e: *mut *mut c_void,
+) -> CUresult {
+    // SAFETY: forwarded.
+    unsafe { launch_ex(cfg, f) }
+}
+
+// ---- streams and events -------------------------------------------------------
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuStreamCreate(st: *mut u64, _flags: c_uint) -> CUresult {
+    let mut s = state();
+    let h = s.new_handle();
+    s.streams.insert(h, (current_device(), 0));
+    // SAFETY: forwarded caller pointer.
+    unsafe { out(st, h) }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuStreamDestroy_v2(st: u64) -> CUresult {
+    if state().streams.remove(&st).is_some() {
+        SUCCESS
+    } else {
+        INVALID_HANDLE
+    }
+}
+
+fn stream_sync(st: u64) -> CUresult {
+    let t = state().stream_tail(current_device(), st);
+    sleep_until(t);
+    SUCCESS
+}
+#[unsafe(no_mangle)]
+pub extern "C" fn cuStreamSynchronize(st: u64) -> CUresult {
+    stream_sync(st)
+}
+#[unsafe(no_mangle)]
+pub extern "C" fn cuStreamSynchronize_ptsz(st: u64) -> CUresult {
+    stream_sync(st)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuEventCreate(ev: *mut u64, _flags: c_uint) -> CUresult {
+    let mut s = state();
+    let h = s.new_handle();
+    s.events.insert(h, None);
+    // SAFETY: forwarded caller pointer.
+    unsafe { out(ev, h) }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuEventDestroy_v2(ev: u64) -> CUresult {
+    if state().events.remove(&ev).is_some() {
+        SUCCESS
+    } else {
+        INVALID_HANDLE
+    }
+}
+
+fn event_record(ev: u64, st: u64) -> CUresult {
+    let mut s = state();
+    let dev = if st == 0 {
+        current_device()
+    } else {
+        s.streams.get(&st).map_or(current_device(), |x| x.0)
+    };
+    let t = s.stream_tail(dev, st).max(now_ns());
+    match s.events.get_mut(&ev) {
+        Some(e) => {
+            *e = Some(t);
+            SUCCESS
+        }
+        None => INVALID_HANDLE,
+    }
+}
+#[unsafe(no_mangle)]
+pub extern "C" fn cuEventRecord(ev: u64, st: u64) -> CUresult {
+    event_record(ev, st)
+}
+#[unsafe(no_mangle)]
+pub extern "C" fn cuEventRecord_ptsz(ev: u64, st: u64) -> CUresult {
+    event_record(ev, st)
+}
+
+fn event_time(ev: u64) -> Result<Option<u64>, CUresult> {
+    state().events.get(&ev).copied().ok_or(INVALID_HANDLE)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuEventQuery(ev: u64) -> CUresult {
+    match event_time(ev) {
+        Ok(Some(t)) if t > now_ns() => NOT_READY,
+        Ok(_) => SUCCESS,
+        Err(e) => e,
+    }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuEventSynchronize(ev: u64) -> CUresult {
+    match event_time(ev) {
+        Ok(t) => {
+            sleep_until(t.unwrap_or(0));
+            SUCCESS
+        }
+        Err(e) => e,
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuEventElapsedTime(ms: *mut f32, start: u64, end: u64) -> CUresult {
+    match (event_time(start), event_time(end)) {
+        (Ok(Some(a)), Ok(Some(b))) => {
+            if a.max(b) > now_ns() {
+                return NOT_READY;
+            }
+            // SAFETY: forwarded caller pointer.
+            unsafe { out(ms, (b as f64 - a as f64) as f32 / 1e6) }
+        }
+        (Ok(_), Ok(_)) => INVALID_HANDLE,
+        (Err(e), _) | (_, Err(e)) => e,
+    }
+}
+
+// ---- cuGetProcAddress -----------------------------------------------------------
+
+/// `CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM`.
+const PTDS: u64 = 2;
+
+/// (name asked for, first CUDA version, per-thread-stream variant?, symbol).
+/// Mirrors how the real driver versions its entry points: the newest entry
+/// whose version is at most the caller's wins; the `_ptsz`/`_ptds` entry
+/// only when the caller asks for per-thread default streams.
+const TABLE: &[(&str, c_int, bool, &str)] = &[
+    ("cuInit", 2000, false, "cuInit"),
+    ("cuDriverGetVersion", 2020, false, "cuDriverGetVersion"),
+    ("cuDeviceGet", 2000, false, "cuDeviceGet"),
+    ("cuDeviceGetCount", 2000, false, "cuDeviceGetCount"),
+    ("cuDeviceGetName", 2000, false, "cuDeviceGetName"),
+    ("cuDeviceGetUuid", 9020, false, "cuDeviceGetUuid"),
+    ("cuDeviceGetUuid", 11040, false, "cuDeviceGetUuid_v2"),
+    ("cuDeviceTotalMem", 3020, false, "cuDeviceTotalMem_v2"),
+    ("cuDeviceGetAttribute", 2000, false, "cuDeviceGetAttribute"),
+    (
+        "cuDevicePrimaryCtxRetain",
+        7000,
+        false,
+        "cuDevicePrimaryCtxRetain",
+    ),
+    (
+        "cuDevicePrimaryCtxRelease",
+        11000,
+        false,
+        "cuDevicePrimaryCtxRelease_v2",
+    ),
+    ("cuCtxCreate", 3020, false, "cuCtxCreate_v2"),
+    ("cuCtxDestroy", 4000, false, "cuCtxDestroy_v2"),
+    ("cuCtxSetCurrent", 4000, false, "cuCtxSetCurrent"),
+    ("cuCtxGetCurrent", 4000, false, "cuCtxGetCurrent"),
+    ("cuCtxGetDevice", 2000, false, "cuCtxGetDevice"),
+    ("cuCtxSynchronize", 2000, false, "cuCtxSynchronize"),
+    ("cuMemAlloc", 3020, false, "cuMemAlloc_v2"),
+    ("cuMemAllocPitch", 3020, false, "cuMemAllocPitch_v2"),
+    ("cuMemAllocManaged", 6000, false, "cuMemAllocManaged"),
+    ("cuMemFree", 3020, false, "cuMemFree_v2"),
+    ("cuMemGetInfo", 3020, false, "cuMemGetInfo_v2"),
+    (
+        "cuMemGetAddressRange",
+        3020,
+        false,
+        "cuMemGetAddressRange_v2",
+    ),
+    ("cuMemAllocAsync", 11020, false, "cuMemAllocAsync"),
+    ("cuMemAllocAsync", 11020, true, "cuMemAllocAsync_ptsz"),
+    ("cuMemFreeAsync", 11020, false, "cuMemFreeAsync"),
+    ("cuMemFreeAsync", 11020, true, "cuMemFreeAsync_ptsz"),
+    (
+        "cuMemAllocFromPoolAsync",
+        11020,
+        false,
+        "cuMemAllocFromPoolAsync",
+    ),
+    (
+        "cuMemAllocFromPoolAsync",
+        11020,
+        true,
+        "cuMemAllocFromPoolAsync_ptsz",
+    ),
+    (
+        "cuDeviceGetDefaultMemPool",
+        11020,
+        false,
+        "cuDeviceGetDefaultMemPool",
+    ),
+    ("cuMemPoolTrimTo", 11020, false, "cuMemPoolTrimTo"),
+    ("cuMemCreate", 10020, false, "cuMemCreate"),
+    ("cuMemRelease", 10020, false, "cuMemRelease"),
+    ("cuArrayCreate", 3020, false, "cuArrayCreate_v2"),
+    ("cuArray3DCreate", 3020, false, "cuArray3DCreate_v2"),
+    ("cuArrayDestroy", 2000, false, "cuArrayDestroy"),
+    (
+        "cuMipmappedArrayCreate",
+        5000,
+        false,
+        "cuMipmappedArrayCreate",
+    ),
+    (
+        "cuMipmappedArrayDestroy",
+        5000,
+        false,
+        "cuMipmappedArrayDestroy",
+    ),
+    ("cuIpcGetMemHandle", 4010, false, "cuIpcGetMemHandle"),
+    ("cuIpcOpenMemHandle", 11000, false, "cuIpcOpenMemHandle_v2"),
+    ("cuIpcCloseMemHandle", 4010, false, "cuIpcCloseMemHandle"),
+    (
+        "cuImportExternalMemory",
+        10000,
+        false,
+        "cuImportExternalMemory",
+    ),
+    (
+        "cuDestroyExternalMemory",
+        10000,
+        false,
+        "cuDestroyExternalMemory",
+    ),
+    ("cuGraphCreate", 10000, false, "cuGraphCreate"),
+    (
+        "cuGraphAddMemAllocNode",
+        11040,
+        false,
+        "cuGraphAddMemAllocNode",
+    ),
+    ("cuGraphDestroy", 10000, false, "cuGraphDestroy"),
+    (
+        "cuGraphInstantiateWithFlags",
+        11040,
+        false,
+        "cuGraphInstantiateWithFlags",
+    ),
+    ("cuGraphLaunch", 10000, false, "cuGraphLaunch"),
+    ("cuGraphLaunch", 10000, true, "cuGraphLaunch_ptsz"),
+    ("cuModuleLoadData", 2000, false, "cuModuleLoadData"),
+    ("cuModuleGetFunction", 2000, false, "cuModuleGetFunction"),
+    ("cuLaunchKernel", 4000, false, "cuLaunchKernel"),
+    ("cuLaunchKernel", 7000, true, "cuLaunchKernel_ptsz"),
+    ("cuLaunchKernelEx", 11060, false, "cuLaunchKernelEx"),
+    ("cuLaunchKernelEx", 11060, true, "cuLaunchKernelEx_ptsz"),
+    (
+        "cuLaunchCooperativeKernel",
+        9000,
+        false,
+        "cuLaunchCooperativeKernel",
+    ),
+    (
+        "cuLaunchCooperativeKernel",
+        9000,
+        true,
+        "cuLaunchCooperativeKernel_ptsz",
+    ),
+    ("cuStreamCreate", 2000, false, "cuStreamCreate"),
+    ("cuStreamDestroy", 4000, false, "cuStreamDestroy_v2"),
+    ("cuStreamSynchronize", 2000, false, "cuStreamSynchronize"),
+    (
+        "cuStreamSynchronize",
+        7000,
+        true,
+        "cuStreamSynchronize_ptsz",
+    ),
+    ("cuEventCreate", 2000, false, "cuEventCreate"),
+    ("cuEventRecord", 2000, false, "cuEventRecord"),
+    ("cuEventRecord", 7000, true, "cuEventRecord_ptsz"),
+    ("cuEventQuery", 2000, false, "cuEventQuery"),
+    ("cuEventSynchronize", 2000, false, "cuEventSynchronize"),
+    ("cuEventElapsedTime", 2000, false, "cuEventElapsedTime"),
+    ("cuEventDestroy", 4000, false, "cuEventDestroy_v2"),
+    ("cuGetProcAddress", 11030, false, "cuGetProcAddress"),
+    ("cuGetProcAddress", 12000, false, "cuGetProcAddress_v2"),
+];
+
+/// The symbol the driver would hand out for (`name`, `version`, `flags`).
+pub fn resolve(name: &str, version: c_int, flags: u64) -> Option<&'static str> {
+    let fits = |ptds: bool| {
+        TABLE
+            .iter()
+            .filter(|e| e.0 == name && e.1 <= version && e.2 == ptds)
+            .max_by_key(|e| e.1)
+            .map(|e| e.3)
+    };
+    if flags & PTDS != 0 {
+        fits(true).or_else(|| fits(false))
+    } else {
+        fits(false)
+    }
+}
+
+/// Our own address of `symbol` (an exported function of this library).
+fn self_symbol(symbol: &str) -> *mut c_void {
+    let mut name = symbol.as_bytes().to_vec();
+    name.push(0);
+    // SAFETY: dladdr on one of our own functions identifies this library;
+    // dlopen(NOLOAD) of that file returns a handle to it without loading.
+    unsafe {
+        let mut info: libc::Dl_info = std::mem::zeroed();
+        if libc::dladdr(cuInit as *const c_void, &mut info) == 0 || info.dli_fname.is_null() {
+            return std::ptr::null_mut();
+        }
+        let h = libc::dlopen(info.dli_fname, libc::RTLD_NOW | libc::RTLD_NOLOAD);
+        if h.is_null() {
+            return std::ptr::null_mut();
+        }
+        let p = libc::dlsym(h, name.as_ptr().cast());
+        libc::dlclose(h);
+        p
+    }
+}
+
+unsafe fn get_proc_address(
+    sym: *const c_char,
+    pfn: *mut *mut c_void,
+    version: c_int,
+    flags: u64,
+    status: *mut c_int,
+) -> CUresult {
+    if sym.is_null() || pfn.is_null() {
+        return INVALID_VALUE;
+    }
+    // SAFETY: NUL-terminated per the API contract.
+    let name = unsafe { std::ffi::CStr::from_ptr(sym) }
+        .to_str()
+        .unwrap_or("");
+    let found = resolve(name, version, flags)
+        .map(self_symbol)
+        .filter(|p| !p.is_null());
+    // SAFETY: checked non-null; `status` optional.
+    unsafe {
+        *pfn = found.unwrap_or(std::ptr::null_mut());
+        if !status.is_null() {
+            // CU_GET_PROC_ADDRESS_SUCCESS = 0, SYMBOL_NOT_FOUND = 1.
+            *status = if found.is_some() { 0 } else { 1 };
+        }
+    }
+    if found.is_some() { SUCCESS } else { NOT_FOUND }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGetProcAddress(
+    sym: *const c_char,
+    pfn: *mut *mut c_void,
+    version: c_int,
+    flags: u64,
+) -> CUresult {
+    // SAFETY: forwarded.
+    unsafe { get_proc_address(sym, pfn, version, flags, std::ptr::null_mut()) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGetProcAddress_v2(
+    sym: *const c_char,
+    pfn: *mut *mut c_void,
+    version: c_int,
+    flags: u64,
+    status: *mut c_int,
+) -> CUresult {
+    // SAFETY: forwarded.
+    unsafe { get_proc_address(sym, pfn, version, flags, status) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versioned_resolution() {
+        assert_eq!(resolve("cuMemAlloc", 12000, 0), Some("cuMemAlloc_v2"));
+        assert_eq!(resolve("cuMemAlloc", 3000, 0), None);
+        assert_eq!(
+            resolve("cuLaunchKernel", 12000, PTDS),
+            Some("cuLaunchKernel_ptsz")
+        );
+        assert_eq!(resolve("cuLaunchKernel", 12000, 1), Some("cuLaunchKernel"));
+        assert_eq!(resolve("cuMemAlloc", 12000, PTDS), Some("cuMemAlloc_v2"));
+        assert_eq!(
+            resolve("cuDeviceGetUuid", 11000, 0),
+            Some("cuDeviceGetUuid")
+        );
+        assert_eq!(
+            resolve("cuDeviceGetUuid", 12000, 0),
+            Some("cuDeviceGetUuid_v2")
+        );
+        assert_eq!(
+            resolve("cuGetProcAddress", 12000, 0),
+            Some("cuGetProcAddress_v2")
+        );
+        assert_eq!(resolve("cuNoSuch", 12000, 0), None);
+    }
+
+    #[test]
+    fn uuid_text_to_bytes() {
+        let b = uuid_bytes("GPU-01234567-89ab-cdef-0123-456789abcdef");
+        assert_eq!(b[0], 0x01);
+        assert_eq!(b[15], 0xef);
+    }
+}

@@ -1,0 +1,26 @@
+//! `sim-gpu`: a simulated CUDA driver and NVML for machines without a GPU.
+//!
+//! Built as `libsim_gpu.so`, it exports the subset of the CUDA driver API
+//! (`cu*`) and NVML (`nvml*`) that hami-rs uses, so that the interposer, its
+//! tests and `hami run` can run in CI. Load it through symlinks named
+//! `libcuda.so.1` and `libnvidia-ml.so.1` placed in a directory on
+//! `LD_LIBRARY_PATH`.
+//!
+//! What is simulated:
+//! * devices described by [`config`] (`SIM_GPU_CONFIG` file or
+//!   `SIM_GPU_DEVICES` inline text): count, names, UUIDs, memory, SM count;
+//! * real bookkeeping of every allocation kind, with `CUDA_ERROR_OUT_OF_MEMORY`
+//!   when the simulated card is full;
+//! * kernel launches that occupy the device for `gridDimX*gridDimY*gridDimZ`
+//!   microseconds (graph launches: 1000 us), serialised per device, with
+//!   streams and events that complete when that time has passed;
+//! * NVML utilisation computed from that busy time over the last second.
+//!
+//! Each process simulates its own card: two processes do not see each
+//! other's allocations or kernels. It must never be shipped or loaded in
+//! production; it is test and demo support only.
+
+pub mod config;
+mod cuda;
+mod nvml;
+mod state;

@@ -1,0 +1,189 @@
+//! The simulated cards and everything allocated or queued on them.
+
+use crate::config::{self, DeviceSpec};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+pub(crate) fn now_ns() -> u64 {
+    hami_shm::region::monotonic_ns()
+}
+
+/// Sleeps until CLOCK_MONOTONIC reaches `t`.
+pub(crate) fn sleep_until(t: u64) {
+    loop {
+        let now = now_ns();
+        if now >= t {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_nanos(t - now));
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Linear,
+    Managed,
+    Async,
+    Physical,
+    Array,
+    Mipmap,
+    IpcMapping,
+    GraphMem,
+    External,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Alloc {
+    pub dev: usize,
+    pub size: u64,
+    pub kind: Kind,
+}
+
+pub(crate) struct Device {
+    pub spec: DeviceSpec,
+    pub used: u64,
+    pub busy_until: u64,
+    /// Recent (start, end) busy intervals, for NVML utilisation.
+    pub busy_log: VecDeque<(u64, u64)>,
+}
+
+pub(crate) struct State {
+    pub devices: Vec<Device>,
+    /// Every live allocation by its address or handle.
+    pub allocs: BTreeMap<u64, Alloc>,
+    next_addr: u64,
+    /// Stream handle -> (device, time its last queued work ends).
+    pub streams: HashMap<u64, (usize, u64)>,
+    /// Event handle -> completion time once recorded.
+    pub events: HashMap<u64, Option<u64>>,
+    /// Graph handle -> device memory addresses of its memory nodes.
+    pub graphs: HashMap<u64, Vec<u64>>,
+    next_handle: u64,
+}
+
+impl State {
+    /// A fresh address range of `size` bytes, 512-aligned, never reused.
+    pub fn new_addr(&mut self, size: u64) -> u64 {
+        let a = self.next_addr;
+        self.next_addr += size.div_ceil(512).max(1) * 512 + 512;
+        a
+    }
+
+    pub fn new_handle(&mut self) -> u64 {
+        self.next_handle += 16;
+        self.next_handle
+    }
+
+    /// Books `size` bytes on `dev` or reports out-of-memory.
+    pub fn take(&mut self, dev: usize, size: u64, kind: Kind) -> Option<u64> {
+        let d = self.devices.get_mut(dev)?;
+        if kind != Kind::IpcMapping && d.used.saturating_add(size) > d.spec.memory {
+            return None;
+        }
+        if kind != Kind::IpcMapping {
+            d.used += size;
+        }
+        let addr = self.new_addr(size);
+        self.allocs.insert(addr, Alloc { dev, size, kind });
+        Some(addr)
+    }
+
+    /// Gives back an allocation of one of `kinds`.
+    pub fn give_back(&mut self, addr: u64, kinds: &[Kind]) -> bool {
+        match self.allocs.get(&addr) {
+            Some(a) if kinds.contains(&a.kind) => {
+                let a = self.allocs.remove(&addr).expect("present");
+                if a.kind != Kind::IpcMapping {
+                    self.devices[a.dev].used -= a.size;
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Queues `dur_ns` of work on `stream` (0 = the device's null stream).
+    /// Returns the time the work ends.
+    pub fn occupy(&mut self, dev: usize, stream: u64, dur_ns: u64) -> u64 {
+        let now = now_ns();
+        let stream_tail = if stream == 0 {
+            0
+        } else {
+            self.streams.get(&stream).map_or(0, |s| s.1)
+        };
+        let d = &mut self.devices[dev];
+        let start = now.max(d.busy_until).max(stream_tail);
+        let end = start + dur_ns;
+        d.busy_until = end;
+        d.busy_log.push_back((start, end));
+        while d.busy_log.len() > 100_000 {
+            d.busy_log.pop_front();
+        }
+        if let Some(s) = self.streams.get_mut(&stream) {
+            s.1 = end;
+        }
+        end
+    }
+
+    /// When everything queued on `stream` is done.
+    pub fn stream_tail(&self, dev: usize, stream: u64) -> u64 {
+        match self.streams.get(&stream) {
+            Some(s) => s.1,
+            None => self.devices.get(dev).map_or(0, |d| d.busy_until),
+        }
+    }
+
+    /// Percent of the last second `dev` was busy.
+    pub fn utilization(&mut self, dev: usize) -> u32 {
+        let now = now_ns();
+        let from = now.saturating_sub(1_000_000_000);
+        let Some(d) = self.devices.get_mut(dev) else {
+            return 0;
+        };
+        while d.busy_log.front().is_some_and(|&(_, e)| e < from) {
+            d.busy_log.pop_front();
+        }
+        let busy: u64 = d
+            .busy_log
+            .iter()
+            .map(|&(s, e)| e.min(now).saturating_sub(s.max(from)))
+            .sum();
+        ((busy * 100) / 1_000_000_000).min(100) as u32
+    }
+}
+
+static STATE: OnceLock<Mutex<State>> = OnceLock::new();
+
+/// The process's simulation, created on first use.
+pub(crate) fn state() -> MutexGuard<'static, State> {
+    let m = STATE.get_or_init(|| {
+        let devices = config::from_env()
+            .into_iter()
+            .map(|spec| Device {
+                spec,
+                used: 0,
+                busy_until: 0,
+                busy_log: VecDeque::new(),
+            })
+            .collect();
+        Mutex::new(State {
+            devices,
+            allocs: BTreeMap::new(),
+            next_addr: 0x7f00_0000_0000,
+            streams: HashMap::new(),
+            events: HashMap::new(),
+            graphs: HashMap::new(),
+            next_handle: 0x5100_0000,
+        })
+    });
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+thread_local! {
+    /// The calling thread's current device (its context), as in CUDA.
+    pub(crate) static CURRENT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+pub(crate) fn current_device() -> usize {
+    CURRENT.with(|c| c.get())
+}
