@@ -59,7 +59,7 @@ impl Api {
 }
 
 macro_rules! call {
-    ($api:expr, $name:expr, fn($($t:ty),*) $(-> $r:ty)? $(, $arg:expr)* $(,)?) => {{
+    ($api:expr, $name:expr, fn($($t:ty),* $(,)?) $(-> $r:ty)? $(, $arg:expr)* $(,)?) => {{
         let f: unsafe extern "C" fn($($t),*) -> c_int = $api.f($name);
         // SAFETY: the driver signature of that name.
         unsafe { f($($arg),*) }
