@@ -1,0 +1,357 @@
+//! Memory limits, enforced by libvgpu.so over the simulated driver, each
+//! scenario in separate processes.
+
+mod common;
+use common::*;
+
+const LIMIT_1000M: (&str, &str) = ("CUDA_DEVICE_MEMORY_LIMIT", "1000m");
+
+#[test]
+fn allocation_at_and_over_the_limit() {
+    let s = Scratch::new("at-over");
+    let out = probe(
+        &s,
+        &[LIMIT_1000M],
+        &[
+            "init", "alloc", "1000m", "alloc", "1", "free", "0", "alloc", "1", "meminfo",
+        ],
+    );
+    assert_eq!(out.rcs(), vec![0, 0, OOM, 0, 0, 0]);
+    assert_eq!(out.field::<u64>(5, 3), 1000 * MIB, "total = the limit");
+    assert_eq!(
+        out.field::<u64>(5, 2),
+        1000 * MIB - 1,
+        "free = limit - used"
+    );
+    assert!(
+        out.stderr.contains("[HAMI-core WARN("),
+        "refusals are logged: {}",
+        out.stderr
+    );
+}
+
+#[test]
+fn per_device_limits_win_over_the_global_one() {
+    let s = Scratch::new("per-device");
+    let env = [
+        ("SIM_GPU_DEVICES", "4g 80 GPU-a Sim A;4g 80 GPU-b Sim B"),
+        ("CUDA_DEVICE_MEMORY_LIMIT", "2g"),
+        ("CUDA_DEVICE_MEMORY_LIMIT_1", "500m"),
+    ];
+    let out = probe(
+        &s,
+        &env,
+        &[
+            "init", "alloc", "1500m", "dev", "1", "alloc", "600m", "alloc", "500m", "totalmem",
+            "0", "totalmem", "1",
+        ],
+    );
+    assert_eq!(out.rcs(), vec![0, 0, 0, OOM, 0, 0, 0]);
+    assert_eq!(out.field::<u64>(5, 2), 2 << 30);
+    assert_eq!(out.field::<u64>(6, 2), 500 * MIB);
+}
+
+/// Every allocation path is admitted against the same limit and released
+/// by its own free.
+#[test]
+fn every_allocation_path_is_counted_and_released() {
+    let s = Scratch::new("paths");
+    // (allocate..., free...) with 600 MiB each against a 1000 MiB limit:
+    // the second allocation of each kind must fail.
+    let cases: &[(&[&str], &str)] = &[
+        (&["alloc", "600m"], "free"),
+        (&["managed", "600m"], "free"),
+        (&["async", "600m"], "free-async"),
+        (&["pool", "600m"], "free-async"),
+        (&["vmm", "600m"], "vmm-release"),
+        (&["pitch", "600m", "1"], "free"),
+        (&["array", "150m", "1", "0"], "array-destroy"),
+        (&["array3d", "150m", "1", "1"], "array-destroy"),
+        (&["mipmap", "100m", "1", "2"], "mipmap-destroy"),
+        (&["extmem", "600m"], "extmem-destroy"),
+        (&["graph-mem", "600m"], "graph-destroy"),
+    ];
+    for (alloc, free) in cases {
+        let mut args = vec!["init"];
+        args.extend_from_slice(alloc);
+        args.extend_from_slice(alloc);
+        args.extend_from_slice(&["meminfo", free, "0", "meminfo"]);
+        let out = probe(&s, &[LIMIT_1000M], &args);
+        assert_eq!(
+            out.rcs(),
+            vec![0, 0, OOM, 0, 0, 0],
+            "{alloc:?}: {:?}",
+            out.lines
+        );
+        let free_before: u64 = out.field(3, 2);
+        let free_after: u64 = out.field(5, 2);
+        assert!(
+            free_before <= 1000 * MIB - 400 * MIB,
+            "{alloc:?} counted: {free_before}"
+        );
+        assert_eq!(free_after, 1000 * MIB, "{alloc:?} released by {free}");
+    }
+}
+
+#[test]
+fn ipc_handles_from_other_processes_are_counted() {
+    let s = Scratch::new("ipc");
+    let owner = probe(&s, &[], &["init", "alloc", "600m", "ipc-get", "0"]);
+    let handle = owner.lines[2][2].clone();
+    let out = probe(
+        &s,
+        &[LIMIT_1000M],
+        &["init", "alloc", "600m", "ipc-open", &handle, "meminfo"],
+    );
+    assert_eq!(out.rcs(), vec![0, 0, OOM, 0]);
+    // Another container (its own region) with room for both.
+    let s2 = Scratch::new("ipc-2g");
+    let out = probe(
+        &s2,
+        &[("CUDA_DEVICE_MEMORY_LIMIT", "2g")],
+        &[
+            "init",
+            "alloc",
+            "600m",
+            "ipc-open",
+            &handle,
+            "meminfo",
+            "ipc-close",
+            "1",
+            "meminfo",
+        ],
+    );
+    assert_eq!(out.rcs(), vec![0, 0, 0, 0, 0, 0]);
+    assert_eq!(out.field::<u64>(3, 2), (2048 - 1200) * MIB);
+    assert_eq!(out.field::<u64>(5, 2), (2048 - 600) * MIB);
+}
+
+#[test]
+fn unknown_frees_are_forwarded_to_the_driver() {
+    let s = Scratch::new("unknown-free");
+    // The simulated driver answers CUDA_ERROR_INVALID_VALUE (1) for an
+    // address it never handed out: the interposer must not swallow it.
+    let out = probe(
+        &s,
+        &[LIMIT_1000M],
+        &["init", "free", "42", "vmm-release", "42"],
+    );
+    assert_eq!(out.rcs(), vec![0, 1, 1]);
+}
+
+/// Every way a program finds driver entry points reaches the hooks.
+#[test]
+fn limits_hold_on_every_resolution_path() {
+    let s = Scratch::new("resolve");
+    for (mode, ptds) in [
+        ("dlsym", "0"),
+        ("default", "0"),
+        ("procaddr", "0"),
+        ("procaddr", "1"),
+    ] {
+        let env = [
+            LIMIT_1000M,
+            ("HAMI_PROBE_RESOLVE", mode),
+            ("HAMI_PROBE_PTDS", ptds),
+        ];
+        let out = probe(
+            &s,
+            &env,
+            &[
+                "init", "alloc", "600m", "async", "600m", "async", "300m", "meminfo",
+            ],
+        );
+        assert_eq!(
+            out.rcs(),
+            vec![0, 0, OOM, 0, 0],
+            "{mode} ptds={ptds}: {:?}",
+            out.lines
+        );
+        assert_eq!(
+            out.field::<u64>(4, 3),
+            1000 * MIB,
+            "{mode}: the view is the limit"
+        );
+    }
+}
+
+#[test]
+fn disabled_mode_forwards_everything() {
+    let s = Scratch::new("disabled");
+    let env = [
+        ("CUDA_DEVICE_MEMORY_LIMIT", "100m"),
+        ("CUDA_DISABLE_CONTROL", "true"),
+    ];
+    for mode in ["dlsym", "procaddr", "default"] {
+        let out = probe(
+            &s,
+            &[env[0], env[1], ("HAMI_PROBE_RESOLVE", mode)],
+            &["init", "alloc", "500m", "meminfo", "nvml-mem", "0"],
+        );
+        assert_eq!(out.rcs(), vec![0, 0, 0, 0]);
+        assert_eq!(out.field::<u64>(2, 3), 4 << 30, "{mode}: the real total");
+        assert_eq!(out.field::<u64>(3, 2), 4 << 30);
+    }
+    assert!(
+        !s.region().exists(),
+        "disabled mode never touches the shared region"
+    );
+}
+
+#[test]
+fn nvml_shows_the_container_view() {
+    let s = Scratch::new("nvml");
+    let mut holder = spawn(
+        &s,
+        &[LIMIT_1000M],
+        &["init", "alloc", "300m", "ready", "hold"],
+    );
+    wait_ready(&mut holder);
+    let out = probe(
+        &s,
+        &[LIMIT_1000M],
+        &[
+            "init",
+            "alloc",
+            "100m",
+            "nvml-mem",
+            "0",
+            "nvml-mem2",
+            "0",
+            "nvml-procs",
+            "0",
+        ],
+    );
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    for line in [2, 3] {
+        assert_eq!(out.rc(line), 0);
+        assert_eq!(out.field::<u64>(line, 2), 1000 * MIB, "total = limit");
+        assert_eq!(
+            out.field::<u64>(line, 3),
+            600 * MIB,
+            "free = limit - container usage"
+        );
+        assert_eq!(
+            out.field::<u64>(line, 4),
+            400 * MIB,
+            "used = both processes"
+        );
+    }
+    assert_eq!(out.rc(4), 0);
+    assert_eq!(
+        out.field::<u32>(4, 2),
+        1,
+        "only the container's processes are listed"
+    );
+}
+
+#[test]
+fn limits_file_changes_limits_while_running() {
+    let s = Scratch::new("limits-file");
+    let mut child = spawn(
+        &s,
+        &[LIMIT_1000M],
+        &[
+            "init", "alloc", "600m", "alloc", "600m", "ready", "sleep", "800", "alloc", "600m",
+            "meminfo",
+        ],
+    );
+    let first = wait_ready(&mut child);
+    assert!(first.contains("alloc 2"), "{first}");
+    let mut l = hami_shm::env::Limits::default();
+    l.memory[0] = Some(2 << 30);
+    hami_shm::limits::write(&s.limits(), &l).unwrap();
+    let out = Lines::from_output(&child.wait_with_output().unwrap());
+    // Lines after `ready`: sleep, alloc, meminfo.
+    assert_eq!(out.rcs(), vec![0, 0, 0]);
+    assert_eq!(
+        out.field::<u64>(2, 3),
+        2 << 30,
+        "the new limit is the new total"
+    );
+}
+
+#[test]
+fn a_foreign_region_file_falls_back_to_process_local_limits() {
+    let s = Scratch::new("foreign");
+    let mut upstream = vec![0u8; 4096];
+    upstream[..4].copy_from_slice(&19920718i32.to_le_bytes());
+    std::fs::write(s.region(), &upstream).unwrap();
+    let out = probe(
+        &s,
+        &[LIMIT_1000M],
+        &["init", "alloc", "600m", "alloc", "600m"],
+    );
+    assert_eq!(out.rcs(), vec![0, 0, OOM]);
+    assert!(out.stderr.contains("upstream HAMi-core"), "{}", out.stderr);
+    assert_eq!(
+        std::fs::read(s.region()).unwrap(),
+        upstream,
+        "never written"
+    );
+}
+
+#[test]
+fn log_level_zero_silences_warnings() {
+    let s = Scratch::new("quiet");
+    let out = probe(
+        &s,
+        &[LIMIT_1000M, ("LIBCUDA_LOG_LEVEL", "0")],
+        &["init", "alloc", "2g"],
+    );
+    assert_eq!(out.rcs(), vec![0, OOM]);
+    assert!(!out.stderr.contains("HAMI-core"), "{}", out.stderr);
+}
+
+#[test]
+fn fork_gives_the_child_its_own_slot_under_the_same_limit() {
+    let s = Scratch::new("fork");
+    let out = probe(
+        &s,
+        &[LIMIT_1000M],
+        &[
+            "init", "alloc", "100m", "fork", "950m", "fork", "800m", "meminfo",
+        ],
+    );
+    let text: Vec<String> = out.lines.iter().map(|l| l.join(" ")).collect();
+    assert_eq!(
+        text[2],
+        format!("child {OOM} {} {}", 900 * MIB, 1000 * MIB),
+        "{text:?}"
+    );
+    assert_eq!(
+        text[4],
+        format!("child 0 {} {}", 100 * MIB, 1000 * MIB),
+        "{text:?}"
+    );
+    // The child exited holding 800 MiB; the parent's view reclaims it.
+    assert_eq!(
+        text[6],
+        format!("meminfo 0 {} {}", 900 * MIB, 1000 * MIB),
+        "{text:?}"
+    );
+}
+
+/// Reads the child's stdout until its `ready` line; returns what came before.
+pub fn wait_ready(child: &mut std::process::Child) -> String {
+    use std::io::Read;
+    let out = child.stdout.as_mut().unwrap();
+    let mut seen = Vec::new();
+    let mut b = [0u8; 1];
+    while !String::from_utf8_lossy(&seen).contains("ready 0") {
+        assert_eq!(
+            out.read(&mut b).unwrap(),
+            1,
+            "probe ended before ready: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.push(b[0]);
+    }
+    // The rest of the ready line.
+    while b[0] != b'\n' {
+        assert_eq!(out.read(&mut b).unwrap(), 1);
+        seen.push(b[0]);
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
