@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 use serde::Serialize;
 
 use hami_api::ContainerDevice;
-use hami_sched::{Admission, Engine, Mode, Policies, Snapshot, Vendor, pod_key};
+use hami_sched::{Admission, Engine, Mode, Policies, Reason, Snapshot, Vendor, pod_key};
 
 use crate::input::{InputError, load_config, load_objects};
 
@@ -38,7 +38,8 @@ pub struct ScheduleArgs {
     /// Skip the webhook's defaults and checks (the pods are taken as already admitted).
     #[arg(long)]
     pub no_admission: bool,
-    #[arg(long, value_enum, default_value = "table")]
+    /// `table` for people, `json` for programs (stdout holds the JSON alone).
+    #[arg(long, short, value_enum, default_value = "table")]
     pub output: Output,
 }
 
@@ -220,6 +221,20 @@ fn print_table(placements: &[Placement]) {
     }
     let placed = placements.iter().filter(|p| p.node.is_some()).count();
     println!("{placed}/{} pods placed", placements.len());
+    let seen: Vec<Reason> = Reason::ALL
+        .into_iter()
+        .filter(|r| {
+            placements
+                .iter()
+                .any(|p| p.failed.values().any(|f| f.contains(r.as_str())))
+        })
+        .collect();
+    if !seen.is_empty() {
+        println!("reasons:");
+        for r in seen {
+            println!("  {}: {}", r.as_str(), r.explain());
+        }
+    }
 }
 
 /// The reason word of the first (most frequent) entry of a formatted rejection.

@@ -36,7 +36,8 @@ pub struct SimulateArgs {
     /// Write an HTML report with utilization charts (inline SVG, no network needed).
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "table")]
+    /// `table` for people, `json` for programs (stdout holds the JSON alone).
+    #[arg(long, short, value_enum, default_value = "table")]
     pub output: Output,
     /// No progress on stderr.
     #[arg(long, short)]

@@ -524,3 +524,70 @@ fn summarize(report: &mut SimReport, pods: &[SimPod], workload: &Workload) {
         report.p95_wait_s = waits[(waits.len() * 95 / 100).min(waits.len() - 1)];
     }
 }
+
+/// A synthetic cluster of `nodes` nodes with `gpus` 80 GiB cards each,
+/// filled at random to about `fill` (0-1) of memory with 1-card pods, for
+/// benchmarks and load tests. Deterministic for a seed.
+pub fn synthetic_cluster(nodes: usize, gpus: u32, fill: f64, seed: u64) -> Snapshot {
+    let config = NvidiaConfig::default();
+    let spec = ClusterSpec {
+        nodes: vec![model::NodeGroup {
+            name: "node".into(),
+            count: nodes as u32,
+            gpus: model::GpuSpec {
+                count: gpus,
+                model: "NVIDIA A100-SXM4-80GB".into(),
+                memory: 81920,
+                split: None,
+                numa: Some((0..gpus).map(|i| (i * 2 / gpus.max(1)) as i32).collect()),
+                link_score: None,
+            },
+        }],
+    };
+    let mut snapshot = build_cluster(&spec, &config);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut pod = 0u64;
+    let names: Vec<(String, Vec<(String, u64)>)> = snapshot
+        .nodes()
+        .iter()
+        .map(|n| {
+            (
+                n.name.clone(),
+                n.devices
+                    .iter()
+                    .map(|d| (d.info.id.clone(), d.info.devmem))
+                    .collect(),
+            )
+        })
+        .collect();
+    for (node, cards) in names {
+        for (uuid, devmem) in cards {
+            // Per card a target between 0 and 2 x fill, so the mean is `fill`.
+            let target = (rng.random_range(0.0..(2.0 * fill).clamp(f64::MIN_POSITIVE, 1.0))
+                * devmem as f64) as u64;
+            let mut used = 0;
+            let mut slots = 0;
+            while used < target && slots < config.device_split_count - 1 {
+                let mem = rng.random_range(1..=4) * 5000u64;
+                if used + mem > devmem {
+                    break;
+                }
+                let cores = rng.random_range(0..=2) * 10;
+                used += mem;
+                slots += 1;
+                pod += 1;
+                let devices = hami_api::PodDevices(vec![vec![hami_api::ContainerDevice {
+                    uuid: uuid.clone(),
+                    vendor: hami_api::NVIDIA.into(),
+                    mem,
+                    cores,
+                }]]);
+                snapshot.add_pod(
+                    &format!("bench/p{pod}"),
+                    PodRecord::new(node.clone(), devices, 0, false),
+                );
+            }
+        }
+    }
+    snapshot
+}

@@ -1,0 +1,364 @@
+//! Drives the real `hami` binary: exit codes, the JSON contract of
+//! `hami schedule`, error messages, `hami decode` and `hami simulate`.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn hami(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hami"))
+        .args(args)
+        .output()
+        .expect("hami runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn schedule_json(extra: &[&str]) -> (i32, serde_json::Value) {
+    let snapshot = fixture("snapshot.yaml");
+    let pods = fixture("pods.yaml");
+    let mut args = vec![
+        "schedule",
+        "--snapshot",
+        snapshot.to_str().unwrap(),
+        "--pod",
+        pods.to_str().unwrap(),
+        "--output",
+        "json",
+    ];
+    args.extend_from_slice(extra);
+    let out = hami(&args);
+    let json = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("stdout is JSON alone ({e}): {}", text(&out.stdout)));
+    (out.status.code().unwrap(), json)
+}
+
+#[test]
+fn schedule_json_contract() {
+    let (code, json) = schedule_json(&[]);
+    assert_eq!(code, 1, "one pod does not fit: {json:#}");
+    let pods = json.as_array().unwrap();
+    assert_eq!(pods.len(), 3);
+
+    // Binpack at node level: the A100 node already holds a job, so it is fuller.
+    let infer = &pods[0];
+    assert_eq!(infer["pod"], "default/infer");
+    assert_eq!(infer["node"], "a100-node");
+    // Spread at GPU level: the emptiest usable card; card 3 is cordoned, and
+    // among equal scores the card registered last wins.
+    assert_eq!(
+        infer["devices"],
+        serde_json::json!([[{"uuid": "GPU-a100-2", "type": "NVIDIA", "mem": 20000, "cores": 30}]])
+    );
+    assert_eq!(infer["annotations"]["hami.io/vgpu-node"], "a100-node");
+    assert_eq!(
+        infer["annotations"]["hami.io/vgpu-devices-allocated"],
+        "GPU-a100-2,NVIDIA,20000,30:;"
+    );
+    assert_eq!(
+        infer["annotations"]["hami.io/vgpu-devices-to-allocate"],
+        infer["annotations"]["hami.io/vgpu-devices-allocated"]
+    );
+    assert!(
+        infer["failed"]["t4-node"]
+            .as_str()
+            .unwrap()
+            .contains("CardInsufficientMemory")
+    );
+
+    // Init container first, then the two app containers; the sidecar has none.
+    let vision = &pods[1];
+    assert_eq!(vision["node"], "t4-node");
+    assert_eq!(vision["devices"].as_array().unwrap().len(), 3);
+    assert_eq!(vision["devices"][0], serde_json::json!([]));
+    assert_eq!(vision["devices"][2], serde_json::json!([]));
+    assert_eq!(
+        vision["annotations"]["hami.io/vgpu-devices-allocated"],
+        ";GPU-t4-1,NVIDIA,3000,30:;;"
+    );
+    // Rules apply in HAMi's order: the cordoned card is counted as cordoned.
+    assert_eq!(
+        vision["failed"]["a100-node"],
+        "3/4 CardTypeMismatch, 1/4 CardCordoned"
+    );
+
+    // Four whole cards; the A100 node has one cordoned card and two in use.
+    let huge = &pods[2];
+    assert!(huge["node"].is_null());
+    assert_eq!(huge["devices"], serde_json::json!([]));
+    let a100 = huge["failed"]["a100-node"].as_str().unwrap();
+    assert!(a100.contains("1/4 CardCordoned"), "{a100}");
+    // Whole cards (100 % memory once admitted): the two used cards lack memory.
+    assert!(a100.contains("2/4 CardInsufficientMemory"), "{a100}");
+    assert!(
+        huge["failed"]["t4-node"]
+            .as_str()
+            .unwrap()
+            .contains("AllocatedCardsInsufficientRequest")
+    );
+}
+
+#[test]
+fn admission_defaults_apply_unless_disabled() {
+    let dir = tempdir();
+    let pods = dir.join("pods.yaml");
+    // Only gpumem: admission adds nvidia.com/gpu: 1 (defaultGPUNum).
+    std::fs::write(
+        &pods,
+        "kind: Pod\nmetadata: {name: memonly}\nspec:\n  containers:\n  - name: c\n    resources:\n      limits: {nvidia.com/gpumem: 1000}\n",
+    )
+    .unwrap();
+    let snapshot = fixture("snapshot.yaml");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "schedule",
+            "--snapshot",
+            snapshot.to_str().unwrap(),
+            "--pod",
+            pods.to_str().unwrap(),
+            "-o",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        let out = hami(&args);
+        (
+            out.status.code(),
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(),
+        )
+    };
+    let (code, json) = run(&[]);
+    assert_eq!(code, Some(0), "{json:#}");
+    assert_eq!(json[0]["devices"][0][0]["mem"], 1000);
+    let (code, json) = run(&["--no-admission"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        json[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("asks for no device"),
+        "{json:#}"
+    );
+}
+
+#[test]
+fn schedule_table_explains_rejections() {
+    let snapshot = fixture("snapshot.yaml");
+    let pods = fixture("pods.yaml");
+    let out = hami(&[
+        "schedule",
+        "--snapshot",
+        snapshot.to_str().unwrap(),
+        "--pod",
+        pods.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("default/infer -> a100-node"), "{stdout}");
+    assert!(stdout.contains("default/huge: not placed"), "{stdout}");
+    assert!(stdout.contains("t4-node: "), "{stdout}");
+    assert!(stdout.contains("2/3 pods placed"), "{stdout}");
+    assert!(
+        stdout.contains("CardCordoned: card is cordoned"),
+        "legend explains reasons: {stdout}"
+    );
+}
+
+#[test]
+fn bad_input_exits_2_naming_file_document_and_field() {
+    let dir = tempdir();
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, "kind: Pod\nmetadata: {name: a}\n---\nkind: Pod\nmetadata: {name: b}\nspec:\n  containers: yes\n").unwrap();
+    let snapshot = fixture("snapshot.yaml");
+    let out = hami(&[
+        "schedule",
+        "--snapshot",
+        snapshot.to_str().unwrap(),
+        "--pod",
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("bad.yaml: document 2: spec.containers:"),
+        "{err}"
+    );
+
+    let cfg = dir.join("device-config.yaml");
+    std::fs::write(&cfg, "nvidia:\n  deviceSplitCount: many\n").unwrap();
+    let pods = fixture("pods.yaml");
+    let out = hami(&[
+        "schedule",
+        "--snapshot",
+        snapshot.to_str().unwrap(),
+        "--pod",
+        pods.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("device-config.yaml: nvidia.deviceSplitCount:"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = hami(&[
+        "schedule",
+        "--snapshot",
+        "/nonexistent.yaml",
+        "--pod",
+        pods.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("/nonexistent.yaml: cannot read"));
+}
+
+#[test]
+fn all_placed_exits_0_and_denials_are_reported() {
+    let dir = tempdir();
+    let pods = dir.join("pods.yaml");
+    std::fs::write(
+        &pods,
+        "kind: Pod\nmetadata: {name: small}\nspec:\n  containers:\n  - name: c\n    resources:\n      limits: {nvidia.com/gpu: 1, nvidia.com/gpumem: 1000}\n",
+    )
+    .unwrap();
+    let snapshot = fixture("snapshot.yaml");
+    let out = hami(&[
+        "schedule",
+        "--snapshot",
+        snapshot.to_str().unwrap(),
+        "--pod",
+        pods.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+
+    std::fs::write(
+        &pods,
+        "kind: Pod\nmetadata: {name: greedy}\nspec:\n  containers:\n  - name: c\n    resources:\n      limits: {nvidia.com/gpu: 1, nvidia.com/gpumem-percentage: 140}\n",
+    )
+    .unwrap();
+    let out = hami(&[
+        "schedule",
+        "--snapshot",
+        snapshot.to_str().unwrap(),
+        "--pod",
+        pods.to_str().unwrap(),
+        "-o",
+        "json",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let err = json[0]["error"].as_str().unwrap();
+    assert!(
+        err.contains("nvidia.com/gpumem-percentage=140: must be 0-100"),
+        "{err}"
+    );
+}
+
+#[test]
+fn decode_explains_and_rejects() {
+    let out = hami(&[
+        "decode",
+        "GPU-a,NVIDIA,3000,30:;GPU-b,NVIDIA,1000,0:GPU-c,NVIDIA,1000,0:;",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let s = text(&out.stdout);
+    assert!(s.contains("2 container(s)"), "{s}");
+    assert!(
+        s.contains("container 1: GPU-c (NVIDIA): 1000 MiB, no compute limit"),
+        "{s}"
+    );
+    let out = hami(&[
+        "decode",
+        "hami.io/node-handshake=Requesting_2024-05-06 07:08:09",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let out = hami(&[
+        "decode",
+        "--key",
+        "hami.io/vgpu-devices-allocated",
+        "GPU-a,NVIDIA,x,1:",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("hami.io/vgpu-devices-allocated"));
+}
+
+#[test]
+fn simulate_is_deterministic_and_writes_a_report() {
+    let dir = tempdir();
+    let workload = dir.join("w.yaml");
+    std::fs::write(
+        &workload,
+        "seed: 7\nhorizon: 6h\ngroups:\n- name: small\n  count: 300\n  arrival: {pattern: poisson}\n  duration: {min: 10m, max: 2h}\n  resources: {nvidia.com/gpu: 1, nvidia.com/gpumem: 20000, nvidia.com/gpucores: 20}\n- name: whole\n  count: 40\n  arrival: {pattern: uniform, end: 4h}\n  duration: 3h\n  resources: {nvidia.com/gpu: 2}\n",
+    )
+    .unwrap();
+    let report = dir.join("r.html");
+    let run = || {
+        hami(&[
+            "simulate",
+            "--workload",
+            workload.to_str().unwrap(),
+            "--policy",
+            "node=binpack,gpu=binpack",
+            "--policy",
+            "node=spread,gpu=spread",
+            "--output",
+            "json",
+            "--report",
+            report.to_str().unwrap(),
+            "-q",
+        ])
+    };
+    let a = run();
+    assert_eq!(a.status.code(), Some(0), "{}", text(&a.stderr));
+    let b = run();
+    let ja: serde_json::Value = serde_json::from_slice(&a.stdout).unwrap();
+    let jb: serde_json::Value = serde_json::from_slice(&b.stdout).unwrap();
+    assert_eq!(ja, jb, "same seed, same run");
+    assert_eq!(ja.as_array().unwrap().len(), 2);
+    assert_eq!(ja[0]["label"], "node=binpack,gpu=binpack");
+    assert_eq!(ja[0]["pods"], 340);
+    let placed = ja[0]["placed"].as_u64().unwrap();
+    let never = ja[0]["never_placed"].as_u64().unwrap();
+    assert_eq!(placed + never, 340);
+    assert!(placed > 300, "{placed}");
+    let html = std::fs::read_to_string(&report).unwrap();
+    assert!(
+        html.contains("<svg") && html.contains("<polyline"),
+        "charts are inline SVG"
+    );
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "needs no network"
+    );
+
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, "horizon: 1h\ngroups:\n- name: g\n  count: 1\n  arrival: {}\n  duration: 1 fortnight\n  resources: {nvidia.com/gpu: 1}\n").unwrap();
+    let out = hami(&["simulate", "--workload", bad.to_str().unwrap(), "-q"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("bad.yaml: document 1: groups[0].duration"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// A fresh directory under the target dir (no extra crate needed).
+fn tempdir() -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "hami-cli-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
