@@ -104,7 +104,8 @@ fn chart(reports: &[SimReport], f: fn(&Sample) -> f64, ratio: bool, horizon: u64
             .flat_map(|r| r.samples.iter().map(f))
             .fold(1.0, f64::max)
     };
-    let x = |t: u64| L + (W - L - 10.0) * t as f64 / horizon.max(1) as f64;
+    const R: f64 = 30.0;
+    let x = |t: u64| L + (W - L - R) * t as f64 / horizon.max(1) as f64;
     let y = |v: f64| (H - B) - (H - B - 10.0) * v / max;
     let mut s =
         format!("<svg viewBox=\"0 0 {W} {H}\" width=\"{W}\" height=\"{H}\" role=\"img\">\n");
@@ -118,7 +119,7 @@ fn chart(reports: &[SimReport], f: fn(&Sample) -> f64, ratio: bool, horizon: u64
         let _ = writeln!(
             s,
             "<line x1=\"{L}\" x2=\"{}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#e5e5e5\"/><text x=\"{}\" y=\"{:.1}\" font-size=\"11\" text-anchor=\"end\">{label}</text>",
-            W - 10.0,
+            W - R,
             L - 5.0,
             y(v) + 4.0,
             y = y(v)

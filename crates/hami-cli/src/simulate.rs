@@ -311,7 +311,8 @@ pub fn summary_rows(reports: &[SimReport]) -> Vec<(String, Vec<String>)> {
             r.never_placed.to_string()
         }),
         row("max pending", &|r| r.max_pending.to_string()),
-        row("mean wait", &|r| wait(r.mean_wait_s)),
+        row("pods that waited", &|r| r.waited.to_string()),
+        row("mean wait (all placed)", &|r| wait(r.mean_wait_s)),
         row("p95 wait", &|r| wait(r.p95_wait_s as f64)),
         row("slot utilization (mean)", &|r| pct(r.mean_slots())),
         row("memory utilization (mean)", &|r| pct(r.mean_memory())),

@@ -162,6 +162,9 @@ pub struct SimReport {
     /// Pods still waiting when the horizon ended.
     pub never_placed: u32,
     pub placed_on_arrival: u32,
+    /// Placed pods that waited at all (placed later than they arrived).
+    pub waited: u32,
+    /// Mean wait over all placed pods, in seconds.
     pub mean_wait_s: f64,
     pub p95_wait_s: u64,
     pub max_pending: u32,
@@ -517,6 +520,7 @@ fn summarize(report: &mut SimReport, pods: &[SimPod], workload: &Workload) {
         };
     }
     report.placed = waits.len() as u32;
+    report.waited = waits.iter().filter(|&&w| w > 0).count() as u32;
     report.never_placed = report.pods - report.placed;
     if !waits.is_empty() {
         report.mean_wait_s = waits.iter().sum::<u64>() as f64 / waits.len() as f64;

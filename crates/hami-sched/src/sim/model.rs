@@ -53,14 +53,24 @@ impl Seconds {
 }
 
 impl fmt::Display for Seconds {
+    /// The two largest non-zero units: `45s`, `3m27s`, `1h30m`, `2d`, `1d6h`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = self.0;
-        match s {
-            s if s >= 86400 && s % 3600 == 0 => write!(f, "{}d{}h", s / 86400, (s % 86400) / 3600),
-            s if s >= 3600 => write!(f, "{}h{:02}m", s / 3600, (s % 3600) / 60),
-            s if s >= 60 => write!(f, "{}m{:02}s", s / 60, s % 60),
-            s => write!(f, "{s}s"),
+        if self.0 == 0 {
+            return f.write_str("0s");
         }
+        let parts = [
+            (self.0 / 86400, "d"),
+            (self.0 % 86400 / 3600, "h"),
+            (self.0 % 3600 / 60, "m"),
+            (self.0 % 60, "s"),
+        ];
+        let first = parts.iter().position(|p| p.0 > 0).unwrap_or(3);
+        for (n, unit) in parts.iter().skip(first).take(2) {
+            if *n > 0 {
+                write!(f, "{n}{unit}")?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -191,7 +201,15 @@ mod tests {
         assert!(Seconds::parse("h").is_err());
         assert!(Seconds::parse("1h30").is_err());
         assert_eq!(Seconds(5400).to_string(), "1h30m");
-        assert_eq!(Seconds(86400).to_string(), "1d0h");
+        assert_eq!(Seconds(86400).to_string(), "1d");
+        assert_eq!(Seconds(86400 + 6 * 3600 + 59).to_string(), "1d6h");
+        assert_eq!(Seconds(207).to_string(), "3m27s");
+        assert_eq!(Seconds(4 * 3600).to_string(), "4h");
+        assert_eq!(Seconds(0).to_string(), "0s");
+        assert_eq!(
+            Seconds::parse(&Seconds(9000).to_string()),
+            Ok(Seconds(9000))
+        );
     }
 
     proptest::proptest! {
