@@ -238,10 +238,7 @@ impl Engine {
                 // first; the first that fits is the answer Explain would give.
                 let mut heap: BinaryHeap<Ranked> = known
                     .iter()
-                    .filter(|&&(_, i)| {
-                        let t = &nodes[i].totals;
-                        t.slots.saturating_sub(t.used_slots) >= total_cards
-                    })
+                    .filter(|&&(_, i)| has_free_slots(&nodes[i], total_cards))
                     .map(|&(pos, i)| Ranked::new(node_score(&nodes[i].totals), pos, i, policy))
                     .collect();
                 while let Some(r) = heap.pop() {
@@ -313,6 +310,21 @@ impl Engine {
             PodRecord::new(node.to_string(), devices, pod.init_count, true),
         );
     }
+}
+
+/// Whether the node has at least `cards` free slots, a necessary condition
+/// for fitting. The totals answer in O(1) almost always; a card holding more
+/// than its count (the node re-registered with fewer slots under running
+/// pods) makes them undercount the other cards' room, so then count per card.
+fn has_free_slots(node: &NodeState, cards: u64) -> bool {
+    let t = &node.totals;
+    t.slots.saturating_sub(t.used_slots) >= cards
+        || node
+            .devices
+            .iter()
+            .map(|d| u64::from(d.info.count.saturating_sub(d.used.slots)))
+            .sum::<u64>()
+            >= cards
 }
 
 /// A node's rank: higher is better. Binpack prefers the fullest node,

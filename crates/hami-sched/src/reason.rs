@@ -8,7 +8,8 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(u8)]
 pub enum Reason {
-    CardUnhealthy,
+    /// HAMi's name for an unhealthy card.
+    CardNotHealth,
     CardCordoned,
     CardTypeMismatch,
     CardModeMismatch,
@@ -26,7 +27,7 @@ pub enum Reason {
 
 impl Reason {
     pub const ALL: [Reason; 14] = [
-        Reason::CardUnhealthy,
+        Reason::CardNotHealth,
         Reason::CardCordoned,
         Reason::CardTypeMismatch,
         Reason::CardModeMismatch,
@@ -44,7 +45,7 @@ impl Reason {
 
     pub fn as_str(self) -> &'static str {
         match self {
-            Reason::CardUnhealthy => "CardUnhealthy",
+            Reason::CardNotHealth => "CardNotHealth",
             Reason::CardCordoned => "CardCordoned",
             Reason::CardTypeMismatch => "CardTypeMismatch",
             Reason::CardModeMismatch => "CardModeMismatch",
@@ -64,7 +65,7 @@ impl Reason {
     /// One line a person can act on.
     pub fn explain(self) -> &'static str {
         match self {
-            Reason::CardUnhealthy => "card reported unhealthy",
+            Reason::CardNotHealth => "card reported unhealthy",
             Reason::CardCordoned => "card is cordoned (hami.io/device-cordon)",
             Reason::CardTypeMismatch => "card type rejected by use-gputype/nouse-gputype",
             Reason::CardModeMismatch => "card mode differs from nvidia.com/vgpu-mode",

@@ -88,9 +88,11 @@ impl NodeState {
     fn recompute_totals(&mut self) {
         let mut t = NodeTotals::default();
         for d in &self.devices {
+            // Capacity comes from node annotations: saturate rather than
+            // overflow on absurd values (it is recomputed, never subtracted).
             t.slots += u64::from(d.info.count);
             t.cores += u64::from(d.info.devcore);
-            t.mem += d.info.devmem;
+            t.mem = t.mem.saturating_add(d.info.devmem);
             t.used_slots += u64::from(d.used.slots);
             t.used_cores += u64::from(d.used.cores);
             t.used_mem += d.used.mem;
@@ -180,11 +182,18 @@ pub fn held_usage(
     app.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
+/// Allocation annotations are pod data anyone may write: values beyond any
+/// real allocation (a container gets at most 100 cores of a card, and no card
+/// has 2^32 MiB) are clamped, so that sums over many pods cannot overflow and
+/// removal stays exact. Such a value still fills the card.
+const MAX_HELD_MEM: u64 = u32::MAX as u64;
+const MAX_HELD_CORES: u32 = 100;
+
 fn one(d: &hami_api::ContainerDevice) -> Usage {
     Usage {
         slots: 1,
-        mem: d.mem,
-        cores: d.cores,
+        mem: d.mem.min(MAX_HELD_MEM),
+        cores: d.cores.min(MAX_HELD_CORES),
     }
 }
 

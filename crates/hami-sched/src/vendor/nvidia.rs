@@ -208,7 +208,7 @@ fn card_fits(
     let d = &node.devices[i];
     let info = &d.info;
     if !info.health {
-        return Err(Reason::CardUnhealthy);
+        return Err(Reason::CardNotHealth);
     }
     if d.cordoned {
         return Err(Reason::CardCordoned);
@@ -385,7 +385,8 @@ pub fn admit(config: &NvidiaConfig, pod: &mut Pod) -> Admission {
         ));
     }
     spec.scheduler_name = Some(ann::SCHEDULER_NAME.to_string());
-    if !config.runtime_class_name.is_empty() {
+    // A runtime class the user chose is kept, as upstream does.
+    if !config.runtime_class_name.is_empty() && spec.runtime_class_name.is_none() {
         spec.runtime_class_name = Some(config.runtime_class_name.clone());
     }
     Admission::Mutated
@@ -424,7 +425,8 @@ fn admit_container(config: &NvidiaConfig, c: &mut Container) -> Result<bool, Str
         None => false,
     };
     let mut added: Vec<(String, String)> = Vec::new();
-    if !has_count && (has_mem || has_pct || has_cores) {
+    // defaultGPUNum 0 turns the default off: no `nvidia.com/gpu: 0` is added.
+    if !has_count && config.default_gpu_num > 0 && (has_mem || has_pct || has_cores) {
         added.push((
             config.resource_count_name.clone(),
             config.default_gpu_num.to_string(),
