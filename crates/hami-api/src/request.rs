@@ -32,7 +32,8 @@ impl ContainerRequest {
     /// MiB this request takes on a card with `total_mem` MiB.
     pub fn mem_on(&self, total_mem: u64) -> u64 {
         match (self.mem, self.mem_percentage) {
-            (0, Some(p)) => total_mem * u64::from(p) / 100,
+            // u128: a registered size is pod-controlled data, never trusted not to overflow.
+            (0, Some(p)) => (u128::from(total_mem) * u128::from(p) / 100) as u64,
             (m, _) => m,
         }
     }
@@ -149,7 +150,9 @@ pub fn nvidia_container_request(
                 "is too large",
             )
         })?;
-    let mut mem_percentage = percentage.map(|p| p as u32);
+    // A 0 % request is taken as unset: a 0 MiB limit would mean "no limit"
+    // to the interposer, the opposite of what was asked.
+    let mut mem_percentage = percentage.filter(|&p| p > 0).map(|p| p as u32);
     if mem == 0 && mem_percentage.is_none() {
         if config.default_memory != 0 {
             mem = config.default_memory;

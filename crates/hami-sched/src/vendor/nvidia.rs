@@ -355,7 +355,9 @@ pub fn admit(config: &NvidiaConfig, pod: &mut Pod) -> Admission {
     let Some(spec) = pod.spec.as_mut() else {
         return Admission::Untouched;
     };
+    // An empty name means the default scheduler, as the API server treats it.
     if let Some(name) = spec.scheduler_name.as_deref()
+        && !name.is_empty()
         && name != "default-scheduler"
         && name != ann::SCHEDULER_NAME
     {
@@ -447,9 +449,13 @@ fn admit_container(config: &NvidiaConfig, c: &mut Container) -> Result<bool, Str
         }
     }
     // Validates every value (whole numbers, ranges) with the one parser.
-    let request = nvidia_container_request(config, c).map_err(|e| e.to_string())?;
+    let Some(request) = nvidia_container_request(config, c).map_err(|e| e.to_string())? else {
+        // Names a vendor resource but asks for no card (e.g. `nvidia.com/gpu: 0`):
+        // nothing for us to schedule, as upstream decides.
+        return Ok(false);
+    };
     let mut env = Vec::new();
-    if let Some(p) = request.as_ref().and_then(|r| r.priority) {
+    if let Some(p) = request.priority {
         env.push(("CUDA_TASK_PRIORITY", p.to_string()));
     }
     if config.gpu_core_policy != GpuCorePolicy::Default {
