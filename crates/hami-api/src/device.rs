@@ -101,7 +101,7 @@ pub struct DeviceInfo {
         rename = "migProfiles",
         skip_serializing_if = "Option::is_none"
     )]
-    pub mig_profiles: Option<serde_json::Value>,
+    pub mig_profiles: Option<Box<serde_json::Value>>,
     /// A record without `health` is unhealthy: Go omits `false`.
     #[serde(default, skip_serializing_if = "is_false")]
     pub health: bool,

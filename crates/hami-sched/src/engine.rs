@@ -17,7 +17,7 @@ use crate::constraints::{PodConstraints, Policies};
 use crate::reason::{Reason, Rejection};
 use crate::score::node_score;
 use crate::snapshot::{NodeState, PodRecord, Snapshot, Usage};
-use crate::vendor::{Admission, Nvidia, Vendor};
+use crate::vendor::{Admission, FitScratch, Nvidia, Vendor};
 
 /// Why a pod cannot be considered at all (before looking at nodes).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -191,7 +191,7 @@ impl Engine {
         mode: Mode,
     ) -> Decision<'a> {
         let nodes = snapshot.nodes();
-        let mut scratch = Vec::new();
+        let mut scratch = PodScratch::default();
         let mut rejected = Vec::new();
         // (position among candidates, node index) of the nodes we know.
         let known: Vec<(usize, usize)> = match candidates {
@@ -216,17 +216,31 @@ impl Engine {
         let policy = pod.constraints.node_policy;
         let total_cards = pod.total_cards();
         let mut best: Option<Ranked> = None;
-        let mut best_devices = PodDevices::default();
+        // With one GPU container the node's own usage is all it sees, so the
+        // backend may answer without ranking cards.
+        let single = match pod.containers.iter().flatten().collect::<Vec<_>>()[..] {
+            [only] => Some(only),
+            _ => None,
+        };
         match mode {
             Mode::Explain => {
                 for &(pos, i) in &known {
                     let node = &nodes[i];
-                    match self.fit_pod(node, pod, &mut scratch) {
-                        Ok(devices) => {
+                    let fits = match single.and_then(|r| {
+                        self.nvidia
+                            .container_fits_unordered(node, r, &pod.constraints)
+                    }) {
+                        Some(answer) => answer.map_err(|mut r| {
+                            r.container = container_index(pod);
+                            r
+                        }),
+                        None => self.fit_pod_cards(node, pod, &mut scratch),
+                    };
+                    match fits {
+                        Ok(()) => {
                             let r = Ranked::new(node_score(&node.totals), pos, i, policy);
                             if best.as_ref().is_none_or(|b| r > *b) {
                                 best = Some(r);
-                                best_devices = devices;
                             }
                         }
                         Err(rej) => rejected.push((node.name.as_str(), rej)),
@@ -242,59 +256,76 @@ impl Engine {
                     .map(|&(pos, i)| Ranked::new(node_score(&nodes[i].totals), pos, i, policy))
                     .collect();
                 while let Some(r) = heap.pop() {
-                    if let Ok(devices) = self.fit_pod(&nodes[r.node], pod, &mut scratch) {
+                    if self
+                        .fit_pod_cards(&nodes[r.node], pod, &mut scratch)
+                        .is_ok()
+                    {
                         best = Some(r);
-                        best_devices = devices;
                         break;
                     }
                 }
             }
         }
+        // Devices are built for the winner only; fitting is deterministic,
+        // so fitting it again gives the cards the search saw.
+        let devices = match best {
+            Some(b) => {
+                self.fit_pod_cards(&nodes[b.node], pod, &mut scratch)
+                    .expect("the chosen node fits");
+                scratch.devices(&nodes[b.node], pod, self.nvidia.word())
+            }
+            None => PodDevices::default(),
+        };
         Decision {
             node: best.map(|b| nodes[b.node].name.as_str()),
-            devices: best_devices,
+            devices,
             rejected,
         }
     }
 
     /// Fits every container of the pod on one node, each seeing what the
-    /// previous containers took.
+    /// previous containers took, and returns the devices per container.
     pub fn fit_pod(
         &self,
         node: &NodeState,
         pod: &PodRequest,
-        scratch: &mut Vec<usize>,
+        scratch: &mut PodScratch,
     ) -> Result<PodDevices, Rejection> {
-        let mut used: Vec<Usage> = node.devices.iter().map(|d| d.used).collect();
-        let mut out = Vec::with_capacity(pod.containers.len());
+        self.fit_pod_cards(node, pod, scratch)?;
+        Ok(scratch.devices(node, pod, self.nvidia.word()))
+    }
+
+    /// [`Engine::fit_pod`] without building the result: the chosen cards
+    /// stay in `scratch.picks`. The hot path of filtering.
+    fn fit_pod_cards(
+        &self,
+        node: &NodeState,
+        pod: &PodRequest,
+        scratch: &mut PodScratch,
+    ) -> Result<(), Rejection> {
+        let PodScratch { used, picks, fit } = scratch;
+        used.clear();
+        used.extend(node.devices.iter().map(|d| d.used));
+        picks.clear();
         for (ci, request) in pod.containers.iter().enumerate() {
             let Some(req) = request else {
-                out.push(Vec::new());
                 continue;
             };
             self.nvidia
-                .fit_container(node, &used, req, &pod.constraints, scratch)
+                .fit_container(node, used, req, &pod.constraints, fit)
                 .map_err(|mut r| {
                     r.container = ci as u16;
                     r
                 })?;
-            let mut devices = Vec::with_capacity(scratch.len());
-            for &i in scratch.iter() {
-                let info = &node.devices[i].info;
-                let mem = req.mem_on(info.devmem);
+            for &i in &fit.picked {
+                let mem = req.mem_on(node.devices[i].info.devmem);
                 used[i].slots += 1;
                 used[i].mem += mem;
                 used[i].cores += req.cores;
-                devices.push(ContainerDevice {
-                    uuid: info.id.clone(),
-                    vendor: self.nvidia.word().to_string(),
-                    mem,
-                    cores: req.cores,
-                });
+                picks.push((ci, i));
             }
-            out.push(devices);
         }
-        Ok(PodDevices(out))
+        Ok(())
     }
 
     /// Records a decision in the snapshot so the next pod sees it.
@@ -325,6 +356,41 @@ fn has_free_slots(node: &NodeState, cards: u64) -> bool {
             .map(|d| u64::from(d.info.count.saturating_sub(d.used.slots)))
             .sum::<u64>()
             >= cards
+}
+
+/// Allocation-order index of the pod's only GPU container.
+fn container_index(pod: &PodRequest) -> u16 {
+    pod.containers.iter().position(Option::is_some).unwrap_or(0) as u16
+}
+
+/// Buffers reused while fitting one pod on node after node.
+#[derive(Debug, Default)]
+pub struct PodScratch {
+    /// Per card of the node being fitted: usage including earlier containers.
+    used: Vec<Usage>,
+    /// (container, card) in allocation order.
+    picks: Vec<(usize, usize)>,
+    fit: FitScratch,
+}
+
+impl PodScratch {
+    /// The devices of the last successful fit, per container.
+    fn devices(&self, node: &NodeState, pod: &PodRequest, word: &str) -> PodDevices {
+        let mut out: Vec<Vec<ContainerDevice>> = vec![Vec::new(); pod.containers.len()];
+        for &(ci, i) in &self.picks {
+            let req = pod.containers[ci]
+                .as_ref()
+                .expect("picks are for GPU containers");
+            let info = &node.devices[i].info;
+            out[ci].push(ContainerDevice {
+                uuid: info.id.clone(),
+                vendor: word.to_string(),
+                mem: req.mem_on(info.devmem),
+                cores: req.cores,
+            });
+        }
+        PodDevices(out)
+    }
 }
 
 /// A node's rank: higher is better. Binpack prefers the fullest node,

@@ -17,7 +17,7 @@ pub mod snapshot;
 pub mod vendor;
 
 pub use constraints::{PodConstraints, Policies};
-pub use engine::{Decision, Engine, Mode, PodError, PodRequest, pod_key};
+pub use engine::{Decision, Engine, Mode, PodError, PodRequest, PodScratch, pod_key};
 pub use reason::{Reason, Rejection};
 pub use snapshot::{NodeDevices, NodeState, PodRecord, Snapshot, Usage};
-pub use vendor::{Admission, Nvidia, Vendor};
+pub use vendor::{Admission, FitScratch, Nvidia, Vendor};

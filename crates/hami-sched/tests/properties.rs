@@ -362,7 +362,7 @@ fn check_best(
     req: &PodRequest,
     explain: &hami_sched::Decision<'_>,
 ) -> Result<(), TestCaseError> {
-    let mut scratch = Vec::new();
+    let mut scratch = hami_sched::PodScratch::default();
     let mut best: Option<(f64, &str, PodDevices)> = None;
     let mut unfit = BTreeSet::new();
     for n in s.nodes() {

@@ -17,7 +17,7 @@ use hami_api::device::DeviceInfo;
 use hami_api::topology::DevicePairScore;
 use hami_api::{ContainerRequest, NvidiaConfig};
 
-use crate::engine::{Engine, Mode, PodRequest};
+use crate::engine::{Engine, Mode, PodRequest, PodScratch};
 use crate::snapshot::{NodeDevices, PodRecord, Snapshot, Usage};
 use crate::vendor::Admission;
 pub use model::{ClusterSpec, Lifetime, Pattern, PodGroup, Seconds, Workload};
@@ -286,7 +286,7 @@ pub fn simulate(
             let node_name = node.name.clone();
             let mut failed_groups = vec![false; requests.len()];
             let mut still_pending = Vec::with_capacity(pending.len());
-            let mut scratch = Vec::new();
+            let mut scratch = PodScratch::default();
             for &id in &pending {
                 let g = pods[id].group;
                 if failed_groups[g] {

@@ -18,7 +18,7 @@ use hami_api::request::{
 use hami_api::topology::{decode_pair_scores, pair_score};
 use hami_api::{ContainerRequest, DecodeError, NVIDIA, RequestError};
 
-use super::{Admission, Vendor};
+use super::{Admission, FitScratch, Vendor};
 use crate::constraints::PodConstraints;
 use crate::reason::{Reason, Rejection};
 use crate::score::gpu_score;
@@ -88,19 +88,24 @@ impl Vendor for Nvidia {
         used: &[Usage],
         req: &ContainerRequest,
         c: &PodConstraints,
-        out: &mut Vec<usize>,
+        scratch: &mut FitScratch,
     ) -> Result<(), Rejection> {
+        let FitScratch {
+            keyed,
+            fitting,
+            picked: out,
+        } = scratch;
         out.clear();
+        fitting.clear();
         let nums = req.nums as usize;
         let mut rejection = Rejection::for_cards(node.devices.len());
         if node.devices.is_empty() {
             rejection.add(Reason::NodeInsufficientDevice, 1);
             return Err(rejection);
         }
-        let order = card_order(self.word(), node, used, req, c);
+        card_order(self.word(), node, used, req, c, keyed);
         let collect_all = c.numa_bind || (c.gpu_policy == GpuPolicy::TopologyAware);
-        let mut fitting: Vec<usize> = Vec::new();
-        for &i in order.iter().rev() {
+        for &(_, _, i) in keyed.iter().rev() {
             if let Err(reason) = card_fits(node, i, used[i], req, c) {
                 rejection.add(reason, 1);
                 continue;
@@ -115,20 +120,16 @@ impl Vendor for Nvidia {
             fitting.push(i);
             if c.numa_bind && c.gpu_policy != GpuPolicy::TopologyAware {
                 let numa = node.devices[i].info.numa;
-                let same: Vec<usize> = fitting
-                    .iter()
-                    .copied()
-                    .filter(|&j| node.devices[j].info.numa == numa)
-                    .collect();
-                if same.len() == nums {
-                    *out = same;
+                let same = |j: &&usize| node.devices[**j].info.numa == numa;
+                if fitting.iter().filter(same).count() == nums {
+                    out.extend(fitting.iter().filter(same));
                     return Ok(());
                 }
             }
         }
         if c.gpu_policy == GpuPolicy::TopologyAware && fitting.len() >= nums {
             let groups: Vec<Vec<usize>> = if c.numa_bind {
-                numa_groups(node, &fitting)
+                numa_groups(node, fitting)
             } else {
                 vec![fitting.clone()]
             };
@@ -156,35 +157,61 @@ impl Vendor for Nvidia {
         Err(rejection)
     }
 
+    fn container_fits_unordered(
+        &self,
+        node: &NodeState,
+        req: &ContainerRequest,
+        c: &PodConstraints,
+    ) -> Option<Result<(), Rejection>> {
+        // NUMA binding and topology choose among fitting cards; only then
+        // does the order matter. Otherwise a container fits when enough
+        // cards pass, and a rejection counts every card either way.
+        if c.numa_bind || c.gpu_policy == GpuPolicy::TopologyAware || node.devices.is_empty() {
+            return None;
+        }
+        let mut rejection = Rejection::for_cards(node.devices.len());
+        let mut passing = 0usize;
+        for (i, d) in node.devices.iter().enumerate() {
+            match card_fits(node, i, d.used, req, c) {
+                Ok(()) => passing += 1,
+                Err(reason) => rejection.add(reason, 1),
+            }
+        }
+        if passing >= req.nums as usize {
+            return Some(Ok(()));
+        }
+        if passing > 0 {
+            rejection.add(Reason::AllocatedCardsInsufficientRequest, passing as u16);
+        }
+        Some(Err(rejection))
+    }
+
     fn admit(&self, pod: &mut Pod) -> Admission {
         admit(&self.config, pod)
     }
 }
 
-/// Card indices in preference order, best LAST (HAMi sorts stably and
-/// takes from the end, so among equal scores the card registered last wins;
-/// with NUMA binding, the higher NUMA id).
+/// Fills `keyed` with (score, NUMA key, card index) in preference order,
+/// best LAST (HAMi sorts stably and takes from the end, so among equal
+/// scores the card registered last wins; with NUMA binding, the higher NUMA id).
 fn card_order(
     word: &str,
     node: &NodeState,
     used: &[Usage],
     req: &ContainerRequest,
     c: &PodConstraints,
-) -> Vec<usize> {
-    let mut keyed: Vec<(f64, i32, usize)> = node
-        .devices
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            let request = Usage {
-                slots: 1,
-                mem: req.mem_on(d.info.devmem),
-                cores: req.cores,
-            };
-            let score = gpu_score(d, used[i], word, request, &c.weights);
-            (score, if c.numa_bind { d.info.numa } else { 0 }, i)
-        })
-        .collect();
+    keyed: &mut Vec<(f64, i32, usize)>,
+) {
+    keyed.clear();
+    keyed.extend(node.devices.iter().enumerate().map(|(i, d)| {
+        let request = Usage {
+            slots: 1,
+            mem: req.mem_on(d.info.devmem),
+            cores: req.cores,
+        };
+        let score = gpu_score(d, used[i], word, request, &c.weights);
+        (score, if c.numa_bind { d.info.numa } else { 0 }, i)
+    }));
     let binpack = c.gpu_policy == GpuPolicy::Binpack;
     keyed.sort_unstable_by(|a, b| {
         let by_score = if binpack {
@@ -194,7 +221,6 @@ fn card_order(
         };
         by_score.then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2))
     });
-    keyed.into_iter().map(|k| k.2).collect()
 }
 
 /// The rules of spec section 6 for one card, in HAMi's order.
