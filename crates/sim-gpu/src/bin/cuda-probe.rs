@@ -546,6 +546,11 @@ fn main() {
                         break;
                     }
                     n += 1;
+                    // A steady stream, like a training loop: wait for the
+                    // device every 8 launches so work never piles up.
+                    if n % 8 == 0 {
+                        call!(api, "cuCtxSynchronize", fn());
+                    }
                 }
                 call!(api, "cuCtxSynchronize", fn(),);
                 line = format!("{cmd} {rc} {n} {}", t0.elapsed().as_nanos());
