@@ -231,13 +231,24 @@ impl DeviceConfig {
         let mut warnings = Vec::new();
         for (key, value) in sections {
             if key == "nvidia" {
+                // `nvidia:` with nothing under it means the defaults.
+                let value = if value.is_null() {
+                    serde_json::Value::Object(Default::default())
+                } else {
+                    value
+                };
                 let mut unknown = Vec::new();
                 let mut on_unknown =
                     |path: serde_ignored::Path| unknown.push(format!("nvidia.{path}"));
                 let de = serde_ignored::Deserializer::new(&value, &mut on_unknown);
                 config.nvidia = serde_path_to_error::deserialize(de).map_err(|e| {
                     let path = e.path().to_string();
-                    err(&format!("nvidia.{path}"), e.into_inner().to_string())
+                    let key = if path == "." {
+                        "nvidia".to_string()
+                    } else {
+                        format!("nvidia.{path}")
+                    };
+                    err(&key, e.into_inner().to_string())
                 })?;
                 warnings.extend(unknown.into_iter().map(|key| ConfigWarning {
                     file: file.to_string(),
@@ -312,6 +323,15 @@ mod tests {
         assert!(e.to_string().contains("must be at least 1"), "{e}");
         assert!(DeviceConfig::from_yaml("dc.yaml", "- a\n- b\n").is_err());
         assert!(DeviceConfig::from_yaml("dc.yaml", "hygon: 3\n").is_err());
+    }
+
+    #[test]
+    fn empty_nvidia_section_means_defaults() {
+        let (c, w) = DeviceConfig::from_yaml("f", "nvidia:\n").unwrap();
+        assert!(w.is_empty());
+        assert_eq!(c.nvidia, NvidiaConfig::default());
+        let e = DeviceConfig::from_yaml("f", "nvidia: 3\n").unwrap_err();
+        assert_eq!(e.key, "nvidia", "{e}");
     }
 
     #[test]

@@ -97,7 +97,8 @@ impl FromStr for GpuPolicy {
 /// (`binpack,numa`), which asks for all cards of a container on one NUMA node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GpuPolicySpec {
-    pub policy: GpuPolicy,
+    /// `None` when only `numa` was given: the configured default applies.
+    pub policy: Option<GpuPolicy>,
     pub numa: bool,
 }
 
@@ -117,14 +118,10 @@ impl GpuPolicySpec {
                 );
             }
         }
-        match policy {
-            Some(policy) => Ok(GpuPolicySpec { policy, numa }),
-            None if numa => Ok(GpuPolicySpec {
-                policy: GpuPolicy::default(),
-                numa,
-            }),
-            None => Err(DecodeError::new(source, value, "no GPU policy given")),
+        if policy.is_none() && !numa {
+            return Err(DecodeError::new(source, value, "no GPU policy given"));
         }
+        Ok(GpuPolicySpec { policy, numa })
     }
 }
 
@@ -202,9 +199,11 @@ mod tests {
                 .contains("\"fill\"")
         );
         let s = GpuPolicySpec::decode("k", "binpack,numa").unwrap();
-        assert_eq!((s.policy, s.numa), (GpuPolicy::Binpack, true));
+        assert_eq!((s.policy, s.numa), (Some(GpuPolicy::Binpack), true));
         let s = GpuPolicySpec::decode("k", "topology-aware").unwrap();
-        assert_eq!((s.policy, s.numa), (GpuPolicy::TopologyAware, false));
+        assert_eq!((s.policy, s.numa), (Some(GpuPolicy::TopologyAware), false));
+        let s = GpuPolicySpec::decode("k", "numa").unwrap();
+        assert_eq!((s.policy, s.numa), (None, true));
         assert!(GpuPolicySpec::decode("k", "binpack,spread").is_err());
         assert!(GpuPolicySpec::decode("k", "").is_err());
     }

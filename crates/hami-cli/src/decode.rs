@@ -65,7 +65,9 @@ pub fn explain(key: Option<&str>, value: &str) -> Result<String, String> {
             gpu_policy(&GpuPolicySpec::decode(ann::GPU_SCHEDULER_POLICY, v).map_err(s)?)
         }
         Some(ann::NODE_SCHEDULER_POLICY) => {
-            let p: NodePolicy = v.parse()?;
+            let p: NodePolicy = v
+                .parse()
+                .map_err(|e| format!("{}: {e}", ann::NODE_SCHEDULER_POLICY))?;
             Ok(format!("node policy {p}: {}\n", node_policy_words(p)))
         }
         Some(other) => Err(format!(
@@ -257,20 +259,23 @@ fn weights(w: &ScoringWeights) -> Result<String, String> {
 }
 
 fn gpu_policy(p: &GpuPolicySpec) -> Result<String, String> {
-    let words = match p.policy {
-        hami_api::policy::GpuPolicy::Binpack => "fill the fullest card first",
-        hami_api::policy::GpuPolicy::Spread => "prefer the emptiest card",
-        hami_api::policy::GpuPolicy::TopologyAware => {
-            "multi-card containers get the best-linked cards"
-        }
-        hami_api::policy::GpuPolicy::Mutex => "only cards nobody else uses",
+    use hami_api::policy::GpuPolicy;
+    let (name, words) = match p.policy {
+        Some(GpuPolicy::Binpack) => ("binpack", "fill the fullest card first"),
+        Some(GpuPolicy::Spread) => ("spread", "prefer the emptiest card"),
+        Some(GpuPolicy::TopologyAware) => (
+            "topology-aware",
+            "multi-card containers get the best-linked cards",
+        ),
+        Some(GpuPolicy::Mutex) => ("mutex", "only cards nobody else uses"),
+        None => ("default", "the scheduler's configured GPU policy"),
     };
     let numa = if p.numa {
         "; all cards of a container on one NUMA node"
     } else {
         ""
     };
-    Ok(format!("GPU policy {}: {words}{numa}\n", p.policy))
+    Ok(format!("GPU policy {name}: {words}{numa}\n"))
 }
 
 fn node_policy_words(p: NodePolicy) -> &'static str {

@@ -95,7 +95,13 @@ pub fn execute(args: SimulateArgs) -> Result<i32, InputError> {
         let report = sim::simulate(&engine, &cluster, &workload, &label, &mut |done, total| {
             progress.update(done, total)
         })
-        .map_err(|e| InputError::file(&workload_file, e.to_string()))?;
+        .map_err(|e| {
+            let file = match e {
+                sim::SimError::EmptyCluster => &cluster_file,
+                sim::SimError::Group { .. } => &workload_file,
+            };
+            InputError::file(file, e.to_string())
+        })?;
         progress.finish();
         let secs = started.elapsed().as_secs_f64();
         speeds.push(f64::from(report.pods) / secs.max(1e-9));

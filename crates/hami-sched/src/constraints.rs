@@ -66,7 +66,7 @@ impl PodConstraints {
         let (gpu_policy, mut numa_bind) = match get(ann::GPU_SCHEDULER_POLICY) {
             Some(v) => {
                 let s = GpuPolicySpec::decode(ann::GPU_SCHEDULER_POLICY, v)?;
-                (s.policy, s.numa)
+                (s.policy.unwrap_or(defaults.gpu), s.numa)
             }
             None => (defaults.gpu, false),
         };

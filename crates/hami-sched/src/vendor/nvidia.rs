@@ -67,10 +67,12 @@ impl Vendor for Nvidia {
             .get(ann::DEVICE_CORDON)
             .map(|v| decode_cordon(v))
             .unwrap_or_default();
-        let pair_scores = match annotations.get(ann::NODE_NVIDIA_SCORE) {
-            Some(v) if !v.trim().is_empty() => decode_pair_scores(ann::NODE_NVIDIA_SCORE, v)?,
-            _ => Vec::new(),
-        };
+        // Link scores only refine topology-aware placement: a malformed
+        // value costs that refinement, not the node (`hami decode` shows why).
+        let pair_scores = annotations
+            .get(ann::NODE_NVIDIA_SCORE)
+            .and_then(|v| decode_pair_scores(ann::NODE_NVIDIA_SCORE, v).ok())
+            .unwrap_or_default();
         Ok(Some(NodeDevices {
             devices,
             cordoned,
