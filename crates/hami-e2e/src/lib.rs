@@ -1,0 +1,1 @@
+//! hami-e2e: a real control plane for tests.

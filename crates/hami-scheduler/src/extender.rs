@@ -1,0 +1,315 @@
+//! kube-scheduler's extender v1 wire types (`k8s.io/kube-scheduler/
+//! extender/v1`: Go structs without JSON tags, so PascalCase field names)
+//! and the Filter and Bind handlers: decode request -> engine -> encode.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use hami_kube::events::Severity;
+use hami_kube::{lock, pod as podio};
+use hami_sched::pod_key;
+
+use crate::app::App;
+use crate::state::{bind_annotations, failed_bind_annotations};
+
+/// ExtenderArgs: the pod and the candidate nodes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ExtenderArgs {
+    pub pod: Option<Pod>,
+    /// Whole Node objects (only when the extender is not node-cache-capable).
+    #[serde(default)]
+    pub nodes: Option<Value>,
+    /// Node names (node-cache-capable extenders, ours).
+    #[serde(default)]
+    pub node_names: Option<Vec<String>>,
+}
+
+/// ExtenderFilterResult.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct ExtenderFilterResult {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub nodes: Option<Value>,
+    #[serde(default)]
+    pub node_names: Option<Vec<String>>,
+    #[serde(default)]
+    pub failed_nodes: BTreeMap<String, String>,
+    #[serde(default)]
+    pub failed_and_unresolvable_nodes: BTreeMap<String, String>,
+    #[serde(default)]
+    pub error: String,
+}
+
+/// ExtenderBindingArgs.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ExtenderBindingArgs {
+    pub pod_name: String,
+    pub pod_namespace: String,
+    #[serde(rename = "PodUID", default)]
+    pub pod_uid: String,
+    pub node: String,
+}
+
+/// ExtenderBindingResult.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct ExtenderBindingResult {
+    #[serde(default)]
+    pub error: String,
+}
+
+fn node_names_of(nodes: &Value) -> Vec<String> {
+    nodes
+        .get("items")
+        .and_then(Value::as_array)
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|n| n.pointer("/metadata/name").and_then(Value::as_str))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn keep_nodes(nodes: &Value, keep: &[String]) -> Value {
+    let mut out = nodes.clone();
+    if let Some(items) = out.get_mut("items").and_then(Value::as_array_mut) {
+        items.retain(|n| {
+            n.pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .is_some_and(|name| keep.iter().any(|k| k == name))
+        });
+    }
+    out
+}
+
+/// POST /filter.
+pub async fn filter(app: &App, args: ExtenderArgs) -> ExtenderFilterResult {
+    let started = Instant::now();
+    let result = filter_inner(app, args).await;
+    app.metrics
+        .filter_duration
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn filter_inner(app: &App, args: ExtenderArgs) -> ExtenderFilterResult {
+    let Some(pod) = args.pod else {
+        return ExtenderFilterResult {
+            error: "ExtenderArgs.Pod is missing".into(),
+            ..Default::default()
+        };
+    };
+    let candidates = match (&args.node_names, &args.nodes) {
+        (Some(names), _) => names.clone(),
+        (None, Some(nodes)) => node_names_of(nodes),
+        (None, None) => Vec::new(),
+    };
+    let answer = |names: Vec<String>| ExtenderFilterResult {
+        nodes: args.nodes.as_ref().map(|n| keep_nodes(n, &names)),
+        node_names: Some(names),
+        ..Default::default()
+    };
+    let req = match app.engine.prepare(&pod) {
+        // Not ours: every candidate stays.
+        Ok(None) => return answer(candidates),
+        Ok(Some(r)) => r,
+        Err(e) => {
+            // No node can ever take it; say why on each.
+            let msg = e.to_string();
+            return ExtenderFilterResult {
+                node_names: Some(Vec::new()),
+                nodes: args.nodes.as_ref().map(|n| keep_nodes(n, &[])),
+                failed_and_unresolvable_nodes: candidates
+                    .into_iter()
+                    .map(|n| (n, msg.clone()))
+                    .collect(),
+                ..Default::default()
+            };
+        }
+    };
+    let now = app.clock.now();
+    let outcome = {
+        let mut c = app.cluster();
+        c.filter(
+            &app.engine,
+            &req,
+            pod.metadata.uid.as_deref(),
+            &candidates,
+            now,
+        )
+    };
+    match outcome.node {
+        Some(node) => {
+            tracing::debug!(pod = req.key, node, "filter");
+            let mut r = answer(vec![node]);
+            r.failed_nodes = outcome.failed;
+            r
+        }
+        None => {
+            tracing::info!(pod = req.key, "no node fits");
+            let mut lines: Vec<String> = outcome
+                .failed
+                .iter()
+                .map(|(n, why)| format!("{n}: {why}"))
+                .collect();
+            if lines.is_empty() {
+                lines.push("no candidate node has GPUs registered".into());
+            }
+            let message = format!("no node fits: {}", lines.join("; "));
+            if app.leadership.is_leader() {
+                let app2 = app.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = app2
+                        .events
+                        .pod_event(
+                            &pod,
+                            Severity::Warning,
+                            "FilteringFailed",
+                            &message,
+                            app2.clock.as_ref(),
+                        )
+                        .await
+                    {
+                        tracing::warn!(error = %e, "writing FilteringFailed event");
+                    }
+                });
+            }
+            let mut r = answer(Vec::new());
+            r.failed_nodes = outcome.failed;
+            r
+        }
+    }
+}
+
+/// POST /bind.
+pub async fn bind(app: &App, args: ExtenderBindingArgs) -> ExtenderBindingResult {
+    let started = Instant::now();
+    let result = bind_inner(app, &args).await;
+    app.metrics
+        .bind_duration
+        .observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(()) => ExtenderBindingResult::default(),
+        Err(error) => {
+            tracing::warn!(
+                pod = format!("{}/{}", args.pod_namespace, args.pod_name),
+                node = args.node,
+                error,
+                "bind failed"
+            );
+            ExtenderBindingResult { error }
+        }
+    }
+}
+
+async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String> {
+    if !app.leadership.is_leader() {
+        return Err("this hami-scheduler replica is not the leader".into());
+    }
+    let (ns, name, node) = (&args.pod_namespace, &args.pod_name, &args.node);
+    let pods: kube::Api<Pod> = kube::Api::namespaced(app.client.clone(), ns);
+    let pod = pods
+        .get(name)
+        .await
+        .map_err(|e| format!("get pod {ns}/{name}: {e}"))?;
+    let uid = pod.metadata.uid.clone();
+    if !args.pod_uid.is_empty() && uid.as_deref() != Some(args.pod_uid.as_str()) {
+        return Err(format!(
+            "pod {ns}/{name} has uid {uid:?}, not {} (it was replaced)",
+            args.pod_uid
+        ));
+    }
+    let key = pod_key(&pod);
+    let req = match app.engine.prepare(&pod) {
+        Ok(r) => r,
+        Err(e) => return Err(e.to_string()),
+    };
+    let Some(req) = req else {
+        // Nothing of ours to allocate: a plain bind.
+        return podio::bind(&app.client, ns, name, uid.as_deref(), node)
+            .await
+            .map_err(|e| e.to_string());
+    };
+    let now = app.clock.now();
+    let claimed = {
+        let mut c = app.cluster();
+        c.claim_for_bind(&app.engine, &req, uid.as_deref(), node, now)
+    };
+    let devices = match claimed {
+        Ok(d) => d,
+        Err(why) => {
+            let msg = format!("node {node} cannot take pod {key}: {why}");
+            binding_failed(app, &pod, &msg).await;
+            return Err(msg);
+        }
+    };
+    if let Err(e) = lock::acquire(
+        &app.client,
+        node,
+        ns,
+        name,
+        app.clock.as_ref(),
+        &app.lock_policy,
+    )
+    .await
+    {
+        app.cluster().release(&key);
+        let msg = e.to_string();
+        binding_failed(app, &pod, &msg).await;
+        return Err(msg);
+    }
+    let annotations = bind_annotations(&app.engine, node, &devices, app.clock.now());
+    let labels: BTreeMap<String, Option<String>> = [(
+        hami_api::annotations::VGPU_NODE.to_string(),
+        Some(node.clone()),
+    )]
+    .into();
+    let written = async {
+        podio::patch_metadata(&app.client, ns, name, uid.as_deref(), &annotations, &labels).await?;
+        podio::bind(&app.client, ns, name, uid.as_deref(), node).await
+    }
+    .await;
+    if let Err(e) = written {
+        let msg = e.to_string();
+        // Undo: the pod holds nothing, the node is free for the next bind.
+        let undo = failed_bind_annotations(&app.engine);
+        if let Err(e2) =
+            podio::patch_metadata(&app.client, ns, name, None, &undo, &BTreeMap::new()).await
+        {
+            tracing::warn!(error = %e2, "clearing the annotations of a failed bind");
+        }
+        if let Err(e2) = lock::release(&app.client, node, ns, name).await {
+            tracing::warn!(error = %e2, "releasing the node lock after a failed bind");
+        }
+        app.cluster().release(&key);
+        binding_failed(app, &pod, &msg).await;
+        return Err(msg);
+    }
+    tracing::info!(pod = key, node, "bound");
+    Ok(())
+}
+
+async fn binding_failed(app: &App, pod: &Pod, message: &str) {
+    if let Err(e) = app
+        .events
+        .pod_event(
+            pod,
+            Severity::Warning,
+            "BindingFailed",
+            message,
+            app.clock.as_ref(),
+        )
+        .await
+    {
+        tracing::warn!(pod = pod.name_any(), error = %e, "writing BindingFailed event");
+    }
+}

@@ -1,0 +1,331 @@
+//! Wiring: the client, the watches that feed the cluster state, the
+//! periodic resync (handshakes, expired reservations, stuck binds), leader
+//! election and the servers.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures::StreamExt;
+use jiff::SignedDuration;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+
+use hami_api::annotations as ann;
+use hami_api::config::DeviceConfig;
+use hami_kube::cache::{self, Change, Synced};
+use hami_kube::clock::{Clock, SystemClock};
+use hami_kube::events::{EventWriter, Severity};
+use hami_kube::leader::{self, Leadership, LeaseConfig};
+use hami_kube::lock::{self, LockPolicy};
+use hami_kube::pod as podio;
+use hami_sched::{Engine, Policies, pod_key};
+
+use crate::app::{self, App};
+use crate::config::{Args, Settings};
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::state::Cluster;
+use crate::tls;
+
+/// Loads the device config named in the settings (defaults when none).
+pub fn load_engine(s: &Settings) -> Result<Engine, Error> {
+    let config = match &s.device_config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+            let (config, warnings) = DeviceConfig::from_yaml(&path.display().to_string(), &text)?;
+            for w in warnings {
+                tracing::warn!("{w}");
+            }
+            config
+        }
+        None => DeviceConfig::default(),
+    };
+    Ok(Engine::new(
+        config.nvidia,
+        Policies {
+            node: s.node_policy,
+            gpu: s.gpu_policy,
+        },
+    ))
+}
+
+/// Runs the scheduler until SIGTERM or Ctrl-C.
+pub async fn run(args: Args) -> Result<(), Error> {
+    let s = args.settings().map_err(Error::Config)?;
+    let (Some(cert), Some(key)) = (&s.tls_cert_file, &s.tls_key_file) else {
+        return Err(Error::Config(
+            "--tls-cert-file and --tls-key-file are required (kube-apiserver only calls webhooks over HTTPS)".into(),
+        ));
+    };
+    hami_kube::client::install_crypto_provider();
+    let tls_config = tls::server_config(cert, key)?;
+    let engine = Arc::new(load_engine(&s)?);
+    let client = hami_kube::client::connect(s.kubeconfig.as_deref()).await?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let (leadership, _election) = if s.leader_elect {
+        let (l, task) = leader::spawn(
+            client.clone(),
+            LeaseConfig {
+                namespace: s.leader_elect_namespace.clone(),
+                name: s.leader_elect_name.clone(),
+                identity: s.leader_elect_identity.clone(),
+                duration: s.leader_elect_lease_duration,
+                renew_every: s.leader_elect_lease_duration / 3,
+            },
+            clock.clone(),
+        );
+        (l, Some(task))
+    } else {
+        (Leadership::always(), None)
+    };
+    let app = App {
+        engine,
+        cluster: Arc::new(std::sync::Mutex::new(Cluster::default())),
+        client: client.clone(),
+        events: EventWriter::new(client.clone(), &s.scheduler_name, &s.leader_elect_identity),
+        clock,
+        leadership,
+        synced: Synced::default(),
+        metrics: Metrics::default(),
+        lock_policy: LockPolicy {
+            expiry: SignedDuration::try_from(s.lock_timeout)
+                .map_err(|e| Error::Config(format!("--lock-timeout: {e}")))?,
+            wait: s.lock_wait,
+            ..LockPolicy::default()
+        },
+        scheduler_name: s.scheduler_name.clone(),
+    };
+
+    let nodes_synced = Arc::new(AtomicBool::new(false));
+    let pods_synced = Arc::new(AtomicBool::new(false));
+    let watches = [
+        tokio::spawn(watch_nodes(
+            app.clone(),
+            s.node_label_selector.clone(),
+            nodes_synced.clone(),
+            pods_synced.clone(),
+        )),
+        tokio::spawn(watch_pods(app.clone(), pods_synced, nodes_synced)),
+        tokio::spawn(resync(app.clone(), s.clone())),
+    ];
+
+    let listener = tokio::net::TcpListener::bind(s.bind_address)
+        .await
+        .map_err(|source| Error::Listen {
+            addr: s.bind_address,
+            source,
+        })?;
+    tracing::info!(address = %s.bind_address, "serving HTTPS");
+    let router = app::router(app.clone(), s.max_body_bytes);
+    let https = tokio::spawn(tls::serve_tls(listener, tls_config, router));
+    let plain = match s.metrics_bind_address {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::Listen { addr, source })?;
+            tracing::info!(address = %addr, "serving metrics over HTTP");
+            let r = app::observability().with_state(app.clone());
+            Some(tokio::spawn(async move {
+                if let Err(e) = axum::serve(l, r).await {
+                    tracing::error!(error = %e, "metrics server");
+                }
+            }))
+        }
+        None => None,
+    };
+
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    https.abort();
+    if let Some(p) = plain {
+        p.abort();
+    }
+    for w in watches {
+        w.abort();
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn mark_ready(app: &App, mine: &AtomicBool, other: &AtomicBool) {
+    mine.store(true, Ordering::Release);
+    if other.load(Ordering::Acquire) && !app.synced.get() {
+        app.synced.set();
+        tracing::info!("node and pod caches synced; ready");
+    }
+}
+
+async fn watch_nodes(
+    app: App,
+    selector: Option<String>,
+    synced: Arc<AtomicBool>,
+    other: Arc<AtomicBool>,
+) {
+    let stream = cache::watch(Api::<Node>::all(app.client.clone()), selector.as_deref());
+    let mut stream = std::pin::pin!(stream);
+    while let Some(change) = stream.next().await {
+        let now = app.clock.now();
+        let mut answers = Vec::new();
+        {
+            let mut c = app.cluster();
+            match change {
+                Change::Restart => c.nodes_restart(),
+                Change::Upsert(node) => {
+                    let name = node.name_any();
+                    if let Some(a) = c.upsert_node(&app.engine, node, now) {
+                        answers.push((name, a));
+                    }
+                }
+                Change::Delete(node) => c.delete_node(&node.name_any()),
+                Change::Synced => {
+                    c.nodes_synced();
+                    drop(c);
+                    mark_ready(&app, &synced, &other);
+                }
+            }
+        }
+        write_handshakes(&app, answers);
+    }
+}
+
+async fn watch_pods(app: App, synced: Arc<AtomicBool>, other: Arc<AtomicBool>) {
+    let stream = cache::watch(Api::<Pod>::all(app.client.clone()), None);
+    let mut stream = std::pin::pin!(stream);
+    while let Some(change) = stream.next().await {
+        let mut c = app.cluster();
+        match change {
+            Change::Restart => c.pods_restart(),
+            Change::Upsert(pod) => c.upsert_pod(&app.engine, &pod),
+            Change::Delete(pod) => c.delete_pod(&pod_key(&pod)),
+            Change::Synced => {
+                c.pods_synced();
+                drop(c);
+                mark_ready(&app, &synced, &other);
+            }
+        }
+    }
+}
+
+/// Writes handshake answers (leader only), off the watch loop.
+fn write_handshakes(app: &App, answers: Vec<(String, String)>) {
+    if answers.is_empty() || !app.leadership.is_leader() {
+        return;
+    }
+    let client = app.client.clone();
+    tokio::spawn(async move {
+        let nodes: Api<Node> = Api::all(client);
+        for (node, value) in answers {
+            let patch = json!({"metadata": {"annotations": {ann::NODE_HANDSHAKE: value}}});
+            if let Err(e) = nodes
+                .patch(&node, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                tracing::warn!(node, error = %e, "writing the handshake");
+            }
+        }
+    });
+}
+
+/// Every resync period: re-judge handshakes, drop reservations no bind
+/// followed, and give up on binds whose device plugin never answered.
+async fn resync(app: App, s: Settings) {
+    let timeout =
+        SignedDuration::try_from(s.allocating_timeout).unwrap_or(SignedDuration::from_mins(2));
+    let mut tick = tokio::time::interval(s.resync_period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if !app.synced.get() {
+            continue;
+        }
+        let now = app.clock.now();
+        let (answers, expired, stuck) = {
+            let mut c = app.cluster();
+            let answers = c.rejudge_nodes(&app.engine, now);
+            let expired = c.expire_reservations(now, timeout);
+            let stuck = c.stuck_allocating(now, timeout);
+            (answers, expired, stuck)
+        };
+        for key in expired {
+            tracing::info!(pod = key, "released a Filter decision no bind followed");
+        }
+        write_handshakes(&app, answers);
+        if !app.leadership.is_leader() {
+            continue;
+        }
+        for p in stuck {
+            give_up_on(&app, &p, s.allocating_timeout).await;
+        }
+    }
+}
+
+async fn give_up_on(app: &App, p: &crate::state::StuckPod, timeout: std::time::Duration) {
+    let key = format!("{}/{}", p.namespace, p.name);
+    let mut annotations = BTreeMap::new();
+    annotations.insert(ann::BIND_PHASE.to_string(), Some("failed".to_string()));
+    match podio::patch_metadata(
+        &app.client,
+        &p.namespace,
+        &p.name,
+        p.uid.as_deref(),
+        &annotations,
+        &BTreeMap::new(),
+    )
+    .await
+    {
+        Ok(pod) => {
+            app.cluster().give_up(&key);
+            if !p.node.is_empty()
+                && let Err(e) = lock::release(&app.client, &p.node, &p.namespace, &p.name).await
+            {
+                tracing::warn!(pod = key, error = %e, "releasing the node lock of a stuck pod");
+            }
+            let msg = format!(
+                "no device plugin took the allocation on node {} within {}s; bind-phase set to failed and the devices released",
+                p.node,
+                timeout.as_secs()
+            );
+            tracing::warn!(pod = key, "{msg}");
+            if let Err(e) = app
+                .events
+                .pod_event(
+                    &pod,
+                    Severity::Warning,
+                    "AllocationTimeout",
+                    &msg,
+                    app.clock.as_ref(),
+                )
+                .await
+            {
+                tracing::warn!(error = %e, "writing AllocationTimeout event");
+            }
+        }
+        Err(e) => tracing::warn!(pod = key, error = %e, "marking a stuck pod failed"),
+    }
+}
