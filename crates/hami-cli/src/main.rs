@@ -5,6 +5,7 @@
 mod decode;
 mod input;
 mod report;
+mod run;
 mod schedule;
 mod simulate;
 
@@ -28,6 +29,8 @@ enum Command {
     Simulate(simulate::SimulateArgs),
     /// Explain a HAMi annotation value in words.
     Decode(decode::DecodeArgs),
+    /// Run a command under GPU limits (memory, compute) on this machine, no Kubernetes.
+    Run(run::RunArgs),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +39,13 @@ fn main() -> ExitCode {
         Command::Schedule(args) => report_input(schedule::execute(args)),
         Command::Simulate(args) => report_input(simulate::execute(args)),
         Command::Decode(args) => decode::execute(args),
+        Command::Run(args) => match run::execute(args) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                2
+            }
+        },
     };
     ExitCode::from(code as u8)
 }
