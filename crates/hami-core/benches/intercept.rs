@@ -12,7 +12,19 @@ mod common;
 use std::ffi::{CString, c_int, c_uint, c_void};
 use std::sync::OnceLock;
 
-type Launch = unsafe extern "C" fn(usize, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, usize, usize, usize) -> c_int;
+type Launch = unsafe extern "C" fn(
+    usize,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    usize,
+    usize,
+    usize,
+) -> c_int;
 type Alloc = unsafe extern "C" fn(*mut u64, usize) -> c_int;
 type Free = unsafe extern "C" fn(u64) -> c_int;
 
@@ -58,7 +70,10 @@ fn main() {
     // SAFETY: single-threaded, before anything reads the environment.
     unsafe {
         std::env::set_var("HAMI_REAL_LIBCUDA", &a.sim);
-        std::env::set_var("CUDA_DEVICE_MEMORY_SHARED_CACHE", scratch.join("bench.cache"));
+        std::env::set_var(
+            "CUDA_DEVICE_MEMORY_SHARED_CACHE",
+            scratch.join("bench.cache"),
+        );
         std::env::set_var("HAMI_LIMITS_FILE", scratch.join("no-limits-file"));
         std::env::set_var("CUDA_DEVICE_MEMORY_LIMIT", "8g");
         std::env::set_var("SIM_GPU_DEVICES", "16g 80 GPU-bench Sim");

@@ -86,18 +86,19 @@ pub(crate) unsafe fn memory_info(
 ) -> NvmlReturn {
     // SAFETY: forwarding the caller's arguments.
     let r = unsafe { real(dev, m) };
-    if r == NVML_SUCCESS && !m.is_null() {
-        if let Some((limit, used)) = container_view(dev) {
-            let used = used.min(limit);
-            // SAFETY: non-null, written by NVML.
-            unsafe {
-                *m = NvmlMemory {
-                    total: limit,
-                    free: limit - used,
-                    used,
-                }
-            };
-        }
+    if r == NVML_SUCCESS
+        && !m.is_null()
+        && let Some((limit, used)) = container_view(dev)
+    {
+        let used = used.min(limit);
+        // SAFETY: non-null, written by NVML.
+        unsafe {
+            *m = NvmlMemory {
+                total: limit,
+                free: limit - used,
+                used,
+            }
+        };
     }
     r
 }
@@ -109,16 +110,17 @@ pub(crate) unsafe fn memory_info_v2(
 ) -> NvmlReturn {
     // SAFETY: forwarding the caller's arguments.
     let r = unsafe { real(dev, m) };
-    if r == NVML_SUCCESS && !m.is_null() {
-        if let Some((limit, used)) = container_view(dev) {
-            let used = used.min(limit);
-            // SAFETY: non-null, written by NVML; `version` is the caller's.
-            unsafe {
-                (*m).total = limit;
-                (*m).reserved = 0;
-                (*m).free = limit - used;
-                (*m).used = used;
-            }
+    if r == NVML_SUCCESS
+        && !m.is_null()
+        && let Some((limit, used)) = container_view(dev)
+    {
+        let used = used.min(limit);
+        // SAFETY: non-null, written by NVML; `version` is the caller's.
+        unsafe {
+            (*m).total = limit;
+            (*m).reserved = 0;
+            (*m).free = limit - used;
+            (*m).used = used;
         }
     }
     r

@@ -319,7 +319,7 @@ fn mem_free_async(p: u64, _stream: u64) -> CUresult {
     }
 }
 fn mem_alloc_from_pool_async(p: *mut u64, size: usize, pool: u64, stream: u64) -> CUresult {
-    let dev = if pool >= 0xB000 && pool < 0xB000 + 64 {
+    let dev = if (0xB000..0xB000 + 64).contains(&pool) {
         (pool - 0xB000) as usize
     } else {
         stream_device(stream)

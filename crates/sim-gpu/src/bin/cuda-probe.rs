@@ -325,7 +325,7 @@ fn main() {
                 call!(api, "cuGraphCreate", fn(*mut u64, c_uint), &mut g, 0);
                 // CUDA_MEM_ALLOC_NODE_PARAMS: pool props (device 0), no access descs, size.
                 let mut prm = [0u64; 15];
-                prm[0] = 1 | (0 << 32);
+                prm[0] = 1; // pinned allocation, no handle types
                 prm[1] = 1;
                 prm[13] = size as u64;
                 let mut node = 0u64;
@@ -436,14 +436,8 @@ fn main() {
                 while go(n) {
                     rc = match cmd {
                         "launch-ex" => {
-                            let cfg: [u64; 6] = [
-                                (us as u64) | (1 << 32),
-                                1 | (1 << 32),
-                                1 | (1 << 32),
-                                0,
-                                0,
-                                0,
-                            ];
+                            let cfg: [u64; 6] =
+                                [us | (1 << 32), 1 | (1 << 32), 1 | (1 << 32), 0, 0, 0];
                             call!(
                                 api,
                                 if suffix.is_empty() {
@@ -548,7 +542,7 @@ fn main() {
                     n += 1;
                     // A steady stream, like a training loop: wait for the
                     // device every 8 launches so work never piles up.
-                    if n % 8 == 0 {
+                    if n.is_multiple_of(8) {
                         call!(api, "cuCtxSynchronize", fn());
                     }
                 }
