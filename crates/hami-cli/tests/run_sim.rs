@@ -6,7 +6,6 @@
 //! built by hami-core's test helper.
 
 #[path = "../../hami-core/tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 #[path = "../src/run.rs"]
 #[allow(dead_code)]

@@ -355,3 +355,31 @@ pub fn wait_ready(child: &mut std::process::Child) -> String {
     }
     String::from_utf8_lossy(&seen).into_owned()
 }
+
+#[test]
+fn oversubscription_falls_back_to_managed_memory_within_the_limit() {
+    let s = Scratch::new("oversub");
+    let card = ("SIM_GPU_DEVICES", "1g 10 GPU-small Sim 1GB");
+    let limit = ("CUDA_DEVICE_MEMORY_LIMIT", "2g");
+    let out = probe(&s, &[card, limit], &["init", "alloc", "1500m"]);
+    assert_eq!(
+        out.rcs(),
+        vec![0, OOM],
+        "without oversubscription the card is the limit"
+    );
+    let s = Scratch::new("oversub-on");
+    let on = ("CUDA_OVERSUBSCRIBE", "true");
+    let out = probe(
+        &s,
+        &[card, limit, on],
+        &[
+            "init", "alloc", "1500m", "alloc", "600m", "alloc", "500m", "meminfo",
+        ],
+    );
+    assert_eq!(
+        out.rcs(),
+        vec![0, 0, OOM, 0, 0],
+        "beyond the card but within the limit"
+    );
+    assert_eq!(out.field::<u64>(4, 3), 2 << 30);
+}

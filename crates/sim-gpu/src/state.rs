@@ -77,10 +77,13 @@ impl State {
     /// Books `size` bytes on `dev` or reports out-of-memory.
     pub fn take(&mut self, dev: usize, size: u64, kind: Kind) -> Option<u64> {
         let d = self.devices.get_mut(dev)?;
-        if kind != Kind::IpcMapping && d.used.saturating_add(size) > d.spec.memory {
+        // Managed memory pages in and out: it can exceed the card and is
+        // not resident memory. IPC mappings belong to the exporter.
+        let resident = !matches!(kind, Kind::IpcMapping | Kind::Managed);
+        if resident && d.used.saturating_add(size) > d.spec.memory {
             return None;
         }
-        if kind != Kind::IpcMapping {
+        if resident {
             d.used += size;
         }
         let addr = self.new_addr(size);
@@ -93,7 +96,7 @@ impl State {
         match self.allocs.get(&addr) {
             Some(a) if kinds.contains(&a.kind) => {
                 let a = self.allocs.remove(&addr).expect("present");
-                if a.kind != Kind::IpcMapping {
+                if !matches!(a.kind, Kind::IpcMapping | Kind::Managed) {
                     self.devices[a.dev].used -= a.size;
                 }
                 true
