@@ -38,9 +38,8 @@ fn cluster(nodes: usize) -> Snapshot {
     sim::synthetic_cluster(nodes, 8, 0.5, 42)
 }
 
-/// The extender's call: explain every rejected node.
-#[divan::bench(args = [1_000, 5_000, 10_000], sample_count = 30)]
-fn decide_one_pod_explain(bencher: Bencher, nodes: usize) {
+/// One 1-GPU pod (30,000 MiB, 30 % cores) decided over a half-full cluster.
+fn decide(bencher: Bencher, nodes: usize, mode: Mode) {
     let engine = Engine::default();
     let snapshot = cluster(nodes);
     let req = pod(
@@ -52,31 +51,24 @@ fn decide_one_pod_explain(bencher: Bencher, nodes: usize) {
         ],
     );
     bencher.bench_local(|| {
-        let d = engine.filter(black_box(&snapshot), &req, None, Mode::Explain);
+        let d = engine.filter(black_box(&snapshot), &req, None, mode);
         black_box(d.node.is_some())
     });
+}
+
+/// The extender's call: explain every rejected node.
+#[divan::bench(args = [1_000, 5_000, 10_000], sample_count = 30)]
+fn decide_one_pod_explain(bencher: Bencher, nodes: usize) {
+    decide(bencher, nodes, Mode::Explain);
 }
 
 /// The simulator's call: best node only.
 #[divan::bench(args = [1_000, 5_000, 10_000], sample_count = 30)]
 fn decide_one_pod_fast(bencher: Bencher, nodes: usize) {
-    let engine = Engine::default();
-    let snapshot = cluster(nodes);
-    let req = pod(
-        &engine,
-        &[
-            ("nvidia.com/gpu", 1),
-            ("nvidia.com/gpumem", 30000),
-            ("nvidia.com/gpucores", 30),
-        ],
-    );
-    bencher.bench_local(|| {
-        let d = engine.filter(black_box(&snapshot), &req, None, Mode::Fast);
-        black_box(d.node.is_some())
-    });
+    decide(bencher, nodes, Mode::Fast);
 }
 
-/// A 4-card pod that fits nowhere: the worst case, every node explained.
+/// An 8-card pod that fits nowhere: the worst case, every node explained.
 #[divan::bench(args = [10_000], sample_count = 10)]
 fn decide_unschedulable_pod_explain(bencher: Bencher, nodes: usize) {
     let engine = Engine::default();

@@ -257,16 +257,14 @@ pub fn simulate(
         if t > horizon {
             break;
         }
-        while next_sample <= t && next_sample <= horizon {
-            report.samples.push(sample(
-                &snapshot,
-                next_sample,
-                running,
-                pending.len() as u32,
-                median.as_ref(),
-            ));
-            next_sample += sample_step;
-        }
+        let until = t.min(horizon);
+        take_samples(
+            &mut report.samples,
+            &mut next_sample,
+            until,
+            sample_step,
+            || sample_now(&snapshot, running, pending.len() as u32, median.as_ref()),
+        );
         report.events += 1;
         if report.events.is_multiple_of(progress_step) {
             progress(report.events, total_events);
@@ -327,16 +325,13 @@ pub fn simulate(
             }
         }
     }
-    while next_sample <= horizon {
-        report.samples.push(sample(
-            &snapshot,
-            next_sample,
-            running,
-            pending.len() as u32,
-            median.as_ref(),
-        ));
-        next_sample += sample_step;
-    }
+    take_samples(
+        &mut report.samples,
+        &mut next_sample,
+        horizon,
+        sample_step,
+        || sample_now(&snapshot, running, pending.len() as u32, median.as_ref()),
+    );
     progress(total_events, total_events);
     summarize(&mut report, &pods, workload);
     Ok(report)
@@ -435,9 +430,26 @@ fn median_request(requests: &[PodRequest], workload: &Workload) -> Option<Contai
     None
 }
 
-fn sample(
+/// Records the state (as it is now) at every sample time up to `until`:
+/// nothing changed between the last event and now.
+fn take_samples(
+    samples: &mut Vec<Sample>,
+    next: &mut u64,
+    until: u64,
+    step: u64,
+    now: impl Fn() -> Sample,
+) {
+    while *next <= until {
+        samples.push(Sample {
+            time: *next,
+            ..now()
+        });
+        *next += step;
+    }
+}
+
+fn sample_now(
     snapshot: &Snapshot,
-    time: u64,
     running: u32,
     pending: u32,
     median: Option<&ContainerRequest>,
@@ -465,7 +477,7 @@ fn sample(
     }
     let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
     Sample {
-        time,
+        time: 0,
         slots: ratio(used_slots, slots),
         memory: ratio(used_mem, mem),
         cores: ratio(used_cores, cores),
