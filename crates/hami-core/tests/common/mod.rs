@@ -56,12 +56,15 @@ pub fn artifacts() -> &'static Artifacts {
     A.get_or_init(|| {
         let dir = build();
         let sim = dir.join("libsim_gpu.so");
-        let sim_dir = dir.join(format!("sim-lib-{}", std::process::id()));
+        // Several test binaries may get here at once: each link is made
+        // under a private name and renamed into place (atomic).
+        let sim_dir = dir.join("sim-lib");
         std::fs::create_dir_all(&sim_dir).unwrap();
         for name in ["libcuda.so.1", "libnvidia-ml.so.1"] {
-            let link = sim_dir.join(name);
-            let _ = std::fs::remove_file(&link);
-            std::os::unix::fs::symlink(&sim, &link).unwrap();
+            let tmp = sim_dir.join(format!("{name}.{}", std::process::id()));
+            let _ = std::fs::remove_file(&tmp);
+            std::os::unix::fs::symlink(&sim, &tmp).unwrap();
+            std::fs::rename(&tmp, sim_dir.join(name)).unwrap();
         }
         let a = Artifacts {
             vgpu: dir.join("libvgpu.so"),
