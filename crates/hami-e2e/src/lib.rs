@@ -1,1 +1,24 @@
-//! hami-e2e: a real control plane for tests.
+//! hami-e2e: a real Kubernetes control plane on loopback for the hami-rs
+//! end-to-end tests.
+//!
+//! [`cluster`] starts, once per test binary, etcd, kube-apiserver,
+//! hami-scheduler (the binary under test), kube-scheduler configured with
+//! our extender, and kwok (fake nodes and pods), with certificates made on
+//! the spot, and registers our MutatingWebhookConfiguration. Everything is
+//! stopped and its directory deleted when the test binary exits, panics
+//! included. Each test works in its own [`TestNs`]: a namespace plus nodes
+//! that only its pods can land on, deleted when the guard drops.
+//!
+//! The control-plane binaries come from `tests/e2e/build-k8s.sh`. When they
+//! are missing, [`cluster`] prints why and returns `None` so the test can
+//! skip, unless `HAMI_E2E_REQUIRE=1`, which turns a skip into a failure.
+//!
+//! Test support only: never a dependency of a shipped crate.
+
+mod certs;
+mod cluster;
+mod procs;
+mod testns;
+
+pub use cluster::{Cluster, cluster};
+pub use testns::{GpuNode, TestNs, wait_for};

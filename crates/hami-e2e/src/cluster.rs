@@ -1,0 +1,538 @@
+//! Starting and stopping the shared control plane.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use base64::Engine as _;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+use crate::certs::Pki;
+use crate::procs;
+
+/// The resources hami-scheduler manages, as kube-scheduler must know them.
+const MANAGED: &[&str] = &[
+    "nvidia.com/gpu",
+    "nvidia.com/gpumem",
+    "nvidia.com/gpumem-percentage",
+    "nvidia.com/gpucores",
+    "nvidia.com/priority",
+];
+
+/// A running control plane shared by the tests of one binary.
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub api_url: String,
+    pub kubeconfig: PathBuf,
+    pub ca_pem: String,
+    /// HTTPS port of hami-scheduler (extender, webhook, metrics).
+    pub scheduler_port: u16,
+    scheduler_bin: PathBuf,
+    scheduler_args: Vec<String>,
+    scheduler: Mutex<Option<Child>>,
+    scheduler_starts: Mutex<u32>,
+    _others: Mutex<Vec<Child>>,
+}
+
+static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
+
+/// Where the control-plane binaries are, or why there are none.
+pub fn binaries() -> Result<PathBuf, String> {
+    if let Some(dir) = std::env::var_os("HAMI_K8S_BIN") {
+        return Ok(PathBuf::from(dir));
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let script = root.join("tests/e2e/build-k8s.sh");
+    if !script.exists() {
+        return Err(format!("{} does not exist", script.display()));
+    }
+    let out = Command::new(&script)
+        .arg("--check")
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| format!("running {}: {e}", script.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "control-plane binaries not built (run tests/e2e/build-k8s.sh first): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let dir = stdout.lines().last().unwrap_or_default().trim();
+    if dir.is_empty() {
+        return Err("build-k8s.sh --check printed no directory".into());
+    }
+    Ok(PathBuf::from(dir))
+}
+
+/// The shared cluster of this test binary, started on first use with
+/// `scheduler_bin` as hami-scheduler. `None` (after printing why) when the
+/// control-plane binaries are not available; panics when they are but the
+/// cluster does not come up, or when HAMI_E2E_REQUIRE=1 and they are not.
+pub fn cluster(scheduler_bin: &str) -> Option<&'static Cluster> {
+    let r = CLUSTER.get_or_init(|| {
+        let bin = match binaries() {
+            Ok(b) => b,
+            Err(reason) => return Err(reason),
+        };
+        // Startup blocks; run it on its own thread so it does not matter
+        // which runtime (if any) the first test uses.
+        let scheduler_bin = PathBuf::from(scheduler_bin);
+        let started = std::thread::spawn(move || Cluster::start(&bin, &scheduler_bin))
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("cluster startup panicked")));
+        match started {
+            Ok(c) => Ok(c),
+            Err(e) => panic!("the e2e control plane did not start: {e:#}"),
+        }
+    });
+    match r {
+        Ok(c) => Some(c),
+        Err(reason) => {
+            if std::env::var("HAMI_E2E_REQUIRE").is_ok_and(|v| v == "1") {
+                panic!("HAMI_E2E_REQUIRE=1 but: {reason}");
+            }
+            eprintln!("SKIP e2e: {reason}");
+            None
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<PathBuf> {
+    let p = dir.join(name);
+    fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
+    Ok(p)
+}
+
+fn log_file(dir: &Path, name: &str) -> anyhow::Result<(Stdio, Stdio)> {
+    let f = fs::File::create(dir.join(format!("{name}.log")))?;
+    Ok((Stdio::from(f.try_clone()?), Stdio::from(f)))
+}
+
+fn start(dir: &Path, name: &str, bin: &Path, args: &[String]) -> anyhow::Result<Child> {
+    let (out, err) = log_file(dir, name)?;
+    let mut cmd = Command::new(bin);
+    cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+    procs::spawn(cmd).with_context(|| format!("starting {}", bin.display()))
+}
+
+/// Last lines of a component's log, for failure messages.
+pub fn tail(dir: &Path, name: &str, lines: usize) -> String {
+    let text = fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Polls a plain-HTTP GET until it answers 200.
+fn wait_http(port: u16, path: &str, what: &str, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let ok = (|| -> std::io::Result<bool> {
+            let mut s = TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+            let mut buf = String::new();
+            s.read_to_string(&mut buf)?;
+            Ok(buf.starts_with("HTTP/1.1 200") || buf.starts_with("HTTP/1.0 200"))
+        })()
+        .unwrap_or(false);
+        if ok {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{what} not ready after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A kube client for an arbitrary HTTPS endpoint signed by our CA (or any
+/// certificate when `insecure`), authenticated as admin.
+async fn https_client(
+    kubeconfig: &Path,
+    url: &str,
+    insecure: bool,
+) -> anyhow::Result<kube::Client> {
+    let kc = Kubeconfig::read_from(kubeconfig)?;
+    let mut config =
+        kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    config.cluster_url = url.parse()?;
+    config.accept_invalid_certs = insecure;
+    config.connect_timeout = Some(Duration::from_secs(2));
+    config.read_timeout = Some(Duration::from_secs(5));
+    Ok(kube::Client::try_from(config)?)
+}
+
+async fn wait_https(
+    kubeconfig: &Path,
+    url: &str,
+    path: &str,
+    insecure: bool,
+    what: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let client = https_client(kubeconfig, url, insecure).await?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let req = http::Request::get(path).body(Vec::new())?;
+        match client.request_text(req).await {
+            Ok(t) if t.trim() == "ok" => return Ok(()),
+            Ok(_) | Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Ok(t) => bail!("{what} not ready after {timeout:?}: {t}"),
+            Err(e) => bail!("{what} not ready after {timeout:?}: {e}"),
+        }
+    }
+}
+
+impl Cluster {
+    fn start(bin: &Path, scheduler_bin: &Path) -> anyhow::Result<Cluster> {
+        rustls::crypto::ring::default_provider()
+            .install_default()
+            .ok();
+        let dir = std::env::temp_dir().join(format!(
+            "hami-e2e-{}-{}",
+            std::process::id(),
+            jiff::Timestamp::now().as_millisecond()
+        ));
+        fs::create_dir_all(&dir)?;
+        procs::remove_at_exit(dir.clone());
+        let r = Cluster::start_in(&dir, bin, scheduler_bin);
+        if let Err(e) = &r {
+            let mut msg = format!("{e:#}\nlogs in {}", dir.display());
+            for c in [
+                "etcd",
+                "kube-apiserver",
+                "hami-scheduler",
+                "kube-scheduler",
+                "kwok",
+            ] {
+                msg.push_str(&format!("\n---- {c}\n{}", tail(&dir, c, 15)));
+            }
+            bail!(msg);
+        }
+        r
+    }
+
+    fn start_in(dir: &Path, bin: &Path, scheduler_bin: &Path) -> anyhow::Result<Cluster> {
+        let pki = Pki::generate()?;
+        let ca = write(dir, "ca.crt", &pki.ca.cert)?;
+        let api_crt = write(dir, "apiserver.crt", &pki.apiserver.cert)?;
+        let api_key = write(dir, "apiserver.key", &pki.apiserver.key)?;
+        let admin_crt = write(dir, "admin.crt", &pki.admin.cert)?;
+        let admin_key = write(dir, "admin.key", &pki.admin.key)?;
+        let sched_crt = write(dir, "scheduler.crt", &pki.scheduler.cert)?;
+        let sched_key = write(dir, "scheduler.key", &pki.scheduler.key)?;
+        let sa_key = write(dir, "sa.key", &pki.sa_key)?;
+        let sa_pub = write(dir, "sa.pub", &pki.sa_pub)?;
+        let (etcd_port, peer_port, api_port) = (free_port()?, free_port()?, free_port()?);
+        let (ks_port, kwok_port, hs_port) = (free_port()?, free_port()?, free_port()?);
+        let api_url = format!("https://127.0.0.1:{api_port}");
+        let kubeconfig = write(
+            dir,
+            "admin.kubeconfig",
+            &format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster:\n    server: {api_url}\n    certificate-authority: {}\nusers:\n- name: admin\n  user:\n    client-certificate: {}\n    client-key: {}\ncontexts:\n- name: e2e\n  context: {{cluster: e2e, user: admin}}\ncurrent-context: e2e\n",
+                ca.display(),
+                admin_crt.display(),
+                admin_key.display()
+            ),
+        )?;
+        let mut others = Vec::new();
+        let s = |v: &str| v.to_string();
+
+        // etcd
+        let etcd_data = dir.join("etcd-data");
+        others.push(start(
+            dir,
+            "etcd",
+            &bin.join("etcd"),
+            &[
+                s("--name=e2e"),
+                format!("--data-dir={}", etcd_data.display()),
+                format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"),
+                format!("--advertise-client-urls=http://127.0.0.1:{etcd_port}"),
+                format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"),
+                format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"),
+                format!("--initial-cluster=e2e=http://127.0.0.1:{peer_port}"),
+                s("--unsafe-no-fsync"),
+                s("--log-level=warn"),
+            ],
+        )?);
+        wait_http(etcd_port, "/health", "etcd", Duration::from_secs(30))?;
+
+        // kube-apiserver (flags as in tests/e2e/smoke-control-plane.sh)
+        others.push(start(
+            dir,
+            "kube-apiserver",
+            &bin.join("kube-apiserver"),
+            &[
+                format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
+                s("--bind-address=127.0.0.1"),
+                s("--advertise-address=127.0.0.1"),
+                format!("--secure-port={api_port}"),
+                format!("--tls-cert-file={}", api_crt.display()),
+                format!("--tls-private-key-file={}", api_key.display()),
+                format!("--client-ca-file={}", ca.display()),
+                format!("--requestheader-client-ca-file={}", ca.display()),
+                s("--requestheader-allowed-names=front-proxy-client"),
+                s("--requestheader-username-headers=X-Remote-User"),
+                s("--requestheader-group-headers=X-Remote-Group"),
+                s("--requestheader-extra-headers-prefix=X-Remote-Extra-"),
+                s("--authorization-mode=RBAC"),
+                s("--service-account-issuer=https://kubernetes.default.svc.cluster.local"),
+                format!("--service-account-key-file={}", sa_pub.display()),
+                format!("--service-account-signing-key-file={}", sa_key.display()),
+                s("--service-cluster-ip-range=10.96.0.0/16"),
+                s("--disable-admission-plugins=ServiceAccount,TaintNodesByCondition"),
+                s("--endpoint-reconciler-type=none"),
+                format!("--cert-dir={}", dir.join("apiserver-certs").display()),
+                s("--profiling=false"),
+                s("--max-requests-inflight=2000"),
+                s("--max-mutating-requests-inflight=1000"),
+            ],
+        )?);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(wait_https(
+            &kubeconfig,
+            &api_url,
+            "/readyz",
+            false,
+            "kube-apiserver",
+            Duration::from_secs(120),
+        ))?;
+
+        // hami-scheduler, the binary under test
+        let scheduler_args = vec![
+            format!("--bind-address=127.0.0.1:{hs_port}"),
+            format!("--tls-cert-file={}", sched_crt.display()),
+            format!("--tls-key-file={}", sched_key.display()),
+            format!("--kubeconfig={}", kubeconfig.display()),
+            s("--resync-period=1s"),
+        ];
+        let cluster = Cluster {
+            dir: dir.to_path_buf(),
+            api_url: api_url.clone(),
+            kubeconfig: kubeconfig.clone(),
+            ca_pem: pki.ca.cert.clone(),
+            scheduler_port: hs_port,
+            scheduler_bin: scheduler_bin.to_path_buf(),
+            scheduler_args,
+            scheduler: Mutex::new(None),
+            scheduler_starts: Mutex::new(0),
+            _others: Mutex::new(Vec::new()),
+        };
+        cluster.start_scheduler()?;
+        rt.block_on(cluster.wait_scheduler_ready(Duration::from_secs(60)))?;
+        rt.block_on(cluster.register_webhook())?;
+
+        // kube-scheduler with our extender
+        let ca_b64 = base64::engine::general_purpose::STANDARD.encode(&pki.ca.cert);
+        let managed: String = MANAGED
+            .iter()
+            .map(|r| format!("  - name: {r}\n    ignoredByScheduler: true\n"))
+            .collect();
+        let ks_config = write(
+            dir,
+            "kube-scheduler.yaml",
+            &format!(
+                "apiVersion: kubescheduler.config.k8s.io/v1\nkind: KubeSchedulerConfiguration\nclientConnection:\n  kubeconfig: {}\n  qps: 500\n  burst: 1000\nleaderElection:\n  leaderElect: false\nprofiles:\n- schedulerName: hami-scheduler\n- schedulerName: default-scheduler\nextenders:\n- urlPrefix: https://127.0.0.1:{hs_port}\n  filterVerb: filter\n  bindVerb: bind\n  enableHTTPS: true\n  tlsConfig:\n    caData: {ca_b64}\n  nodeCacheCapable: true\n  weight: 1\n  httpTimeout: 30s\n  managedResources:\n{managed}",
+                kubeconfig.display()
+            ),
+        )?;
+        others.push(start(
+            dir,
+            "kube-scheduler",
+            &bin.join("kube-scheduler"),
+            &[
+                format!("--config={}", ks_config.display()),
+                format!("--authentication-kubeconfig={}", kubeconfig.display()),
+                format!("--authorization-kubeconfig={}", kubeconfig.display()),
+                s("--bind-address=127.0.0.1"),
+                format!("--secure-port={ks_port}"),
+            ],
+        )?);
+        rt.block_on(wait_https(
+            &kubeconfig,
+            &format!("https://127.0.0.1:{ks_port}"),
+            "/readyz",
+            true,
+            "kube-scheduler",
+            Duration::from_secs(60),
+        ))?;
+
+        // kwok: fakes the nodes annotated kwok.x-k8s.io/node=fake and their pods
+        let kwok_config = write(
+            dir,
+            "kwok.yaml",
+            "apiVersion: config.kwok.x-k8s.io/v1alpha1\nkind: KwokConfiguration\noptions: {}\n",
+        )?;
+        others.push(start(
+            dir,
+            "kwok",
+            &bin.join("kwok"),
+            &[
+                format!("--kubeconfig={}", kubeconfig.display()),
+                s("--manage-all-nodes=false"),
+                s("--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake"),
+                s("--node-lease-duration-seconds=40"),
+                format!("--server-address=127.0.0.1:{kwok_port}"),
+                format!("--config={}", kwok_config.display()),
+            ],
+        )?);
+        wait_http(kwok_port, "/healthz", "kwok", Duration::from_secs(30))?;
+        *cluster._others.lock().unwrap_or_else(|e| e.into_inner()) = others;
+        Ok(cluster)
+    }
+
+    /// A fresh client (one per test: clients are bound to the runtime that
+    /// made them, and every test has its own).
+    pub async fn client(&self) -> kube::Client {
+        let kc = Kubeconfig::read_from(&self.kubeconfig).expect("reading the e2e kubeconfig");
+        let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .expect("e2e kubeconfig");
+        kube::Client::try_from(config).expect("e2e client")
+    }
+
+    /// A client for hami-scheduler's own HTTPS endpoint.
+    pub async fn scheduler_client(&self) -> kube::Client {
+        https_client(
+            &self.kubeconfig,
+            &format!("https://127.0.0.1:{}", self.scheduler_port),
+            false,
+        )
+        .await
+        .expect("scheduler client")
+    }
+
+    /// GET a path of hami-scheduler (e.g. `/metrics`) as text.
+    pub async fn scheduler_get(&self, path: &str) -> Result<String, kube::Error> {
+        let req = http::Request::get(path)
+            .body(Vec::new())
+            .expect("a valid request");
+        self.scheduler_client().await.request_text(req).await
+    }
+
+    /// Starts hami-scheduler (again).
+    pub fn start_scheduler(&self) -> anyhow::Result<()> {
+        let mut n = self
+            .scheduler_starts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *n += 1;
+        let name = if *n == 1 {
+            "hami-scheduler".to_string()
+        } else {
+            format!("hami-scheduler-{n}")
+        };
+        let mut cmd_args = self.scheduler_args.clone();
+        cmd_args.retain(|a| !a.is_empty());
+        let child = start(&self.dir, &name, &self.scheduler_bin, &cmd_args)?;
+        *self.scheduler.lock().unwrap_or_else(|e| e.into_inner()) = Some(child);
+        Ok(())
+    }
+
+    /// Kills hami-scheduler with SIGKILL (a crash, not a clean stop).
+    pub fn kill_scheduler(&self) {
+        if let Some(mut c) = self
+            .scheduler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            procs::kill(&mut c);
+        }
+    }
+
+    /// Waits until hami-scheduler's /readyz says ok.
+    pub async fn wait_scheduler_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        wait_https(
+            &self.kubeconfig,
+            &format!("https://127.0.0.1:{}", self.scheduler_port),
+            "/readyz",
+            false,
+            "hami-scheduler",
+            timeout,
+        )
+        .await
+    }
+
+    /// The last lines of hami-scheduler's log (all runs).
+    pub fn scheduler_log_tail(&self, lines: usize) -> String {
+        tail(&self.dir, "hami-scheduler", lines)
+    }
+
+    async fn register_webhook(&self) -> anyhow::Result<()> {
+        use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+        let client = self.client().await;
+        let ca_b64 = base64::engine::general_purpose::STANDARD.encode(&self.ca_pem);
+        let selector = serde_json::json!({"matchExpressions": [
+            {"key": "hami.io/webhook", "operator": "NotIn", "values": ["ignore"]}
+        ]});
+        let cfg: MutatingWebhookConfiguration = serde_json::from_value(serde_json::json!({
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": "hami-webhook"},
+            "webhooks": [{
+                "name": "vgpu.hami.io",
+                "admissionReviewVersions": ["v1", "v1beta1"],
+                "clientConfig": {
+                    "url": format!("https://127.0.0.1:{}/webhook", self.scheduler_port),
+                    "caBundle": ca_b64,
+                },
+                "failurePolicy": "Ignore",
+                "sideEffects": "None",
+                "timeoutSeconds": 10,
+                "namespaceSelector": selector,
+                "objectSelector": selector,
+                "rules": [{
+                    "apiGroups": [""],
+                    "apiVersions": ["v1"],
+                    "operations": ["CREATE"],
+                    "resources": ["pods"],
+                    "scope": "*",
+                }],
+            }],
+        }))?;
+        let api: kube::Api<MutatingWebhookConfiguration> = kube::Api::all(client.clone());
+        api.create(&Default::default(), &cfg).await?;
+        // The API server picks the configuration up asynchronously: probe
+        // with a dry-run pod until the webhook mutates it.
+        let probe: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "webhook-probe", "namespace": "default"},
+            "spec": {"containers": [{"name": "c", "image": "fake",
+                "resources": {"limits": {"nvidia.com/gpumem": "1"}}}]},
+        }))?;
+        let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+            kube::Api::namespaced(client, "default");
+        let dry = kube::api::PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = pods.create(&dry, &probe).await?;
+            if out.spec.and_then(|s| s.scheduler_name).as_deref() == Some("hami-scheduler") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the webhook is registered but pods are not mutated after 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
