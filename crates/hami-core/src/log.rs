@@ -11,11 +11,28 @@ pub(crate) const WARN: u8 = 1;
 pub(crate) const INFO: u8 = 3;
 pub(crate) const DEBUG: u8 = 4;
 
-/// Current level; 2 (the default) shows errors and warnings.
-pub(crate) static LEVEL: AtomicU8 = AtomicU8::new(2);
+/// Current level; 2 (the default) shows errors and warnings. `UNSET` until
+/// the first message, which reads `LIBCUDA_LOG_LEVEL` with `getenv` (no
+/// allocation), so messages before the interposer's initialisation obey it.
+pub(crate) static LEVEL: AtomicU8 = AtomicU8::new(UNSET);
+const UNSET: u8 = u8::MAX;
 
 pub(crate) fn enabled(level: u8) -> bool {
-    level <= LEVEL.load(Relaxed)
+    let mut current = LEVEL.load(Relaxed);
+    if current == UNSET {
+        // SAFETY: NUL-terminated name; the value is read immediately.
+        let v = unsafe { libc::getenv(c"LIBCUDA_LOG_LEVEL".as_ptr()) };
+        current = 2;
+        if !v.is_null() {
+            // SAFETY: getenv returns a NUL-terminated string.
+            let s = unsafe { std::ffi::CStr::from_ptr(v) }.to_bytes();
+            if let [d @ b'0'..=b'4'] = s {
+                current = d - b'0';
+            }
+        }
+        LEVEL.store(current, Relaxed);
+    }
+    level <= current
 }
 
 struct StackBuf {

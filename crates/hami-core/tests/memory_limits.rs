@@ -175,6 +175,31 @@ fn limits_hold_on_every_resolution_path() {
     }
 }
 
+/// A request the version table cannot vouch for (here a pretend CUDA 13
+/// `cuMemAlloc_v3`) gets the driver's own function, never a hook with a
+/// guessed signature, and a warning says so.
+#[test]
+fn unknown_entry_point_versions_are_passed_through_not_guessed() {
+    let s = Scratch::new("future");
+    let env = [
+        LIMIT_1000M,
+        ("HAMI_PROBE_RESOLVE", "procaddr"),
+        ("HAMI_PROBE_CUDA_VERSION", "13000"),
+    ];
+    let out = probe(
+        &s,
+        &env,
+        &["init", "alloc", "1500m", "async", "900m", "async", "200m"],
+    );
+    assert_eq!(out.rcs(), vec![0, 0, 0, OOM], "{:?}", out.lines);
+    assert!(
+        out.stderr
+            .contains("other than cuMemAlloc_v2; not intercepted"),
+        "{}",
+        out.stderr
+    );
+}
+
 #[test]
 fn disabled_mode_forwards_everything() {
     let s = Scratch::new("disabled");

@@ -4,7 +4,15 @@
 
 mod common;
 use common::*;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+/// Timing tests run one at a time: on a small CI machine, parallel tests
+/// would starve each other of CPU and the device of work.
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Runs `busy` launches of `us`-microsecond kernels for `ms` and returns the
 /// achieved share of device time in percent.
@@ -30,6 +38,7 @@ fn assert_near(got: f64, want: f64, what: &str) {
 
 #[test]
 fn thirty_and_sixty_percent() {
+    let _serial = serial();
     for q in ["30", "60"] {
         let s = Scratch::new(&format!("pace-{q}"));
         let got = share(&s, &[("CUDA_DEVICE_SM_LIMIT", q)], "busy", "3000", "1000");
@@ -39,6 +48,7 @@ fn thirty_and_sixty_percent() {
 
 #[test]
 fn unlimited_is_not_paced() {
+    let _serial = serial();
     let s = Scratch::new("pace-none");
     let got = share(&s, &[], "busy", "1000", "1000");
     assert!(got > 95.0, "unpaced share {got:.1}%");
@@ -58,6 +68,7 @@ fn unlimited_is_not_paced() {
 
 #[test]
 fn every_launch_path_is_paced() {
+    let _serial = serial();
     // A fixed number of launches; the share is measured over the run.
     for (cmd, n, resolve, ptds) in [
         ("launch-ex", "600", "dlsym", "0"),
@@ -85,6 +96,7 @@ fn every_launch_path_is_paced() {
 
 #[test]
 fn two_processes_share_one_quota() {
+    let _serial = serial();
     let s = Scratch::new("pace-two");
     let env = [("CUDA_DEVICE_SM_LIMIT", "50")];
     let kids: Vec<_> = (0..2)
@@ -104,6 +116,7 @@ fn two_processes_share_one_quota() {
 
 #[test]
 fn low_priority_pauses_while_suspended_and_resumes() {
+    let _serial = serial();
     let s = Scratch::new("priority");
     let region = hami_shm::region::SharedRegion::open(&s.region()).unwrap();
     region.set_low_priority_suspended(true);
@@ -145,6 +158,7 @@ fn low_priority_pauses_while_suspended_and_resumes() {
 
 #[test]
 fn quota_changes_while_running() {
+    let _serial = serial();
     let s = Scratch::new("pace-live");
     let child = spawn(
         &s,

@@ -220,6 +220,20 @@ pub extern "C" fn cuMemAlloc_v2(p: *mut u64, size: usize) -> CUresult {
     alloc_into(p, current_device(), size as u64, Kind::Linear)
 }
 
+/// A pretend future entry point (CUDA "13.0"), so tests can check that the
+/// interposer never hands a hook for a version it does not know.
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemAlloc_v3(p: *mut u64, size: usize) -> CUresult {
+    // Its own body (the linker would fold an identical copy of
+    // cuMemAlloc_v2 into the same address): sizes round up to 2 MiB pages.
+    alloc_into(
+        p,
+        current_device(),
+        (size as u64).div_ceil(2 << 20) * (2 << 20),
+        Kind::Linear,
+    )
+}
+
 #[unsafe(no_mangle)]
 pub extern "C" fn cuMemAllocPitch_v2(
     p: *mut u64,
@@ -948,6 +962,7 @@ const TABLE: &[(&str, c_int, bool, &str)] = &[
     ("cuCtxGetDevice", 2000, false, "cuCtxGetDevice"),
     ("cuCtxSynchronize", 2000, false, "cuCtxSynchronize"),
     ("cuMemAlloc", 3020, false, "cuMemAlloc_v2"),
+    ("cuMemAlloc", 13000, false, "cuMemAlloc_v3"),
     ("cuMemAllocPitch", 3020, false, "cuMemAllocPitch_v2"),
     ("cuMemAllocManaged", 6000, false, "cuMemAllocManaged"),
     ("cuMemFree", 3020, false, "cuMemFree_v2"),

@@ -8,6 +8,8 @@
 //! `procaddr` (`cuGetProcAddress_v2`, like the CUDA runtime since 12.0, with
 //! per-thread default streams when `HAMI_PROBE_PTDS=1`) or `default`
 //! (`dlsym(RTLD_DEFAULT)`, what a program linked against libcuda gets).
+//! `HAMI_PROBE_CUDA_VERSION` is the version asked of `cuGetProcAddress`
+//! (default 12040).
 
 use std::ffi::{CString, c_char, c_int, c_uint, c_void};
 use std::io::Write;
@@ -40,7 +42,11 @@ impl Api {
                     let b = CString::new(base(name)).expect("no NUL");
                     let mut p = std::ptr::null_mut();
                     let flags = if self.ptds { 2 } else { 0 };
-                    gpa(b.as_ptr(), &mut p, 12040, flags, std::ptr::null_mut());
+                    let version = std::env::var("HAMI_PROBE_CUDA_VERSION")
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(12040);
+                    gpa(b.as_ptr(), &mut p, version, flags, std::ptr::null_mut());
                     p
                 }
                 _ if name.starts_with("nvml") => libc::dlsym(self.nvml, c.as_ptr()),
