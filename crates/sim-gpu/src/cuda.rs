@@ -929,193 +929,532 @@ pub unsafe extern "C" fn cuEventElapsedTime(ms: *mut f32, start: u64, end: u64) 
 /// `CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM`.
 const PTDS: u64 = 2;
 
-/// (name asked for, first CUDA version, per-thread-stream variant?, symbol).
+/// One versioned entry point: name asked for, first CUDA version,
+/// per-thread-stream variant?, symbol name, address.
+/// The symbol name is only read by the unit tests; it keeps the table legible.
+#[cfg_attr(not(test), allow(dead_code))]
+struct Entry(&'static str, c_int, bool, &'static str, *const ());
+
+// SAFETY: function addresses only.
+unsafe impl Sync for Entry {}
+
+/// The versioned entry points, as the real driver keeps them: addresses are
+/// taken directly (like a driver's internal table), not looked up with
+/// `dlsym`, which an interposer may override.
 /// Mirrors how the real driver versions its entry points: the newest entry
 /// whose version is at most the caller's wins; the `_ptsz`/`_ptds` entry
 /// only when the caller asks for per-thread default streams.
-const TABLE: &[(&str, c_int, bool, &str)] = &[
-    ("cuInit", 2000, false, "cuInit"),
-    ("cuDriverGetVersion", 2020, false, "cuDriverGetVersion"),
-    ("cuDeviceGet", 2000, false, "cuDeviceGet"),
-    ("cuDeviceGetCount", 2000, false, "cuDeviceGetCount"),
-    ("cuDeviceGetName", 2000, false, "cuDeviceGetName"),
-    ("cuDeviceGetUuid", 9020, false, "cuDeviceGetUuid"),
-    ("cuDeviceGetUuid", 11040, false, "cuDeviceGetUuid_v2"),
-    ("cuDeviceTotalMem", 3020, false, "cuDeviceTotalMem_v2"),
-    ("cuDeviceGetAttribute", 2000, false, "cuDeviceGetAttribute"),
-    (
+static TABLE: &[Entry] = &[
+    Entry("cuInit", 2000, false, "cuInit", cuInit as *const ()),
+    Entry(
+        "cuDriverGetVersion",
+        2020,
+        false,
+        "cuDriverGetVersion",
+        cuDriverGetVersion as *const (),
+    ),
+    Entry(
+        "cuDeviceGet",
+        2000,
+        false,
+        "cuDeviceGet",
+        cuDeviceGet as *const (),
+    ),
+    Entry(
+        "cuDeviceGetCount",
+        2000,
+        false,
+        "cuDeviceGetCount",
+        cuDeviceGetCount as *const (),
+    ),
+    Entry(
+        "cuDeviceGetName",
+        2000,
+        false,
+        "cuDeviceGetName",
+        cuDeviceGetName as *const (),
+    ),
+    Entry(
+        "cuDeviceGetUuid",
+        9020,
+        false,
+        "cuDeviceGetUuid",
+        cuDeviceGetUuid as *const (),
+    ),
+    Entry(
+        "cuDeviceGetUuid",
+        11040,
+        false,
+        "cuDeviceGetUuid_v2",
+        cuDeviceGetUuid_v2 as *const (),
+    ),
+    Entry(
+        "cuDeviceTotalMem",
+        3020,
+        false,
+        "cuDeviceTotalMem_v2",
+        cuDeviceTotalMem_v2 as *const (),
+    ),
+    Entry(
+        "cuDeviceGetAttribute",
+        2000,
+        false,
+        "cuDeviceGetAttribute",
+        cuDeviceGetAttribute as *const (),
+    ),
+    Entry(
         "cuDevicePrimaryCtxRetain",
         7000,
         false,
         "cuDevicePrimaryCtxRetain",
+        cuDevicePrimaryCtxRetain as *const (),
     ),
-    (
+    Entry(
         "cuDevicePrimaryCtxRelease",
         11000,
         false,
         "cuDevicePrimaryCtxRelease_v2",
+        cuDevicePrimaryCtxRelease_v2 as *const (),
     ),
-    ("cuCtxCreate", 3020, false, "cuCtxCreate_v2"),
-    ("cuCtxDestroy", 4000, false, "cuCtxDestroy_v2"),
-    ("cuCtxSetCurrent", 4000, false, "cuCtxSetCurrent"),
-    ("cuCtxGetCurrent", 4000, false, "cuCtxGetCurrent"),
-    ("cuCtxGetDevice", 2000, false, "cuCtxGetDevice"),
-    ("cuCtxSynchronize", 2000, false, "cuCtxSynchronize"),
-    ("cuMemAlloc", 3020, false, "cuMemAlloc_v2"),
-    ("cuMemAlloc", 13000, false, "cuMemAlloc_v3"),
-    ("cuMemAllocPitch", 3020, false, "cuMemAllocPitch_v2"),
-    ("cuMemAllocManaged", 6000, false, "cuMemAllocManaged"),
-    ("cuMemFree", 3020, false, "cuMemFree_v2"),
-    ("cuMemGetInfo", 3020, false, "cuMemGetInfo_v2"),
-    (
+    Entry(
+        "cuCtxCreate",
+        3020,
+        false,
+        "cuCtxCreate_v2",
+        cuCtxCreate_v2 as *const (),
+    ),
+    Entry(
+        "cuCtxDestroy",
+        4000,
+        false,
+        "cuCtxDestroy_v2",
+        cuCtxDestroy_v2 as *const (),
+    ),
+    Entry(
+        "cuCtxSetCurrent",
+        4000,
+        false,
+        "cuCtxSetCurrent",
+        cuCtxSetCurrent as *const (),
+    ),
+    Entry(
+        "cuCtxGetCurrent",
+        4000,
+        false,
+        "cuCtxGetCurrent",
+        cuCtxGetCurrent as *const (),
+    ),
+    Entry(
+        "cuCtxGetDevice",
+        2000,
+        false,
+        "cuCtxGetDevice",
+        cuCtxGetDevice as *const (),
+    ),
+    Entry(
+        "cuCtxSynchronize",
+        2000,
+        false,
+        "cuCtxSynchronize",
+        cuCtxSynchronize as *const (),
+    ),
+    Entry(
+        "cuMemAlloc",
+        3020,
+        false,
+        "cuMemAlloc_v2",
+        cuMemAlloc_v2 as *const (),
+    ),
+    Entry(
+        "cuMemAlloc",
+        13000,
+        false,
+        "cuMemAlloc_v3",
+        cuMemAlloc_v3 as *const (),
+    ),
+    Entry(
+        "cuMemAllocPitch",
+        3020,
+        false,
+        "cuMemAllocPitch_v2",
+        cuMemAllocPitch_v2 as *const (),
+    ),
+    Entry(
+        "cuMemAllocManaged",
+        6000,
+        false,
+        "cuMemAllocManaged",
+        cuMemAllocManaged as *const (),
+    ),
+    Entry(
+        "cuMemFree",
+        3020,
+        false,
+        "cuMemFree_v2",
+        cuMemFree_v2 as *const (),
+    ),
+    Entry(
+        "cuMemGetInfo",
+        3020,
+        false,
+        "cuMemGetInfo_v2",
+        cuMemGetInfo_v2 as *const (),
+    ),
+    Entry(
         "cuMemGetAddressRange",
         3020,
         false,
         "cuMemGetAddressRange_v2",
+        cuMemGetAddressRange_v2 as *const (),
     ),
-    ("cuMemAllocAsync", 11020, false, "cuMemAllocAsync"),
-    ("cuMemAllocAsync", 11020, true, "cuMemAllocAsync_ptsz"),
-    ("cuMemFreeAsync", 11020, false, "cuMemFreeAsync"),
-    ("cuMemFreeAsync", 11020, true, "cuMemFreeAsync_ptsz"),
-    (
+    Entry(
+        "cuMemAllocAsync",
+        11020,
+        false,
+        "cuMemAllocAsync",
+        cuMemAllocAsync as *const (),
+    ),
+    Entry(
+        "cuMemAllocAsync",
+        11020,
+        true,
+        "cuMemAllocAsync_ptsz",
+        cuMemAllocAsync_ptsz as *const (),
+    ),
+    Entry(
+        "cuMemFreeAsync",
+        11020,
+        false,
+        "cuMemFreeAsync",
+        cuMemFreeAsync as *const (),
+    ),
+    Entry(
+        "cuMemFreeAsync",
+        11020,
+        true,
+        "cuMemFreeAsync_ptsz",
+        cuMemFreeAsync_ptsz as *const (),
+    ),
+    Entry(
         "cuMemAllocFromPoolAsync",
         11020,
         false,
         "cuMemAllocFromPoolAsync",
+        cuMemAllocFromPoolAsync as *const (),
     ),
-    (
+    Entry(
         "cuMemAllocFromPoolAsync",
         11020,
         true,
         "cuMemAllocFromPoolAsync_ptsz",
+        cuMemAllocFromPoolAsync_ptsz as *const (),
     ),
-    (
+    Entry(
         "cuDeviceGetDefaultMemPool",
         11020,
         false,
         "cuDeviceGetDefaultMemPool",
+        cuDeviceGetDefaultMemPool as *const (),
     ),
-    ("cuMemPoolTrimTo", 11020, false, "cuMemPoolTrimTo"),
-    ("cuMemCreate", 10020, false, "cuMemCreate"),
-    ("cuMemRelease", 10020, false, "cuMemRelease"),
-    ("cuArrayCreate", 3020, false, "cuArrayCreate_v2"),
-    ("cuArray3DCreate", 3020, false, "cuArray3DCreate_v2"),
-    ("cuArrayDestroy", 2000, false, "cuArrayDestroy"),
-    (
+    Entry(
+        "cuMemPoolTrimTo",
+        11020,
+        false,
+        "cuMemPoolTrimTo",
+        cuMemPoolTrimTo as *const (),
+    ),
+    Entry(
+        "cuMemCreate",
+        10020,
+        false,
+        "cuMemCreate",
+        cuMemCreate as *const (),
+    ),
+    Entry(
+        "cuMemRelease",
+        10020,
+        false,
+        "cuMemRelease",
+        cuMemRelease as *const (),
+    ),
+    Entry(
+        "cuArrayCreate",
+        3020,
+        false,
+        "cuArrayCreate_v2",
+        cuArrayCreate_v2 as *const (),
+    ),
+    Entry(
+        "cuArray3DCreate",
+        3020,
+        false,
+        "cuArray3DCreate_v2",
+        cuArray3DCreate_v2 as *const (),
+    ),
+    Entry(
+        "cuArrayDestroy",
+        2000,
+        false,
+        "cuArrayDestroy",
+        cuArrayDestroy as *const (),
+    ),
+    Entry(
         "cuMipmappedArrayCreate",
         5000,
         false,
         "cuMipmappedArrayCreate",
+        cuMipmappedArrayCreate as *const (),
     ),
-    (
+    Entry(
         "cuMipmappedArrayDestroy",
         5000,
         false,
         "cuMipmappedArrayDestroy",
+        cuMipmappedArrayDestroy as *const (),
     ),
-    ("cuIpcGetMemHandle", 4010, false, "cuIpcGetMemHandle"),
-    ("cuIpcOpenMemHandle", 11000, false, "cuIpcOpenMemHandle_v2"),
-    ("cuIpcCloseMemHandle", 4010, false, "cuIpcCloseMemHandle"),
-    (
+    Entry(
+        "cuIpcGetMemHandle",
+        4010,
+        false,
+        "cuIpcGetMemHandle",
+        cuIpcGetMemHandle as *const (),
+    ),
+    Entry(
+        "cuIpcOpenMemHandle",
+        11000,
+        false,
+        "cuIpcOpenMemHandle_v2",
+        cuIpcOpenMemHandle_v2 as *const (),
+    ),
+    Entry(
+        "cuIpcCloseMemHandle",
+        4010,
+        false,
+        "cuIpcCloseMemHandle",
+        cuIpcCloseMemHandle as *const (),
+    ),
+    Entry(
         "cuImportExternalMemory",
         10000,
         false,
         "cuImportExternalMemory",
+        cuImportExternalMemory as *const (),
     ),
-    (
+    Entry(
         "cuDestroyExternalMemory",
         10000,
         false,
         "cuDestroyExternalMemory",
+        cuDestroyExternalMemory as *const (),
     ),
-    ("cuGraphCreate", 10000, false, "cuGraphCreate"),
-    (
+    Entry(
+        "cuGraphCreate",
+        10000,
+        false,
+        "cuGraphCreate",
+        cuGraphCreate as *const (),
+    ),
+    Entry(
         "cuGraphAddMemAllocNode",
         11040,
         false,
         "cuGraphAddMemAllocNode",
+        cuGraphAddMemAllocNode as *const (),
     ),
-    ("cuGraphDestroy", 10000, false, "cuGraphDestroy"),
-    (
+    Entry(
+        "cuGraphDestroy",
+        10000,
+        false,
+        "cuGraphDestroy",
+        cuGraphDestroy as *const (),
+    ),
+    Entry(
         "cuGraphInstantiateWithFlags",
         11040,
         false,
         "cuGraphInstantiateWithFlags",
+        cuGraphInstantiateWithFlags as *const (),
     ),
-    ("cuGraphLaunch", 10000, false, "cuGraphLaunch"),
-    ("cuGraphLaunch", 10000, true, "cuGraphLaunch_ptsz"),
-    ("cuModuleLoadData", 2000, false, "cuModuleLoadData"),
-    ("cuModuleGetFunction", 2000, false, "cuModuleGetFunction"),
-    ("cuLaunchKernel", 4000, false, "cuLaunchKernel"),
-    ("cuLaunchKernel", 7000, true, "cuLaunchKernel_ptsz"),
-    ("cuLaunchKernelEx", 11060, false, "cuLaunchKernelEx"),
-    ("cuLaunchKernelEx", 11060, true, "cuLaunchKernelEx_ptsz"),
-    (
+    Entry(
+        "cuGraphLaunch",
+        10000,
+        false,
+        "cuGraphLaunch",
+        cuGraphLaunch as *const (),
+    ),
+    Entry(
+        "cuGraphLaunch",
+        10000,
+        true,
+        "cuGraphLaunch_ptsz",
+        cuGraphLaunch_ptsz as *const (),
+    ),
+    Entry(
+        "cuModuleLoadData",
+        2000,
+        false,
+        "cuModuleLoadData",
+        cuModuleLoadData as *const (),
+    ),
+    Entry(
+        "cuModuleGetFunction",
+        2000,
+        false,
+        "cuModuleGetFunction",
+        cuModuleGetFunction as *const (),
+    ),
+    Entry(
+        "cuLaunchKernel",
+        4000,
+        false,
+        "cuLaunchKernel",
+        cuLaunchKernel as *const (),
+    ),
+    Entry(
+        "cuLaunchKernel",
+        7000,
+        true,
+        "cuLaunchKernel_ptsz",
+        cuLaunchKernel_ptsz as *const (),
+    ),
+    Entry(
+        "cuLaunchKernelEx",
+        11060,
+        false,
+        "cuLaunchKernelEx",
+        cuLaunchKernelEx as *const (),
+    ),
+    Entry(
+        "cuLaunchKernelEx",
+        11060,
+        true,
+        "cuLaunchKernelEx_ptsz",
+        cuLaunchKernelEx_ptsz as *const (),
+    ),
+    Entry(
         "cuLaunchCooperativeKernel",
         9000,
         false,
         "cuLaunchCooperativeKernel",
+        cuLaunchCooperativeKernel as *const (),
     ),
-    (
+    Entry(
         "cuLaunchCooperativeKernel",
         9000,
         true,
         "cuLaunchCooperativeKernel_ptsz",
+        cuLaunchCooperativeKernel_ptsz as *const (),
     ),
-    ("cuStreamCreate", 2000, false, "cuStreamCreate"),
-    ("cuStreamDestroy", 4000, false, "cuStreamDestroy_v2"),
-    ("cuStreamSynchronize", 2000, false, "cuStreamSynchronize"),
-    (
+    Entry(
+        "cuStreamCreate",
+        2000,
+        false,
+        "cuStreamCreate",
+        cuStreamCreate as *const (),
+    ),
+    Entry(
+        "cuStreamDestroy",
+        4000,
+        false,
+        "cuStreamDestroy_v2",
+        cuStreamDestroy_v2 as *const (),
+    ),
+    Entry(
+        "cuStreamSynchronize",
+        2000,
+        false,
+        "cuStreamSynchronize",
+        cuStreamSynchronize as *const (),
+    ),
+    Entry(
         "cuStreamSynchronize",
         7000,
         true,
         "cuStreamSynchronize_ptsz",
+        cuStreamSynchronize_ptsz as *const (),
     ),
-    ("cuEventCreate", 2000, false, "cuEventCreate"),
-    ("cuEventRecord", 2000, false, "cuEventRecord"),
-    ("cuEventRecord", 7000, true, "cuEventRecord_ptsz"),
-    ("cuEventQuery", 2000, false, "cuEventQuery"),
-    ("cuEventSynchronize", 2000, false, "cuEventSynchronize"),
-    ("cuEventElapsedTime", 2000, false, "cuEventElapsedTime"),
-    ("cuEventDestroy", 4000, false, "cuEventDestroy_v2"),
-    ("cuGetProcAddress", 11030, false, "cuGetProcAddress"),
-    ("cuGetProcAddress", 12000, false, "cuGetProcAddress_v2"),
+    Entry(
+        "cuEventCreate",
+        2000,
+        false,
+        "cuEventCreate",
+        cuEventCreate as *const (),
+    ),
+    Entry(
+        "cuEventRecord",
+        2000,
+        false,
+        "cuEventRecord",
+        cuEventRecord as *const (),
+    ),
+    Entry(
+        "cuEventRecord",
+        7000,
+        true,
+        "cuEventRecord_ptsz",
+        cuEventRecord_ptsz as *const (),
+    ),
+    Entry(
+        "cuEventQuery",
+        2000,
+        false,
+        "cuEventQuery",
+        cuEventQuery as *const (),
+    ),
+    Entry(
+        "cuEventSynchronize",
+        2000,
+        false,
+        "cuEventSynchronize",
+        cuEventSynchronize as *const (),
+    ),
+    Entry(
+        "cuEventElapsedTime",
+        2000,
+        false,
+        "cuEventElapsedTime",
+        cuEventElapsedTime as *const (),
+    ),
+    Entry(
+        "cuEventDestroy",
+        4000,
+        false,
+        "cuEventDestroy_v2",
+        cuEventDestroy_v2 as *const (),
+    ),
+    Entry(
+        "cuGetProcAddress",
+        11030,
+        false,
+        "cuGetProcAddress",
+        cuGetProcAddress as *const (),
+    ),
+    Entry(
+        "cuGetProcAddress",
+        12000,
+        false,
+        "cuGetProcAddress_v2",
+        cuGetProcAddress_v2 as *const (),
+    ),
 ];
 
 /// The symbol the driver would hand out for (`name`, `version`, `flags`).
-pub fn resolve(name: &str, version: c_int, flags: u64) -> Option<&'static str> {
+#[cfg(test)]
+fn resolve(name: &str, version: c_int, flags: u64) -> Option<&'static str> {
+    entry(name, version, flags).map(|e| e.3)
+}
+
+fn entry(name: &str, version: c_int, flags: u64) -> Option<&'static Entry> {
     let fits = |ptds: bool| {
         TABLE
             .iter()
             .filter(|e| e.0 == name && e.1 <= version && e.2 == ptds)
             .max_by_key(|e| e.1)
-            .map(|e| e.3)
     };
     if flags & PTDS != 0 {
         fits(true).or_else(|| fits(false))
     } else {
         fits(false)
-    }
-}
-
-/// Our own address of `symbol` (an exported function of this library).
-fn self_symbol(symbol: &str) -> *mut c_void {
-    let mut name = symbol.as_bytes().to_vec();
-    name.push(0);
-    // SAFETY: dladdr on one of our own functions identifies this library;
-    // dlopen(NOLOAD) of that file returns a handle to it without loading.
-    unsafe {
-        let mut info: libc::Dl_info = std::mem::zeroed();
-        if libc::dladdr(cuInit as *const c_void, &mut info) == 0 || info.dli_fname.is_null() {
-            return std::ptr::null_mut();
-        }
-        let h = libc::dlopen(info.dli_fname, libc::RTLD_NOW | libc::RTLD_NOLOAD);
-        if h.is_null() {
-            return std::ptr::null_mut();
-        }
-        let p = libc::dlsym(h, name.as_ptr().cast());
-        libc::dlclose(h);
-        p
     }
 }
 
@@ -1133,9 +1472,7 @@ unsafe fn get_proc_address(
     let name = unsafe { std::ffi::CStr::from_ptr(sym) }
         .to_str()
         .unwrap_or("");
-    let found = resolve(name, version, flags)
-        .map(self_symbol)
-        .filter(|p| !p.is_null());
+    let found = entry(name, version, flags).map(|e| e.4 as *mut c_void);
     // SAFETY: checked non-null; `status` optional.
     unsafe {
         *pfn = found.unwrap_or(std::ptr::null_mut());
