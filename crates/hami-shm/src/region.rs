@@ -227,6 +227,16 @@ impl SharedRegion {
     /// Safe to call from hundreds of processes at once: initialisation only
     /// writes constants, and publishes the magic last.
     pub fn open(path: &Path) -> Result<SharedRegion, RegionError> {
+        Self::open_with(path, libc::O_CREAT)
+    }
+
+    /// Opens an existing region without creating one (the node monitor,
+    /// which must not create files in a container's directory).
+    pub fn open_existing(path: &Path) -> Result<SharedRegion, RegionError> {
+        Self::open_with(path, 0)
+    }
+
+    fn open_with(path: &Path, create: libc::c_int) -> Result<SharedRegion, RegionError> {
         use std::os::unix::ffi::OsStrExt;
         let mut cpath = path.as_os_str().as_bytes().to_vec();
         cpath.push(0);
@@ -234,7 +244,7 @@ impl SharedRegion {
         let fd = unsafe {
             libc::open(
                 cpath.as_ptr().cast(),
-                libc::O_RDWR | libc::O_CREAT | libc::O_CLOEXEC,
+                libc::O_RDWR | create | libc::O_CLOEXEC,
                 0o666 as libc::c_uint,
             )
         };
@@ -756,8 +766,12 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("hami-shm-region-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("r.cache");
+        assert!(matches!(
+            SharedRegion::open_existing(&path),
+            Err(RegionError::Io(e)) if e.kind() == io::ErrorKind::NotFound
+        ));
         let a = SharedRegion::open(&path).unwrap();
-        let b = SharedRegion::open(&path).unwrap();
+        let b = SharedRegion::open_existing(&path).unwrap();
         let s = a.claim_slot(42, 0, 1).unwrap();
         a.reserve(s, 3, 123, 0).unwrap();
         assert_eq!(b.device_used(3), 123);

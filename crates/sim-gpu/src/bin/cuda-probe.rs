@@ -399,6 +399,27 @@ fn main() {
                 };
                 line = format!("{cmd} {rc} {} {} {}", m[1], m[3], m[4]);
             }
+            "nvml-util" => {
+                let d = num(i + 1) as c_uint;
+                i += 1;
+                let mut h = 0usize;
+                call!(
+                    api,
+                    "nvmlDeviceGetHandleByIndex_v2",
+                    fn(c_uint, *mut usize),
+                    d,
+                    &mut h
+                );
+                let mut u = [0u32; 2];
+                let rc = call!(
+                    api,
+                    "nvmlDeviceGetUtilizationRates",
+                    fn(usize, *mut [u32; 2]),
+                    h,
+                    &mut u
+                );
+                line = format!("nvml-util {rc} {}", u[0]);
+            }
             "nvml-procs" => {
                 let d = num(i + 1) as c_uint;
                 i += 1;
