@@ -136,3 +136,34 @@ pub(crate) fn named(symbol: &str) -> Option<&'static Hook> {
         .iter()
         .find(|h| h.name.len() == symbol.len() + 1 && h.name.starts_with(symbol.as_bytes()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_the_error_value() {
+        // Quiet the default hook's message for this deliberate panic.
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let r = guard(CUDA_ERROR_UNKNOWN, || -> CUresult {
+            panic!("bug in a hook")
+        });
+        std::panic::set_hook(prev);
+        assert_eq!(r, CUDA_ERROR_UNKNOWN);
+        assert_eq!(guard(CUDA_ERROR_UNKNOWN, || CUDA_SUCCESS), CUDA_SUCCESS);
+    }
+
+    #[test]
+    fn every_hook_name_is_unique_and_nul_terminated() {
+        let names: Vec<&[u8]> = all().map(|h| h.name).collect();
+        for (i, n) in names.iter().enumerate() {
+            assert_eq!(n.last(), Some(&0));
+            assert!(
+                !names[..i].contains(n),
+                "{:?} twice",
+                String::from_utf8_lossy(n)
+            );
+        }
+    }
+}

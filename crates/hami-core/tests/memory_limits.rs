@@ -408,3 +408,37 @@ fn oversubscription_falls_back_to_managed_memory_within_the_limit() {
     );
     assert_eq!(out.field::<u64>(4, 3), 2 << 30);
 }
+
+/// NVML devices map to CUDA ordinals through CUDA_VISIBLE_DEVICES: the
+/// container's device 0 is NVML device 1 here, and only it shows the limit.
+#[test]
+fn nvml_devices_map_through_cuda_visible_devices() {
+    let s = Scratch::new("nvml-map");
+    let env = [
+        (
+            "SIM_GPU_DEVICES",
+            "4g 80 GPU-aaaa-0 Sim A;2g 40 GPU-bbbb-1 Sim B",
+        ),
+        ("CUDA_VISIBLE_DEVICES", "1"),
+        ("CUDA_DEVICE_MEMORY_LIMIT_0", "500m"),
+    ];
+    let out = probe(&s, &env, &["init", "nvml-mem", "0", "nvml-mem", "1"]);
+    assert_eq!(out.rcs(), vec![0, 0, 0]);
+    assert_eq!(
+        out.field::<u64>(1, 2),
+        4 << 30,
+        "not visible to CUDA: untouched"
+    );
+    assert_eq!(
+        out.field::<u64>(2, 2),
+        500 * MIB,
+        "CUDA device 0 = NVML device 1"
+    );
+    let uuid = [env[0], ("CUDA_VISIBLE_DEVICES", "GPU-bbbb"), env[2]];
+    let out = probe(
+        &Scratch::new("nvml-map-uuid"),
+        &uuid,
+        &["init", "nvml-mem", "1"],
+    );
+    assert_eq!(out.field::<u64>(1, 2), 500 * MIB, "UUID prefixes work too");
+}

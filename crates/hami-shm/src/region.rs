@@ -741,6 +741,21 @@ mod tests {
     }
 
     #[test]
+    fn released_slots_are_reused_and_keep_busy_time() {
+        let r = SharedRegion::anonymous().unwrap();
+        let a = r.claim_slot(7, 0, 1).unwrap();
+        r.reserve(a, 2, 100, 0).unwrap();
+        r.add_busy(a, 2, 40);
+        r.release_slot(a, 8);
+        assert_eq!(r.processes().len(), 1, "only the owner releases its slot");
+        r.release_slot(a, 7);
+        assert!(r.processes().is_empty());
+        assert_eq!(r.device_used(2), 0);
+        assert_eq!(r.device_busy_ns(2), 40);
+        assert_eq!(r.claim_slot(9, 0, 0), Some(a), "the freed slot is reused");
+    }
+
+    #[test]
     fn limits_seed_and_overwrite() {
         let r = SharedRegion::anonymous().unwrap();
         let mut env = Limits::default();
