@@ -32,6 +32,9 @@
 //! from other containers we over-charge and stay below the quota; the very
 //! first launch on a device waits for its own measurement to seed `d_est`.
 //!
+//! Launches into a stream that is capturing a graph are passed straight
+//! through (they do not run now; the graph is paced when it is launched).
+//!
 //! `GPU_CORE_UTILIZATION_POLICY=disable` turns pacing off; `default` and
 //! `force` both pace whenever the quota is below 100. `CUDA_TASK_PRIORITY=1`
 //! (the default) processes also hold their launches while the shared region's
@@ -79,6 +82,23 @@ type EvCreate = unsafe extern "C" fn(*mut usize, c_uint) -> CUresult;
 type EvRecord = unsafe extern "C" fn(usize, usize) -> CUresult;
 type EvOne = unsafe extern "C" fn(usize) -> CUresult;
 type EvElapsed = unsafe extern "C" fn(*mut f32, usize, usize) -> CUresult;
+
+type IsCapturing = unsafe extern "C" fn(usize, *mut std::ffi::c_int) -> CUresult;
+
+/// Whether `stream` is capturing a graph: then the launch is recorded, not
+/// run, and must be neither delayed nor bracketed by our events (they would
+/// become nodes of the program's graph). The graph is paced when launched.
+fn capturing(stream: usize, ptds: bool) -> bool {
+    let f = if ptds {
+        driver_fn!("cuStreamIsCapturing_ptsz": IsCapturing)
+    } else {
+        driver_fn!("cuStreamIsCapturing": IsCapturing)
+    };
+    let Some(f) = f else { return false };
+    let mut status = 0;
+    // SAFETY: the caller's stream, our out pointer.
+    (unsafe { f(stream, &mut status) }) == CUDA_SUCCESS && status != 0
+}
 
 fn event_record(ptds: bool) -> Option<EvRecord> {
     if ptds {
@@ -200,7 +220,7 @@ fn paced_slow(
 ) -> CUresult {
     let dev = current_device();
     let quota = g.sm_limit(dev);
-    if quota >= 100 || dev >= hami_shm::MAX_DEVICES {
+    if quota >= 100 || dev >= hami_shm::MAX_DEVICES || capturing(stream, ptds) {
         return launch();
     }
     let p = process();

@@ -67,6 +67,21 @@ fn unlimited_is_not_paced() {
 }
 
 #[test]
+fn launches_into_a_capturing_stream_are_not_paced() {
+    let _serial = serial();
+    let s = Scratch::new("pace-capture");
+    let env = [("CUDA_DEVICE_SM_LIMIT", "30"), ("SIM_GPU_CAPTURING", "1")];
+    let got = share(&s, &env, "busy", "1000", "1000");
+    assert!(got > 90.0, "captured launches were paced: {got:.1}%");
+    let region = hami_shm::region::SharedRegion::open(&s.region()).unwrap();
+    assert_eq!(
+        region.device_busy_ns(0),
+        0,
+        "no events were recorded into the capture"
+    );
+}
+
+#[test]
 fn every_launch_path_is_paced() {
     let _serial = serial();
     // A fixed number of launches; the share is measured over the run.

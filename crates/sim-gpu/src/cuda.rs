@@ -842,6 +842,20 @@ pub extern "C" fn cuStreamSynchronize_ptsz(st: u64) -> CUresult {
     stream_sync(st)
 }
 
+/// Streams are not capturing (`CU_STREAM_CAPTURE_STATUS_NONE`), unless
+/// `SIM_GPU_CAPTURING=1` says every stream is (`..._ACTIVE`), for tests.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuStreamIsCapturing(_st: u64, status: *mut c_int) -> CUresult {
+    let active = std::env::var("SIM_GPU_CAPTURING").is_ok_and(|v| v == "1");
+    // SAFETY: forwarded caller pointer.
+    unsafe { out(status, c_int::from(active)) }
+}
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuStreamIsCapturing_ptsz(st: u64, status: *mut c_int) -> CUresult {
+    // SAFETY: same contract.
+    unsafe { cuStreamIsCapturing(st, status) }
+}
+
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuEventCreate(ev: *mut u64, _flags: c_uint) -> CUresult {
     let mut s = state();
