@@ -35,6 +35,9 @@ pub struct LockPolicy {
     pub poll: Duration,
     /// Conflicting writes tolerated in a row before giving up.
     pub max_conflicts: u32,
+    /// A holder that took the lock but never wrote its bind annotations
+    /// (its binder crashed in between) is given up on after this long.
+    pub bind_grace: SignedDuration,
 }
 
 impl Default for LockPolicy {
@@ -44,6 +47,7 @@ impl Default for LockPolicy {
             wait: Duration::from_secs(20),
             poll: Duration::from_millis(100),
             max_conflicts: 20,
+            bind_grace: SignedDuration::from_secs(15),
         }
     }
 }
@@ -53,6 +57,8 @@ impl Default for LockPolicy {
 pub enum HolderState {
     /// The pod does not exist any more.
     Gone,
+    /// Locked the node but has not written its bind annotations yet.
+    Binding,
     /// Still between bind and the device plugin's Allocate.
     Allocating,
     /// Past Allocate (or never going to reach it on this node).
@@ -64,9 +70,14 @@ pub fn may_take_over(
     lock: &NodeLock,
     holder: HolderState,
     now: Timestamp,
-    expiry: SignedDuration,
+    policy: &LockPolicy,
 ) -> bool {
-    now.duration_since(lock.since) > expiry || holder != HolderState::Allocating
+    let age = now.duration_since(lock.since);
+    match holder {
+        HolderState::Gone | HolderState::Done => true,
+        HolderState::Binding => age > policy.bind_grace || age > policy.expiry,
+        HolderState::Allocating => age > policy.expiry,
+    }
 }
 
 /// Classifies the pod named in a lock on `node`.
@@ -88,7 +99,8 @@ pub fn holder_state(pod: Option<&Pod>, node: &str) -> HolderState {
     }
     match get(ann::BIND_PHASE) {
         Some("success" | "failed") => HolderState::Done,
-        _ => HolderState::Allocating,
+        Some(_) => HolderState::Allocating,
+        None => HolderState::Binding,
     }
 }
 
@@ -126,7 +138,7 @@ pub async fn acquire(
             Some(Err(_)) => None,
             Some(Ok(l)) if l.namespace == namespace && l.pod == pod => return Ok(()),
             Some(Ok(l)) if l.namespace.is_empty() => {
-                (!may_take_over(&l, HolderState::Allocating, now, policy.expiry)).then_some(l)
+                (!may_take_over(&l, HolderState::Allocating, now, policy)).then_some(l)
             }
             Some(Ok(l)) => {
                 let pods: Api<Pod> = Api::namespaced(client.clone(), &l.namespace);
@@ -135,7 +147,7 @@ pub async fn acquire(
                     .await
                     .map_err(|e| Error::api(format!("get pod {}/{}", l.namespace, l.pod), e))?;
                 let state = holder_state(p.as_ref(), node);
-                (!may_take_over(&l, state, now, policy.expiry)).then_some(l)
+                (!may_take_over(&l, state, now, policy)).then_some(l)
             }
         };
         if let Some(l) = busy {
@@ -249,13 +261,27 @@ mod tests {
     #[test]
     fn expiry_and_takeover() {
         let l = lock_at("2026-01-01T00:00:00Z");
-        let five = SignedDuration::from_mins(5);
-        let soon: Timestamp = "2026-01-01T00:04:59Z".parse().unwrap();
-        let late: Timestamp = "2026-01-01T00:05:01Z".parse().unwrap();
-        assert!(!may_take_over(&l, HolderState::Allocating, soon, five));
-        assert!(may_take_over(&l, HolderState::Allocating, late, five));
-        assert!(may_take_over(&l, HolderState::Gone, soon, five));
-        assert!(may_take_over(&l, HolderState::Done, soon, five));
+        let p = LockPolicy::default();
+        let at = |t: &str| -> Timestamp { t.parse().unwrap() };
+        let soon = at("2026-01-01T00:04:59Z");
+        let late = at("2026-01-01T00:05:01Z");
+        assert!(!may_take_over(&l, HolderState::Allocating, soon, &p));
+        assert!(may_take_over(&l, HolderState::Allocating, late, &p));
+        assert!(may_take_over(&l, HolderState::Gone, soon, &p));
+        assert!(may_take_over(&l, HolderState::Done, soon, &p));
+        // A binder that crashed between lock and annotations.
+        assert!(!may_take_over(
+            &l,
+            HolderState::Binding,
+            at("2026-01-01T00:00:15Z"),
+            &p
+        ));
+        assert!(may_take_over(
+            &l,
+            HolderState::Binding,
+            at("2026-01-01T00:00:16Z"),
+            &p
+        ));
     }
 
     #[test]
@@ -269,6 +295,6 @@ mod tests {
         let p = pod("Running", Some("allocating"), "n");
         assert_eq!(holder_state(Some(&p), "n"), HolderState::Done);
         let p = pod("Pending", None, "n");
-        assert_eq!(holder_state(Some(&p), "n"), HolderState::Allocating);
+        assert_eq!(holder_state(Some(&p), "n"), HolderState::Binding);
     }
 }

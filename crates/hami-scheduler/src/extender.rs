@@ -102,6 +102,13 @@ pub async fn filter(app: &App, args: ExtenderArgs) -> ExtenderFilterResult {
 }
 
 async fn filter_inner(app: &App, args: ExtenderArgs) -> ExtenderFilterResult {
+    if !app.synced.get() {
+        // Deciding on half a cache could give away a slice that is taken.
+        return ExtenderFilterResult {
+            error: "hami-scheduler is starting: node and pod caches not synced yet".into(),
+            ..Default::default()
+        };
+    }
     let Some(pod) = args.pod else {
         return ExtenderFilterResult {
             error: "ExtenderArgs.Pod is missing".into(),
@@ -214,6 +221,9 @@ pub async fn bind(app: &App, args: ExtenderBindingArgs) -> ExtenderBindingResult
 async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String> {
     if !app.leadership.is_leader() {
         return Err("this hami-scheduler replica is not the leader".into());
+    }
+    if !app.synced.get() {
+        return Err("hami-scheduler is starting: node and pod caches not synced yet".into());
     }
     let (ns, name, node) = (&args.pod_namespace, &args.pod_name, &args.node);
     let pods: kube::Api<Pod> = kube::Api::namespaced(app.client.clone(), ns);
