@@ -86,6 +86,7 @@ hooks! { real_cuda, CUDA_HOOKS, Lib::Cuda, CUresult, CUDA_ERROR_NOT_INITIALIZED,
     cuMemAllocFromPoolAsync_ptsz(p: Ptr, size: usize, pool: usize, s: Stream) => mem::alloc_from_pool_async;
     cuMemFreeAsync(p: u64, s: Stream) => mem::free_async;
     cuMemFreeAsync_ptsz(p: u64, s: Stream) => mem::free_async;
+    cuMemPoolTrimTo(pool: usize, keep: usize) => mem::pool_trim_to;
     // Virtual memory management.
     cuMemCreate(h: Ptr, size: usize, prop: *const MemAllocationProp, flags: u64) => mem::create;
     cuMemRelease(h: u64) => mem::release;

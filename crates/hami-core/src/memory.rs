@@ -15,8 +15,20 @@
 //! channels x element size` (mipmapped: the sum of the levels); IPC handles
 //! opened from another process at the size the driver reports for the
 //! mapping, after the fact. Pinned host memory (`cuMemHostAlloc`) is not
-//! device memory and is not counted. Memory a stream-ordered pool keeps
-//! after `cuMemFreeAsync` is not counted (only what the program holds).
+//! device memory and is not counted.
+//!
+//! Stream-ordered pools (`cuMemAllocAsync`, `cuMemAllocFromPoolAsync`) are
+//! counted by what the pool *reserves* from the card, which is what the
+//! card really holds: a pool keeps freed memory for reuse (up to its release
+//! threshold) until a trim or a synchronisation gives it back. An allocation
+//! is admitted for the part the pool's cached memory cannot serve
+//! (`size - (reserved - used)`), and after every pool operation
+//! (allocation, free, `cuMemPoolTrimTo`) the count is set to the pool's
+//! `CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT`. Memory a pool gives back at a
+//! synchronisation is noticed at the next pool operation, at the next
+//! `cuMemGetInfo`, or when an allocation would be refused (all pools are
+//! reconciled and the allocation retried), so the count errs high, never
+//! low.
 
 use crate::ffi::*;
 use crate::state::{Kind, global, process};
@@ -48,6 +60,13 @@ pub(crate) fn current_device() -> usize {
     }
 }
 
+/// Admits `bytes` on `dev`; when refused, first brings every pool's count
+/// up to date (pools may have given memory back at a synchronisation).
+fn admit(dev: usize, bytes: u64) -> bool {
+    let (g, p) = (global(), process());
+    p.admit(g, dev, bytes).is_ok() || (reconcile_all_pools() && p.admit(g, dev, bytes).is_ok())
+}
+
 /// Admits, calls the driver, records: the common allocation path.
 /// `make` performs the real allocation and returns the handle.
 fn counted(
@@ -57,7 +76,7 @@ fn counted(
     make: impl FnOnce() -> Result<u64, CUresult>,
 ) -> CUresult {
     let (g, p) = (global(), process());
-    if p.admit(g, dev, bytes).is_err() {
+    if !admit(dev, bytes) {
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
     match make() {
@@ -203,7 +222,167 @@ pub(crate) unsafe fn alloc_managed(
 
 pub(crate) unsafe fn free(real: unsafe extern "C" fn(u64) -> CUresult, p: u64) -> CUresult {
     // SAFETY: forwarding the caller's argument.
-    uncounted(Kind::Linear, p, unsafe { real(p) })
+    let r = unsafe { real(p) };
+    if r == CUDA_SUCCESS && pool_freed(p) {
+        return r;
+    }
+    uncounted(Kind::Linear, p, r)
+}
+
+// ---- stream-ordered pools ----------------------------------------------------
+
+static DEVICE_GET_MEM_POOL: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+static POOL_GET_ATTRIBUTE: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+/// `CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT`, `CU_MEMPOOL_ATTR_USED_MEM_CURRENT`.
+const POOL_RESERVED: c_int = 5;
+const POOL_USED: c_int = 7;
+
+/// The current pool of `dev`.
+fn current_pool(dev: usize) -> Option<usize> {
+    let f = crate::dl::resolve(
+        &DEVICE_GET_MEM_POOL,
+        b"cuDeviceGetMemPool\0",
+        crate::dl::Lib::Cuda,
+    );
+    if f.is_null() {
+        return None;
+    }
+    // SAFETY: the driver's cuDeviceGetMemPool(CUmemoryPool*, CUdevice).
+    let f = unsafe {
+        std::mem::transmute::<*mut c_void, unsafe extern "C" fn(*mut usize, c_int) -> CUresult>(f)
+    };
+    let mut pool = 0usize;
+    // SAFETY: valid out pointer.
+    (unsafe { f(&mut pool, dev as c_int) } == CUDA_SUCCESS && pool != 0).then_some(pool)
+}
+
+/// (reserved, used) bytes of a pool.
+fn pool_state(pool: usize) -> Option<(u64, u64)> {
+    let f = crate::dl::resolve(
+        &POOL_GET_ATTRIBUTE,
+        b"cuMemPoolGetAttribute\0",
+        crate::dl::Lib::Cuda,
+    );
+    if f.is_null() {
+        return None;
+    }
+    type F = unsafe extern "C" fn(usize, c_int, *mut u64) -> CUresult;
+    // SAFETY: the driver's cuMemPoolGetAttribute; both attributes are cuuint64_t.
+    let f = unsafe { std::mem::transmute::<*mut c_void, F>(f) };
+    let (mut reserved, mut used) = (0u64, 0u64);
+    // SAFETY: valid out pointers.
+    let ok = unsafe {
+        f(pool, POOL_RESERVED, &mut reserved) == CUDA_SUCCESS
+            && f(pool, POOL_USED, &mut used) == CUDA_SUCCESS
+    };
+    ok.then_some((reserved, used))
+}
+
+/// Sets the count of `pool` to what it reserves now. Returns whether it changed.
+fn reconcile_pool(pool: usize) -> bool {
+    let Some((reserved, _)) = pool_state(pool) else {
+        return false;
+    };
+    let p = process();
+    let (dev, before) = {
+        let mut t = p.tracker();
+        let Some(e) = t.pools.get_mut(&pool) else {
+            return false;
+        };
+        let before = e.1;
+        e.1 = reserved;
+        (e.0, before)
+    };
+    let region = &global().region;
+    if reserved > before {
+        region.add_used(p.slot, dev, reserved - before);
+    } else {
+        region.release(p.slot, dev, before - reserved);
+    }
+    reserved != before
+}
+
+/// Reconciles every pool this process has used. Returns whether any changed.
+fn reconcile_all_pools() -> bool {
+    let pools: Vec<usize> = process().tracker().pools.keys().copied().collect();
+    pools
+        .into_iter()
+        .fold(false, |changed, pool| reconcile_pool(pool) | changed)
+}
+
+/// If `ptr` came from a pool, the pool's count is brought up to date.
+fn pool_freed(ptr: u64) -> bool {
+    let entry = process().tracker().map.remove(&(Kind::Pool, ptr));
+    match entry {
+        Some((_, pool)) => {
+            reconcile_pool(pool as usize);
+            true
+        }
+        None => false,
+    }
+}
+
+/// A stream-ordered allocation of `size` from `pool` on `dev`.
+fn pool_alloc(
+    dev: usize,
+    pool: Option<usize>,
+    size: usize,
+    p: Ptr,
+    make: impl FnOnce() -> CUresult,
+) -> CUresult {
+    let Some((pool, (reserved, used))) = pool.and_then(|pl| Some((pl, pool_state(pl)?))) else {
+        // No pool attributes to read: count the allocation itself.
+        return counted(Kind::Linear, dev, size as u64, || {
+            let r = make();
+            // SAFETY: written by the driver on success.
+            if r == CUDA_SUCCESS {
+                Ok(unsafe { read_out(p) })
+            } else {
+                Err(r)
+            }
+        });
+    };
+    let pr = process();
+    let first_sight = {
+        let mut t = pr.tracker();
+        let new = !t.pools.contains_key(&pool);
+        t.pools.entry(pool).or_insert((dev, 0));
+        new
+    };
+    if first_sight {
+        // Whatever the pool already holds is the container's too.
+        reconcile_pool(pool);
+    }
+    let need = (size as u64).saturating_sub(reserved.saturating_sub(used));
+    if !admit(dev, need) {
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    if let Some(e) = pr.tracker().pools.get_mut(&pool) {
+        e.1 += need;
+    }
+    let r = make();
+    // The pool may have grown by more (granularity) or less (cache) than
+    // admitted, or not at all (failure): count what it really reserves.
+    reconcile_pool(pool);
+    if r == CUDA_SUCCESS {
+        // SAFETY: written by the driver on success.
+        let ptr = unsafe { read_out(p) };
+        pr.tracker()
+            .map
+            .insert((Kind::Pool, ptr), (dev, pool as u64));
+    }
+    r
+}
+
+pub(crate) unsafe fn pool_trim_to(
+    real: unsafe extern "C" fn(usize, usize) -> CUresult,
+    pool: usize,
+    keep: usize,
+) -> CUresult {
+    // SAFETY: forwarding the caller's arguments.
+    let r = unsafe { real(pool, keep) };
+    reconcile_pool(pool);
+    r
 }
 
 pub(crate) unsafe fn alloc_async(
@@ -216,15 +395,10 @@ pub(crate) unsafe fn alloc_async(
         // SAFETY: let the driver report the caller's mistake.
         return unsafe { real(p, size, stream) };
     }
-    counted(Kind::Linear, current_device(), size as u64, || {
-        // SAFETY: valid out pointer.
-        let r = unsafe { real(p, size, stream) };
-        // SAFETY: written by the driver on success.
-        if r == CUDA_SUCCESS {
-            Ok(unsafe { read_out(p) })
-        } else {
-            Err(r)
-        }
+    let dev = current_device();
+    // SAFETY: valid out pointer.
+    pool_alloc(dev, current_pool(dev), size, p, || unsafe {
+        real(p, size, stream)
     })
 }
 
@@ -235,19 +409,13 @@ pub(crate) unsafe fn alloc_from_pool_async(
     pool: usize,
     stream: usize,
 ) -> CUresult {
-    if p.is_null() || size == 0 {
+    if p.is_null() || size == 0 || pool == 0 {
         // SAFETY: let the driver report the caller's mistake.
         return unsafe { real(p, size, pool, stream) };
     }
-    counted(Kind::Linear, current_device(), size as u64, || {
-        // SAFETY: valid out pointer.
-        let r = unsafe { real(p, size, pool, stream) };
-        // SAFETY: written by the driver on success.
-        if r == CUDA_SUCCESS {
-            Ok(unsafe { read_out(p) })
-        } else {
-            Err(r)
-        }
+    // SAFETY: valid out pointer.
+    pool_alloc(current_device(), Some(pool), size, p, || unsafe {
+        real(p, size, pool, stream)
     })
 }
 
@@ -257,7 +425,11 @@ pub(crate) unsafe fn free_async(
     stream: usize,
 ) -> CUresult {
     // SAFETY: forwarding the caller's arguments.
-    uncounted(Kind::Linear, p, unsafe { real(p, stream) })
+    let r = unsafe { real(p, stream) };
+    if r == CUDA_SUCCESS && pool_freed(p) {
+        return r;
+    }
+    uncounted(Kind::Linear, p, r)
 }
 
 pub(crate) unsafe fn create(
@@ -587,6 +759,7 @@ pub(crate) unsafe fn get_info(
     let limit = g.memory_limit(dev);
     if limit != 0 {
         p.reclaim_now_and_then(g);
+        reconcile_all_pools();
         let used = g.region.device_used(dev);
         // SAFETY: non-null, written by the driver.
         unsafe {

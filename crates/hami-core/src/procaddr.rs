@@ -45,6 +45,7 @@ pub const VERSIONS: &[(&str, c_int, bool, &str)] = &[
     ),
     ("cuMemFreeAsync", 11020, false, "cuMemFreeAsync"),
     ("cuMemFreeAsync", 11020, true, "cuMemFreeAsync_ptsz"),
+    ("cuMemPoolTrimTo", 11020, false, "cuMemPoolTrimTo"),
     ("cuMemCreate", 10020, false, "cuMemCreate"),
     ("cuMemRelease", 10020, false, "cuMemRelease"),
     ("cuArrayCreate", 2000, false, "cuArrayCreate"),

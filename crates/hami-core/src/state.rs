@@ -19,6 +19,8 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub(crate) enum Kind {
     Linear,
+    /// From a stream-ordered pool; the value holds the pool, not a size.
+    Pool,
     Physical,
     Array,
     Mipmap,
@@ -33,6 +35,8 @@ pub(crate) struct Tracker {
     pub map: HashMap<(Kind, u64), (usize, u64)>,
     /// Graph -> the memory-node allocations it owns.
     pub graphs: HashMap<usize, Vec<u64>>,
+    /// Stream-ordered pool -> (device, bytes of its reservation counted).
+    pub pools: HashMap<usize, (usize, u64)>,
 }
 
 pub(crate) struct Global {

@@ -75,16 +75,17 @@ fn every_allocation_path_is_counted_and_released() {
         let mut args = vec!["init"];
         args.extend_from_slice(alloc);
         args.extend_from_slice(alloc);
-        args.extend_from_slice(&["meminfo", free, "0", "meminfo"]);
+        // A synchronisation lets stream-ordered pools give freed memory back.
+        args.extend_from_slice(&["meminfo", free, "0", "sync", "meminfo"]);
         let out = probe(&s, &[LIMIT_1000M], &args);
         assert_eq!(
             out.rcs(),
-            vec![0, 0, OOM, 0, 0, 0],
+            vec![0, 0, OOM, 0, 0, 0, 0],
             "{alloc:?}: {:?}",
             out.lines
         );
         let free_before: u64 = out.field(3, 2);
-        let free_after: u64 = out.field(5, 2);
+        let free_after: u64 = out.field(6, 2);
         assert!(
             free_before <= 1000 * MIB - 400 * MIB,
             "{alloc:?} counted: {free_before}"
@@ -441,4 +442,77 @@ fn nvml_devices_map_through_cuda_visible_devices() {
         &["init", "nvml-mem", "1"],
     );
     assert_eq!(out.field::<u64>(1, 2), 500 * MIB, "UUID prefixes work too");
+}
+
+/// A pool that keeps freed memory still holds it on the card: it stays
+/// counted until trimmed; reuse from the pool's cache is not counted twice.
+#[test]
+fn pool_memory_is_counted_until_trimmed() {
+    let s = Scratch::new("pool-keep");
+    let out = probe(
+        &s,
+        &[LIMIT_1000M],
+        &[
+            "init",
+            "pool-keep",
+            "async",
+            "600m",
+            "free-async",
+            "0",
+            "alloc",
+            "600m",
+            "async",
+            "600m",
+            "meminfo",
+            "free-async",
+            "1",
+            "trim",
+            "0",
+            "alloc",
+            "600m",
+            "meminfo",
+        ],
+    );
+    let rcs = out.rcs();
+    assert_eq!(
+        rcs[..6],
+        [0, 0, 0, 0, OOM, 0],
+        "the pool keeps 600m: {:?}",
+        out.lines
+    );
+    assert_eq!(
+        out.field::<u64>(6, 2),
+        400 * MIB,
+        "reused from the cache, counted once"
+    );
+    assert_eq!(rcs[7..], [0, 0, 0, 0], "{:?}", out.lines);
+    assert_eq!(
+        out.field::<u64>(10, 2),
+        400 * MIB,
+        "after the trim only the new 600m"
+    );
+}
+
+/// A pool that gives memory back at synchronisation (the default release
+/// threshold 0) is noticed when the next allocation would be refused.
+#[test]
+fn pool_memory_released_at_sync_is_noticed() {
+    let s = Scratch::new("pool-sync");
+    let out = probe(
+        &s,
+        &[LIMIT_1000M],
+        &[
+            "init",
+            "async",
+            "600m",
+            "free-async",
+            "0",
+            "sync",
+            "alloc",
+            "600m",
+            "meminfo",
+        ],
+    );
+    assert_eq!(out.rcs(), vec![0, 0, 0, 0, 0, 0], "{:?}", out.lines);
+    assert_eq!(out.field::<u64>(5, 2), 400 * MIB);
 }

@@ -199,6 +199,7 @@ pub extern "C" fn cuCtxSynchronize() -> CUresult {
     let dev = current_device();
     let t = state().devices.get(dev).map_or(0, |d| d.busy_until);
     sleep_until(t);
+    state().settle_pools();
     SUCCESS
 }
 
@@ -322,8 +323,20 @@ fn stream_device(stream: u64) -> usize {
         .map_or(current_device(), |s| s.0)
 }
 
+const POOL_BASE: u64 = 0xB000;
+
+fn pool_alloc(p: *mut u64, dev: usize, size: usize) -> CUresult {
+    if p.is_null() || size == 0 {
+        return INVALID_VALUE;
+    }
+    match state().pool_take(dev, size as u64) {
+        // SAFETY: checked non-null.
+        Some(a) => unsafe { out(p, a) },
+        None => OUT_OF_MEMORY,
+    }
+}
 fn mem_alloc_async(p: *mut u64, size: usize, stream: u64) -> CUresult {
-    alloc_into(p, stream_device(stream), size as u64, Kind::Async)
+    pool_alloc(p, stream_device(stream), size)
 }
 fn mem_free_async(p: u64, _stream: u64) -> CUresult {
     if state().give_back(p, &[Kind::Async, Kind::Linear]) {
@@ -332,13 +345,15 @@ fn mem_free_async(p: u64, _stream: u64) -> CUresult {
         INVALID_VALUE
     }
 }
-fn mem_alloc_from_pool_async(p: *mut u64, size: usize, pool: u64, stream: u64) -> CUresult {
-    let dev = if (0xB000..0xB000 + 64).contains(&pool) {
-        (pool - 0xB000) as usize
-    } else {
-        stream_device(stream)
-    };
-    alloc_into(p, dev, size as u64, Kind::Async)
+fn pool_device(pool: u64) -> Option<usize> {
+    let d = pool.checked_sub(POOL_BASE)? as usize;
+    (d < state().devices.len()).then_some(d)
+}
+fn mem_alloc_from_pool_async(p: *mut u64, size: usize, pool: u64, _stream: u64) -> CUresult {
+    match pool_device(pool) {
+        Some(dev) => pool_alloc(p, dev, size),
+        None => INVALID_VALUE,
+    }
 }
 
 #[unsafe(no_mangle)]
@@ -381,10 +396,64 @@ pub unsafe extern "C" fn cuDeviceGetDefaultMemPool(pool: *mut u64, dev: c_int) -
         return INVALID_DEVICE;
     }
     // SAFETY: forwarded caller pointer.
-    unsafe { out(pool, 0xB000 + dev as u64) }
+    unsafe { out(pool, POOL_BASE + dev as u64) }
 }
 #[unsafe(no_mangle)]
-pub extern "C" fn cuMemPoolTrimTo(_pool: u64, _keep: usize) -> CUresult {
+pub unsafe extern "C" fn cuDeviceGetMemPool(pool: *mut u64, dev: c_int) -> CUresult {
+    // SAFETY: same contract; the current pool is always the default one.
+    unsafe { cuDeviceGetDefaultMemPool(pool, dev) }
+}
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemPoolTrimTo(pool: u64, keep: usize) -> CUresult {
+    match pool_device(pool) {
+        Some(dev) => {
+            state().pool_trim(dev, keep as u64);
+            SUCCESS
+        }
+        None => INVALID_VALUE,
+    }
+}
+
+/// `CUmemPool_attribute` values used here.
+const POOL_ATTR_RELEASE_THRESHOLD: c_int = 4;
+const POOL_ATTR_RESERVED_MEM_CURRENT: c_int = 5;
+const POOL_ATTR_USED_MEM_CURRENT: c_int = 7;
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemPoolGetAttribute(
+    pool: u64,
+    attr: c_int,
+    value: *mut u64,
+) -> CUresult {
+    let Some(dev) = pool_device(pool) else {
+        return INVALID_VALUE;
+    };
+    let s = state();
+    let p = &s.devices[dev].pool;
+    let v = match attr {
+        POOL_ATTR_RELEASE_THRESHOLD => p.threshold,
+        POOL_ATTR_RESERVED_MEM_CURRENT => p.reserved,
+        POOL_ATTR_USED_MEM_CURRENT => p.used,
+        _ => return INVALID_VALUE,
+    };
+    // SAFETY: forwarded caller pointer.
+    unsafe { out(value, v) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemPoolSetAttribute(
+    pool: u64,
+    attr: c_int,
+    value: *const u64,
+) -> CUresult {
+    let Some(dev) = pool_device(pool) else {
+        return INVALID_VALUE;
+    };
+    if attr != POOL_ATTR_RELEASE_THRESHOLD || value.is_null() {
+        return INVALID_VALUE;
+    }
+    // SAFETY: checked non-null.
+    state().devices[dev].pool.threshold = unsafe { *value };
     SUCCESS
 }
 
@@ -831,6 +900,7 @@ pub extern "C" fn cuStreamDestroy_v2(st: u64) -> CUresult {
 fn stream_sync(st: u64) -> CUresult {
     let t = state().stream_tail(current_device(), st);
     sleep_until(t);
+    state().settle_pools();
     SUCCESS
 }
 #[unsafe(no_mangle)]
@@ -1449,6 +1519,27 @@ static TABLE: &[Entry] = &[
         false,
         "cuGetProcAddress_v2",
         cuGetProcAddress_v2 as *const (),
+    ),
+    Entry(
+        "cuDeviceGetMemPool",
+        11020,
+        false,
+        "cuDeviceGetMemPool",
+        cuDeviceGetMemPool as *const (),
+    ),
+    Entry(
+        "cuMemPoolGetAttribute",
+        11020,
+        false,
+        "cuMemPoolGetAttribute",
+        cuMemPoolGetAttribute as *const (),
+    ),
+    Entry(
+        "cuMemPoolSetAttribute",
+        11020,
+        false,
+        "cuMemPoolSetAttribute",
+        cuMemPoolSetAttribute as *const (),
     ),
 ];
 

@@ -39,9 +39,20 @@ pub(crate) struct Alloc {
     pub kind: Kind,
 }
 
+/// A device's default memory pool (stream-ordered allocations): memory it
+/// reserved from the card, of which `used` is handed out; the rest is kept
+/// for reuse until a trim, or a synchronisation when above `threshold`.
+#[derive(Default)]
+pub(crate) struct Pool {
+    pub reserved: u64,
+    pub used: u64,
+    pub threshold: u64,
+}
+
 pub(crate) struct Device {
     pub spec: DeviceSpec,
     pub used: u64,
+    pub pool: Pool,
     pub busy_until: u64,
     /// Recent (start, end) busy intervals, for NVML utilisation.
     pub busy_log: VecDeque<(u64, u64)>,
@@ -91,11 +102,61 @@ impl State {
         Some(addr)
     }
 
+    /// A stream-ordered allocation from `dev`'s pool: served from memory
+    /// the pool keeps when it can, else the pool grows (or out-of-memory).
+    pub fn pool_take(&mut self, dev: usize, size: u64) -> Option<u64> {
+        let d = self.devices.get_mut(dev)?;
+        let cached = d.pool.reserved - d.pool.used;
+        if size > cached {
+            let grow = size - cached;
+            if d.used.saturating_add(grow) > d.spec.memory {
+                return None;
+            }
+            d.used += grow;
+            d.pool.reserved += grow;
+        }
+        d.pool.used += size;
+        let addr = self.new_addr(size);
+        self.allocs.insert(
+            addr,
+            Alloc {
+                dev,
+                size,
+                kind: Kind::Async,
+            },
+        );
+        Some(addr)
+    }
+
+    /// Gives pool memory back to the card down to `keep` bytes (and never
+    /// below what is in use).
+    pub fn pool_trim(&mut self, dev: usize, keep: u64) {
+        if let Some(d) = self.devices.get_mut(dev) {
+            let floor = d.pool.used.max(keep);
+            if d.pool.reserved > floor {
+                d.used -= d.pool.reserved - floor;
+                d.pool.reserved = floor;
+            }
+        }
+    }
+
+    /// What a synchronisation does: pools above their threshold shrink.
+    pub fn settle_pools(&mut self) {
+        for dev in 0..self.devices.len() {
+            let keep = self.devices[dev].pool.threshold;
+            self.pool_trim(dev, keep);
+        }
+    }
+
     /// Gives back an allocation of one of `kinds`.
     pub fn give_back(&mut self, addr: u64, kinds: &[Kind]) -> bool {
         match self.allocs.get(&addr) {
             Some(a) if kinds.contains(&a.kind) => {
                 let a = self.allocs.remove(&addr).expect("present");
+                if a.kind == Kind::Async {
+                    self.devices[a.dev].pool.used -= a.size;
+                    return true;
+                }
                 if !matches!(a.kind, Kind::IpcMapping | Kind::Managed) {
                     self.devices[a.dev].used -= a.size;
                 }
@@ -165,6 +226,7 @@ pub(crate) fn state() -> MutexGuard<'static, State> {
             .map(|spec| Device {
                 spec,
                 used: 0,
+                pool: Pool::default(),
                 busy_until: 0,
                 busy_log: VecDeque::new(),
             })

@@ -576,6 +576,35 @@ fn main() {
                 call!(api, "cuCtxSynchronize", fn(),);
                 line = format!("{cmd} {rc} {n} {}", t0.elapsed().as_nanos());
             }
+            "pool-keep" | "trim" => {
+                // pool-keep: the default pool keeps freed memory (threshold
+                // = max); trim <bytes>: cuMemPoolTrimTo on it.
+                let mut pool = 0usize;
+                call!(
+                    api,
+                    "cuDeviceGetDefaultMemPool",
+                    fn(*mut usize, c_int),
+                    &mut pool,
+                    0
+                );
+                let rc = if cmd == "trim" {
+                    let keep = num(i + 1) as usize;
+                    i += 1;
+                    call!(api, "cuMemPoolTrimTo", fn(usize, usize), pool, keep)
+                } else {
+                    let max = u64::MAX;
+                    call!(
+                        api,
+                        "cuMemPoolSetAttribute",
+                        fn(usize, c_int, *const u64),
+                        pool,
+                        4,
+                        &max
+                    )
+                };
+                line = format!("{cmd} {rc}");
+            }
+            "sync" => line = format!("sync {}", call!(api, "cuCtxSynchronize", fn())),
             "sleep" => {
                 std::thread::sleep(std::time::Duration::from_millis(num(i + 1)));
                 i += 1;
