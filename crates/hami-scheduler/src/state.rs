@@ -432,3 +432,238 @@ pub fn failed_bind_annotations(engine: &Engine) -> BTreeMap<String, Option<Strin
     m.insert(ann::VGPU_NODE.to_string(), None);
     m
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hami_api::DeviceInfo;
+    use hami_api::device::encode_devices_json;
+    use serde_json::json;
+
+    fn t(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn node(name: &str, handshake: &str, gpus_allocatable: &str) -> Node {
+        let devices: Vec<DeviceInfo> = (0..2)
+            .map(|i| DeviceInfo {
+                id: format!("GPU-{name}-{i}"),
+                index: i,
+                count: 10,
+                devmem: 1000,
+                devcore: 100,
+                device_type: "NVIDIA-T4".into(),
+                health: true,
+                ..Default::default()
+            })
+            .collect();
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "annotations": {
+                ann::NODE_NVIDIA_REGISTER: encode_devices_json(&devices),
+                ann::NODE_HANDSHAKE: handshake,
+            }},
+            "status": {"allocatable": {"nvidia.com/gpu": gpus_allocatable}},
+        }))
+        .unwrap()
+    }
+
+    fn pod(name: &str, uid: &str, mem: &str) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "ns", "uid": uid},
+            "spec": {"containers": [{"name": "c", "resources": {"limits": {
+                "nvidia.com/gpu": "1", "nvidia.com/gpumem": mem}}}]},
+            "status": {"phase": "Pending"},
+        }))
+        .unwrap()
+    }
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn free_mem(c: &Cluster, node: &str) -> u64 {
+        let n = c.snapshot().node(node).unwrap();
+        n.totals.mem - n.totals.used_mem
+    }
+
+    #[test]
+    fn filter_reserves_so_back_to_back_pods_never_share_a_full_card() {
+        let engine = Engine::default();
+        let mut c = Cluster::default();
+        let now = t("2026-01-01T00:00:00Z");
+        c.upsert_node(&engine, node("n1", "Reported x", "20"), now);
+        let cands = names(&["n1"]);
+        let req = |p: &Pod| engine.prepare(p).unwrap().unwrap();
+        let a = pod("a", "ua", "1000");
+        let b = pod("b", "ub", "1000");
+        let x = pod("x", "ux", "1000");
+        let oa = c.filter(&engine, &req(&a), Some("ua"), &cands, now);
+        let ob = c.filter(&engine, &req(&b), Some("ub"), &cands, now);
+        assert_eq!(
+            (oa.node.as_deref(), ob.node.as_deref()),
+            (Some("n1"), Some("n1"))
+        );
+        assert_eq!(free_mem(&c, "n1"), 0);
+        let ox = c.filter(&engine, &req(&x), Some("ux"), &cands, now);
+        assert_eq!(ox.node, None);
+        assert!(
+            ox.failed["n1"].contains("CardInsufficientMemory"),
+            "{:?}",
+            ox.failed
+        );
+        // Filtering a pod again replaces its own reservation, not adds one.
+        let oa2 = c.filter(&engine, &req(&a), Some("ua"), &cands, now);
+        assert_eq!(oa2.node.as_deref(), Some("n1"));
+        assert_eq!(free_mem(&c, "n1"), 0);
+        // Watch events without annotations keep the reservation; deletion frees it.
+        c.upsert_pod(&engine, &a);
+        assert_eq!(free_mem(&c, "n1"), 0);
+        c.delete_pod("ns/a");
+        assert_eq!(free_mem(&c, "n1"), 1000);
+    }
+
+    #[test]
+    fn reservations_without_a_bind_expire() {
+        let engine = Engine::default();
+        let mut c = Cluster::default();
+        let now = t("2026-01-01T00:00:00Z");
+        c.upsert_node(&engine, node("n1", "Reported x", "20"), now);
+        let a = pod("a", "ua", "600");
+        let req = engine.prepare(&a).unwrap().unwrap();
+        c.filter(&engine, &req, Some("ua"), &names(&["n1"]), now);
+        let ttl = SignedDuration::from_mins(2);
+        assert!(
+            c.expire_reservations(now + SignedDuration::from_secs(60), ttl)
+                .is_empty()
+        );
+        assert_eq!(
+            c.expire_reservations(now + SignedDuration::from_secs(121), ttl),
+            vec!["ns/a".to_string()]
+        );
+        assert_eq!(free_mem(&c, "n1"), 2000);
+        // A reservation whose bind started is left to the bind.
+        c.filter(&engine, &req, Some("ua"), &names(&["n1"]), now);
+        c.claim_for_bind(&engine, &req, Some("ua"), "n1", now)
+            .unwrap();
+        assert!(
+            c.expire_reservations(now + SignedDuration::from_mins(10), ttl)
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn bind_without_a_reservation_decides_on_that_node_only() {
+        let engine = Engine::default();
+        let mut c = Cluster::default();
+        let now = t("2026-01-01T00:00:00Z");
+        c.upsert_node(&engine, node("n1", "Reported x", "20"), now);
+        let big = pod("big", "u", "5000");
+        let req = engine.prepare(&big).unwrap().unwrap();
+        let err = c
+            .claim_for_bind(&engine, &req, Some("u"), "n1", now)
+            .unwrap_err();
+        assert!(err.contains("CardInsufficientMemory"), "{err}");
+        let err = c
+            .claim_for_bind(&engine, &req, Some("u"), "nowhere", now)
+            .unwrap_err();
+        assert!(err.contains("NodeInsufficientDevice"), "{err}");
+        let ok = pod("ok", "u2", "500");
+        let req = engine.prepare(&ok).unwrap().unwrap();
+        let devices = c
+            .claim_for_bind(&engine, &req, Some("u2"), "n1", now)
+            .unwrap();
+        assert_eq!(devices.devices().count(), 1);
+    }
+
+    #[test]
+    fn stale_handshake_drops_devices_and_a_report_brings_them_back() {
+        let engine = Engine::default();
+        let mut c = Cluster::default();
+        let t0 = t("2026-01-01T00:00:00Z");
+        let answer = c.upsert_node(
+            &engine,
+            node("n1", "Requesting_2026-01-01 00:00:00", "0"),
+            t0,
+        );
+        assert_eq!(answer, None);
+        assert!(c.snapshot().node("n1").is_some());
+        // Nothing changes but time.
+        c.rejudge_nodes(&engine, t0 + SignedDuration::from_secs(61));
+        assert!(c.snapshot().node("n1").is_none());
+        assert_eq!(c.unhealthy_nodes(), vec!["n1".to_string()]);
+        let answer = c.upsert_node(
+            &engine,
+            node("n1", "Reported 2026-01-01 00:01:10", "20"),
+            t0 + SignedDuration::from_secs(70),
+        );
+        assert_eq!(answer.as_deref(), Some("Requesting_2026-01-01 00:01:10"));
+        assert!(c.snapshot().node("n1").is_some());
+    }
+
+    #[test]
+    fn stuck_allocating_pods_are_found_and_given_up() {
+        let engine = Engine::default();
+        let mut c = Cluster::default();
+        let now = t("2026-01-01T00:10:00Z");
+        c.upsert_node(&engine, node("n1", "Reported x", "20"), now);
+        let mut p = pod("p", "u", "400");
+        let secs = (now.as_second() - 200).to_string();
+        let devices = PodDevices::decode("x", "GPU-n1-0,NVIDIA,400,0:;").unwrap();
+        let mut annotations = bind_annotations(&engine, "n1", &devices, now);
+        annotations.insert(ann::BIND_TIME.into(), Some(secs));
+        p.metadata.annotations = Some(
+            annotations
+                .into_iter()
+                .map(|(k, v)| (k, v.unwrap()))
+                .collect(),
+        );
+        c.upsert_pod(&engine, &p);
+        assert_eq!(free_mem(&c, "n1"), 1600);
+        let timeout = SignedDuration::from_mins(2);
+        let stuck = c.stuck_allocating(now, timeout);
+        assert_eq!(
+            stuck,
+            vec![StuckPod {
+                namespace: "ns".into(),
+                name: "p".into(),
+                uid: Some("u".into()),
+                node: "n1".into()
+            }]
+        );
+        assert!(
+            c.stuck_allocating(now - SignedDuration::from_secs(100), timeout)
+                .is_empty()
+        );
+        c.give_up("ns/p");
+        assert_eq!(free_mem(&c, "n1"), 2000);
+        // The watch then shows bind-phase=failed: still nothing held...
+        p.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(ann::BIND_PHASE.into(), "failed".into());
+        c.upsert_pod(&engine, &p);
+        assert_eq!(free_mem(&c, "n1"), 2000);
+        assert!(c.stuck_allocating(now, timeout).is_empty());
+        // ...unless the pod runs anyway: then its devices are in use.
+        p.status.as_mut().unwrap().phase = Some("Running".into());
+        c.upsert_pod(&engine, &p);
+        assert_eq!(free_mem(&c, "n1"), 1600);
+    }
+
+    #[test]
+    fn relist_forgets_what_vanished_while_disconnected() {
+        let engine = Engine::default();
+        let mut c = Cluster::default();
+        let now = t("2026-01-01T00:00:00Z");
+        c.nodes_restart();
+        c.upsert_node(&engine, node("n1", "Reported x", "20"), now);
+        c.upsert_node(&engine, node("n2", "Reported x", "20"), now);
+        c.nodes_synced();
+        c.nodes_restart();
+        c.upsert_node(&engine, node("n2", "Reported x", "20"), now);
+        c.nodes_synced();
+        assert!(c.snapshot().node("n1").is_none());
+        assert!(c.snapshot().node("n2").is_some());
+    }
+}
