@@ -617,6 +617,15 @@ impl SharedRegion {
         }
     }
 
+    /// Whether a priority-0 process of this container launched work in the
+    /// last `window_ns`. The node agent suspends the low-priority containers
+    /// sharing a card (`set_low_priority_suspended`) while any container on
+    /// it answers yes, and resumes them when none does.
+    pub fn high_priority_active(&self, window_ns: u64) -> bool {
+        let last = self.header.high_priority_launch_ns.load(Relaxed);
+        last != 0 && monotonic_ns().saturating_sub(last) <= window_ns
+    }
+
     /// Every occupied slot.
     pub fn processes(&self) -> Vec<ProcInfo> {
         self.slots[..self.hwm()]
@@ -753,6 +762,22 @@ mod tests {
         assert_eq!(r.device_used(2), 0);
         assert_eq!(r.device_busy_ns(2), 40);
         assert_eq!(r.claim_slot(9, 0, 0), Some(a), "the freed slot is reused");
+    }
+
+    #[test]
+    fn high_priority_activity_and_suspension() {
+        let r = SharedRegion::anonymous().unwrap();
+        assert!(!r.high_priority_active(1_000_000_000));
+        r.header
+            .high_priority_launch_ns
+            .store(monotonic_ns(), SeqCst);
+        assert!(r.high_priority_active(1_000_000_000));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert!(!r.high_priority_active(1_000_000));
+        r.set_low_priority_suspended(true);
+        assert!(r.low_priority_suspended());
+        r.set_low_priority_suspended(false);
+        assert!(!r.low_priority_suspended());
     }
 
     #[test]
