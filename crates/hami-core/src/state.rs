@@ -104,6 +104,10 @@ fn init_global() -> Global {
             }
         }
     };
+    // Once per program image: a slot holding our pid is from the image we
+    // were exec'ed from; its memory went with it.
+    // SAFETY: getpid has no preconditions.
+    region.release_stale(unsafe { libc::getpid() });
     // The env seeds limits the region does not have yet; the limits file
     // and the node agent override them.
     region.apply_limits(&env.limits, false);

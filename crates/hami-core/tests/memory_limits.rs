@@ -516,3 +516,19 @@ fn pool_memory_released_at_sync_is_noticed() {
     assert_eq!(out.rcs(), vec![0, 0, 0, 0, 0, 0], "{:?}", out.lines);
     assert_eq!(out.field::<u64>(5, 2), 400 * MIB);
 }
+
+/// A CUDA process that execs another program keeps its pid: the new image
+/// must not be charged for the old one's memory.
+#[test]
+fn exec_drops_the_previous_images_usage() {
+    let s = Scratch::new("exec");
+    let out = probe(
+        &s,
+        &[LIMIT_1000M],
+        &[
+            "init", "alloc", "600m", "exec", "init", "meminfo", "alloc", "900m",
+        ],
+    );
+    assert_eq!(out.rcs(), vec![0, 0, 0, 0, 0], "{:?}", out.lines);
+    assert_eq!(out.field::<u64>(3, 2), 1000 * MIB);
+}

@@ -376,6 +376,20 @@ impl SharedRegion {
         None
     }
 
+    /// Frees every slot held by `pid`. A process calls this once per program
+    /// image, before claiming its slot: a slot already holding its pid was
+    /// claimed by the image it `exec`ed away from, whose memory is gone.
+    pub fn release_stale(&self, pid: i32) -> usize {
+        let mut n = 0;
+        for i in 0..self.hwm() {
+            if self.slots[i].pid.load(SeqCst) == pid {
+                self.release_slot(i, pid);
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Gives a slot back (normal exit). Its usage is dropped, its busy time kept.
     pub fn release_slot(&self, slot: usize, pid: i32) {
         let Some(s) = self.slots.get(slot) else {
@@ -762,6 +776,9 @@ mod tests {
         assert_eq!(r.device_used(2), 0);
         assert_eq!(r.device_busy_ns(2), 40);
         assert_eq!(r.claim_slot(9, 0, 0), Some(a), "the freed slot is reused");
+        r.reserve(a, 0, 5, 0).unwrap();
+        assert_eq!(r.release_stale(9), 1);
+        assert_eq!(r.device_used(0), 0);
     }
 
     #[test]

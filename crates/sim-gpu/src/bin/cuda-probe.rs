@@ -605,6 +605,15 @@ fn main() {
                 line = format!("{cmd} {rc}");
             }
             "sync" => line = format!("sync {}", call!(api, "cuCtxSynchronize", fn())),
+            "exec" => {
+                // exec <commands...>: replace this image with a new probe.
+                use std::os::unix::process::CommandExt;
+                out.lock().flush().ok();
+                let e = std::process::Command::new(std::env::current_exe().expect("own path"))
+                    .args(&args[i + 1..])
+                    .exec();
+                panic!("exec failed: {e}");
+            }
             "sleep" => {
                 std::thread::sleep(std::time::Duration::from_millis(num(i + 1)));
                 i += 1;
