@@ -1,0 +1,251 @@
+//! hami-kube against a real kube-apiserver: the node bind lock (mutual
+//! exclusion under concurrent binders, waiting, takeover, release), Lease
+//! leader election and events. Skips when the control-plane binaries are
+//! not built (see hami-e2e).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::SignedDuration;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+
+use hami_api::annotations as ann;
+use hami_api::node::NodeLock;
+use hami_e2e::{GpuNode, TestNs};
+use hami_kube::clock::{Clock, ManualClock, SystemClock};
+use hami_kube::events::{EventWriter, Severity};
+use hami_kube::leader::{LeaseConfig, Term, try_lead};
+use hami_kube::lock::{self, LockPolicy};
+
+/// A pod that stays Pending forever (no node matches it).
+async fn pending_pod(ns: &TestNs, name: &str, bind_phase: Option<&str>) -> Pod {
+    let mut annotations = serde_json::Map::new();
+    if let Some(b) = bind_phase {
+        annotations.insert(ann::BIND_PHASE.into(), json!(b));
+    }
+    ns.create_pod(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns.name, "annotations": annotations},
+        "spec": {"nodeSelector": {"nowhere": "true"},
+                 "containers": [{"name": "c", "image": "fake"}]},
+    }))
+    .await
+    .expect("pod created")
+}
+
+async fn lock_value(ns: &TestNs, node: &str) -> Option<NodeLock> {
+    let n = Api::<Node>::all(ns.client.clone())
+        .get(node)
+        .await
+        .expect("node");
+    n.metadata
+        .annotations
+        .and_then(|a| a.get(ann::NODE_LOCK).cloned())
+        .map(|v| NodeLock::decode(&v).expect("a valid lock"))
+}
+
+#[tokio::test]
+async fn node_lock_excludes_waits_takes_over_and_releases() {
+    let Some(cluster) = hami_e2e::cluster(env!("CARGO_BIN_EXE_hami-scheduler")) else {
+        return;
+    };
+    let mut ns = cluster.namespace("lock").await;
+    let node = ns.add_node(&GpuNode::new("n", 1, 1000, "NVIDIA-T4")).await;
+    let clock = SystemClock;
+    let quick = LockPolicy {
+        wait: Duration::from_millis(800),
+        ..LockPolicy::default()
+    };
+
+    // Eight binders race for a free node: exactly one wins.
+    for i in 0..8 {
+        pending_pod(&ns, &format!("racer{i}"), Some("allocating")).await;
+    }
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let client = ns.client.clone();
+        let (node, nsn) = (node.clone(), ns.name.clone());
+        tasks.push(tokio::spawn(async move {
+            lock::acquire(
+                &client,
+                &node,
+                &nsn,
+                &format!("racer{i}"),
+                &SystemClock,
+                &quick,
+            )
+            .await
+        }));
+    }
+    let mut winners = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await.expect("task") {
+            Ok(()) => winners.push(i),
+            Err(e) => assert!(
+                matches!(
+                    e,
+                    hami_kube::Error::Locked { .. } | hami_kube::Error::LockContention { .. }
+                ),
+                "{e}"
+            ),
+        }
+    }
+    assert_eq!(winners.len(), 1, "winners: {winners:?}");
+    let holder = format!("racer{}", winners[0]);
+    assert_eq!(lock_value(&ns, &node).await.unwrap().pod, holder);
+
+    // Taking it again as the holder is a no-op success.
+    lock::acquire(&ns.client, &node, &ns.name, &holder, &clock, &quick)
+        .await
+        .expect("re-entrant");
+
+    // Once the holder is past allocation, the next binder takes over.
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    pods.patch(
+        &holder,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {ann::BIND_PHASE: "success"}}})),
+    )
+    .await
+    .expect("patched");
+    pending_pod(&ns, "next", Some("allocating")).await;
+    lock::acquire(&ns.client, &node, &ns.name, "next", &clock, &quick)
+        .await
+        .expect("takeover after success");
+    // A lock whose pod is gone may be taken at once.
+    pods.delete("next", &Default::default())
+        .await
+        .expect("deleted");
+    lock::acquire(
+        &ns.client,
+        &node,
+        &ns.name,
+        "ghost-successor",
+        &clock,
+        &quick,
+    )
+    .await
+    .expect("takeover from a deleted pod");
+
+    // An expired lock may be taken even from a live allocating holder.
+    pending_pod(&ns, "slow", Some("allocating")).await;
+    let later = ManualClock::new(jiff::Timestamp::now());
+    lock::acquire(&ns.client, &node, &ns.name, "slow", &clock, &quick)
+        .await
+        .expect("takeover from ghost");
+    let err = lock::acquire(&ns.client, &node, &ns.name, "late", &later, &quick)
+        .await
+        .expect_err("slow holds it");
+    assert!(err.to_string().contains("locked by"), "{err}");
+    later.advance(SignedDuration::from_mins(6));
+    lock::acquire(&ns.client, &node, &ns.name, "late", &later, &quick)
+        .await
+        .expect("expired lock taken");
+
+    // Release only removes our own lock.
+    lock::release(&ns.client, &node, &ns.name, "slow")
+        .await
+        .expect("no-op");
+    assert_eq!(lock_value(&ns, &node).await.unwrap().pod, "late");
+    lock::release(&ns.client, &node, &ns.name, "late")
+        .await
+        .expect("released");
+    assert_eq!(lock_value(&ns, &node).await, None);
+}
+
+#[tokio::test]
+async fn lease_election_has_one_leader_and_fails_over_after_expiry() {
+    let Some(cluster) = hami_e2e::cluster(env!("CARGO_BIN_EXE_hami-scheduler")) else {
+        return;
+    };
+    let ns = cluster.namespace("lease").await;
+    let cfg = |id: &str| LeaseConfig {
+        namespace: ns.name.clone(),
+        name: "hami-scheduler".into(),
+        identity: id.into(),
+        duration: Duration::from_secs(10),
+        renew_every: Duration::from_secs(3),
+    };
+    let clock_a = Arc::new(ManualClock::new(jiff::Timestamp::now()));
+    let clock_b = Arc::new(ManualClock::new(jiff::Timestamp::now()));
+    assert_eq!(
+        try_lead(&ns.client, &cfg("a"), clock_a.as_ref())
+            .await
+            .unwrap(),
+        Term::Leading
+    );
+    assert_eq!(
+        try_lead(&ns.client, &cfg("b"), clock_b.as_ref())
+            .await
+            .unwrap(),
+        Term::Following
+    );
+    // a renews; b still follows.
+    clock_a.advance(SignedDuration::from_secs(5));
+    clock_b.advance(SignedDuration::from_secs(5));
+    assert_eq!(
+        try_lead(&ns.client, &cfg("a"), clock_a.as_ref())
+            .await
+            .unwrap(),
+        Term::Leading
+    );
+    assert_eq!(
+        try_lead(&ns.client, &cfg("b"), clock_b.as_ref())
+            .await
+            .unwrap(),
+        Term::Following
+    );
+    // a stops renewing; after a whole term b takes over, and a follows.
+    clock_b.advance(SignedDuration::from_secs(11));
+    assert_eq!(
+        try_lead(&ns.client, &cfg("b"), clock_b.as_ref())
+            .await
+            .unwrap(),
+        Term::Leading
+    );
+    assert_eq!(
+        try_lead(&ns.client, &cfg("a"), clock_a.as_ref())
+            .await
+            .unwrap(),
+        Term::Following
+    );
+    let lease =
+        Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(ns.client.clone(), &ns.name)
+            .get("hami-scheduler")
+            .await
+            .unwrap();
+    let spec = lease.spec.unwrap();
+    assert_eq!(spec.holder_identity.as_deref(), Some("b"));
+    assert_eq!(spec.lease_transitions, Some(1));
+}
+
+#[tokio::test]
+async fn events_are_written_on_the_pod() {
+    let Some(cluster) = hami_e2e::cluster(env!("CARGO_BIN_EXE_hami-scheduler")) else {
+        return;
+    };
+    let ns = cluster.namespace("events").await;
+    let pod = pending_pod(&ns, "p", None).await;
+    let writer = EventWriter::new(ns.client.clone(), "hami-scheduler", "test");
+    writer
+        .pod_event(
+            &pod,
+            Severity::Warning,
+            "BindingFailed",
+            "node n is locked",
+            &SystemClock,
+        )
+        .await
+        .expect("event written");
+    let events = ns.events_for("p").await;
+    let e = events
+        .iter()
+        .find(|e| e.reason.as_deref() == Some("BindingFailed"))
+        .expect("our event");
+    assert_eq!(e.type_.as_deref(), Some("Warning"));
+    assert_eq!(e.message.as_deref(), Some("node n is locked"));
+    assert_eq!(e.involved_object.uid, pod.metadata.uid);
+    let _ = SystemClock.now();
+}
