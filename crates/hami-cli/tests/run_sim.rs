@@ -147,4 +147,14 @@ fn a_missing_library_is_a_clear_error() {
         Cli::try_parse_from(["hami-run", "--gpumem", "1G"]).is_err(),
         "a command is required"
     );
+    let cli = Cli::try_parse_from([
+        "hami-run", "--gpumem", "1G", "python", "train.py", "--lr", "1",
+    ])
+    .unwrap();
+    assert_eq!(
+        cli.run.command,
+        ["python", "train.py", "--lr", "1"],
+        "`--` is optional"
+    );
+    assert_eq!(cli.run.gpumem.as_deref(), Some("1G"));
 }
