@@ -1,0 +1,237 @@
+//! Load benchmark: N kwok nodes of G GPUs and P pods through the real
+//! kube-scheduler and hami-scheduler. Prints end-to-end pods/s and Filter
+//! and Bind latency quantiles from hami-scheduler's own histograms.
+//!
+//!   cargo run --release -p hami-e2e --bin hami-load -- \
+//!       --scheduler target/release/hami-scheduler --nodes 1000 --pods 10000
+//!
+//! Needs the control-plane binaries of tests/e2e/build-k8s.sh.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::Api;
+use kube::runtime::watcher::{self, Event};
+use serde_json::json;
+
+use hami_e2e::GpuNode;
+
+struct Opts {
+    scheduler: String,
+    nodes: usize,
+    gpus: u32,
+    pods: usize,
+    policy: String,
+    timeout: Duration,
+}
+
+fn parse() -> Result<Opts, String> {
+    let mut o = Opts {
+        scheduler: "target/release/hami-scheduler".into(),
+        nodes: 1000,
+        gpus: 8,
+        pods: 10_000,
+        policy: "binpack".into(),
+        timeout: Duration::from_secs(1800),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut v = || args.next().ok_or(format!("{a} needs a value"));
+        match a.as_str() {
+            "--scheduler" => o.scheduler = v()?,
+            "--nodes" => o.nodes = v()?.parse().map_err(|e| format!("--nodes: {e}"))?,
+            "--gpus" => o.gpus = v()?.parse().map_err(|e| format!("--gpus: {e}"))?,
+            "--pods" => o.pods = v()?.parse().map_err(|e| format!("--pods: {e}"))?,
+            "--node-policy" => o.policy = v()?,
+            "--timeout-secs" => {
+                o.timeout =
+                    Duration::from_secs(v()?.parse().map_err(|e| format!("--timeout-secs: {e}"))?)
+            }
+            "-h" | "--help" => {
+                return Err("usage: hami-load [--scheduler PATH] [--nodes N] [--gpus G] [--pods P] [--node-policy binpack|spread] [--timeout-secs S]".into());
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    Ok(o)
+}
+
+/// `histogram_quantile` over cumulative buckets `(le, count)`.
+fn quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut prev = (0.0, 0.0);
+    for &(le, c) in buckets {
+        if c >= rank {
+            if le.is_infinite() {
+                return Some(prev.0);
+            }
+            let width = le - prev.0;
+            let inside = c - prev.1;
+            let frac = if inside > 0.0 {
+                (rank - prev.1) / inside
+            } else {
+                1.0
+            };
+            return Some(prev.0 + width * frac);
+        }
+        prev = (le, c);
+    }
+    None
+}
+
+fn buckets(metrics: &str, name: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    let mut v: Vec<(f64, f64)> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|rest| {
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.total_cmp(&b.0));
+    v
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let o = match parse() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    let Some(cluster) = hami_e2e::cluster(&o.scheduler) else {
+        std::process::exit(2);
+    };
+    let mut ns = cluster.namespace("load").await;
+    let t = Instant::now();
+    let specs: Vec<GpuNode> = (0..o.nodes)
+        .map(|i| GpuNode::new(&format!("n{i:04}"), o.gpus, 81920, "NVIDIA A100-SXM4-80GB"))
+        .collect();
+    for s in &specs {
+        ns.add_node(s).await;
+    }
+    eprintln!("{} nodes created in {:?}", o.nodes, t.elapsed());
+    // Let the caches catch up before the clock starts.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    let api: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    let watch_api = api.clone();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let watcher_task = tokio::spawn(async move {
+        let mut bound: HashSet<String> = HashSet::new();
+        let stream = watcher::watcher(watch_api, watcher::Config::default());
+        let mut stream = std::pin::pin!(stream);
+        while let Some(ev) = stream.next().await {
+            let pods: Vec<Pod> = match ev {
+                Ok(Event::Apply(p) | Event::InitApply(p)) => vec![p],
+                _ => continue,
+            };
+            for p in pods {
+                if p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some()
+                    && bound.insert(p.metadata.name.clone().unwrap_or_default())
+                {
+                    let _ = tx.send(Instant::now());
+                }
+            }
+        }
+    });
+    let start = Instant::now();
+    let policy = o.policy.clone();
+    let creates = futures::stream::iter(0..o.pods)
+        .map(|i| {
+            let pod = ns.gpu_pod(
+                &format!("p{i:05}"),
+                json!({"nvidia.com/gpu": "1", "nvidia.com/gpumem": "4000", "nvidia.com/gpucores": "5"}),
+                json!({"hami.io/node-scheduler-policy": policy}),
+            );
+            ns.create_pod(pod)
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>();
+    let results = creates.await;
+    let failed_creates = results.iter().filter(|r| r.is_err()).count();
+    let create_secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "{} pods created in {create_secs:.1} s ({failed_creates} failed)",
+        o.pods
+    );
+    let mut bound = 0usize;
+    let mut last = start;
+    while bound < o.pods - failed_creates {
+        match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+            Ok(Some(at)) => {
+                bound += 1;
+                last = at;
+                if bound.is_multiple_of(1000) {
+                    eprintln!("{bound} bound after {:.1} s", start.elapsed().as_secs_f64());
+                }
+            }
+            _ => break,
+        }
+        if start.elapsed() > o.timeout {
+            break;
+        }
+    }
+    watcher_task.abort();
+    let secs = last.duration_since(start).as_secs_f64();
+    let metrics = cluster.scheduler_get("/metrics").await.unwrap_or_default();
+    let f = buckets(&metrics, "hami_scheduler_filter_duration_seconds");
+    let b = buckets(&metrics, "hami_scheduler_bind_duration_seconds");
+    let ms = |v: Option<f64>| v.map_or("-".to_string(), |s| format!("{:.2}", s * 1000.0));
+    println!(
+        "| nodes x GPUs | pods | node policy | bound | seconds | pods/s | filter p50 ms | filter p99 ms | bind p50 ms | bind p99 ms | filter calls | bind calls |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {} x {} | {} | {} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} |",
+        o.nodes,
+        o.gpus,
+        o.pods,
+        o.policy,
+        bound,
+        secs,
+        bound as f64 / secs.max(1e-9),
+        ms(quantile(0.5, &f)),
+        ms(quantile(0.99, &f)),
+        ms(quantile(0.5, &b)),
+        ms(quantile(0.99, &b)),
+        f.last().map_or(0.0, |x| x.1),
+        b.last().map_or(0.0, |x| x.1),
+    );
+    drop(ns);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_interpolate_within_buckets() {
+        let b = [
+            (0.001, 50.0),
+            (0.002, 90.0),
+            (0.004, 100.0),
+            (f64::INFINITY, 100.0),
+        ];
+        assert!((quantile(0.5, &b).unwrap() - 0.001).abs() < 1e-12);
+        assert!((quantile(0.7, &b).unwrap() - 0.0015).abs() < 1e-12);
+        assert!((quantile(0.99, &b).unwrap() - 0.0038).abs() < 1e-12);
+        assert_eq!(quantile(0.5, &[]), None);
+        let text = "x_bucket{le=\"0.001\"} 3\nx_bucket{le=\"+Inf\"} 4\nx_count 4\n";
+        assert_eq!(buckets(text, "x"), vec![(0.001, 3.0), (f64::INFINITY, 4.0)]);
+    }
+}
