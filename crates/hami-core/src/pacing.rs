@@ -272,10 +272,10 @@ fn paced_slow(
     // SAFETY: as above.
     if r == CUDA_SUCCESS && unsafe { rec(b, stream) } == CUDA_SUCCESS {
         m.pending.push_back((a, b, estimate));
-        g.region
-            .slots
-            .get(p.slot)
-            .map(|s| s.launches[dev].fetch_add(1, Relaxed));
+        if let Some(slot) = g.region.slots.get(p.slot) {
+            slot.launches[dev].fetch_add(1, Relaxed);
+            slot.last_launch_ns.store(monotonic_ns(), Relaxed);
+        }
     } else {
         m.free_events.push(a);
         m.free_events.push(b);
