@@ -51,7 +51,7 @@ fn unlimited_is_not_paced() {
     let _serial = serial();
     let s = Scratch::new("pace-none");
     let got = share(&s, &[], "busy", "1000", "1000");
-    assert!(got > 95.0, "unpaced share {got:.1}%");
+    assert!(got > 80.0, "unpaced share {got:.1}% (quota would give 30%)");
     let s = Scratch::new("pace-disabled");
     let got = share(
         &s,
@@ -63,7 +63,7 @@ fn unlimited_is_not_paced() {
         "1000",
         "1000",
     );
-    assert!(got > 95.0, "policy=disable still paced: {got:.1}%");
+    assert!(got > 80.0, "policy=disable still paced: {got:.1}%");
 }
 
 #[test]
@@ -72,7 +72,7 @@ fn launches_into_a_capturing_stream_are_not_paced() {
     let s = Scratch::new("pace-capture");
     let env = [("CUDA_DEVICE_SM_LIMIT", "30"), ("SIM_GPU_CAPTURING", "1")];
     let got = share(&s, &env, "busy", "1000", "1000");
-    assert!(got > 90.0, "captured launches were paced: {got:.1}%");
+    assert!(got > 80.0, "captured launches were paced: {got:.1}%");
     let region = hami_shm::region::SharedRegion::open(&s.region()).unwrap();
     assert_eq!(
         region.device_busy_ns(0),
