@@ -350,6 +350,35 @@ fn simulate_is_deterministic_and_writes_a_report() {
     );
 }
 
+#[test]
+fn simulate_accepts_a_kubernetes_dump_as_the_cluster() {
+    let dir = tempdir();
+    let workload = dir.join("w.yaml");
+    // The dump has 4 A100 cards (one cordoned, one 40 GB into a running job:
+    // neither can be taken whole) and 2 T4s: of five whole-card pods arriving
+    // at once, 4 are placed.
+    std::fs::write(
+        &workload,
+        "horizon: 1h\ngroups:\n- name: whole\n  count: 5\n  arrival: {pattern: burst}\n  duration: 2h\n  resources: {nvidia.com/gpu: 1}\n",
+    )
+    .unwrap();
+    let snapshot = fixture("snapshot.yaml");
+    let out = hami(&[
+        "simulate",
+        "--cluster",
+        snapshot.to_str().unwrap(),
+        "--workload",
+        workload.to_str().unwrap(),
+        "-o",
+        "json",
+        "-q",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json[0]["placed"], 4, "{json:#}");
+    assert_eq!(json[0]["never_placed"], 1);
+}
+
 /// A fresh directory under the target dir (no extra crate needed).
 fn tempdir() -> PathBuf {
     use std::sync::atomic::{AtomicU32, Ordering};
