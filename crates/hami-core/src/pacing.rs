@@ -9,8 +9,10 @@
 //! time. A launch at time `t`:
 //!
 //! 1. harvests finished measurements (below), correcting `C`;
-//! 2. takes `s = max(C, t - B)` and sets `C = s + d_est / q` with one
-//!    compare-and-swap (B = 20 ms of credit that an idle container may bank);
+//! 2. takes `s = max(C, t - B)` (`s = t` for a fresh clock) and sets
+//!    `C = s + d_est / q` with one compare-and-swap (B = 50 ms of credit a
+//!    container may bank while idle, so a launch that woke up late can
+//!    catch up);
 //! 3. sleeps until `s` if `s > t`, then launches, bracketed by two events on
 //!    the caller's stream.
 //!
@@ -50,8 +52,9 @@ use std::ffi::{c_uint, c_void};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicPtr, Ordering::*};
 
-/// Credit an idle container may bank, ns.
-pub const BURST_NS: u64 = 20_000_000;
+/// Credit a container may bank while it is idle or late (a launch that
+/// wakes up late may catch up by this much), ns.
+pub const BURST_NS: u64 = 50_000_000;
 /// Measurements kept in flight before we wait for the oldest.
 const MAX_IN_FLIGHT: usize = 32;
 
@@ -236,7 +239,12 @@ fn paced_slow(
     let now = monotonic_ns();
     let mut c = clock.load(Acquire);
     let start = loop {
-        let s = c.max(now.saturating_sub(BURST_NS));
+        // A fresh clock starts now: no credit for the time before the first launch.
+        let s = if c == 0 {
+            now
+        } else {
+            c.max(now.saturating_sub(BURST_NS))
+        };
         match clock.compare_exchange_weak(c, s + cost, AcqRel, Acquire) {
             Ok(_) => break s,
             Err(actual) => c = actual,
