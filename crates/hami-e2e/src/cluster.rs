@@ -75,6 +75,13 @@ pub fn binaries() -> Result<PathBuf, String> {
 /// control-plane binaries are not available; panics when they are but the
 /// cluster does not come up, or when HAMI_E2E_REQUIRE=1 and they are not.
 pub fn cluster(scheduler_bin: &str) -> Option<&'static Cluster> {
+    cluster_with(scheduler_bin, &[])
+}
+
+/// Like [`cluster`], with extra hami-scheduler flags. The first call of the
+/// test binary decides: the cluster is shared by all its tests.
+pub fn cluster_with(scheduler_bin: &str, extra_args: &[&str]) -> Option<&'static Cluster> {
+    let extra: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
     let r = CLUSTER.get_or_init(|| {
         let bin = match binaries() {
             Ok(b) => b,
@@ -83,7 +90,7 @@ pub fn cluster(scheduler_bin: &str) -> Option<&'static Cluster> {
         // Startup blocks; run it on its own thread so it does not matter
         // which runtime (if any) the first test uses.
         let scheduler_bin = PathBuf::from(scheduler_bin);
-        let started = std::thread::spawn(move || Cluster::start(&bin, &scheduler_bin))
+        let started = std::thread::spawn(move || Cluster::start(&bin, &scheduler_bin, extra))
             .join()
             .unwrap_or_else(|_| Err(anyhow::anyhow!("cluster startup panicked")));
         match started {
@@ -196,7 +203,7 @@ async fn wait_https(
 }
 
 impl Cluster {
-    fn start(bin: &Path, scheduler_bin: &Path) -> anyhow::Result<Cluster> {
+    fn start(bin: &Path, scheduler_bin: &Path, extra: Vec<String>) -> anyhow::Result<Cluster> {
         rustls::crypto::ring::default_provider()
             .install_default()
             .ok();
@@ -207,7 +214,7 @@ impl Cluster {
         ));
         fs::create_dir_all(&dir)?;
         procs::remove_at_exit(dir.clone());
-        let r = Cluster::start_in(&dir, bin, scheduler_bin);
+        let r = Cluster::start_in(&dir, bin, scheduler_bin, extra);
         if let Err(e) = &r {
             let mut msg = format!("{e:#}\nlogs in {}", dir.display());
             for c in [
@@ -224,7 +231,12 @@ impl Cluster {
         r
     }
 
-    fn start_in(dir: &Path, bin: &Path, scheduler_bin: &Path) -> anyhow::Result<Cluster> {
+    fn start_in(
+        dir: &Path,
+        bin: &Path,
+        scheduler_bin: &Path,
+        extra: Vec<String>,
+    ) -> anyhow::Result<Cluster> {
         let pki = Pki::generate()?;
         let ca = write(dir, "ca.crt", &pki.ca.cert)?;
         let api_crt = write(dir, "apiserver.crt", &pki.apiserver.cert)?;
@@ -315,13 +327,14 @@ impl Cluster {
         ))?;
 
         // hami-scheduler, the binary under test
-        let scheduler_args = vec![
+        let mut scheduler_args = vec![
             format!("--bind-address=127.0.0.1:{hs_port}"),
             format!("--tls-cert-file={}", sched_crt.display()),
             format!("--tls-key-file={}", sched_key.display()),
             format!("--kubeconfig={}", kubeconfig.display()),
             s("--resync-period=1s"),
         ];
+        scheduler_args.extend(extra);
         let cluster = Cluster {
             dir: dir.to_path_buf(),
             api_url: api_url.clone(),

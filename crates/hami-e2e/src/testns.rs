@@ -34,6 +34,9 @@ pub struct GpuNode {
     pub handshake: Option<String>,
     /// Allocatable `nvidia.com/gpu`; default gpus x split.
     pub allocatable: Option<u64>,
+    /// Whether kwok runs the node (and starts its pods); a node without
+    /// kwok has no kubelet, so its pods stay Pending after binding.
+    pub kwok: bool,
 }
 
 impl GpuNode {
@@ -47,6 +50,7 @@ impl GpuNode {
             numa: Vec::new(),
             handshake: None,
             allocatable: None,
+            kwok: true,
         }
     }
 
@@ -88,7 +92,7 @@ impl GpuNode {
                 "name": node_name,
                 "labels": {TEST_LABEL: test, "type": "kwok", "kubernetes.io/hostname": node_name},
                 "annotations": {
-                    "kwok.x-k8s.io/node": "fake",
+                    "kwok.x-k8s.io/node": if self.kwok { "fake" } else { "none" },
                     ann::NODE_NVIDIA_REGISTER: encode_devices_json(&devices),
                     ann::NODE_HANDSHAKE: handshake,
                 },
