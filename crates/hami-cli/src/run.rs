@@ -7,6 +7,9 @@
 //! exit status, wall time, and per device the peak memory the command's
 //! processes held and the compute share they achieved.
 //!
+//! Ctrl-C ends the command, not the summary: `hami` waits for the command
+//! and passes SIGTERM/SIGHUP on to it.
+//!
 //! Where `libvgpu.so` comes from, first match wins:
 //! 1. `--lib <path>`;
 //! 2. the `HAMI_VGPU_LIB` environment variable;
@@ -170,6 +173,48 @@ fn prepend(var: &str, value: &Path) -> std::ffi::OsString {
     v
 }
 
+/// While the command runs, `hami` outlives the signals that end it, so the
+/// summary is still printed: Ctrl-C (SIGINT, SIGQUIT) already reaches the
+/// whole foreground process group, so `hami` only ignores it; SIGTERM and
+/// SIGHUP sent to `hami` alone are passed on to the command. Handlers are
+/// reset to the defaults by `exec`, so the command is unaffected.
+struct Forwarding {
+    previous: Vec<(libc::c_int, libc::sighandler_t)>,
+}
+
+static CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn forward(sig: libc::c_int) {
+    let pid = CHILD.load(std::sync::atomic::Ordering::Relaxed);
+    if pid > 0 && (sig == libc::SIGTERM || sig == libc::SIGHUP) {
+        // SAFETY: kill is async-signal-safe.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+impl Forwarding {
+    fn start(child: i32) -> Forwarding {
+        CHILD.store(child, std::sync::atomic::Ordering::Relaxed);
+        let handler = forward as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        let previous = [libc::SIGINT, libc::SIGQUIT, libc::SIGTERM, libc::SIGHUP]
+            .into_iter()
+            // SAFETY: installing an async-signal-safe handler.
+            .map(|sig| (sig, unsafe { libc::signal(sig, handler) }))
+            .collect();
+        Forwarding { previous }
+    }
+}
+
+impl Drop for Forwarding {
+    fn drop(&mut self) {
+        for &(sig, h) in &self.previous {
+            // SAFETY: restoring what was there before.
+            unsafe { libc::signal(sig, h) };
+        }
+        CHILD.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Removes the run's temp dir on every exit path.
 struct TempDir(Option<PathBuf>);
 
@@ -257,9 +302,13 @@ pub fn run(args: &RunArgs) -> Result<Outcome> {
     }
 
     let started = Instant::now();
-    let status = cmd
-        .status()
+    let mut child = cmd
+        .spawn()
         .with_context(|| format!("starting {:?}", args.command[0]))?;
+    let status = {
+        let _signals = Forwarding::start(child.id() as i32);
+        child.wait().context("waiting for the command")?
+    };
     let wall = started.elapsed();
     let code = {
         use std::os::unix::process::ExitStatusExt;

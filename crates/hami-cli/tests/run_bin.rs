@@ -57,3 +57,29 @@ fn the_exit_code_is_the_commands() {
     assert_ne!(out.status.code(), Some(0), "a bad flag value is an error");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--gpumem"));
 }
+
+#[test]
+fn sigterm_to_hami_reaches_the_command_and_the_summary_still_prints() {
+    let a = common::artifacts();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hami"))
+        .arg("run")
+        .args(["--lib", a.vgpu.to_str().unwrap(), "--", "sleep", "30"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let t = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(10),
+        "the command was not ended"
+    );
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("hami run: exit {} after", 128 + libc::SIGTERM)),
+        "{stderr}"
+    );
+}
