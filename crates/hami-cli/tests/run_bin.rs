@@ -61,7 +61,7 @@ fn the_exit_code_is_the_commands() {
 #[test]
 fn sigterm_to_hami_reaches_the_command_and_the_summary_still_prints() {
     let a = common::artifacts();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hami"))
+    let child = Command::new(env!("CARGO_BIN_EXE_hami"))
         .arg("run")
         .args(["--lib", a.vgpu.to_str().unwrap(), "--", "sleep", "30"])
         .stderr(std::process::Stdio::piped())
