@@ -45,7 +45,7 @@ impl Default for LockPolicy {
         LockPolicy {
             expiry: SignedDuration::from_mins(5),
             wait: Duration::from_secs(20),
-            poll: Duration::from_millis(100),
+            poll: Duration::from_millis(50),
             max_conflicts: 20,
             bind_grace: SignedDuration::from_secs(15),
         }
@@ -57,7 +57,8 @@ impl Default for LockPolicy {
 pub enum HolderState {
     /// The pod does not exist any more.
     Gone,
-    /// Locked the node but has not written its bind annotations yet.
+    /// Locked the node but has not finished its bind yet (annotations or
+    /// binding still to come).
     Binding,
     /// Still between bind and the device plugin's Allocate.
     Allocating,
@@ -97,8 +98,16 @@ pub fn holder_state(pod: Option<&Pod>, node: &str) -> HolderState {
     if get(ann::VGPU_NODE).is_some_and(|n| n != node) {
         return HolderState::Done;
     }
+    let bound = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.as_ref())
+        .is_some();
     match get(ann::BIND_PHASE) {
         Some("success" | "failed") => HolderState::Done,
+        // Annotated but never bound: its binder failed or died before the
+        // binding; the same grace as a binder that died before annotating.
+        Some(_) if !bound => HolderState::Binding,
         Some(_) => HolderState::Allocating,
         None => HolderState::Binding,
     }
@@ -287,7 +296,12 @@ mod tests {
     #[test]
     fn holder_states() {
         assert_eq!(holder_state(None, "n"), HolderState::Gone);
-        let p = pod("Pending", Some("allocating"), "n");
+        let mut p = pod("Pending", Some("allocating"), "n");
+        assert_eq!(holder_state(Some(&p), "n"), HolderState::Binding);
+        p.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+            node_name: Some("n".into()),
+            ..Default::default()
+        });
         assert_eq!(holder_state(Some(&p), "n"), HolderState::Allocating);
         assert_eq!(holder_state(Some(&p), "other"), HolderState::Done);
         let p = pod("Pending", Some("success"), "n");

@@ -35,6 +35,20 @@ pub struct App {
     pub metrics: Metrics,
     pub lock_policy: LockPolicy,
     pub scheduler_name: String,
+    /// One in-process queue per node for binders waiting on its lock, so
+    /// that only one of them at a time polls the API server.
+    pub node_gates: NodeGates,
+}
+
+/// Per-node async mutexes, created on first use.
+#[derive(Clone, Default)]
+pub struct NodeGates(Arc<Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>>);
+
+impl NodeGates {
+    pub fn gate(&self, node: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(node.to_string()).or_default().clone()
+    }
 }
 
 impl App {

@@ -200,7 +200,16 @@ async fn filter_inner(app: &App, args: ExtenderArgs) -> ExtenderFilterResult {
 /// POST /bind.
 pub async fn bind(app: &App, args: ExtenderBindingArgs) -> ExtenderBindingResult {
     let started = Instant::now();
-    let result = bind_inner(app, &args).await;
+    // Run the bind to its end even if kube-scheduler hangs up: stopping
+    // between the annotation patch and the binding would leave the node
+    // locked by a pod that is never bound.
+    let task = {
+        let (app, args) = (app.clone(), args.clone());
+        tokio::spawn(async move { bind_inner(&app, &args).await })
+    };
+    let result = task
+        .await
+        .unwrap_or_else(|e| Err(format!("bind task failed: {e}")));
     app.metrics
         .bind_duration
         .observe(started.elapsed().as_secs_f64());
@@ -262,16 +271,30 @@ async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String>
             return Err(msg);
         }
     };
-    if let Err(e) = lock::acquire(
-        &app.client,
-        node,
-        ns,
-        name,
-        app.clock.as_ref(),
-        &app.lock_policy,
-    )
-    .await
-    {
+    let locked = {
+        let gate = app.node_gates.gate(node);
+        let wait = app.lock_policy.wait;
+        match tokio::time::timeout(wait, gate.lock()).await {
+            Ok(_turn) => {
+                lock::acquire(
+                    &app.client,
+                    node,
+                    ns,
+                    name,
+                    app.clock.as_ref(),
+                    &app.lock_policy,
+                )
+                .await
+            }
+            Err(_) => Err(hami_kube::Error::Locked {
+                node: node.clone(),
+                holder: "other binds queued in this scheduler".into(),
+                since: "-".into(),
+                waited_ms: wait.as_millis(),
+            }),
+        }
+    };
+    if let Err(e) = locked {
         app.cluster().release(&key);
         let msg = e.to_string();
         binding_failed(app, &pod, &msg).await;

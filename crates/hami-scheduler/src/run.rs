@@ -98,6 +98,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
             ..LockPolicy::default()
         },
         scheduler_name: s.scheduler_name.clone(),
+        node_gates: Default::default(),
     };
 
     let nodes_synced = Arc::new(AtomicBool::new(false));

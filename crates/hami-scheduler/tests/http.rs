@@ -59,6 +59,7 @@ fn app() -> App {
         metrics: Metrics::default(),
         lock_policy: Default::default(),
         scheduler_name: "hami-scheduler".into(),
+        node_gates: Default::default(),
     }
 }
 
