@@ -299,6 +299,10 @@ pub fn run(args: &RunArgs) -> Result<Outcome> {
         if let Some(d) = &args.sim_devices {
             cmd.env("SIM_GPU_DEVICES", d);
         }
+        // The simulated cards are this run's own unless the caller shares them.
+        if std::env::var_os("SIM_GPU_STATE_DIR").is_none() {
+            cmd.env("SIM_GPU_STATE_DIR", dir.join("sim-gpu"));
+        }
     }
 
     let started = Instant::now();

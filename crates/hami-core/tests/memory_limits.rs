@@ -233,6 +233,15 @@ fn nvml_shows_the_container_view() {
         &["init", "alloc", "300m", "ready", "hold"],
     );
     wait_ready(&mut holder);
+    // Another container (its own region) on the same card.
+    let foreign_region = s.dir.join("other-container.cache");
+    let foreign_region = foreign_region.to_str().unwrap();
+    let mut foreign = spawn(
+        &s,
+        &[("CUDA_DEVICE_MEMORY_SHARED_CACHE", foreign_region)],
+        &["init", "alloc", "200m", "ready", "hold"],
+    );
+    wait_ready(&mut foreign);
     let out = probe(
         &s,
         &[LIMIT_1000M],
@@ -248,8 +257,10 @@ fn nvml_shows_the_container_view() {
             "0",
         ],
     );
-    holder.kill().unwrap();
-    holder.wait().unwrap();
+    for c in [&mut holder, &mut foreign] {
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
     for line in [2, 3] {
         assert_eq!(out.rc(line), 0);
         assert_eq!(out.field::<u64>(line, 2), 1000 * MIB, "total = limit");
@@ -267,9 +278,13 @@ fn nvml_shows_the_container_view() {
     assert_eq!(out.rc(4), 0);
     assert_eq!(
         out.field::<u32>(4, 2),
-        1,
-        "only the container's processes are listed"
+        2,
+        "the card has three processes; only the container's two are listed: {:?}",
+        out.lines[4]
     );
+    let listed = &out.lines[4][3];
+    assert!(listed.contains(&holder.id().to_string()), "{listed}");
+    assert!(!listed.contains(&foreign.id().to_string()), "{listed}");
 }
 
 #[test]

@@ -280,7 +280,7 @@ pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) ->
     }
     // SAFETY: checked non-null.
     unsafe {
-        *free = (d.spec.memory - d.used) as usize;
+        *free = d.spec.memory.saturating_sub(d.card_used()) as usize;
         *total = d.spec.memory as usize;
     }
     SUCCESS

@@ -16,11 +16,16 @@
 //!   streams and events that complete when that time has passed;
 //! * NVML utilisation computed from that busy time over the last second.
 //!
-//! Each process simulates its own card: two processes do not see each
-//! other's allocations or kernels. It must never be shipped or loaded in
+//! A card is shared by every process on the machine that simulates the same
+//! UUID with the same device list (a small mapped state file per card, see
+//! `shared.rs`; `SIM_GPU_STATE_DIR` picks the directory): kernels of all of
+//! them serialise on the card's busy timeline, memory is booked against the
+//! card for all of them, and NVML reports the card's utilisation and
+//! processes for all of them. It must never be shipped or loaded in
 //! production; it is test and demo support only.
 
 pub mod config;
 mod cuda;
 mod nvml;
+mod shared;
 mod state;

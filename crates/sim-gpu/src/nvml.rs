@@ -140,7 +140,8 @@ pub unsafe extern "C" fn nvmlDeviceGetUUID(h: usize, uuid: *mut c_char, len: c_u
 fn memory(h: usize) -> Option<(u64, u64)> {
     let i = index(h)?;
     let s = state();
-    Some((s.devices[i].spec.memory, s.devices[i].used))
+    let used = s.devices[i].card_used().min(s.devices[i].spec.memory);
+    Some((s.devices[i].spec.memory, used))
 }
 
 #[unsafe(no_mangle)]
@@ -192,15 +193,21 @@ pub unsafe extern "C" fn nvmlDeviceGetUtilizationRates(
     }
 }
 
-/// This process, when it holds memory on the device.
+/// Every live process holding memory on the card. Pids are shifted by
+/// `SIM_GPU_PID_OFFSET` (default 0), to play a container's pid namespace:
+/// NVML reports host pids, which differ from the pids a container sees.
 fn procs(h: usize) -> Option<Vec<(u32, u64)>> {
     let i = index(h)?;
-    let used = state().devices[i].used;
-    Some(if used > 0 {
-        vec![(std::process::id(), used)]
-    } else {
-        vec![]
-    })
+    let offset: i64 = std::env::var("SIM_GPU_PID_OFFSET")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let list = state().devices[i].shared.processes();
+    Some(
+        list.into_iter()
+            .map(|(pid, used)| ((pid as i64 + offset) as u32, used))
+            .collect(),
+    )
 }
 
 unsafe fn list<T>(

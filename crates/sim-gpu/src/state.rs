@@ -1,7 +1,8 @@
 //! The simulated cards and everything allocated or queued on them.
 
 use crate::config::{self, DeviceSpec};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use crate::shared::SharedDevice;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 pub(crate) fn now_ns() -> u64 {
@@ -51,11 +52,36 @@ pub(crate) struct Pool {
 
 pub(crate) struct Device {
     pub spec: DeviceSpec,
+    /// Bytes this process holds on the card.
     pub used: u64,
     pub pool: Pool,
+    /// When this process's queued work on the device ends (its contexts'
+    /// synchronisation point).
     pub busy_until: u64,
-    /// Recent (start, end) busy intervals, for NVML utilisation.
-    pub busy_log: VecDeque<(u64, u64)>,
+    /// The card itself, shared with the other processes that simulate it.
+    pub shared: &'static SharedDevice,
+    /// This process's memory slot on the shared card.
+    slot: Option<usize>,
+}
+
+impl Device {
+    /// Memory booked on the card by every process.
+    pub fn card_used(&self) -> u64 {
+        self.shared.used()
+    }
+
+    fn book(&mut self, size: u64) -> bool {
+        if !self.shared.reserve(size, self.spec.memory, &mut self.slot) {
+            return false;
+        }
+        self.used += size;
+        true
+    }
+
+    fn unbook(&mut self, size: u64) {
+        self.used -= size;
+        self.shared.release(size, &mut self.slot);
+    }
 }
 
 pub(crate) struct State {
@@ -91,11 +117,8 @@ impl State {
         // Managed memory pages in and out: it can exceed the card and is
         // not resident memory. IPC mappings belong to the exporter.
         let resident = !matches!(kind, Kind::IpcMapping | Kind::Managed);
-        if resident && d.used.saturating_add(size) > d.spec.memory {
+        if resident && !d.book(size) {
             return None;
-        }
-        if resident {
-            d.used += size;
         }
         let addr = self.new_addr(size);
         self.allocs.insert(addr, Alloc { dev, size, kind });
@@ -109,10 +132,9 @@ impl State {
         let cached = d.pool.reserved - d.pool.used;
         if size > cached {
             let grow = size - cached;
-            if d.used.saturating_add(grow) > d.spec.memory {
+            if !d.book(grow) {
                 return None;
             }
-            d.used += grow;
             d.pool.reserved += grow;
         }
         d.pool.used += size;
@@ -134,7 +156,7 @@ impl State {
         if let Some(d) = self.devices.get_mut(dev) {
             let floor = d.pool.used.max(keep);
             if d.pool.reserved > floor {
-                d.used -= d.pool.reserved - floor;
+                d.unbook(d.pool.reserved - floor);
                 d.pool.reserved = floor;
             }
         }
@@ -158,7 +180,7 @@ impl State {
                     return true;
                 }
                 if !matches!(a.kind, Kind::IpcMapping | Kind::Managed) {
-                    self.devices[a.dev].used -= a.size;
+                    self.devices[a.dev].unbook(a.size);
                 }
                 true
             }
@@ -176,13 +198,8 @@ impl State {
             self.streams.get(&stream).map_or(0, |s| s.1)
         };
         let d = &mut self.devices[dev];
-        let start = now.max(d.busy_until).max(stream_tail);
-        let end = start + dur_ns;
-        d.busy_until = end;
-        d.busy_log.push_back((start, end));
-        while d.busy_log.len() > 100_000 {
-            d.busy_log.pop_front();
-        }
+        let (_, end) = d.shared.occupy(now.max(stream_tail), dur_ns);
+        d.busy_until = d.busy_until.max(end);
         if let Some(s) = self.streams.get_mut(&stream) {
             s.1 = end;
         }
@@ -197,22 +214,11 @@ impl State {
         }
     }
 
-    /// Percent of the last second `dev` was busy.
-    pub fn utilization(&mut self, dev: usize) -> u32 {
-        let now = now_ns();
-        let from = now.saturating_sub(1_000_000_000);
-        let Some(d) = self.devices.get_mut(dev) else {
-            return 0;
-        };
-        while d.busy_log.front().is_some_and(|&(_, e)| e < from) {
-            d.busy_log.pop_front();
-        }
-        let busy: u64 = d
-            .busy_log
-            .iter()
-            .map(|&(s, e)| e.min(now).saturating_sub(s.max(from)))
-            .sum();
-        ((busy * 100) / 1_000_000_000).min(100) as u32
+    /// Percent of the last second `dev` was busy (all processes).
+    pub fn utilization(&self, dev: usize) -> u32 {
+        self.devices
+            .get(dev)
+            .map_or(0, |d| d.shared.utilization(now_ns()))
     }
 }
 
@@ -221,14 +227,21 @@ static STATE: OnceLock<Mutex<State>> = OnceLock::new();
 /// The process's simulation, created on first use.
 pub(crate) fn state() -> MutexGuard<'static, State> {
     let m = STATE.get_or_init(|| {
-        let devices = config::from_env()
+        let specs = config::from_env();
+        let key: String = specs
+            .iter()
+            .map(|s| format!("{} {} {} {};", s.memory, s.sms, s.uuid, s.name))
+            .collect();
+        let dir = crate::shared::state_dir(&key);
+        let devices = specs
             .into_iter()
             .map(|spec| Device {
+                shared: SharedDevice::open(Some(&dir), &spec.uuid),
                 spec,
                 used: 0,
                 pool: Pool::default(),
                 busy_until: 0,
-                busy_log: VecDeque::new(),
+                slot: None,
             })
             .collect();
         Mutex::new(State {

@@ -1,12 +1,20 @@
 //! The simulated driver on its own (no interposer): bookkeeping, OOM when
-//! the card is full, kernels that take their time, NVML utilisation.
+//! the card is full, kernels that take their time, NVML utilisation; one
+//! card shared by several processes.
+
+use std::io::{BufRead, BufReader};
+use std::process::Child;
+use std::time::{Duration, Instant};
 
 #[path = "../../hami-core/tests/common/mod.rs"]
 mod common;
 use common::*;
 
 fn sim(env: &[(&str, &str)], args: &[&str]) -> Lines {
-    let s = Scratch::new("sim");
+    // Each call its own scratch dir, so its own simulated cards.
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let s = Scratch::new(&format!("sim-{n}"));
     let out = probe_cmd(&s, env, args, false).output().unwrap();
     Lines::from_output(&out)
 }
@@ -68,4 +76,128 @@ fn every_kind_of_allocation_is_booked_and_freed() {
         "on the 4 GiB test card"
     );
     assert_eq!(out.field::<u64>(8, 2), 4 << 30);
+}
+
+fn read_ready(c: &mut Child) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut r = BufReader::new(c.stdout.as_mut().unwrap());
+    loop {
+        let mut l = String::new();
+        assert!(
+            r.read_line(&mut l).unwrap() > 0,
+            "probe ended early: {lines:?}"
+        );
+        if l.starts_with("ready ") {
+            return lines;
+        }
+        lines.push(l.trim().to_owned());
+    }
+}
+
+fn sim_in(s: &Scratch, env: &[(&str, &str)], args: &[&str]) -> Lines {
+    Lines::from_output(&probe_cmd(s, env, args, false).output().unwrap())
+}
+
+#[test]
+fn processes_share_the_card_memory_and_a_killed_one_is_reclaimed() {
+    let s = Scratch::new("shared-mem");
+    let mut a = probe_cmd(&s, &[], &["init", "alloc", "3g", "ready", "hold"], false)
+        .spawn()
+        .unwrap();
+    assert_eq!(read_ready(&mut a), vec!["init 0", "alloc 0 0"]);
+    let b = sim_in(
+        &s,
+        &[],
+        &[
+            "init",
+            "alloc",
+            "2g",
+            "meminfo",
+            "nvml-mem",
+            "0",
+            "nvml-procs",
+            "0",
+        ],
+    );
+    assert_eq!(b.rcs(), vec![0, OOM, 0, 0, 0]);
+    assert_eq!(b.field::<u64>(2, 2), 1 << 30, "free on the 4 GiB card");
+    assert_eq!(
+        b.field::<u64>(3, 4),
+        3 << 30,
+        "NVML used: the other process's"
+    );
+    let pid = a.id().to_string();
+    assert!(
+        b.lines[4].contains(&pid),
+        "NVML lists the other process: {:?}",
+        b.lines[4]
+    );
+    // Another test's cards are not this one.
+    let other = Scratch::new("shared-mem-other");
+    assert_eq!(
+        sim_in(&other, &[], &["init", "alloc", "2g"]).rcs(),
+        vec![0, 0]
+    );
+    // SIGKILL: the driver gives a dead process's memory back.
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let b = sim_in(
+        &s,
+        &[],
+        &["init", "alloc", "2g", "meminfo", "nvml-procs", "0"],
+    );
+    assert_eq!(b.rcs(), vec![0, 0, 0, 0]);
+    assert_eq!(b.field::<u64>(2, 2), 2 << 30);
+    assert!(!b.lines[3].contains(&pid), "{:?}", b.lines[3]);
+}
+
+#[test]
+fn kernels_of_processes_serialise_on_the_card() {
+    let s = Scratch::new("shared-time");
+    // A 3 s kernel in one process ...
+    let a = probe_cmd(&s, &[], &["init", "launch", "1", "3000000"], false)
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        let u = sim_in(&s, &[], &["init", "nvml-util", "0"]);
+        if u.field::<u32>(1, 2) > 0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the kernel never ran"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // ... delays a 1 ms kernel of another until it is done, as on a real
+    // card (each simulating its own card, it would take 1 ms).
+    let b = sim_in(&s, &[], &["init", "launch", "1", "1000", "nvml-util", "0"]);
+    let waited: f64 = b.field(1, 3);
+    assert!(
+        waited > 1e9,
+        "waited only {waited} ns behind the other process"
+    );
+    assert!(
+        b.field::<u32>(2, 2) >= 50,
+        "NVML utilisation counts the other process's kernel: {:?}",
+        b.lines[2]
+    );
+    Lines::from_output(&a.wait_with_output().unwrap());
+}
+
+#[test]
+fn nvml_pids_can_be_shifted_like_a_pid_namespace() {
+    let s = Scratch::new("pid-offset");
+    let out = sim_in(
+        &s,
+        &[("SIM_GPU_PID_OFFSET", "100000")],
+        &["init", "alloc", "1m", "nvml-procs", "0", "ready"],
+    );
+    let pid: u64 = out.field(3, 2);
+    let listed = &out.lines[2];
+    assert!(
+        listed.contains(&(pid + 100000).to_string()),
+        "{listed:?} for pid {pid}"
+    );
 }

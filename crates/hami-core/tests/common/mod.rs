@@ -120,6 +120,10 @@ pub fn probe_cmd(scratch: &Scratch, env: &[(&str, &str)], args: &[&str], preload
             "SIM_GPU_DEVICES",
             "4g 80 GPU-11111111-2222-3333-4444-555555555555 NVIDIA Sim 4GB",
         )
+        // Processes of one test share their simulated card; tests never
+        // share one with each other.
+        .env("SIM_GPU_STATE_DIR", scratch.dir.join("sim-gpu"))
+        .env_remove("SIM_GPU_PID_OFFSET")
         .env("CUDA_DEVICE_MEMORY_SHARED_CACHE", scratch.region())
         .env("HAMI_LIMITS_FILE", scratch.limits())
         .stdout(Stdio::piped())
