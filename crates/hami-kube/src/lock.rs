@@ -122,17 +122,44 @@ pub async fn acquire(
     clock: &dyn Clock,
     policy: &LockPolicy,
 ) -> Result<()> {
+    acquire_hinted(client, node, None, namespace, pod, clock, policy).await
+}
+
+/// [`acquire`], starting from a cached copy of the node (from a watch)
+/// instead of reading it. The copy is trusted only when it shows the lock
+/// free, and even then only as the resourceVersion precondition of the
+/// patch: a stale copy makes the patch fail with 409 and the node is read.
+pub async fn acquire_hinted(
+    client: &Client,
+    node: &str,
+    hint: Option<Node>,
+    namespace: &str,
+    pod: &str,
+    clock: &dyn Clock,
+    policy: &LockPolicy,
+) -> Result<()> {
     let nodes: Api<Node> = Api::all(client.clone());
     let start = Instant::now();
     let mut conflicts = 0;
+    let mut hint = hint.filter(|n| {
+        n.metadata.resource_version.is_some()
+            && !n
+                .metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(ann::NODE_LOCK))
+    });
     loop {
-        let current = nodes
-            .get_opt(node)
-            .await
-            .map_err(|e| Error::api(format!("get node {node}"), e))?
-            .ok_or_else(|| Error::NodeNotFound {
-                node: node.to_string(),
-            })?;
+        let current = match hint.take() {
+            Some(n) => n,
+            None => nodes
+                .get_opt(node)
+                .await
+                .map_err(|e| Error::api(format!("get node {node}"), e))?
+                .ok_or_else(|| Error::NodeNotFound {
+                    node: node.to_string(),
+                })?,
+        };
         let now = clock.now();
         let held = current
             .metadata

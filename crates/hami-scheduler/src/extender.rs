@@ -6,13 +6,13 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use hami_kube::events::Severity;
 use hami_kube::{lock, pod as podio};
-use hami_sched::pod_key;
 
 use crate::app::App;
 use crate::state::{bind_annotations, failed_bind_annotations};
@@ -235,40 +235,62 @@ async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String>
         return Err("hami-scheduler is starting: node and pod caches not synced yet".into());
     }
     let (ns, name, node) = (&args.pod_namespace, &args.pod_name, &args.node);
-    let pods: kube::Api<Pod> = kube::Api::namespaced(app.client.clone(), ns);
-    let pod = pods
-        .get(name)
-        .await
-        .map_err(|e| format!("get pod {ns}/{name}: {e}"))?;
-    let uid = pod.metadata.uid.clone();
-    if !args.pod_uid.is_empty() && uid.as_deref() != Some(args.pod_uid.as_str()) {
-        return Err(format!(
-            "pod {ns}/{name} has uid {uid:?}, not {} (it was replaced)",
-            args.pod_uid
-        ));
-    }
-    let key = pod_key(&pod);
-    let req = match app.engine.prepare(&pod) {
-        Ok(r) => r,
-        Err(e) => return Err(e.to_string()),
-    };
-    let Some(req) = req else {
-        // Nothing of ours to allocate: a plain bind.
-        return podio::bind(&app.client, ns, name, uid.as_deref(), node)
-            .await
-            .map_err(|e| e.to_string());
-    };
-    let now = app.clock.now();
-    let claimed = {
-        let mut c = app.cluster();
-        c.claim_for_bind(&app.engine, &req, uid.as_deref(), node, now)
-    };
-    let devices = match claimed {
-        Ok(d) => d,
-        Err(why) => {
-            let msg = format!("node {node} cannot take pod {key}: {why}");
-            binding_failed(app, &pod, &msg).await;
-            return Err(msg);
+    let key = format!("{ns}/{name}");
+    let call_uid = (!args.pod_uid.is_empty()).then(|| args.pod_uid.clone());
+    // Fast path: the reservation Filter made for this very pod; no need to
+    // read the pod back.
+    let reserved = app
+        .cluster()
+        .claim_reserved(&key, call_uid.as_deref(), node);
+    let (devices, uid, pod) = match reserved {
+        Some(d) => {
+            let pod = Pod {
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    namespace: Some(ns.clone()),
+                    uid: call_uid.clone(),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            (d, call_uid, pod)
+        }
+        None => {
+            let pods: kube::Api<Pod> = kube::Api::namespaced(app.client.clone(), ns);
+            let pod = pods
+                .get(name)
+                .await
+                .map_err(|e| format!("get pod {ns}/{name}: {e}"))?;
+            let uid = pod.metadata.uid.clone();
+            if call_uid.is_some() && uid != call_uid {
+                return Err(format!(
+                    "pod {ns}/{name} has uid {uid:?}, not {} (it was replaced)",
+                    args.pod_uid
+                ));
+            }
+            let req = match app.engine.prepare(&pod) {
+                Ok(r) => r,
+                Err(e) => return Err(e.to_string()),
+            };
+            let Some(req) = req else {
+                // Nothing of ours to allocate: a plain bind.
+                return podio::bind(&app.client, ns, name, uid.as_deref(), node)
+                    .await
+                    .map_err(|e| e.to_string());
+            };
+            let now = app.clock.now();
+            let claimed = {
+                let mut c = app.cluster();
+                c.claim_for_bind(&app.engine, &req, uid.as_deref(), node, now)
+            };
+            match claimed {
+                Ok(d) => (d, uid, pod),
+                Err(why) => {
+                    let msg = format!("node {node} cannot take pod {key}: {why}");
+                    binding_failed(app, &pod, &msg).await;
+                    return Err(msg);
+                }
+            }
         }
     };
     let locked = {
@@ -276,9 +298,11 @@ async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String>
         let wait = app.lock_policy.wait;
         match tokio::time::timeout(wait, gate.lock()).await {
             Ok(_turn) => {
-                lock::acquire(
+                let hint = app.cluster().cached_node(node);
+                lock::acquire_hinted(
                     &app.client,
                     node,
+                    hint,
                     ns,
                     name,
                     app.clock.as_ref(),

@@ -22,9 +22,9 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        // 100 us .. ~6.5 s.
+        // 100 us .. ~52 s.
         let buckets =
-            || prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 17);
+            || prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 20);
         Metrics {
             filter_duration: Histogram::new(buckets()),
             bind_duration: Histogram::new(buckets()),

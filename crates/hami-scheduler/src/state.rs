@@ -90,6 +90,11 @@ impl Cluster {
         &self.snapshot
     }
 
+    /// The last Node object the watch delivered.
+    pub fn cached_node(&self, name: &str) -> Option<Node> {
+        self.nodes.get(name).map(|e| e.node.clone())
+    }
+
     pub fn reservation(&self, key: &str) -> Option<&Reservation> {
         self.reservations.get(key)
     }
@@ -313,12 +318,8 @@ impl Cluster {
         node: &str,
         now: Timestamp,
     ) -> Result<PodDevices, String> {
-        if let Some(r) = self.reservations.get_mut(&req.key)
-            && r.node == node
-            && (r.uid.is_none() || r.uid.as_deref() == uid)
-        {
-            r.binding = true;
-            return Ok(r.devices.clone());
+        if let Some(d) = self.claim_reserved(&req.key, uid, node) {
+            return Ok(d);
         }
         let candidates = [node.to_string()];
         let outcome = self.filter(engine, req, uid, &candidates, now);
@@ -337,6 +338,22 @@ impl Cluster {
                 .cloned()
                 .unwrap_or_else(|| "node unknown to the scheduler".into())),
         }
+    }
+
+    /// The devices Filter reserved for `key` on `node` (same pod uid), if
+    /// any; marks the reservation as binding.
+    pub fn claim_reserved(
+        &mut self,
+        key: &str,
+        uid: Option<&str>,
+        node: &str,
+    ) -> Option<PodDevices> {
+        let r = self.reservations.get_mut(key)?;
+        if r.node != node || !(r.uid.is_none() || r.uid.as_deref() == uid) {
+            return None;
+        }
+        r.binding = true;
+        Some(r.devices.clone())
     }
 
     /// Forgets a reservation (a failed bind, an expired decision).

@@ -6,6 +6,12 @@
 //!       --scheduler target/release/hami-scheduler --nodes 1000 --pods 10000
 //!
 //! Needs the control-plane binaries of tests/e2e/build-k8s.sh.
+//!
+//! kwok has no device plugin, so by default this tool plays its part of the
+//! bind protocol (spec section 3): when a pod is bound with
+//! `bind-phase=allocating` it writes `bind-phase=success` and releases the
+//! node lock, as a device plugin's Allocate does. `--no-plugin` leaves that
+//! out; the lock is then freed only when kwok reports the pod Running.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -25,6 +31,7 @@ struct Opts {
     pods: usize,
     policy: String,
     timeout: Duration,
+    plugin: bool,
 }
 
 fn parse() -> Result<Opts, String> {
@@ -35,6 +42,7 @@ fn parse() -> Result<Opts, String> {
         pods: 10_000,
         policy: "binpack".into(),
         timeout: Duration::from_secs(1800),
+        plugin: true,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -45,17 +53,57 @@ fn parse() -> Result<Opts, String> {
             "--gpus" => o.gpus = v()?.parse().map_err(|e| format!("--gpus: {e}"))?,
             "--pods" => o.pods = v()?.parse().map_err(|e| format!("--pods: {e}"))?,
             "--node-policy" => o.policy = v()?,
+            "--no-plugin" => o.plugin = false,
             "--timeout-secs" => {
                 o.timeout =
                     Duration::from_secs(v()?.parse().map_err(|e| format!("--timeout-secs: {e}"))?)
             }
             "-h" | "--help" => {
-                return Err("usage: hami-load [--scheduler PATH] [--nodes N] [--gpus G] [--pods P] [--node-policy binpack|spread] [--timeout-secs S]".into());
+                return Err("usage: hami-load [--scheduler PATH] [--nodes N] [--gpus G] [--pods P] [--node-policy binpack|spread] [--timeout-secs S] [--no-plugin]".into());
             }
             other => return Err(format!("unknown argument {other}")),
         }
     }
     Ok(o)
+}
+
+/// Plays the device plugin's Allocate for every bound pod of `namespace`.
+async fn device_plugin(client: kube::Client, namespace: String) {
+    let api: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let stream = watcher::watcher(api.clone(), watcher::Config::default());
+    let mut stream = std::pin::pin!(stream);
+    let mut done: HashSet<String> = HashSet::new();
+    while let Some(ev) = stream.next().await {
+        let Ok(Event::Apply(p) | Event::InitApply(p)) = ev else {
+            continue;
+        };
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let Some(node) = p.spec.as_ref().and_then(|s| s.node_name.clone()) else {
+            continue;
+        };
+        let allocating = p
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("hami.io/bind-phase"))
+            .is_some_and(|v| v == "allocating");
+        if !allocating || !done.insert(name.clone()) {
+            continue;
+        }
+        let (client, api, ns) = (client.clone(), api.clone(), namespace.clone());
+        tokio::spawn(async move {
+            let patch = json!({"metadata": {"annotations": {"hami.io/bind-phase": "success"}}});
+            if let Err(e) = api
+                .patch(&name, &Default::default(), &kube::api::Patch::Merge(&patch))
+                .await
+            {
+                eprintln!("plugin: {name}: {e}");
+            }
+            if let Err(e) = hami_kube::lock::release(&client, &node, &ns, &name).await {
+                eprintln!("plugin: unlock {node}: {e}");
+            }
+        });
+    }
 }
 
 /// `histogram_quantile` over cumulative buckets `(le, count)`.
@@ -130,9 +178,15 @@ async fn main() {
 
     let api: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
     let watch_api = api.clone();
+    let plugin_task = o
+        .plugin
+        .then(|| tokio::spawn(device_plugin(ns.client.clone(), ns.name.clone())));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let running_lag = std::sync::Arc::new(std::sync::Mutex::new(Vec::<f64>::new()));
+    let lag = running_lag.clone();
     let watcher_task = tokio::spawn(async move {
         let mut bound: HashSet<String> = HashSet::new();
+        let mut bound_at: std::collections::HashMap<String, Instant> = Default::default();
         let stream = watcher::watcher(watch_api, watcher::Config::default());
         let mut stream = std::pin::pin!(stream);
         while let Some(ev) = stream.next().await {
@@ -141,10 +195,18 @@ async fn main() {
                 _ => continue,
             };
             for p in pods {
+                let name = p.metadata.name.clone().unwrap_or_default();
                 if p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some()
-                    && bound.insert(p.metadata.name.clone().unwrap_or_default())
+                    && bound.insert(name.clone())
                 {
+                    bound_at.insert(name.clone(), Instant::now());
                     let _ = tx.send(Instant::now());
+                }
+                let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+                if running && let Some(t) = bound_at.remove(&name) {
+                    lag.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(t.elapsed().as_secs_f64());
                 }
             }
         }
@@ -186,7 +248,26 @@ async fn main() {
             break;
         }
     }
+    tokio::time::sleep(Duration::from_secs(2)).await;
     watcher_task.abort();
+    if let Some(t) = plugin_task {
+        t.abort();
+    }
+    {
+        let mut l = running_lag
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        l.sort_by(f64::total_cmp);
+        if !l.is_empty() {
+            eprintln!(
+                "bound -> Running (kwok): p50 {:.0} ms, p99 {:.0} ms over {} pods",
+                l[l.len() / 2] * 1000.0,
+                l[(l.len() * 99 / 100).min(l.len() - 1)] * 1000.0,
+                l.len()
+            );
+        }
+    }
     let secs = last.duration_since(start).as_secs_f64();
     let metrics = cluster.scheduler_get("/metrics").await.unwrap_or_default();
     let f = buckets(&metrics, "hami_scheduler_filter_duration_seconds");
