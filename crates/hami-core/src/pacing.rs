@@ -29,10 +29,22 @@
 //! never start earlier than `C - B`, so `|busy/T - q| <= (B + d_max + L) / T`
 //! where `d_max` is the longest kernel and `L` the measurement lag (we keep
 //! at most 32 measurements in flight and synchronise on the oldest beyond
-//! that). For `T = 3 s`, 1 ms kernels: about 1 point. Known biases: the event
-//! pair also times waits for other work on the device, so under contention
-//! from other containers we over-charge and stay below the quota; the very
-//! first launch on a device waits for its own measurement to seed `d_est`.
+//! that). For `T = 3 s`, 1 ms kernels: about 1 point.
+//!
+//! # What a kernel is charged
+//!
+//! An event pair also times the kernel's wait for other work on the device.
+//! Waits behind kernels of the *same* container must not be billed twice, so
+//! a completed pair is placed on the host's clock (through a reference event
+//! recorded on a private idle stream at a known CLOCK_MONOTONIC time,
+//! renewed every 250 ms) and charged only for the part of its interval that
+//! the container's earlier-recorded intervals do not cover
+//! ([`hami_shm::region::SharedRegion::charge_interval`]): the container pays
+//! for the union of its kernels' intervals, which on a card running one
+//! kernel at a time is the device time it used. Waits behind *other*
+//! containers are still charged (we over-charge and stay below the quota).
+//! The very first launch on a device waits for its own measurement to seed
+//! `d_est`.
 //!
 //! Launches into a stream that is capturing a graph are passed straight
 //! through (they do not run now; the graph is paced when it is launched).
@@ -58,12 +70,35 @@ pub const BURST_NS: u64 = 50_000_000;
 /// Measurements kept in flight before we wait for the oldest.
 const MAX_IN_FLIGHT: usize = 32;
 
+/// How often the reference event is renewed (bounds the f32 precision of
+/// `cuEventElapsedTime` from it: ~15 ns at 250 ms).
+const REFERENCE_NS: u64 = 250_000_000;
+
+/// A launch whose event pair has not been harvested yet.
+struct Pending {
+    start: usize,
+    end: usize,
+    /// What the virtual clock was charged at launch (the estimate), ns.
+    charged: u64,
+    /// The reference event (and its CLOCK_MONOTONIC time) that places the
+    /// pair on the host's time line.
+    reference: Option<(usize, u64)>,
+}
+
 #[derive(Default)]
 struct Measuring {
     free_events: Vec<usize>,
-    pending: VecDeque<(usize, usize, u64)>,
+    pending: VecDeque<Pending>,
     estimate_ns: u64,
     measured: u64,
+    /// Our private non-blocking stream for reference events (0: none yet).
+    stream: usize,
+    /// The current reference event: recorded on the idle private stream at
+    /// a known CLOCK_MONOTONIC time, so `t_ref + elapsed(ref, e)` is when
+    /// event `e` completed on the host's clock.
+    reference: Option<(usize, u64)>,
+    /// Superseded reference events, until no pending pair uses them.
+    old_references: Vec<usize>,
 }
 
 /// Per-process, per-device pacing state.
@@ -85,6 +120,7 @@ type EvCreate = unsafe extern "C" fn(*mut usize, c_uint) -> CUresult;
 type EvRecord = unsafe extern "C" fn(usize, usize) -> CUresult;
 type EvOne = unsafe extern "C" fn(usize) -> CUresult;
 type EvElapsed = unsafe extern "C" fn(*mut f32, usize, usize) -> CUresult;
+type StreamCreate = unsafe extern "C" fn(*mut usize, c_uint) -> CUresult;
 
 type IsCapturing = unsafe extern "C" fn(usize, *mut std::ffi::c_int) -> CUresult;
 
@@ -122,6 +158,50 @@ impl Measuring {
         (unsafe { create(&mut e, 0) } == CUDA_SUCCESS).then_some(e)
     }
 
+    /// The reference event for a launch now, renewed every [`REFERENCE_NS`].
+    fn reference(&mut self, rec: EvRecord) -> Option<(usize, u64)> {
+        let now = monotonic_ns();
+        if let Some((ev, t)) = self.reference {
+            if now.saturating_sub(t) < REFERENCE_NS {
+                return self.reference;
+            }
+            self.old_references.push(ev);
+            self.reference = None;
+        }
+        if self.stream == 0 {
+            let create = driver_fn!("cuStreamCreate": StreamCreate)?;
+            let mut st = 0usize;
+            // SAFETY: valid out pointer; 1 = CU_STREAM_NON_BLOCKING.
+            if unsafe { create(&mut st, 1) } != CUDA_SUCCESS || st == 0 {
+                return None;
+            }
+            self.stream = st;
+        }
+        let ev = self.take_event()?;
+        let t = monotonic_ns();
+        // SAFETY: our own event on our own (idle) stream.
+        if unsafe { rec(ev, self.stream) } != CUDA_SUCCESS {
+            self.free_events.push(ev);
+            return None;
+        }
+        self.reference = Some((ev, t));
+        self.reference
+    }
+
+    /// Forgets the reference and its stream (after a context change).
+    fn drop_reference(&mut self) {
+        if let Some((ev, _)) = self.reference.take() {
+            self.free_events.push(ev);
+        }
+        if self.stream != 0 {
+            if let Some(destroy) = driver_fn!("cuStreamDestroy_v2": EvOne) {
+                // SAFETY: our own stream.
+                unsafe { destroy(self.stream) };
+            }
+            self.stream = 0;
+        }
+    }
+
     fn drop_events(&mut self) {
         if let Some(destroy) = driver_fn!("cuEventDestroy_v2": EvOne) {
             for e in self.free_events.drain(..) {
@@ -141,45 +221,74 @@ impl Measuring {
         ) else {
             return;
         };
-        if wait_oldest && let Some(&(_, end, _)) = self.pending.front() {
+        if wait_oldest && let Some(p) = self.pending.front() {
             // SAFETY: our own event.
-            unsafe { sync(end) };
+            unsafe { sync(p.end) };
         }
-        while let Some(&(start, end, charged)) = self.pending.front() {
+        while let Some(front) = self.pending.front() {
             // SAFETY: our own event.
-            match unsafe { query(end) } {
+            match unsafe { query(front.end) } {
                 CUDA_SUCCESS => {}
                 600 => break, // CUDA_ERROR_NOT_READY
                 _ => {
-                    self.pending.pop_front();
+                    let gone = self.pending.pop_front().expect("front");
+                    self.free_events.extend([gone.start, gone.end]);
                     continue;
                 }
             }
-            self.pending.pop_front();
+            let done = self.pending.pop_front().expect("front");
             let mut ms = 0f32;
             // SAFETY: our own events, both complete.
-            if unsafe { elapsed(&mut ms, start, end) } == CUDA_SUCCESS {
-                let actual = (ms.max(0.0) as f64 * 1e6) as u64;
+            if unsafe { elapsed(&mut ms, done.start, done.end) } == CUDA_SUCCESS {
+                let span = (ms.max(0.0) as f64 * 1e6) as u64;
+                let own = own_time(g, dev, elapsed, &done, span);
                 let clock = &g.region.devices[dev].pacing_clock_ns;
                 let q = quota.max(1) as u64;
-                if actual >= charged {
-                    clock.fetch_add((actual - charged) * 100 / q, AcqRel);
+                if own >= done.charged {
+                    clock.fetch_add((own - done.charged) * 100 / q, AcqRel);
                 } else {
-                    let back = (charged - actual) * 100 / q;
+                    let back = (done.charged - own) * 100 / q;
                     let _ = clock.fetch_update(AcqRel, Acquire, |c| Some(c.saturating_sub(back)));
                 }
                 self.estimate_ns = if self.measured == 0 {
-                    actual
+                    own
                 } else {
-                    (self.estimate_ns * 7 + actual) / 8
+                    (self.estimate_ns * 7 + own) / 8
                 };
                 self.measured += 1;
-                g.region.add_busy(p.slot, dev, actual);
+                g.region.add_busy(p.slot, dev, own);
             }
-            self.free_events.push(start);
-            self.free_events.push(end);
+            self.free_events.push(done.start);
+            self.free_events.push(done.end);
         }
+        // Superseded references no pending pair needs any more are reused.
+        let pending = &self.pending;
+        let (keep, free): (Vec<usize>, Vec<usize>) = self.old_references.iter().partition(|&&r| {
+            pending
+                .iter()
+                .any(|p| p.reference.is_some_and(|x| x.0 == r))
+        });
+        self.old_references = keep;
+        self.free_events.extend(free);
     }
+}
+
+/// The device time a completed launch is charged: its event pair's span
+/// `[end - span, end]` placed on the host's clock through the reference
+/// event, minus what the container's intervals recorded before it already
+/// cover (`SharedRegion::charge_interval`). Without a usable reference, the
+/// whole span.
+fn own_time(g: &Global, dev: usize, elapsed: EvElapsed, done: &Pending, span: u64) -> u64 {
+    let Some((reference, t_ref)) = done.reference else {
+        return span;
+    };
+    let mut ms = 0f32;
+    // SAFETY: our own events, both complete.
+    if unsafe { elapsed(&mut ms, reference, done.end) } != CUDA_SUCCESS {
+        return span;
+    }
+    let end = (t_ref as i128 + (ms as f64 * 1e6) as i128).max(span as i128) as u64;
+    g.region.charge_interval(dev, end - span, end)
 }
 
 fn sleep_ns(ns: u64) {
@@ -272,14 +381,21 @@ fn paced_slow(
         // Likely another context than the events': start a fresh pool.
         m.free_events.push(a);
         m.free_events.push(b);
+        m.drop_reference();
         m.drop_events();
         drop(m);
         return launch();
     }
+    let reference = m.reference(rec);
     let r = launch();
     // SAFETY: as above.
     if r == CUDA_SUCCESS && unsafe { rec(b, stream) } == CUDA_SUCCESS {
-        m.pending.push_back((a, b, estimate));
+        m.pending.push_back(Pending {
+            start: a,
+            end: b,
+            charged: estimate,
+            reference,
+        });
         if let Some(slot) = g.region.slots.get(p.slot) {
             slot.launches[dev].fetch_add(1, Relaxed);
             slot.last_launch_ns.store(monotonic_ns(), Relaxed);

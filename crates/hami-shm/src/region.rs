@@ -1,15 +1,16 @@
 //! The shared region: one file per container (`CUDA_DEVICE_MEMORY_SHARED_CACHE`),
 //! mapped by every CUDA process of the container and read by the node agent.
 //!
-//! # Layout (version 1, little-endian, all fields naturally aligned)
+//! # Layout (version 2, little-endian, all fields naturally aligned)
 //!
 //! | offset | size | field |
 //! | --- | --- | --- |
 //! | 0 | 128 | [`Header`] |
 //! | 128 | 16 x 192 | [`DeviceEntry`] per visible device index |
 //! | 3200 | 1024 x 448 | [`ProcSlot`] per process |
+//! | 461 952 | 16 x 6 152 | [`BusyLog`] per device (the pacer's charged kernel intervals) |
 //!
-//! Total [`REGION_SIZE`] = 461 952 bytes. The header starts with the 8-byte
+//! Total [`REGION_SIZE`] = 560 384 bytes. The header starts with the 8-byte
 //! [`MAGIC`] `"HAMIRS\x01\0"`, then the `u32` layout version and the `u32`
 //! total size; a reader refuses any other magic, version or size.
 //!
@@ -42,10 +43,10 @@ use std::sync::atomic::{AtomicI32, AtomicU8, AtomicU32, AtomicU64, Ordering::*};
 /// `"HAMIRS\x01\0"` read as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"HAMIRS\x01\0");
 /// Layout version; bumped on any incompatible change.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Process slots in a region.
 pub const MAX_SLOTS: usize = 1024;
-/// Bytes of a version-1 region.
+/// Bytes of a version-2 region.
 pub const REGION_SIZE: usize = std::mem::size_of::<Region>();
 
 /// Header flag: low-priority processes must not launch work (set by the
@@ -117,12 +118,35 @@ pub struct ProcSlot {
     pub reserved: [AtomicU64; 4],
 }
 
+/// Kernel intervals kept per device for [`SharedRegion::charge_interval`].
+pub const BUSY_LOG_LEN: usize = 256;
+
+/// One charged kernel interval (24 bytes).
+#[repr(C)]
+pub struct BusyEntry {
+    /// 0 empty; `u64::MAX` being written; else 1 + the entry's sequence number.
+    pub tag: AtomicU64,
+    /// CLOCK_MONOTONIC ns.
+    pub start: AtomicU64,
+    pub end: AtomicU64,
+}
+
+/// The container's recently charged kernel intervals on one device (6 152
+/// bytes): a ring written by every process of the container.
+#[repr(C)]
+pub struct BusyLog {
+    /// Sequence number of the next entry.
+    pub head: AtomicU64,
+    pub entries: [BusyEntry; BUSY_LOG_LEN],
+}
+
 /// The whole region.
 #[repr(C)]
 pub struct Region {
     pub header: Header,
     pub devices: [DeviceEntry; MAX_DEVICES],
     pub slots: [ProcSlot; MAX_SLOTS],
+    pub busy_log: [BusyLog; MAX_DEVICES],
 }
 
 const _: () = {
@@ -131,7 +155,9 @@ const _: () = {
     assert!(std::mem::size_of::<ProcSlot>() == 448);
     assert!(std::mem::offset_of!(Region, devices) == 128);
     assert!(std::mem::offset_of!(Region, slots) == 3200);
-    assert!(REGION_SIZE == 3200 + 1024 * 448);
+    assert!(std::mem::size_of::<BusyLog>() == 6152);
+    assert!(std::mem::offset_of!(Region, busy_log) == 3200 + 1024 * 448);
+    assert!(REGION_SIZE == 3200 + 1024 * 448 + 16 * 6152);
 };
 
 /// Why a region could not be used.
@@ -507,6 +533,64 @@ impl SharedRegion {
         }
     }
 
+    /// Records the kernel interval `[start, end)` (CLOCK_MONOTONIC ns) of a
+    /// process of the container on `dev` and returns the part of it that no
+    /// interval recorded before it covers: the device time to charge.
+    ///
+    /// Whatever order the container's processes record their intervals in,
+    /// the charges add up to the length of the *union* of the intervals, so
+    /// a kernel's wait behind another kernel of the same container (which
+    /// its events also time) is charged once, not twice. The interval is
+    /// published first and then compared with the entries published before
+    /// it (by sequence number), so of two racing processes the later one
+    /// sees the earlier one's interval, or (if still being written) both
+    /// charge the overlap: errors only ever over-charge. Intervals older than
+    /// the last [`BUSY_LOG_LEN`] recorded are forgotten (over-charging too,
+    /// if one of them still overlapped). No lock, so nothing is left held by
+    /// a process killed half-way.
+    pub fn charge_interval(&self, dev: usize, start: u64, end: u64) -> u64 {
+        if end <= start {
+            return 0;
+        }
+        let Some(log) = self.busy_log.get(dev) else {
+            return end - start;
+        };
+        let n = log.head.fetch_add(1, SeqCst);
+        let mine = &log.entries[n as usize % BUSY_LOG_LEN];
+        mine.tag.store(u64::MAX, SeqCst);
+        mine.start.store(start, SeqCst);
+        mine.end.store(end, SeqCst);
+        mine.tag.store(n + 1, SeqCst);
+        // Earlier intervals, clipped to ours.
+        let mut cover = [(0u64, 0u64); BUSY_LOG_LEN];
+        let mut k = 0;
+        for e in &log.entries {
+            let tag = e.tag.load(SeqCst);
+            if tag == 0 || tag == u64::MAX || tag > n {
+                continue;
+            }
+            let (s, t) = (e.start.load(SeqCst), e.end.load(SeqCst));
+            if e.tag.load(SeqCst) != tag {
+                continue;
+            }
+            let (s, t) = (s.max(start), t.min(end));
+            if s < t {
+                cover[k] = (s, t);
+                k += 1;
+            }
+        }
+        let cover = &mut cover[..k];
+        cover.sort_unstable();
+        let (mut covered, mut reach) = (0, start);
+        for &(s, t) in cover.iter() {
+            if t > reach {
+                covered += t - s.max(reach);
+                reach = t;
+            }
+        }
+        (end - start) - covered
+    }
+
     /// Total kernel busy time of the container on `dev`, past processes included.
     pub fn device_busy_ns(&self, dev: usize) -> u64 {
         if dev >= MAX_DEVICES {
@@ -715,6 +799,69 @@ mod tests {
     use proptest::prelude::*;
     use std::sync::Arc;
 
+    /// Length of the union of intervals, by brute force over a sorted merge.
+    fn union_len(iv: &[(u64, u64)]) -> u64 {
+        let mut v: Vec<_> = iv.iter().copied().filter(|(a, b)| a < b).collect();
+        v.sort_unstable();
+        let (mut total, mut reach) = (0, 0);
+        for (a, b) in v {
+            if b > reach {
+                total += b - a.max(reach);
+                reach = b;
+            }
+        }
+        total
+    }
+
+    #[test]
+    fn charged_intervals_add_up_to_their_union() {
+        let r = SharedRegion::anonymous().unwrap();
+        // A kernel that waited behind another of the container is charged
+        // only for its own part, in whichever order they are recorded.
+        assert_eq!(r.charge_interval(0, 100, 300), 200);
+        assert_eq!(r.charge_interval(0, 100, 200), 0);
+        assert_eq!(r.charge_interval(0, 50, 350), 100);
+        assert_eq!(r.charge_interval(0, 400, 500), 100);
+        // Another device has its own log.
+        assert_eq!(r.charge_interval(1, 100, 300), 200);
+        assert_eq!(r.charge_interval(0, 10, 10), 0);
+    }
+
+    #[test]
+    fn intervals_beyond_the_log_are_over_charged_never_under() {
+        let r = SharedRegion::anonymous().unwrap();
+        assert_eq!(r.charge_interval(0, 0, 1000), 1000);
+        for i in 0..BUSY_LOG_LEN as u64 {
+            r.charge_interval(0, 10_000 + 10 * i, 10_000 + 10 * i + 5);
+        }
+        // The first interval has been forgotten: its overlap is charged again.
+        assert_eq!(r.charge_interval(0, 500, 700), 200);
+    }
+
+    #[test]
+    fn racing_recorders_never_under_charge() {
+        let r = Arc::new(SharedRegion::anonymous().unwrap());
+        let intervals: Vec<(u64, u64)> = (0..4000u64)
+            .map(|i| (i * 700 % 9973 * 10, i * 700 % 9973 * 10 + 1 + i % 97 * 13))
+            .collect();
+        let charged: u64 = std::thread::scope(|s| {
+            let hs: Vec<_> = intervals
+                .chunks(1000)
+                .map(|c| {
+                    let r = &r;
+                    s.spawn(move || {
+                        c.iter()
+                            .map(|&(a, b)| r.charge_interval(3, a, b))
+                            .sum::<u64>()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert!(charged >= union_len(&intervals));
+        assert!(charged <= intervals.iter().map(|(a, b)| b - a).sum());
+    }
+
     #[test]
     fn reserve_respects_the_limit() {
         let r = SharedRegion::anonymous().unwrap();
@@ -917,6 +1064,18 @@ mod tests {
                     prop_assert_eq!(r.device_used(dev), model.iter().map(|m| m[dev]).sum::<u64>());
                 }
             }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_recording_order_charges_the_union(
+            iv in proptest::collection::vec((0u64..10_000, 1u64..2_000), 1..200)
+        ) {
+            let r = SharedRegion::anonymous().unwrap();
+            let iv: Vec<(u64, u64)> = iv.into_iter().map(|(a, d)| (a, a + d)).collect();
+            let charged: u64 = iv.iter().map(|&(a, b)| r.charge_interval(2, a, b)).sum();
+            prop_assert_eq!(charged, union_len(&iv));
         }
     }
 }

@@ -452,6 +452,24 @@ fn main() {
                 let (a, us) = (num(i + 1), num(i + 2));
                 i += 2;
                 let t0 = std::time::Instant::now();
+                let mono0 = hami_shm::region::monotonic_ns();
+                // A CPU-starvation meter: a thread that sleeps 1 ms at a time
+                // and adds up how late it wakes beyond 1 ms of slack. On a
+                // busy machine the probe (and the pacer in it) is late by
+                // about as much, and the card idles meanwhile.
+                let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let meter = {
+                    let stop = stop.clone();
+                    std::thread::spawn(move || {
+                        let mut late = 0u64;
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            let t = std::time::Instant::now();
+                            std::thread::sleep(std::time::Duration::from_millis(1));
+                            late += (t.elapsed().as_nanos() as u64).saturating_sub(2_000_000);
+                        }
+                        late
+                    })
+                };
                 let mut n = 0u64;
                 let mut rc = 0;
                 let f = 0x5100_0001usize;
@@ -574,7 +592,13 @@ fn main() {
                     }
                 }
                 call!(api, "cuCtxSynchronize", fn(),);
-                line = format!("{cmd} {rc} {n} {}", t0.elapsed().as_nanos());
+                // Also CLOCK_MONOTONIC at the start and the end, so runs of
+                // several processes can be put on one time line, and the
+                // starvation meter's ns.
+                let (elapsed, mono1) = (t0.elapsed().as_nanos(), hami_shm::region::monotonic_ns());
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                let late = meter.join().unwrap_or(0);
+                line = format!("{cmd} {rc} {n} {elapsed} {mono0} {mono1} {late}");
             }
             "pool-keep" | "trim" => {
                 // pool-keep: the default pool keeps freed memory (threshold
