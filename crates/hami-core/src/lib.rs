@@ -23,6 +23,7 @@ mod log;
 pub mod dl;
 mod ffi;
 mod hooks;
+mod hostpid;
 pub mod memory;
 pub mod nvml;
 pub mod pacing;

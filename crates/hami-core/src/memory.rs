@@ -79,8 +79,12 @@ fn counted(
     if !admit(dev, bytes) {
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
+    let before = crate::hostpid::before(p, dev);
     match make() {
         Ok(handle) => {
+            if let Some(before) = before {
+                crate::hostpid::learn(g, p, dev, &before, bytes);
+            }
             p.tracker().map.insert((kind, handle), (dev, bytes));
             hlog!(
                 crate::log::DEBUG,

@@ -126,16 +126,20 @@ pub(crate) unsafe fn memory_info_v2(
     r
 }
 
-/// Keeps the listed entries whose PID is one of the container's processes.
+/// Keeps the listed entries whose PID is one of the container's processes
+/// (by container pid or learned host pid).
 unsafe fn filter<T>(n: *mut c_uint, p: *mut T, pid_of: impl Fn(&T) -> u32) {
     if n.is_null() || p.is_null() {
         return;
     }
+    // Container pids, and the host pids learned for them (NVML reports
+    // host pids; inside a pid namespace they differ).
     let ours: Vec<u32> = global()
         .region
         .processes()
         .iter()
-        .map(|i| i.pid as u32)
+        .flat_map(|i| [i.pid as u32, i.host_pid as u32])
+        .filter(|&p| p != 0)
         .collect();
     // SAFETY: NVML wrote `*n` entries at `p`.
     let items = unsafe { std::slice::from_raw_parts_mut(p, *n as usize) };

@@ -55,6 +55,8 @@ pub(crate) struct Process {
     tracker: Mutex<Tracker>,
     pub pacers: [Pacer; MAX_DEVICES],
     last_reclaim_ns: AtomicU64,
+    /// Attempts left to learn the host pid (`crate::hostpid`).
+    pub host_pid_tries: std::sync::atomic::AtomicU32,
 }
 
 static GLOBAL: OnceLock<Global> = OnceLock::new();
@@ -258,6 +260,7 @@ fn new_process(old: *mut Process) -> &'static Process {
         tracker: Mutex::new(Tracker::default()),
         pacers: std::array::from_fn(|_| Pacer::default()),
         last_reclaim_ns: AtomicU64::new(0),
+        host_pid_tries: std::sync::atomic::AtomicU32::new(crate::hostpid::TRIES),
     }));
     // A forked child's old state stays allocated (it may be mid-use by
     // the thread that forked, in the parent's copy); it is small.

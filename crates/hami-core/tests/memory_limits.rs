@@ -288,6 +288,63 @@ fn nvml_shows_the_container_view() {
 }
 
 #[test]
+fn nvml_listing_finds_the_container_by_learned_host_pids() {
+    // NVML reports host pids: the simulated NVML shifts every pid by 100000,
+    // like a container's pid namespace.
+    let s = Scratch::new("nvml-hostpid");
+    let ns = ("SIM_GPU_PID_OFFSET", "100000");
+    let mut holder = spawn(
+        &s,
+        &[LIMIT_1000M, ns],
+        &["init", "alloc", "300m", "ready", "hold"],
+    );
+    wait_ready(&mut holder);
+    let foreign_region = s.dir.join("other-container.cache");
+    let mut foreign = spawn(
+        &s,
+        &[
+            ns,
+            (
+                "CUDA_DEVICE_MEMORY_SHARED_CACHE",
+                foreign_region.to_str().unwrap(),
+            ),
+        ],
+        &["init", "alloc", "200m", "ready", "hold"],
+    );
+    wait_ready(&mut foreign);
+    let lister = spawn(
+        &s,
+        &[LIMIT_1000M, ns],
+        &["init", "alloc", "100m", "nvml-procs", "0"],
+    );
+    let lister_pid = lister.id();
+    let out = Lines::from_output(&lister.wait_with_output().unwrap());
+    let host = |pid: u32| (pid + 100000).to_string();
+    let region = hami_shm::region::SharedRegion::open(&s.region()).unwrap();
+    let learned: Vec<(i32, i32)> = region
+        .processes()
+        .iter()
+        .map(|p| (p.pid, p.host_pid))
+        .collect();
+    for c in [&mut holder, &mut foreign] {
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+    assert!(
+        learned.contains(&(holder.id() as i32, holder.id() as i32 + 100000)),
+        "the holder's host pid is in its slot: {learned:?}"
+    );
+    assert_eq!(out.rc(2), 0);
+    let listed: Vec<&str> = out.lines[2]
+        .get(3)
+        .map_or(vec![], |l| l.split(',').collect());
+    assert_eq!(out.field::<u32>(2, 2), 2, "{:?}", out.lines[2]);
+    assert!(listed.contains(&host(holder.id()).as_str()), "{listed:?}");
+    assert!(listed.contains(&host(lister_pid).as_str()), "{listed:?}");
+    assert!(!listed.contains(&host(foreign.id()).as_str()), "{listed:?}");
+}
+
+#[test]
 fn limits_file_changes_limits_while_running() {
     let s = Scratch::new("limits-file");
     let mut child = spawn(

@@ -217,6 +217,8 @@ pub struct OverLimit {
 pub struct ProcInfo {
     pub slot: usize,
     pub pid: i32,
+    /// The pid as the host (and NVML) sees it; 0 unknown.
+    pub host_pid: i32,
     pub priority: i32,
     pub used: [u64; MAX_DEVICES],
     pub busy_ns: [u64; MAX_DEVICES],
@@ -734,6 +736,7 @@ impl SharedRegion {
                 (pid > 0).then(|| ProcInfo {
                     slot: i,
                     pid,
+                    host_pid: s.host_pid.load(Relaxed),
                     priority: s.priority.load(Relaxed),
                     used: std::array::from_fn(|d| s.used[d].load(SeqCst)),
                     busy_ns: std::array::from_fn(|d| s.busy_ns[d].load(Relaxed)),
