@@ -1,7 +1,7 @@
 //! One simulated card shared by every process on the machine that uses it.
 //!
 //! Each device (by UUID) has a small state file, mapped `MAP_SHARED` by every
-//! process that simulates it: `<dir>/<uuid>.v1` where `<dir>` is
+//! process that simulates it: `<dir>/<uuid>.v2` where `<dir>` is
 //! `SIM_GPU_STATE_DIR`, else `<tmp>/sim-gpu-<uid>-<hash of the device list>`
 //! (so processes with the same device list share their cards, and different
 //! lists never collide). The file holds only atomics and all-zero is a fresh
@@ -49,6 +49,8 @@ pub(crate) struct SharedDevice {
     /// CLOCK_MONOTONIC ns at which the device's queued work ends.
     pub busy_until: AtomicU64,
     log_head: AtomicU64,
+    /// One more than the highest memory slot ever claimed.
+    slot_hwm: AtomicU64,
     slots: [Slot; SLOTS],
     log: [Interval; LOG],
 }
@@ -87,7 +89,7 @@ impl SharedDevice {
                 .write(true)
                 .create(true)
                 .truncate(false)
-                .open(d.join(format!("{name}.v1")))
+                .open(d.join(format!("{name}.v2")))
                 .ok()?;
             // Growing a zero file to its size is idempotent across racers.
             if f.metadata().ok()?.len() < size as u64 {
@@ -110,6 +112,21 @@ impl SharedDevice {
                 raw,
                 0,
             )
+        };
+        let p = if p == libc::MAP_FAILED && fd.is_some() {
+            // SAFETY: as above, private anonymous memory (this process's own card).
+            unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    size,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            }
+        } else {
+            p
         };
         assert!(p != libc::MAP_FAILED, "sim-gpu: cannot map device state");
         // SAFETY: page-aligned, zero-initialised or written only through
@@ -173,6 +190,9 @@ impl SharedDevice {
                         && s.pid.compare_exchange(0, me, AcqRel, Acquire).is_ok()
                 })
             });
+        if let Some(i) = found {
+            self.slot_hwm.fetch_max(i as u64 + 1, SeqCst);
+        }
         *hint = found;
         let s = &self.slots[found?];
         Some(s)
@@ -183,7 +203,7 @@ impl SharedDevice {
     /// taken over by the next.
     fn reclaim_dead(&self) {
         let me = my_pid();
-        for s in &self.slots {
+        for s in self.live_slots() {
             let pid = s.pid.load(Acquire);
             if pid == 0 || pid == me || alive(pid.abs()) {
                 continue;
@@ -195,8 +215,13 @@ impl SharedDevice {
         }
     }
 
+    fn live_slots(&self) -> &[Slot] {
+        let hwm = (self.slot_hwm.load(SeqCst) as usize).min(SLOTS);
+        &self.slots[..hwm]
+    }
+
     fn sum_used(&self) -> u64 {
-        self.slots
+        self.live_slots()
             .iter()
             .filter(|s| s.pid.load(Acquire) != 0)
             .map(|s| s.used.load(SeqCst))
@@ -237,7 +262,7 @@ impl SharedDevice {
     /// Live processes holding memory on the card, with their usage.
     pub fn processes(&self) -> Vec<(i32, u64)> {
         self.reclaim_dead();
-        self.slots
+        self.live_slots()
             .iter()
             .filter_map(|s| {
                 let pid = s.pid.load(Acquire);
