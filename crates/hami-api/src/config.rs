@@ -30,10 +30,12 @@ pub const OTHER_VENDOR_SECTIONS: &[&str] = &[
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum GpuCorePolicy {
-    /// Limit only while other containers share the card.
+    /// Pace kernels when the quota is below 100. (Upstream lets its node
+    /// monitor lift the limit while a card is not shared; hami-rs does not
+    /// yet, so today this behaves as `force`.)
     #[default]
     Default,
-    /// Always limit.
+    /// Always pace to the quota.
     Force,
     /// Never limit.
     Disable,
