@@ -70,6 +70,8 @@ fn main() {
     // SAFETY: single-threaded, before anything reads the environment.
     unsafe {
         std::env::set_var("HAMI_REAL_LIBCUDA", &a.sim);
+        // The interposer asks NVML for its host pid at the first allocation.
+        std::env::set_var("HAMI_REAL_LIBNVML", &a.sim);
         std::env::set_var(
             "CUDA_DEVICE_MEMORY_SHARED_CACHE",
             scratch.join("bench.cache"),

@@ -137,7 +137,14 @@ fn open(slot: &AtomicPtr<c_void>, env: &std::ffi::CStr, default: &std::ffi::CStr
     // SAFETY: NUL-terminated path. Opening twice only bumps a refcount.
     let h = unsafe { libc::dlopen(path, libc::RTLD_NOW | libc::RTLD_GLOBAL) };
     if h.is_null() {
-        hlog!(crate::log::ERROR, "cannot open the real driver library");
+        // SAFETY: `path` is NUL-terminated (getenv or a C string literal).
+        let shown = unsafe { std::ffi::CStr::from_ptr(path) };
+        hlog!(
+            crate::log::ERROR,
+            "cannot open {} (set {} to its path)",
+            shown.to_string_lossy(),
+            env.to_string_lossy()
+        );
         return h;
     }
     match slot.compare_exchange(std::ptr::null_mut(), h, AcqRel, Acquire) {
