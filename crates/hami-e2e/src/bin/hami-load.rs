@@ -73,6 +73,9 @@ async fn device_plugin(client: kube::Client, namespace: String) {
     let stream = watcher::watcher(api.clone(), watcher::Config::default());
     let mut stream = std::pin::pin!(stream);
     let mut done: HashSet<String> = HashSet::new();
+    // A kubelet admits pods one at a time per node; a few in flight in all
+    // keeps this test peer from drowning the API server.
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(8));
     while let Some(ev) = stream.next().await {
         let Ok(Event::Apply(p) | Event::InitApply(p)) = ev else {
             continue;
@@ -91,16 +94,28 @@ async fn device_plugin(client: kube::Client, namespace: String) {
             continue;
         }
         let (client, api, ns) = (client.clone(), api.clone(), namespace.clone());
+        let slots = slots.clone();
         tokio::spawn(async move {
+            let Ok(_slot) = slots.acquire().await else {
+                return;
+            };
             let patch = json!({"metadata": {"annotations": {"hami.io/bind-phase": "success"}}});
-            if let Err(e) = api
-                .patch(&name, &Default::default(), &kube::api::Patch::Merge(&patch))
-                .await
-            {
-                eprintln!("plugin: {name}: {e}");
+            for attempt in 0..5u64 {
+                let r = api
+                    .patch(&name, &Default::default(), &kube::api::Patch::Merge(&patch))
+                    .await;
+                match r {
+                    Ok(_) => break,
+                    Err(e) if attempt == 4 => eprintln!("plugin: {name}: {e}"),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200 << attempt)).await,
+                }
             }
-            if let Err(e) = hami_kube::lock::release(&client, &node, &ns, &name).await {
-                eprintln!("plugin: unlock {node}: {e}");
+            for attempt in 0..5u64 {
+                match hami_kube::lock::release(&client, &node, &ns, &name).await {
+                    Ok(()) => break,
+                    Err(e) if attempt == 4 => eprintln!("plugin: unlock {node}: {e}"),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200 << attempt)).await,
+                }
             }
         });
     }
