@@ -44,7 +44,13 @@ static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
 /// Where the control-plane binaries are, or why there are none.
 pub fn binaries() -> Result<PathBuf, String> {
     if let Some(dir) = std::env::var_os("HAMI_K8S_BIN") {
-        return Ok(PathBuf::from(dir));
+        let dir = PathBuf::from(dir);
+        for b in ["etcd", "kube-apiserver", "kube-scheduler", "kwok"] {
+            if !dir.join(b).is_file() {
+                return Err(format!("HAMI_K8S_BIN={}: no {b} there", dir.display()));
+            }
+        }
+        return Ok(dir);
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let script = root.join("tests/e2e/build-k8s.sh");
