@@ -34,6 +34,9 @@ pub struct App {
     pub synced: Synced,
     pub metrics: Metrics,
     pub lock_policy: LockPolicy,
+    /// Filter offers nodes whose bind lock is older than this (and whose
+    /// holder still waits for its device plugin) only as a last resort.
+    pub lock_busy_after: jiff::SignedDuration,
     pub scheduler_name: String,
     /// One in-process queue per node for binders waiting on its lock, so
     /// that only one of them at a time polls the API server.

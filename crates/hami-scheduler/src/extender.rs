@@ -146,12 +146,13 @@ async fn filter_inner(app: &App, args: ExtenderArgs) -> ExtenderFilterResult {
     let now = app.clock.now();
     let outcome = {
         let mut c = app.cluster();
-        c.filter(
+        c.filter_avoiding_busy(
             &app.engine,
             &req,
             pod.metadata.uid.as_deref(),
             &candidates,
             now,
+            app.lock_busy_after,
         )
     };
     match outcome.node {

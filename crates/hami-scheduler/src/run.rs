@@ -97,6 +97,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
             wait: s.lock_wait,
             ..LockPolicy::default()
         },
+        lock_busy_after: SignedDuration::from_secs(5),
         scheduler_name: s.scheduler_name.clone(),
         node_gates: Default::default(),
     };

@@ -266,6 +266,79 @@ impl Cluster {
 
     // ---- decisions
 
+    /// Nodes among `candidates` whose bind lock has been held for longer
+    /// than `busy_after` by another pod that is still waiting for its
+    /// device plugin, with a reason. A bind there would wait for the lock
+    /// (and likely give up), so Filter offers other nodes first.
+    pub fn busy_nodes(
+        &self,
+        candidates: &[String],
+        key: &str,
+        now: Timestamp,
+        busy_after: SignedDuration,
+    ) -> BTreeMap<String, String> {
+        let mut busy = BTreeMap::new();
+        for name in candidates {
+            let Some(lock) = self
+                .nodes
+                .get(name)
+                .and_then(|e| e.node.metadata.annotations.as_ref())
+                .and_then(|a| a.get(ann::NODE_LOCK))
+                .and_then(|v| hami_api::node::NodeLock::decode(v).ok())
+            else {
+                continue;
+            };
+            let holder = format!("{}/{}", lock.namespace, lock.pod);
+            if holder == key || now.duration_since(lock.since) <= busy_after {
+                continue;
+            }
+            let waiting = self.pods.get(&holder).is_some_and(|p| {
+                p.bind_phase.as_deref() == Some("allocating")
+                    && matches!(p.phase.as_deref(), None | Some("Pending"))
+                    && p.node.as_deref() == Some(name.as_str())
+            });
+            if waiting {
+                busy.insert(
+                    name.clone(),
+                    format!(
+                        "NodeLockBusy: bind lock held by {holder} since {} (its device plugin has not allocated yet)",
+                        lock.since
+                    ),
+                );
+            }
+        }
+        busy
+    }
+
+    /// [`Cluster::filter`] that offers nodes with a long-held bind lock
+    /// only when no other candidate is left.
+    pub fn filter_avoiding_busy(
+        &mut self,
+        engine: &Engine,
+        req: &PodRequest,
+        uid: Option<&str>,
+        candidates: &[String],
+        now: Timestamp,
+        busy_after: SignedDuration,
+    ) -> FilterOutcome {
+        let busy = self.busy_nodes(candidates, &req.key, now, busy_after);
+        if busy.is_empty() || busy.len() == candidates.len() {
+            return self.filter(engine, req, uid, candidates, now);
+        }
+        let free: Vec<String> = candidates
+            .iter()
+            .filter(|n| !busy.contains_key(*n))
+            .cloned()
+            .collect();
+        let mut outcome = self.filter(engine, req, uid, &free, now);
+        if outcome.node.is_none() {
+            // Nothing fits elsewhere: a busy node is still better than none.
+            return self.filter(engine, req, uid, candidates, now);
+        }
+        outcome.failed.extend(busy);
+        outcome
+    }
+
     /// Filter: the best node among `candidates` and why the others were
     /// rejected. A fitting decision is reserved at once, so the next pod
     /// filtered sees it.
@@ -666,6 +739,72 @@ mod tests {
         p.status.as_mut().unwrap().phase = Some("Running".into());
         c.upsert_pod(&engine, &p);
         assert_eq!(free_mem(&c, "n1"), 1600);
+    }
+
+    #[test]
+    fn nodes_with_a_long_held_lock_are_offered_last() {
+        let engine = Engine::default();
+        let mut c = Cluster::default();
+        let now = t("2026-01-01T00:10:00Z");
+        let mut n1 = node("n1", "Reported x", "20");
+        n1.metadata.annotations.as_mut().unwrap().insert(
+            ann::NODE_LOCK.into(),
+            "2026-01-01T00:09:00Z,ns,holder".into(),
+        );
+        c.upsert_node(&engine, n1, now);
+        c.upsert_node(&engine, node("n2", "Reported x", "20"), now);
+        // The holder is bound to n1 and waits for its device plugin.
+        let mut holder = pod("holder", "uh", "100");
+        let devices = PodDevices::decode("x", "GPU-n1-0,NVIDIA,100,0:;").unwrap();
+        holder.metadata.annotations = Some(
+            bind_annotations(&engine, "n1", &devices, now)
+                .into_iter()
+                .map(|(k, v)| (k, v.unwrap()))
+                .collect(),
+        );
+        c.upsert_pod(&engine, &holder);
+        let busy_after = SignedDuration::from_secs(5);
+        let cands = names(&["n1", "n2"]);
+        // Binpack prefers n1 (it holds the only pod), but its lock is stuck.
+        let p = pod("p", "u", "100");
+        let req = engine.prepare(&p).unwrap().unwrap();
+        let o = c.filter_avoiding_busy(&engine, &req, Some("u"), &cands, now, busy_after);
+        assert_eq!(o.node.as_deref(), Some("n2"));
+        assert!(o.failed["n1"].starts_with("NodeLockBusy"), "{:?}", o.failed);
+        // A fresh lock does not count.
+        let o = c.filter_avoiding_busy(
+            &engine,
+            &req,
+            Some("u"),
+            &cands,
+            t("2026-01-01T00:09:03Z"),
+            busy_after,
+        );
+        assert_eq!(o.node.as_deref(), Some("n1"));
+        // Once the holder is allocated, the lock no longer counts either.
+        holder
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(ann::BIND_PHASE.into(), "success".into());
+        c.upsert_pod(&engine, &holder);
+        let o = c.filter_avoiding_busy(&engine, &req, Some("u"), &cands, now, busy_after);
+        assert_eq!(o.node.as_deref(), Some("n1"));
+        // If only the busy node fits, it is still offered.
+        holder
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(ann::BIND_PHASE.into(), "allocating".into());
+        c.upsert_pod(&engine, &holder);
+        let o = c.filter_avoiding_busy(&engine, &req, Some("u"), &names(&["n1"]), now, busy_after);
+        assert_eq!(o.node.as_deref(), Some("n1"));
+        let big = pod("big", "ub", "1000");
+        let req = engine.prepare(&big).unwrap().unwrap();
+        let o = c.filter_avoiding_busy(&engine, &req, Some("ub"), &cands, now, busy_after);
+        assert_eq!(o.node.as_deref(), Some("n2"));
     }
 
     #[test]

@@ -39,7 +39,15 @@ async fn place(ns: &TestNs, name: &str, limits: serde_json::Value, ann: serde_js
     ns.create_pod(ns.gpu_pod(name, limits, ann))
         .await
         .unwrap_or_else(|e| panic!("creating {name}: {e}"));
-    let pod = ns.wait_bound(name, BIND).await;
+    ns.wait_bound(name, BIND).await;
+    // Wait for kwok to run it too: a running pod is past the device
+    // plugin's Allocate, so its node lock no longer holds anyone back, and
+    // the next placement depends on policies alone.
+    let pod = wait_for(BIND, &format!("{name} Running"), || async {
+        let p = ns.get_pod(name).await;
+        (p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")).then_some(p)
+    })
+    .await;
     // The bind writes the protocol annotations before the binding.
     assert_eq!(
         TestNs::annotation(&pod, ann::VGPU_NODE).as_deref(),

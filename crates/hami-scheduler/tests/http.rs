@@ -58,6 +58,7 @@ fn app() -> App {
         synced: Synced::default(),
         metrics: Metrics::default(),
         lock_policy: Default::default(),
+        lock_busy_after: jiff::SignedDuration::from_secs(5),
         scheduler_name: "hami-scheduler".into(),
         node_gates: Default::default(),
     }
