@@ -153,7 +153,10 @@ impl Engine {
 
     /// What a Kubernetes Pod holds, if anything: pods with a node and an
     /// allocation that are not Succeeded or Failed (pending, bound-but-not-
-    /// running and terminating pods still hold their capacity).
+    /// running and terminating pods still hold their capacity). A bind the
+    /// scheduler gave up on (`hami.io/bind-phase=failed`) holds nothing
+    /// unless the pod runs anyway: then its devices are in use, whatever
+    /// the annotation says.
     pub fn pod_record(&self, pod: &Pod) -> Result<Option<PodRecord>, DecodeError> {
         let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
         if matches!(phase, Some("Succeeded" | "Failed")) {
@@ -162,6 +165,10 @@ impl Engine {
         let Some(annotations) = pod.metadata.annotations.as_ref() else {
             return Ok(None);
         };
+        let given_up = annotations.get(ann::BIND_PHASE).map(String::as_str) == Some("failed");
+        if given_up && phase != Some("Running") {
+            return Ok(None);
+        }
         let (Some(node), Some(allocated)) = (
             annotations.get(ann::VGPU_NODE),
             annotations.get(self.nvidia.allocation_annotations().1),

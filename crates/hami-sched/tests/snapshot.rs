@@ -131,6 +131,26 @@ fn which_pods_hold_capacity() {
     assert_eq!(e.pod_record(&p).unwrap(), None);
     let p = bound_pod("p", ";;").phase("Running").build();
     assert_eq!(e.pod_record(&p).unwrap(), None);
+    // A bind the scheduler gave up on holds nothing, unless the pod runs anyway.
+    for phase in [None, Some("Pending")] {
+        let mut b = bound_pod("p", alloc).ann(ann::BIND_PHASE, "failed");
+        if let Some(ph) = phase {
+            b = b.phase(ph);
+        }
+        assert_eq!(e.pod_record(&b.build()).unwrap(), None, "{phase:?}");
+    }
+    let p = bound_pod("p", alloc)
+        .ann(ann::BIND_PHASE, "failed")
+        .phase("Running")
+        .build();
+    assert!(
+        e.pod_record(&p).unwrap().is_some(),
+        "a running pod uses its cards"
+    );
+    let p = bound_pod("p", alloc)
+        .ann(ann::BIND_PHASE, "allocating")
+        .build();
+    assert!(e.pod_record(&p).unwrap().is_some());
     // A broken allocation is an error naming the annotation.
     let p = bound_pod("p", "GPU-a,NVIDIA,lots,10:;").build();
     let err = e.pod_record(&p).unwrap_err();

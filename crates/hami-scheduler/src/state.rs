@@ -200,19 +200,12 @@ impl Cluster {
         let key = pod_key(pod);
         self.pod_inventory.upsert(&key);
         let bind_phase = annotation(pod, ann::BIND_PHASE);
-        let running = phase(pod) == Some("Running");
-        // A bind the scheduler gave up on holds nothing unless the pod runs
-        // anyway (then its devices are in use, whatever the annotation says).
-        let given_up = bind_phase == Some("failed") && !running;
-        let record = if given_up {
-            None
-        } else {
-            match engine.pod_record(pod) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(pod = key, error = %e, "allocation annotation not understood; pod holds nothing");
-                    None
-                }
+        // The engine decides what a pod holds (a given-up bind holds nothing).
+        let record = match engine.pod_record(pod) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(pod = key, error = %e, "allocation annotation not understood; pod holds nothing");
+                None
             }
         };
         match record {
