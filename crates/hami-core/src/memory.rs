@@ -111,6 +111,19 @@ fn uncounted(kind: Kind, handle: u64, r: CUresult) -> CUresult {
     r
 }
 
+/// The value the driver wrote through `p`, or the driver's error.
+///
+/// # Safety
+/// `p` is non-null and, when `r` is success, was written by the driver.
+unsafe fn out_on_success(r: CUresult, p: Ptr) -> Result<u64, CUresult> {
+    if r == CUDA_SUCCESS {
+        // SAFETY: as the caller promised.
+        Ok(unsafe { read_out(p) })
+    } else {
+        Err(r)
+    }
+}
+
 unsafe fn read_out(p: Ptr) -> u64 {
     // SAFETY: callers checked `p` is non-null and the driver wrote it.
     unsafe { *p }
@@ -150,12 +163,8 @@ pub(crate) unsafe fn alloc(
             // Within the limit but beyond the card: fall back to managed memory.
             r = managed_fallback(p, size);
         }
-        // SAFETY: written by the driver on success.
-        if r == CUDA_SUCCESS {
-            Ok(unsafe { read_out(p) })
-        } else {
-            Err(r)
-        }
+        // SAFETY: `p` is non-null; the driver wrote it on success.
+        unsafe { out_on_success(r, p) }
     })
 }
 
@@ -176,12 +185,8 @@ pub(crate) unsafe fn alloc_pitch(
     let r = counted(Kind::Linear, dev, estimate, || {
         // SAFETY: valid out pointers.
         let r = unsafe { real(p, pitch, width, height, elem) };
-        // SAFETY: written by the driver on success.
-        if r == CUDA_SUCCESS {
-            Ok(unsafe { read_out(p) })
-        } else {
-            Err(r)
-        }
+        // SAFETY: `p` is non-null; the driver wrote it on success.
+        unsafe { out_on_success(r, p) }
     });
     if r == CUDA_SUCCESS {
         // Correct the estimate to what the driver really took.
@@ -215,12 +220,8 @@ pub(crate) unsafe fn alloc_managed(
     counted(Kind::Linear, current_device(), size as u64, || {
         // SAFETY: valid out pointer.
         let r = unsafe { real(p, size, flags) };
-        // SAFETY: written by the driver on success.
-        if r == CUDA_SUCCESS {
-            Ok(unsafe { read_out(p) })
-        } else {
-            Err(r)
-        }
+        // SAFETY: `p` is non-null; the driver wrote it on success.
+        unsafe { out_on_success(r, p) }
     })
 }
 
@@ -338,12 +339,8 @@ fn pool_alloc(
         // No pool attributes to read: count the allocation itself.
         return counted(Kind::Linear, dev, size as u64, || {
             let r = make();
-            // SAFETY: written by the driver on success.
-            if r == CUDA_SUCCESS {
-                Ok(unsafe { read_out(p) })
-            } else {
-                Err(r)
-            }
+            // SAFETY: `p` is non-null; the driver wrote it on success.
+            unsafe { out_on_success(r, p) }
         });
     };
     let pr = process();
@@ -457,12 +454,8 @@ pub(crate) unsafe fn create(
     counted(Kind::Physical, dev, size as u64, || {
         // SAFETY: valid arguments.
         let r = unsafe { real(h, size, prop, flags) };
-        // SAFETY: written by the driver on success.
-        if r == CUDA_SUCCESS {
-            Ok(unsafe { read_out(h) })
-        } else {
-            Err(r)
-        }
+        // SAFETY: `h` is non-null; the driver wrote it on success.
+        unsafe { out_on_success(r, h) }
     })
 }
 
@@ -494,12 +487,8 @@ pub(crate) unsafe fn array_create(
     counted(Kind::Array, current_device(), bytes, || {
         // SAFETY: valid arguments.
         let r = unsafe { real(a, d) };
-        // SAFETY: written by the driver on success.
-        if r == CUDA_SUCCESS {
-            Ok(unsafe { read_out(a) })
-        } else {
-            Err(r)
-        }
+        // SAFETY: `a` is non-null; the driver wrote it on success.
+        unsafe { out_on_success(r, a) }
     })
 }
 
@@ -524,12 +513,8 @@ pub(crate) unsafe fn array3d_create(
     counted(Kind::Array, current_device(), bytes, || {
         // SAFETY: valid arguments.
         let r = unsafe { real(a, d) };
-        // SAFETY: written by the driver on success.
-        if r == CUDA_SUCCESS {
-            Ok(unsafe { read_out(a) })
-        } else {
-            Err(r)
-        }
+        // SAFETY: `a` is non-null; the driver wrote it on success.
+        unsafe { out_on_success(r, a) }
     })
 }
 
@@ -562,12 +547,8 @@ pub(crate) unsafe fn mipmap_create(
     counted(Kind::Mipmap, current_device(), bytes, || {
         // SAFETY: valid arguments.
         let r = unsafe { real(a, d, levels) };
-        // SAFETY: written by the driver on success.
-        if r == CUDA_SUCCESS {
-            Ok(unsafe { read_out(a) })
-        } else {
-            Err(r)
-        }
+        // SAFETY: `a` is non-null; the driver wrote it on success.
+        unsafe { out_on_success(r, a) }
     })
 }
 
@@ -652,12 +633,8 @@ pub(crate) unsafe fn import_external(
     counted(Kind::External, current_device(), bytes, || {
         // SAFETY: valid arguments.
         let r = unsafe { real(m, d) };
-        // SAFETY: written by the driver on success.
-        if r == CUDA_SUCCESS {
-            Ok(unsafe { read_out(m) })
-        } else {
-            Err(r)
-        }
+        // SAFETY: `m` is non-null; the driver wrote it on success.
+        unsafe { out_on_success(r, m) }
     })
 }
 
