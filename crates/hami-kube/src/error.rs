@@ -63,6 +63,12 @@ pub fn is_conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.is_conflict())
 }
 
+/// Whether a raw kube error is a 422: for a JSON patch, a `test` operation
+/// that did not hold (the object is not as the caller believed).
+pub fn is_unprocessable(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 422)
+}
+
 /// Whether a raw kube error is a 404 Not Found.
 pub fn is_not_found(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.is_not_found())

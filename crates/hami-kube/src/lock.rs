@@ -1,18 +1,22 @@
 //! The node bind lock, `hami.io/mutex.lock=<RFC3339>,<namespace>,<pod>`.
 //!
-//! Taken with a resourceVersion-guarded patch (a concurrent writer makes
-//! ours fail with 409 and we look again), so two binders can never both
-//! believe they hold it. A held lock may be taken over when it has expired,
-//! when its pod no longer exists, or when its pod is visibly past the
-//! device plugin's Allocate (bind-phase `success`/`failed`, running or
-//! finished, or bound elsewhere): the plugin needs the lock only to find
-//! the pod it is allocating, so holding it longer would only serialize
-//! binds for nothing.
+//! Taken and released with a JSON patch whose `test` operation compares the
+//! lock annotation with what the caller last saw (absent, or a given
+//! value): the API server applies the patch atomically, so two binders can
+//! never both believe they hold it, and writes to other fields of the node
+//! (heartbeats, handshakes, other annotations) never make a lock attempt
+//! fail, as a resourceVersion precondition would. A held lock may be taken
+//! over when it has expired, when its pod no longer exists, or when its
+//! pod is visibly past the device plugin's Allocate (bind-phase
+//! `success`/`failed`, running or finished, or bound elsewhere): the plugin
+//! needs the lock only to find the pod it is allocating, so holding it
+//! longer would only serialize binds for nothing.
 
 use std::time::{Duration, Instant};
 
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
@@ -31,8 +35,11 @@ pub struct LockPolicy {
     pub expiry: SignedDuration,
     /// How long to wait for a lock held by a live pod.
     pub wait: Duration,
-    /// Pause between looks at a held lock.
+    /// Pause between looks at a held lock (at the cache, when there is one).
     pub poll: Duration,
+    /// Pause between reads of a held lock from the API server, when a
+    /// watch-fed cache is watched in between.
+    pub api_poll: Duration,
     /// Conflicting writes tolerated in a row before giving up.
     pub max_conflicts: u32,
     /// A holder that took the lock but never wrote its bind annotations
@@ -46,6 +53,7 @@ impl Default for LockPolicy {
             expiry: SignedDuration::from_mins(5),
             wait: Duration::from_secs(20),
             poll: Duration::from_millis(50),
+            api_poll: Duration::from_secs(3),
             max_conflicts: 20,
             bind_grace: SignedDuration::from_secs(15),
         }
@@ -113,7 +121,112 @@ pub fn holder_state(pod: Option<&Pod>, node: &str) -> HolderState {
     }
 }
 
-/// Takes the bind lock of `node` for pod `namespace/pod`.
+/// What a watch-fed cache shows of a node's lock annotation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CachedLock {
+    /// Tells one cached copy from the next; never a precondition.
+    pub resource_version: Option<String>,
+    /// The node has an annotations map at all.
+    pub has_annotations: bool,
+    /// The raw `hami.io/mutex.lock` value, if any.
+    pub lock: Option<String>,
+}
+
+impl CachedLock {
+    pub fn of(node: &Node) -> CachedLock {
+        CachedLock::of_meta(&node.metadata)
+    }
+
+    fn of_meta(meta: &ObjectMeta) -> CachedLock {
+        let annotations = meta.annotations.as_ref();
+        CachedLock {
+            resource_version: meta.resource_version.clone(),
+            has_annotations: annotations.is_some(),
+            lock: annotations.and_then(|a| a.get(ann::NODE_LOCK)).cloned(),
+        }
+    }
+
+    /// Whether the lock looks free: absent, or garbage that protects nothing.
+    fn free(&self) -> bool {
+        self.lock
+            .as_deref()
+            .is_none_or(|v| NodeLock::decode(v).is_err())
+    }
+}
+
+/// JSON pointer of the lock annotation (`/` in the key escaped as `~1`).
+fn lock_path() -> String {
+    format!(
+        "/metadata/annotations/{}",
+        ann::NODE_LOCK.replace('/', "~1")
+    )
+}
+
+/// A JSON patch that sets the lock to `value` only if it is still `seen`.
+fn swap_patch(seen: &CachedLock, value: Option<&str>) -> json_patch::Patch {
+    let ops = if !seen.has_annotations {
+        json!([
+            {"op": "test", "path": "/metadata/annotations", "value": null},
+            {"op": "add", "path": "/metadata/annotations", "value": {ann::NODE_LOCK: value}},
+        ])
+    } else {
+        let change = match value {
+            Some(v) => json!({"op": "add", "path": lock_path(), "value": v}),
+            None => json!({"op": "remove", "path": lock_path()}),
+        };
+        json!([{"op": "test", "path": lock_path(), "value": seen.lock}, change])
+    };
+    serde_json::from_value(ops).expect("a well-formed JSON patch")
+}
+
+/// Outcome of one compare-and-swap of the lock annotation.
+enum Swap {
+    Done,
+    /// The lock is no longer what the caller saw.
+    Changed,
+}
+
+async fn swap(
+    nodes: &Api<Node>,
+    node: &str,
+    seen: &CachedLock,
+    value: Option<&str>,
+) -> Result<Swap> {
+    let patch: Patch<()> = Patch::Json(swap_patch(seen, value));
+    match nodes.patch(node, &PatchParams::default(), &patch).await {
+        Ok(_) => Ok(Swap::Done),
+        Err(e) if crate::error::is_unprocessable(&e) || crate::error::is_conflict(&e) => {
+            Ok(Swap::Changed)
+        }
+        Err(e) if is_not_found(&e) => Err(Error::NodeNotFound {
+            node: node.to_string(),
+        }),
+        Err(e) => Err(Error::api(format!("lock node {node}"), e)),
+    }
+}
+
+/// Reads the lock. `fresh: false` reads the API server's watch cache
+/// (resourceVersion 0), which spares etcd but may be stale: fine for a
+/// first look before a swap (staleness costs a failed swap), not after a
+/// swap failed, nor to decide that a lock is not ours to release.
+async fn read_lock(nodes: &Api<Node>, node: &str, fresh: bool) -> Result<CachedLock> {
+    let params = if fresh {
+        kube::api::GetParams::default()
+    } else {
+        kube::api::GetParams::any()
+    };
+    let n = nodes
+        .get_metadata_opt_with(node, &params)
+        .await
+        .map_err(|e| Error::api(format!("get node {node}"), e))?
+        .ok_or_else(|| Error::NodeNotFound {
+            node: node.to_string(),
+        })?;
+    Ok(CachedLock::of_meta(&n.metadata))
+}
+
+/// Takes the bind lock of `node` for pod `namespace/pod`, reading the node
+/// from the API server at every look. Returns the lock value now held.
 pub async fn acquire(
     client: &Client,
     node: &str,
@@ -121,58 +234,53 @@ pub async fn acquire(
     pod: &str,
     clock: &dyn Clock,
     policy: &LockPolicy,
-) -> Result<()> {
-    acquire_hinted(client, node, None, namespace, pod, clock, policy).await
+) -> Result<String> {
+    acquire_cached(client, node, &|| None, namespace, pod, clock, policy).await
 }
 
-/// [`acquire`], starting from a cached copy of the node (from a watch)
-/// instead of reading it. The copy is trusted only when it shows the lock
-/// free, and even then only as the resourceVersion precondition of the
-/// patch: a stale copy makes the patch fail with 409 and the node is read.
-pub async fn acquire_hinted(
+/// [`acquire`] helped by a watch-fed cache of the node. When the cache
+/// shows the lock free, the swap is tried at once without reading the node
+/// (a stale cache only makes the swap's test fail, and the node is read).
+/// While the lock is held, the cache is looked at every `poll` and the API
+/// server (node and holder pod, to judge a takeover) only every
+/// `api_poll`, so a queue of waiting binds does not flood the API server.
+pub async fn acquire_cached(
     client: &Client,
     node: &str,
-    hint: Option<Node>,
+    cache: &(dyn Fn() -> Option<CachedLock> + Send + Sync),
     namespace: &str,
     pod: &str,
     clock: &dyn Clock,
     policy: &LockPolicy,
-) -> Result<()> {
+) -> Result<String> {
     let nodes: Api<Node> = Api::all(client.clone());
     let start = Instant::now();
     let mut conflicts = 0;
-    let mut hint = hint.filter(|n| {
-        n.metadata.resource_version.is_some()
-            && !n
-                .metadata
-                .annotations
-                .as_ref()
-                .is_some_and(|a| a.contains_key(ann::NODE_LOCK))
-    });
+    // The cached copy last proven wrong (it showed the lock free while the
+    // API server had it held): only a newer copy is worth trusting.
+    let mut distrusted: Option<Option<String>> = None;
+    let mut api_due = start;
+    let mut fresh = false;
     loop {
-        let current = match hint.take() {
-            Some(n) => n,
-            None => nodes
-                .get_opt(node)
-                .await
-                .map_err(|e| Error::api(format!("get node {node}"), e))?
-                .ok_or_else(|| Error::NodeNotFound {
-                    node: node.to_string(),
-                })?,
+        let current = match cache() {
+            Some(c) if c.free() && distrusted.as_ref() != Some(&c.resource_version) => c,
+            // Still held as far as the watch shows; not time to ask again.
+            Some(_) if Instant::now() < api_due => {
+                tokio::time::sleep(policy.poll).await;
+                continue;
+            }
+            _ => read_lock(&nodes, node, fresh).await?,
         };
         let now = clock.now();
-        let held = current
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(ann::NODE_LOCK))
-            .map(|v| NodeLock::decode(v));
+        let held = current.lock.as_deref().map(NodeLock::decode);
         // The lock that stops us, if any.
         let busy: Option<NodeLock> = match held {
             None => None,
             // Garbage in the lock annotation protects nothing.
             Some(Err(_)) => None,
-            Some(Ok(l)) if l.namespace == namespace && l.pod == pod => return Ok(()),
+            Some(Ok(l)) if l.namespace == namespace && l.pod == pod => {
+                return Ok(current.lock.unwrap_or_default());
+            }
             Some(Ok(l)) if l.namespace.is_empty() => {
                 (!may_take_over(&l, HolderState::Allocating, now, policy)).then_some(l)
             }
@@ -195,6 +303,10 @@ pub async fn acquire_hinted(
                     waited_ms: start.elapsed().as_millis(),
                 });
             }
+            if let Some(c) = cache() {
+                distrusted = Some(c.resource_version);
+            }
+            api_due = Instant::now() + policy.api_poll;
             tokio::time::sleep(policy.poll).await;
             continue;
         }
@@ -204,17 +316,12 @@ pub async fn acquire_hinted(
             pod: pod.to_string(),
         }
         .encode();
-        let patch = json!({"metadata": {
-            "resourceVersion": current.metadata.resource_version,
-            "annotations": {ann::NODE_LOCK: value},
-        }});
-        match nodes
-            .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => return Ok(()),
-            Err(e) if crate::error::is_conflict(&e) => {
+        match swap(&nodes, node, &current, Some(&value)).await? {
+            Swap::Done => return Ok(value),
+            Swap::Changed => {
                 conflicts += 1;
+                distrusted = cache().map(|c| c.resource_version);
+                fresh = true;
                 if conflicts >= policy.max_conflicts {
                     return Err(Error::LockContention {
                         node: node.to_string(),
@@ -222,42 +329,49 @@ pub async fn acquire_hinted(
                     });
                 }
             }
-            Err(e) => return Err(Error::api(format!("lock node {node}"), e)),
         }
     }
 }
 
-/// Releases the bind lock of `node` if `namespace/pod` holds it. A lock
-/// held by someone else (taken over, or never ours) is left alone.
+/// Releases the bind lock of `node` if it is exactly `value` (what
+/// [`acquire`] returned): one request. A lock that changed since (taken
+/// over) is left alone.
+pub async fn release_held(client: &Client, node: &str, value: &str) -> Result<()> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let seen = CachedLock {
+        resource_version: None,
+        has_annotations: true,
+        lock: Some(value.to_string()),
+    };
+    match swap(&nodes, node, &seen, None).await {
+        Ok(_) | Err(Error::NodeNotFound { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Releases the bind lock of `node` if `namespace/pod` holds it, whatever
+/// its time: reads the node, then swaps. A lock held by someone else
+/// (taken over, or never ours) is left alone.
 pub async fn release(client: &Client, node: &str, namespace: &str, pod: &str) -> Result<()> {
     let nodes: Api<Node> = Api::all(client.clone());
     for _ in 0..10 {
-        let current = match nodes.get(node).await {
-            Ok(n) => n,
-            Err(e) if is_not_found(&e) => return Ok(()),
-            Err(e) => return Err(Error::api(format!("get node {node}"), e)),
+        let current = match read_lock(&nodes, node, true).await {
+            Ok(c) => c,
+            Err(Error::NodeNotFound { .. }) => return Ok(()),
+            Err(e) => return Err(e),
         };
         let ours = current
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(ann::NODE_LOCK))
+            .lock
+            .as_deref()
             .and_then(|v| NodeLock::decode(v).ok())
             .is_some_and(|l| l.namespace == namespace && l.pod == pod);
         if !ours {
             return Ok(());
         }
-        let patch = json!({"metadata": {
-            "resourceVersion": current.metadata.resource_version,
-            "annotations": {ann::NODE_LOCK: null},
-        }});
-        match nodes
-            .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => return Ok(()),
-            Err(e) if crate::error::is_conflict(&e) => continue,
-            Err(e) => return Err(Error::api(format!("unlock node {node}"), e)),
+        match swap(&nodes, node, &current, None).await {
+            Ok(Swap::Done) | Err(Error::NodeNotFound { .. }) => return Ok(()),
+            Ok(Swap::Changed) => continue,
+            Err(e) => return Err(e),
         }
     }
     Err(Error::LockContention {

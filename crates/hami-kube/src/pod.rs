@@ -49,18 +49,25 @@ pub async fn patch_metadata(
 
 /// Binds a pod to a node through the `pods/binding` subresource. With `uid`
 /// the API server refuses to bind a different pod of the same name.
+///
+/// The API server copies a Binding's annotations onto the pod in the same
+/// write that sets its node, so `annotations` land if and only if the pod
+/// is bound: never on a pod that is already bound elsewhere, never missing
+/// from a bound one.
 pub async fn bind(
     client: &Client,
     namespace: &str,
     name: &str,
     uid: Option<&str>,
     node: &str,
+    annotations: BTreeMap<String, String>,
 ) -> Result<()> {
     let binding = Binding {
         metadata: ObjectMeta {
             name: Some(name.to_string()),
             namespace: Some(namespace.to_string()),
             uid: uid.map(str::to_string),
+            annotations: (!annotations.is_empty()).then_some(annotations),
             ..Default::default()
         },
         target: ObjectReference {

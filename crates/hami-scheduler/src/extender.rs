@@ -15,7 +15,7 @@ use hami_kube::events::Severity;
 use hami_kube::{lock, pod as podio};
 
 use crate::app::App;
-use crate::state::{bind_annotations, failed_bind_annotations};
+use crate::state::bind_annotations;
 
 /// ExtenderArgs: the pod and the candidate nodes.
 #[derive(Debug, Clone, Deserialize)]
@@ -237,6 +237,7 @@ async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String>
     }
     let (ns, name, node) = (&args.pod_namespace, &args.pod_name, &args.node);
     let key = format!("{ns}/{name}");
+    let started = Instant::now();
     let call_uid = (!args.pod_uid.is_empty()).then(|| args.pod_uid.clone());
     // Fast path: the reservation Filter made for this very pod; no need to
     // read the pod back.
@@ -275,7 +276,7 @@ async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String>
             };
             let Some(req) = req else {
                 // Nothing of ours to allocate: a plain bind.
-                return podio::bind(&app.client, ns, name, uid.as_deref(), node)
+                return podio::bind(&app.client, ns, name, uid.as_deref(), node, BTreeMap::new())
                     .await
                     .map_err(|e| e.to_string());
             };
@@ -294,16 +295,18 @@ async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String>
             }
         }
     };
+    let mut gate_ms = 0;
     let locked = {
         let gate = app.node_gates.gate(node);
         let wait = app.lock_policy.wait;
         match tokio::time::timeout(wait, gate.lock()).await {
             Ok(_turn) => {
-                let hint = app.cluster().cached_node(node);
-                lock::acquire_hinted(
+                gate_ms = started.elapsed().as_millis();
+                let cache = || app.cluster().cached_lock(node);
+                lock::acquire_cached(
                     &app.client,
                     node,
-                    hint,
+                    &cache,
                     ns,
                     name,
                     app.clock.as_ref(),
@@ -319,40 +322,96 @@ async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String>
             }),
         }
     };
-    if let Err(e) = locked {
-        app.cluster().release(&key);
-        let msg = e.to_string();
-        binding_failed(app, &pod, &msg).await;
-        return Err(msg);
-    }
+    let lock_ms = started.elapsed().as_millis();
+    let lock_value = match locked {
+        Ok(v) => v,
+        Err(e) => {
+            app.cluster().release(&key);
+            let msg = e.to_string();
+            binding_failed(app, &pod, &msg).await;
+            return Err(msg);
+        }
+    };
     let annotations = bind_annotations(&app.engine, node, &devices, app.clock.now());
+    let bind_time = annotations.get(hami_api::annotations::BIND_TIME).cloned();
+    // The annotations travel in the Binding: they land with the node name
+    // or not at all, so a failed bind leaves nothing on the pod to undo.
+    let bound = podio::bind(&app.client, ns, name, uid.as_deref(), node, annotations).await;
+    let binding_ms = started.elapsed().as_millis() - lock_ms;
+    if let Err(e) = bound {
+        let msg = e.to_string();
+        // The error may hide a success (a lost response) or an earlier bind
+        // of this very pod: the pod itself says which.
+        let pods: kube::Api<Pod> = kube::Api::namespaced(app.client.clone(), ns);
+        let now_bound_to = match pods.get_opt(name).await {
+            Ok(Some(p)) if uid.is_none() || p.metadata.uid == uid => {
+                p.spec.as_ref().and_then(|s| s.node_name.clone()).map(|n| {
+                    let ours = p
+                        .annotations()
+                        .get(hami_api::annotations::BIND_TIME)
+                        .is_some_and(|t| Some(t) == bind_time.as_ref());
+                    (n, ours)
+                })
+            }
+            _ => None,
+        };
+        match now_bound_to {
+            Some((n, true)) if n == *node => {
+                tracing::info!(pod = key, node, "bound (the binding's answer was lost)");
+            }
+            Some((n, false)) if n == *node => {
+                // An earlier bind of this pod won; its annotations and its
+                // lock stand, ours go.
+                app.cluster().release(&key);
+                tracing::info!(
+                    pod = key,
+                    node,
+                    "already bound to this node by an earlier bind"
+                );
+                return Ok(());
+            }
+            elsewhere => {
+                if let Err(e2) = lock::release_held(&app.client, node, &lock_value).await {
+                    tracing::warn!(error = %e2, "releasing the node lock after a failed bind");
+                }
+                app.cluster().release(&key);
+                let msg = match elsewhere {
+                    Some((other, _)) => format!("{msg} (the pod is bound to node {other})"),
+                    None => msg,
+                };
+                binding_failed(app, &pod, &msg).await;
+                return Err(msg);
+            }
+        }
+    }
+    // HAMi also labels the pod with its node. The pod is bound whatever
+    // happens here, so a failure is only logged.
     let labels: BTreeMap<String, Option<String>> = [(
         hami_api::annotations::VGPU_NODE.to_string(),
         Some(node.clone()),
     )]
     .into();
-    let written = async {
-        podio::patch_metadata(&app.client, ns, name, uid.as_deref(), &annotations, &labels).await?;
-        podio::bind(&app.client, ns, name, uid.as_deref(), node).await
+    if let Err(e) = podio::patch_metadata(
+        &app.client,
+        ns,
+        name,
+        uid.as_deref(),
+        &BTreeMap::new(),
+        &labels,
+    )
+    .await
+    {
+        tracing::warn!(pod = key, error = %e, "labelling a bound pod with its node");
     }
-    .await;
-    if let Err(e) = written {
-        let msg = e.to_string();
-        // Undo: the pod holds nothing, the node is free for the next bind.
-        let undo = failed_bind_annotations(&app.engine);
-        if let Err(e2) =
-            podio::patch_metadata(&app.client, ns, name, None, &undo, &BTreeMap::new()).await
-        {
-            tracing::warn!(error = %e2, "clearing the annotations of a failed bind");
-        }
-        if let Err(e2) = lock::release(&app.client, node, ns, name).await {
-            tracing::warn!(error = %e2, "releasing the node lock after a failed bind");
-        }
-        app.cluster().release(&key);
-        binding_failed(app, &pod, &msg).await;
-        return Err(msg);
-    }
-    tracing::info!(pod = key, node, "bound");
+    tracing::info!(
+        pod = key,
+        node,
+        gate_ms,
+        lock_ms,
+        binding_ms,
+        total_ms = started.elapsed().as_millis(),
+        "bound"
+    );
     Ok(())
 }
 

@@ -15,9 +15,14 @@ use kube::ResourceExt;
 
 use hami_api::allocation::PodDevices;
 use hami_api::annotations as ann;
+use hami_api::policy::NodePolicy;
 use hami_kube::cache::Inventory;
 use hami_kube::handshake;
 use hami_sched::{Decision, Engine, Mode, PodRequest, Snapshot, Vendor, pod_key};
+
+/// How long a bind lock whose holder the pod watch has not shown yet counts
+/// as a bind in flight (after that the holder is more likely gone).
+const UNSEEN_HOLDER_GRACE: SignedDuration = SignedDuration::from_secs(5);
 
 /// A Filter decision not yet visible in the API server.
 #[derive(Debug, Clone, PartialEq)]
@@ -90,9 +95,11 @@ impl Cluster {
         &self.snapshot
     }
 
-    /// The last Node object the watch delivered.
-    pub fn cached_node(&self, name: &str) -> Option<Node> {
-        self.nodes.get(name).map(|e| e.node.clone())
+    /// The bind lock of a node as the watch last delivered it.
+    pub fn cached_lock(&self, name: &str) -> Option<hami_kube::lock::CachedLock> {
+        self.nodes
+            .get(name)
+            .map(|e| hami_kube::lock::CachedLock::of(&e.node))
     }
 
     pub fn reservation(&self, key: &str) -> Option<&Reservation> {
@@ -259,6 +266,27 @@ impl Cluster {
 
     // ---- decisions
 
+    /// Why a node was rejected, in operator terms: a node left out of the
+    /// snapshot because its device plugin stopped answering the handshake
+    /// says so, rather than that it has no devices.
+    fn rejection_reason(&self, node: &str, engine_reason: String) -> String {
+        match self.nodes.get(node) {
+            Some(e) if !e.healthy => {
+                let handshake = e
+                    .node
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(ann::NODE_HANDSHAKE))
+                    .map_or("none", String::as_str);
+                format!(
+                    "NodeNotReporting: the device plugin has not answered the handshake ({handshake}); devices withheld until it reports"
+                )
+            }
+            _ => engine_reason,
+        }
+    }
+
     /// Nodes among `candidates` whose bind lock has been held for longer
     /// than `busy_after` by another pod that is still waiting for its
     /// device plugin, with a reason. A bind there would wait for the lock
@@ -282,14 +310,19 @@ impl Cluster {
                 continue;
             };
             let holder = format!("{}/{}", lock.namespace, lock.pod);
-            if holder == key || now.duration_since(lock.since) <= busy_after {
+            let age = now.duration_since(lock.since);
+            if holder == key || age <= busy_after {
                 continue;
             }
-            let waiting = self.pods.get(&holder).is_some_and(|p| {
-                p.bind_phase.as_deref() == Some("allocating")
-                    && matches!(p.phase.as_deref(), None | Some("Pending"))
-                    && p.node.as_deref() == Some(name.as_str())
-            });
+            let waiting = match self.pods.get(&holder) {
+                Some(p) => {
+                    p.bind_phase.as_deref() == Some("allocating")
+                        && matches!(p.phase.as_deref(), None | Some("Pending"))
+                        && p.node.as_deref() == Some(name.as_str())
+                }
+                // A fresh lock whose pod's bind the watch has not shown yet.
+                None => age < UNSEEN_HOLDER_GRACE,
+            };
             if waiting {
                 busy.insert(
                     name.clone(),
@@ -304,7 +337,9 @@ impl Cluster {
     }
 
     /// [`Cluster::filter`] that offers nodes with a long-held bind lock
-    /// only when no other candidate is left.
+    /// only when no other candidate is left. A spread pod treats any node
+    /// with a bind in flight as busy: spread wants another node anyway, and
+    /// under a burst the next-emptiest node is as good and binds at once.
     pub fn filter_avoiding_busy(
         &mut self,
         engine: &Engine,
@@ -314,6 +349,10 @@ impl Cluster {
         now: Timestamp,
         busy_after: SignedDuration,
     ) -> FilterOutcome {
+        let busy_after = match req.constraints.node_policy {
+            NodePolicy::Spread => SignedDuration::ZERO,
+            NodePolicy::Binpack => busy_after,
+        };
         let busy = self.busy_nodes(candidates, &req.key, now, busy_after);
         if busy.is_empty() || busy.len() == candidates.len() {
             return self.filter(engine, req, uid, candidates, now);
@@ -353,7 +392,7 @@ impl Cluster {
             failed: decision
                 .rejected
                 .iter()
-                .map(|(n, r)| (n.to_string(), r.to_string()))
+                .map(|(n, r)| (n.to_string(), self.rejection_reason(n, r.to_string())))
                 .collect(),
         };
         if let Some(node) = &outcome.node {
@@ -485,34 +524,18 @@ pub fn bind_annotations(
     node: &str,
     devices: &PodDevices,
     now: Timestamp,
-) -> BTreeMap<String, Option<String>> {
+) -> BTreeMap<String, String> {
     let decision = Decision {
         node: Some(node),
         devices: devices.clone(),
         rejected: Vec::new(),
     };
     let vendor: &dyn Vendor = &engine.nvidia;
-    let mut m: BTreeMap<String, Option<String>> = decision
-        .annotations(vendor)
-        .into_iter()
-        .map(|(k, v)| (k, Some(v)))
-        .collect();
+    let mut m: BTreeMap<String, String> = decision.annotations(vendor).into_iter().collect();
     let secs = now.as_second().to_string();
-    m.insert(ann::VGPU_TIME.into(), Some(secs.clone()));
-    m.insert(ann::BIND_PHASE.into(), Some("allocating".into()));
-    m.insert(ann::BIND_TIME.into(), Some(secs));
-    m
-}
-
-/// The annotations that undo a failed bind: the pod holds nothing and a
-/// device plugin will not pick it up.
-pub fn failed_bind_annotations(engine: &Engine) -> BTreeMap<String, Option<String>> {
-    let (to_allocate, allocated) = engine.nvidia.allocation_annotations();
-    let mut m = BTreeMap::new();
-    m.insert(ann::BIND_PHASE.to_string(), Some("failed".to_string()));
-    m.insert(to_allocate.to_string(), None);
-    m.insert(allocated.to_string(), None);
-    m.insert(ann::VGPU_NODE.to_string(), None);
+    m.insert(ann::VGPU_TIME.into(), secs.clone());
+    m.insert(ann::BIND_PHASE.into(), "allocating".into());
+    m.insert(ann::BIND_TIME.into(), secs);
     m
 }
 
@@ -674,6 +697,17 @@ mod tests {
         c.rejudge_nodes(&engine, t0 + SignedDuration::from_secs(61));
         assert!(c.snapshot().node("n1").is_none());
         assert_eq!(c.unhealthy_nodes(), vec!["n1".to_string()]);
+        // Filter says why the node is out.
+        let p = pod("p", "u", "100");
+        let req = engine.prepare(&p).unwrap().unwrap();
+        let o = c.filter(&engine, &req, Some("u"), &names(&["n1"]), t0);
+        assert_eq!(o.node, None);
+        assert!(
+            o.failed["n1"].starts_with("NodeNotReporting")
+                && o.failed["n1"].contains("Requesting_"),
+            "{:?}",
+            o.failed
+        );
         let answer = c.upsert_node(
             &engine,
             node("n1", "Reported 2026-01-01 00:01:10", "20"),
@@ -693,13 +727,8 @@ mod tests {
         let secs = (now.as_second() - 200).to_string();
         let devices = PodDevices::decode("x", "GPU-n1-0,NVIDIA,400,0:;").unwrap();
         let mut annotations = bind_annotations(&engine, "n1", &devices, now);
-        annotations.insert(ann::BIND_TIME.into(), Some(secs));
-        p.metadata.annotations = Some(
-            annotations
-                .into_iter()
-                .map(|(k, v)| (k, v.unwrap()))
-                .collect(),
-        );
+        annotations.insert(ann::BIND_TIME.into(), secs);
+        p.metadata.annotations = Some(annotations);
         c.upsert_pod(&engine, &p);
         assert_eq!(free_mem(&c, "n1"), 1600);
         let timeout = SignedDuration::from_mins(2);
@@ -749,12 +778,7 @@ mod tests {
         // The holder is bound to n1 and waits for its device plugin.
         let mut holder = pod("holder", "uh", "100");
         let devices = PodDevices::decode("x", "GPU-n1-0,NVIDIA,100,0:;").unwrap();
-        holder.metadata.annotations = Some(
-            bind_annotations(&engine, "n1", &devices, now)
-                .into_iter()
-                .map(|(k, v)| (k, v.unwrap()))
-                .collect(),
-        );
+        holder.metadata.annotations = Some(bind_annotations(&engine, "n1", &devices, now));
         c.upsert_pod(&engine, &holder);
         let busy_after = SignedDuration::from_secs(5);
         let cands = names(&["n1", "n2"]);
@@ -798,6 +822,45 @@ mod tests {
         let req = engine.prepare(&big).unwrap().unwrap();
         let o = c.filter_avoiding_busy(&engine, &req, Some("ub"), &cands, now, busy_after);
         assert_eq!(o.node.as_deref(), Some("n2"));
+    }
+
+    #[test]
+    fn spread_pods_avoid_any_node_with_a_bind_in_flight() {
+        let engine = Engine::default();
+        let mut c = Cluster::default();
+        let now = t("2026-01-01T00:10:00Z");
+        // Both nodes empty: spread would take n1 (first among equals), but
+        // n1 was locked a second ago by a pod whose bind the watch has not
+        // shown yet.
+        let mut n1 = node("n1", "Reported x", "20");
+        n1.metadata.annotations.as_mut().unwrap().insert(
+            ann::NODE_LOCK.into(),
+            "2026-01-01T00:09:59Z,ns,inflight".into(),
+        );
+        c.upsert_node(&engine, n1, now);
+        c.upsert_node(&engine, node("n2", "Reported x", "20"), now);
+        let cands = names(&["n1", "n2"]);
+        let busy_after = SignedDuration::from_secs(5);
+        let mut p = pod("p", "u", "100");
+        p.metadata.annotations =
+            Some([(ann::NODE_SCHEDULER_POLICY.to_string(), "spread".to_string())].into());
+        let req = engine.prepare(&p).unwrap().unwrap();
+        let o = c.filter_avoiding_busy(&engine, &req, Some("u"), &cands, now, busy_after);
+        assert_eq!(o.node.as_deref(), Some("n2"));
+        assert!(o.failed["n1"].starts_with("NodeLockBusy"), "{:?}", o.failed);
+        // A binpack pod waits for the lock to look stuck before avoiding it.
+        c.release("ns/p");
+        let b = pod("b", "ub", "100");
+        let req = engine.prepare(&b).unwrap().unwrap();
+        let o = c.filter_avoiding_busy(&engine, &req, Some("ub"), &cands, now, busy_after);
+        assert_eq!(o.node.as_deref(), Some("n1"));
+        // An unseen holder stops counting once the lock is old: it is more
+        // likely gone than binding.
+        c.release("ns/b");
+        let later = t("2026-01-01T00:10:10Z");
+        let req = engine.prepare(&p).unwrap().unwrap();
+        let o = c.filter_avoiding_busy(&engine, &req, Some("u"), &cands, later, busy_after);
+        assert_eq!(o.node.as_deref(), Some("n1"), "{:?}", o.failed);
     }
 
     #[test]

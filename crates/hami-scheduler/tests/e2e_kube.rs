@@ -82,7 +82,7 @@ async fn node_lock_excludes_waits_takes_over_and_releases() {
     let mut winners = Vec::new();
     for (i, t) in tasks.into_iter().enumerate() {
         match t.await.expect("task") {
-            Ok(()) => winners.push(i),
+            Ok(_) => winners.push(i),
             Err(e) => assert!(
                 matches!(
                     e,
@@ -153,6 +153,96 @@ async fn node_lock_excludes_waits_takes_over_and_releases() {
         .await
         .expect("released");
     assert_eq!(lock_value(&ns, &node).await, None);
+}
+
+#[tokio::test]
+async fn node_lock_swap_ignores_other_writes_and_distrusts_a_stale_cache() {
+    let Some(cluster) = hami_e2e::cluster(env!("CARGO_BIN_EXE_hami-scheduler")) else {
+        return;
+    };
+    let mut ns = cluster.namespace("lockcas").await;
+    let node = ns.add_node(&GpuNode::new("n", 1, 1000, "NVIDIA-T4")).await;
+    let nodes: Api<Node> = Api::all(ns.client.clone());
+    let quick = LockPolicy {
+        wait: Duration::from_millis(600),
+        poll: Duration::from_millis(20),
+        api_poll: Duration::from_millis(100),
+        ..LockPolicy::default()
+    };
+    pending_pod(&ns, "a", Some("allocating")).await;
+    pending_pod(&ns, "b", Some("allocating")).await;
+    let held = lock::acquire(&ns.client, &node, &ns.name, "a", &SystemClock, &quick)
+        .await
+        .expect("free node");
+    // A cache that lags behind still shows the node free: the swap's test
+    // fails, the node is read, and the live holder keeps its lock.
+    let stale = || {
+        Some(lock::CachedLock {
+            resource_version: None,
+            has_annotations: true,
+            lock: None,
+        })
+    };
+    let err = lock::acquire_cached(
+        &ns.client,
+        &node,
+        &stale,
+        &ns.name,
+        "b",
+        &SystemClock,
+        &quick,
+    )
+    .await
+    .expect_err("a holds the lock");
+    assert!(err.to_string().contains("locked by"), "{err}");
+    assert_eq!(lock_value(&ns, &node).await.unwrap().pod, "a");
+
+    // Another writer touches the node (a heartbeat, a handshake): releasing
+    // by value still works, no resourceVersion involved.
+    nodes
+        .patch(
+            &node,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {ann::NODE_HANDSHAKE: "Reported now"}}}),
+            ),
+        )
+        .await
+        .expect("patched");
+    // A release with some other value leaves the lock alone.
+    lock::release_held(&ns.client, &node, "2020-01-01T00:00:00Z,x,y")
+        .await
+        .expect("no-op");
+    assert_eq!(lock_value(&ns, &node).await.unwrap().pod, "a");
+    lock::release_held(&ns.client, &node, &held)
+        .await
+        .expect("released");
+    assert_eq!(lock_value(&ns, &node).await, None);
+
+    // A node with no annotations at all can be locked too.
+    let bare: Node = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": format!("{}-bare", ns.name)},
+    }))
+    .expect("a node");
+    let bare_name = nodes
+        .create(&Default::default(), &bare)
+        .await
+        .expect("created")
+        .metadata
+        .name
+        .expect("named");
+    let got = lock::acquire(&ns.client, &bare_name, &ns.name, "b", &SystemClock, &quick).await;
+    nodes
+        .delete(&bare_name, &Default::default())
+        .await
+        .expect("deleted");
+    assert_eq!(
+        NodeLock::decode(&got.expect("bare node locked"))
+            .unwrap()
+            .pod,
+        "b"
+    );
 }
 
 #[tokio::test]

@@ -288,7 +288,7 @@ async fn stale_handshake_node_gets_no_pods_until_it_reports() {
     .await;
     let msg = ev.message.unwrap_or_default();
     assert!(
-        msg.contains(&format!("{stale_name}: NodeInsufficientDevice")),
+        msg.contains(&format!("{stale_name}: NodeNotReporting")) && msg.contains("Requesting_"),
         "{msg}"
     );
     assert_eq!(node_of(&ns.get_pod("pinned").await), "");
