@@ -142,7 +142,9 @@ fn place(
         failed: BTreeMap::new(),
         error: None,
     };
-    if admit && let Admission::Denied(why) = engine.admit(pod) {
+    if admit
+        && let Admission::Denied(why) = engine.admit(pod, hami_api::annotations::SCHEDULER_NAME)
+    {
         placement.error = Some(format!("denied by admission: {why}"));
         return placement;
     }

@@ -126,8 +126,10 @@ impl Engine {
     }
 
     /// The admission webhook's rules for this pod (mutates it in place).
-    pub fn admit(&self, pod: &mut Pod) -> Admission {
-        self.nvidia.admit(pod)
+    /// GPU pods of the default scheduler go to `scheduler_name` (HAMi's
+    /// is [`hami_api::annotations::SCHEDULER_NAME`]).
+    pub fn admit(&self, pod: &mut Pod, scheduler_name: &str) -> Admission {
+        self.nvidia.admit(pod, scheduler_name)
     }
 
     /// Registers a Kubernetes Node's devices in the snapshot. Returns

@@ -5,20 +5,21 @@ mod common;
 
 use common::*;
 use hami_api::NvidiaConfig;
+use hami_api::annotations::SCHEDULER_NAME;
 use hami_api::config::GpuCorePolicy;
 use hami_sched::vendor::nvidia;
 use hami_sched::{Admission, Policies};
 use k8s_openapi::api::core::v1::{Container, EnvVar, Pod};
 
 fn admit(pod: &mut Pod) -> Admission {
-    engine().admit(pod)
+    engine().admit(pod, SCHEDULER_NAME)
 }
 
 fn admit_with(config: NvidiaConfig, pod: &mut Pod) -> Admission {
     // Both entry points apply the same rules.
     let mut copy = pod.clone();
-    let a = nvidia::admit(&config, &mut copy);
-    let b = engine_with(config, Policies::default()).admit(pod);
+    let a = nvidia::admit(&config, &mut copy, SCHEDULER_NAME);
+    let b = engine_with(config, Policies::default()).admit(pod, SCHEDULER_NAME);
     assert_eq!(a, b);
     assert_eq!(&copy, pod);
     b
@@ -69,6 +70,34 @@ fn gpu_pods_are_sent_to_our_scheduler() {
             .build();
         assert_eq!(admit(&mut p), Admission::Mutated);
         assert_eq!(scheduler(&p), Some("hami-scheduler"));
+    }
+}
+
+#[test]
+fn a_renamed_scheduler_claims_gpu_pods_under_its_own_name() {
+    let e = engine();
+    // GPU pods of the default scheduler, and pods already naming ours, go
+    // to the configured name; the stock name is then another scheduler's.
+    for name in [None, Some("default-scheduler"), Some("gpu-sched")] {
+        let mut b = pod("p").ctr(&[(GPU, "1"), (MEM, "10")]);
+        if let Some(n) = name {
+            b = b.scheduler(n);
+        }
+        let mut p = b.build();
+        assert_eq!(e.admit(&mut p, "gpu-sched"), Admission::Mutated, "{name:?}");
+        assert_eq!(scheduler(&p), Some("gpu-sched"));
+    }
+    let mut p = pod("p")
+        .ctr(&[(GPU, "1")])
+        .scheduler("hami-scheduler")
+        .build();
+    assert_eq!(e.admit(&mut p, "gpu-sched"), Admission::Untouched);
+    // Denials name the scheduler that must place the pod.
+    let mut p = pod("p").ctr(&[(GPU, "1")]).build();
+    p.spec.as_mut().unwrap().node_name = Some("n1".into());
+    match e.admit(&mut p, "gpu-sched") {
+        Admission::Denied(why) => assert!(why.contains("placed by gpu-sched"), "{why}"),
+        other => panic!("{other:?}"),
     }
 }
 
@@ -235,11 +264,11 @@ fn exclusive_default_makes_the_pod_exclusive_when_scheduled() {
     let e = engine();
     let mut s = snapshot(&e, &[node("n1", &[t4("GPU-a")])]);
     let mut whole = gpu_pod("whole", &[(GPU, "1")]);
-    e.admit(&mut whole);
+    e.admit(&mut whole, SCHEDULER_NAME);
     let out = place(&e, &mut s, &whole);
     assert_eq!(out.devices.0[0][0].cores, 100);
     let mut small = gpu_pod("small", &[(GPU, "1"), (MEM, "10")]);
-    e.admit(&mut small);
+    e.admit(&mut small, SCHEDULER_NAME);
     assert_eq!(decide(&e, &s, &small).node, None);
 }
 

@@ -92,22 +92,10 @@ fn decide(engine: &Engine, scheduler_name: &str, request: &Value) -> Value {
         return allowed();
     }
     let mut pod = original.clone();
-    // The engine's rules recognise our default name; a renamed scheduler's
-    // pods are taken as ours too.
-    let renamed = scheduler_name != ann::SCHEDULER_NAME;
-    if renamed
-        && let Some(spec) = pod.spec.as_mut()
-        && spec.scheduler_name.as_deref() == Some(scheduler_name)
-    {
-        spec.scheduler_name = Some(ann::SCHEDULER_NAME.to_string());
-    }
-    match engine.admit(&mut pod) {
+    match engine.admit(&mut pod, scheduler_name) {
         Admission::Untouched => allowed(),
         Admission::Denied(message) => denied(&message),
         Admission::Mutated => {
-            if let Some(spec) = pod.spec.as_mut() {
-                spec.scheduler_name = Some(scheduler_name.to_string());
-            }
             let before = serde_json::to_value(&original).unwrap_or(Value::Null);
             let after = serde_json::to_value(&pod).unwrap_or(Value::Null);
             let patch = json_patch::diff(&before, &after);

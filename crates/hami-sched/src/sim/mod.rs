@@ -119,7 +119,7 @@ pub fn group_request(engine: &Engine, group: &PodGroup) -> Result<PodRequest, Si
         }),
         ..Default::default()
     };
-    if let Admission::Denied(why) = engine.admit(&mut pod) {
+    if let Admission::Denied(why) = engine.admit(&mut pod, hami_api::annotations::SCHEDULER_NAME) {
         return Err(err(format!("denied by admission: {why}")));
     }
     match engine.prepare(&pod) {

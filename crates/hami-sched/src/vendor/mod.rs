@@ -80,5 +80,5 @@ pub trait Vendor: Send + Sync {
     ) -> Option<Result<(), Rejection>>;
 
     /// Applies the admission defaults and denials to a pod being created.
-    fn admit(&self, pod: &mut Pod) -> Admission;
+    fn admit(&self, pod: &mut Pod, scheduler_name: &str) -> Admission;
 }

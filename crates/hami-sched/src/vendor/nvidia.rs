@@ -188,8 +188,8 @@ impl Vendor for Nvidia {
         Some(Err(rejection))
     }
 
-    fn admit(&self, pod: &mut Pod) -> Admission {
-        admit(&self.config, pod)
+    fn admit(&self, pod: &mut Pod, scheduler_name: &str) -> Admission {
+        admit(&self.config, pod, scheduler_name)
     }
 }
 
@@ -379,7 +379,7 @@ fn best_linked_set(
 }
 
 /// The webhook's NVIDIA rules (spec section 5), applied to a pod in place.
-pub fn admit(config: &NvidiaConfig, pod: &mut Pod) -> Admission {
+pub fn admit(config: &NvidiaConfig, pod: &mut Pod, scheduler_name: &str) -> Admission {
     let Some(spec) = pod.spec.as_mut() else {
         return Admission::Untouched;
     };
@@ -387,7 +387,7 @@ pub fn admit(config: &NvidiaConfig, pod: &mut Pod) -> Admission {
     if let Some(name) = spec.scheduler_name.as_deref()
         && !name.is_empty()
         && name != "default-scheduler"
-        && name != ann::SCHEDULER_NAME
+        && name != scheduler_name
     {
         return Admission::Untouched;
     }
@@ -410,11 +410,10 @@ pub fn admit(config: &NvidiaConfig, pod: &mut Pod) -> Admission {
     if let Some(node) = spec.node_name.as_deref().filter(|n| !n.is_empty()) {
         return Admission::Denied(format!(
             "pod sets spec.nodeName={node:?} and asks for {}: pods with GPU resources must be placed by {}, remove spec.nodeName",
-            config.resource_count_name,
-            ann::SCHEDULER_NAME
+            config.resource_count_name, scheduler_name
         ));
     }
-    spec.scheduler_name = Some(ann::SCHEDULER_NAME.to_string());
+    spec.scheduler_name = Some(scheduler_name.to_string());
     // A runtime class the user chose is kept, as upstream does.
     if !config.runtime_class_name.is_empty() && spec.runtime_class_name.is_none() {
         spec.runtime_class_name = Some(config.runtime_class_name.clone());
