@@ -1,6 +1,6 @@
 //! Throw-away PKI for one test cluster: a CA, serving certificates for the
-//! API server and hami-scheduler, an admin client certificate, and the
-//! service-account signing key.
+//! API server and hami-scheduler, and the service-account signing key.
+//! (Clients authenticate with a token; see cluster.rs.)
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -20,7 +20,6 @@ pub struct Pki {
     pub ca: Pem,
     pub apiserver: Pem,
     pub scheduler: Pem,
-    pub admin: Pem,
     /// Service-account signing key (private) and its public half.
     pub sa_key: String,
     pub sa_pub: String,
@@ -86,19 +85,11 @@ impl Pki {
             ],
         )?)?;
         let scheduler = sign(serving("hami-scheduler", &["localhost"])?)?;
-        let mut admin = params("admin", Some("system:masters"));
-        admin.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        admin.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let admin = sign(admin)?;
         let sa = KeyPair::generate()?;
         Ok(Pki {
             ca,
             apiserver,
             scheduler,
-            admin,
             sa_key: sa.serialize_pem(),
             sa_pub: sa.public_key_pem(),
         })

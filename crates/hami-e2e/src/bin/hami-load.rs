@@ -32,6 +32,7 @@ struct Opts {
     policy: String,
     timeout: Duration,
     plugin: bool,
+    baseline: bool,
 }
 
 fn parse() -> Result<Opts, String> {
@@ -43,6 +44,7 @@ fn parse() -> Result<Opts, String> {
         policy: "binpack".into(),
         timeout: Duration::from_secs(1800),
         plugin: true,
+        baseline: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -54,6 +56,7 @@ fn parse() -> Result<Opts, String> {
             "--pods" => o.pods = v()?.parse().map_err(|e| format!("--pods: {e}"))?,
             "--node-policy" => o.policy = v()?,
             "--no-plugin" => o.plugin = false,
+            "--baseline" => o.baseline = true,
             "--timeout-secs" => {
                 o.timeout =
                     Duration::from_secs(v()?.parse().map_err(|e| format!("--timeout-secs: {e}"))?)
@@ -68,14 +71,18 @@ fn parse() -> Result<Opts, String> {
 }
 
 /// Plays the device plugin's Allocate for every bound pod of `namespace`.
-async fn device_plugin(client: kube::Client, namespace: String) {
+async fn device_plugin(
+    client: kube::Client,
+    namespace: String,
+    latencies: std::sync::Arc<std::sync::Mutex<Vec<f64>>>,
+) {
     let api: Api<Pod> = Api::namespaced(client.clone(), &namespace);
     let stream = watcher::watcher(api.clone(), watcher::Config::default());
     let mut stream = std::pin::pin!(stream);
     let mut done: HashSet<String> = HashSet::new();
-    // A kubelet admits pods one at a time per node; a few in flight in all
-    // keeps this test peer from drowning the API server.
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(8));
+    // Every node has its own plugin, so allocations on different nodes run
+    // side by side; the cap only bounds this one process's open requests.
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
     while let Some(ev) = stream.next().await {
         let Ok(Event::Apply(p) | Event::InitApply(p)) = ev else {
             continue;
@@ -95,6 +102,8 @@ async fn device_plugin(client: kube::Client, namespace: String) {
         }
         let (client, api, ns) = (client.clone(), api.clone(), namespace.clone());
         let slots = slots.clone();
+        let latencies = latencies.clone();
+        let seen = Instant::now();
         tokio::spawn(async move {
             let Ok(_slot) = slots.acquire().await else {
                 return;
@@ -117,7 +126,79 @@ async fn device_plugin(client: kube::Client, namespace: String) {
                     Err(_) => tokio::time::sleep(Duration::from_millis(200 << attempt)).await,
                 }
             }
+            latencies
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(seen.elapsed().as_secs_f64());
         });
+    }
+}
+
+/// Prints what the API server was asked, per verb and resource, from its
+/// `apiserver_request_total` counter: where the load of a run went.
+async fn api_server_requests(client: &kube::Client, pods: usize) {
+    let req = http::Request::get("/metrics")
+        .body(Vec::new())
+        .expect("a valid request");
+    let Ok(text) = client.request_text(req).await else {
+        eprintln!("kube-apiserver /metrics not readable; no request breakdown");
+        return;
+    };
+    let mut counts: std::collections::BTreeMap<String, f64> = Default::default();
+    let mut seconds: std::collections::BTreeMap<String, f64> = Default::default();
+    for line in text.lines() {
+        let (rest, into_seconds) = if let Some(r) = line.strip_prefix("apiserver_request_total{") {
+            (r, false)
+        } else if let Some(r) = line.strip_prefix("apiserver_request_duration_seconds_sum{") {
+            (r, true)
+        } else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let label = |k: &str| {
+            labels
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(&format!("{k}=\"")))
+                .map(|v| v.trim_end_matches('"').to_string())
+                .unwrap_or_default()
+        };
+        if label("verb") == "WATCH" {
+            continue;
+        }
+        let sub = label("subresource");
+        let resource = format!(
+            "{} {}{}{}",
+            label("verb"),
+            label("resource"),
+            if sub.is_empty() { "" } else { "/" },
+            sub,
+        );
+        let v = value.trim().parse::<f64>().unwrap_or(0.0);
+        if into_seconds {
+            *seconds.entry(resource).or_default() += v;
+        } else {
+            *counts
+                .entry(format!("{resource} {}", label("code")))
+                .or_default() += v;
+        }
+    }
+    let mut v: Vec<_> = counts.into_iter().collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    eprintln!("API requests since start (per pod = / {pods}; mean latency over all codes):");
+    for (k, n) in v.iter().take(15) {
+        let resource = k.rsplit_once(' ').map_or(k.as_str(), |(r, _)| r);
+        let total: f64 = v
+            .iter()
+            .filter(|(k2, _)| k2.rsplit_once(' ').is_some_and(|(r, _)| r == resource))
+            .map(|(_, n)| n)
+            .sum();
+        let mean_ms = seconds.get(resource).copied().unwrap_or(0.0) / total.max(1.0) * 1000.0;
+        eprintln!(
+            "  {n:>9.0}  {:>6.2}/pod  {mean_ms:>7.1} ms  {k}",
+            n / pods as f64
+        );
     }
 }
 
@@ -193,9 +274,14 @@ async fn main() {
 
     let api: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
     let watch_api = api.clone();
-    let plugin_task = o
-        .plugin
-        .then(|| tokio::spawn(device_plugin(ns.client.clone(), ns.name.clone())));
+    let allocate_latency = std::sync::Arc::new(std::sync::Mutex::new(Vec::<f64>::new()));
+    let plugin_task = o.plugin.then(|| {
+        tokio::spawn(device_plugin(
+            ns.client.clone(),
+            ns.name.clone(),
+            allocate_latency.clone(),
+        ))
+    });
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
     let running_lag = std::sync::Arc::new(std::sync::Mutex::new(Vec::<f64>::new()));
     let lag = running_lag.clone();
@@ -228,13 +314,18 @@ async fn main() {
     });
     let start = Instant::now();
     let policy = o.policy.clone();
+    let baseline = o.baseline;
     let creates = futures::stream::iter(0..o.pods)
         .map(|i| {
-            let pod = ns.gpu_pod(
-                &format!("p{i:05}"),
-                json!({"nvidia.com/gpu": "1", "nvidia.com/gpumem": "4000", "nvidia.com/gpucores": "5"}),
-                json!({"hami.io/node-scheduler-policy": policy}),
-            );
+            let pod = if baseline {
+                ns.gpu_pod(&format!("p{i:05}"), json!({"cpu": "100m"}), json!({}))
+            } else {
+                ns.gpu_pod(
+                    &format!("p{i:05}"),
+                    json!({"nvidia.com/gpu": "1", "nvidia.com/gpumem": "4000", "nvidia.com/gpucores": "5"}),
+                    json!({"hami.io/node-scheduler-policy": policy}),
+                )
+            };
             ns.create_pod(pod)
         })
         .buffer_unordered(32)
@@ -268,15 +359,18 @@ async fn main() {
     if let Some(t) = plugin_task {
         t.abort();
     }
-    {
-        let mut l = running_lag
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+    for (what, samples) in [
+        ("bound -> Running (kwok)", &running_lag),
+        (
+            "allocating seen -> lock released (plugin)",
+            &allocate_latency,
+        ),
+    ] {
+        let mut l = samples.lock().unwrap_or_else(|e| e.into_inner()).clone();
         l.sort_by(f64::total_cmp);
         if !l.is_empty() {
             eprintln!(
-                "bound -> Running (kwok): p50 {:.0} ms, p99 {:.0} ms over {} pods",
+                "{what}: p50 {:.0} ms, p99 {:.0} ms over {} pods",
                 l[l.len() / 2] * 1000.0,
                 l[(l.len() * 99 / 100).min(l.len() - 1)] * 1000.0,
                 l.len()
@@ -284,6 +378,7 @@ async fn main() {
         }
     }
     let secs = last.duration_since(start).as_secs_f64();
+    api_server_requests(&ns.client, o.pods).await;
     let metrics = cluster.scheduler_get("/metrics").await.unwrap_or_default();
     let f = buckets(&metrics, "hami_scheduler_filter_duration_seconds");
     let b = buckets(&metrics, "hami_scheduler_bind_duration_seconds");
