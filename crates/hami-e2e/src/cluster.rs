@@ -39,6 +39,27 @@ pub struct Cluster {
     _others: Mutex<Vec<Child>>,
 }
 
+/// An extra hami-scheduler process, killed when dropped.
+pub struct Replica {
+    pub port: u16,
+    child: Mutex<Option<Child>>,
+}
+
+impl Replica {
+    /// Kills it with SIGKILL.
+    pub fn kill(&self) {
+        if let Some(mut c) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            procs::kill(&mut c);
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
 
 /// Where the control-plane binaries are, or why there are none.
@@ -478,6 +499,59 @@ impl Cluster {
         let child = start(&self.dir, &name, &self.scheduler_bin, &cmd_args)?;
         *self.scheduler.lock().unwrap_or_else(|e| e.into_inner()) = Some(child);
         Ok(())
+    }
+
+    /// Starts another hami-scheduler against the same API server, on its
+    /// own port, with the main one's flags with `extra` (e.g. its own
+    /// `--leader-elect-identity`) appended. kube-scheduler and the webhook
+    /// keep pointing at the main one; tests talk to a replica directly.
+    pub async fn start_replica(&self, name: &str, extra: &[&str]) -> anyhow::Result<Replica> {
+        let port = free_port()?;
+        // A flag given in `extra` replaces the main one's (clap refuses a
+        // flag given twice).
+        let flag_of = |a: &str| {
+            a.split_once('=')
+                .map_or(a.to_string(), |(f, _)| f.to_string())
+        };
+        let replaced: Vec<String> = extra.iter().map(|a| flag_of(a)).collect();
+        let mut args: Vec<String> = self
+            .scheduler_args
+            .iter()
+            .filter(|a| {
+                !a.is_empty()
+                    && !a.starts_with("--bind-address=")
+                    && !replaced.contains(&flag_of(a))
+            })
+            .cloned()
+            .collect();
+        args.push(format!("--bind-address=127.0.0.1:{port}"));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = start(&self.dir, name, &self.scheduler_bin, &args)?;
+        let replica = Replica {
+            port,
+            child: Mutex::new(Some(child)),
+        };
+        wait_https(
+            &self.kubeconfig,
+            &format!("https://127.0.0.1:{port}"),
+            "/readyz",
+            false,
+            name,
+            Duration::from_secs(60),
+        )
+        .await?;
+        Ok(replica)
+    }
+
+    /// A client for a replica's HTTPS endpoint (extender, metrics).
+    pub async fn replica_client(&self, replica: &Replica) -> kube::Client {
+        https_client(
+            &self.kubeconfig,
+            &format!("https://127.0.0.1:{}", replica.port),
+            false,
+        )
+        .await
+        .expect("replica client")
     }
 
     /// Kills hami-scheduler with SIGKILL (a crash, not a clean stop).

@@ -74,6 +74,7 @@ fn parse() -> Result<Opts, String> {
 async fn device_plugin(
     client: kube::Client,
     namespace: String,
+    nodes: usize,
     latencies: std::sync::Arc<std::sync::Mutex<Vec<f64>>>,
 ) {
     let api: Api<Pod> = Api::namespaced(client.clone(), &namespace);
@@ -81,8 +82,9 @@ async fn device_plugin(
     let mut stream = std::pin::pin!(stream);
     let mut done: HashSet<String> = HashSet::new();
     // Every node has its own plugin, so allocations on different nodes run
-    // side by side; the cap only bounds this one process's open requests.
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
+    // side by side: one slot per node. (A cap of 64 made this stand-in the
+    // bottleneck once node writes took ~1 s under load.)
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(nodes.max(1)));
     while let Some(ev) = stream.next().await {
         let Ok(Event::Apply(p) | Event::InitApply(p)) = ev else {
             continue;
@@ -279,6 +281,7 @@ async fn main() {
         tokio::spawn(device_plugin(
             ns.client.clone(),
             ns.name.clone(),
+            o.nodes,
             allocate_latency.clone(),
         ))
     });
