@@ -222,6 +222,13 @@ impl TestNs {
             .and_then(|a: &BTreeMap<String, String>| a.get(key))
             .cloned()
     }
+
+    /// The pod's `vgpu-devices-allocated`, decoded (panics if malformed).
+    pub fn allocation(pod: &Pod) -> hami_api::allocation::PodDevices {
+        let v = TestNs::annotation(pod, ann::NVIDIA_DEVICES_ALLOCATED).unwrap_or_default();
+        hami_api::allocation::PodDevices::decode(ann::NVIDIA_DEVICES_ALLOCATED, &v)
+            .expect("a valid allocation annotation")
+    }
 }
 
 impl Drop for TestNs {

@@ -763,18 +763,24 @@ mod tests {
         assert_eq!(free_mem(&c, "n1"), 1600);
     }
 
+    /// Healthy nodes n1 (bind lock `lock`) and n2.
+    fn two_nodes_first_locked(engine: &Engine, c: &mut Cluster, lock: &str, now: Timestamp) {
+        let mut n1 = node("n1", "Reported x", "20");
+        n1.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(ann::NODE_LOCK.into(), lock.into());
+        c.upsert_node(engine, n1, now);
+        c.upsert_node(engine, node("n2", "Reported x", "20"), now);
+    }
+
     #[test]
     fn nodes_with_a_long_held_lock_are_offered_last() {
         let engine = Engine::default();
         let mut c = Cluster::default();
         let now = t("2026-01-01T00:10:00Z");
-        let mut n1 = node("n1", "Reported x", "20");
-        n1.metadata.annotations.as_mut().unwrap().insert(
-            ann::NODE_LOCK.into(),
-            "2026-01-01T00:09:00Z,ns,holder".into(),
-        );
-        c.upsert_node(&engine, n1, now);
-        c.upsert_node(&engine, node("n2", "Reported x", "20"), now);
+        two_nodes_first_locked(&engine, &mut c, "2026-01-01T00:09:00Z,ns,holder", now);
         // The holder is bound to n1 and waits for its device plugin.
         let mut holder = pod("holder", "uh", "100");
         let devices = PodDevices::decode("x", "GPU-n1-0,NVIDIA,100,0:;").unwrap();
@@ -832,13 +838,7 @@ mod tests {
         // Both nodes empty: spread would take n1 (first among equals), but
         // n1 was locked a second ago by a pod whose bind the watch has not
         // shown yet.
-        let mut n1 = node("n1", "Reported x", "20");
-        n1.metadata.annotations.as_mut().unwrap().insert(
-            ann::NODE_LOCK.into(),
-            "2026-01-01T00:09:59Z,ns,inflight".into(),
-        );
-        c.upsert_node(&engine, n1, now);
-        c.upsert_node(&engine, node("n2", "Reported x", "20"), now);
+        two_nodes_first_locked(&engine, &mut c, "2026-01-01T00:09:59Z,ns,inflight", now);
         let cands = names(&["n1", "n2"]);
         let busy_after = SignedDuration::from_secs(5);
         let mut p = pod("p", "u", "100");

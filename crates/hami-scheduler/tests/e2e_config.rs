@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use hami_api::allocation::PodDevices;
-use hami_api::annotations as ann;
-use hami_e2e::GpuNode;
+use hami_e2e::{GpuNode, TestNs};
 
 /// The whole `hami-scheduler-device` ConfigMap, as an operator mounts it.
 const DEVICE_CONFIG: &str = "\
@@ -62,14 +60,7 @@ async fn device_config_defaults_reach_the_webhook_and_the_allocation() {
         p.spec.as_ref().unwrap().node_name.as_deref(),
         Some(node.as_str())
     );
-    let annotations = p.metadata.annotations.clone().unwrap_or_default();
-    let devices = PodDevices::decode(
-        "NVIDIA",
-        annotations
-            .get(ann::NVIDIA_DEVICES_ALLOCATED)
-            .map_or("", String::as_str),
-    )
-    .expect("allocation annotation");
+    let devices = TestNs::allocation(&p);
     let got: Vec<(u64, u32)> = devices.devices().map(|d| (d.mem, d.cores)).collect();
     assert_eq!(got, vec![(3000, 30), (3000, 30)], "{devices:?}");
 
@@ -78,14 +69,7 @@ async fn device_config_defaults_reach_the_webhook_and_the_allocation() {
         .await
         .expect("created");
     let q = ns.wait_bound("q", Duration::from_secs(60)).await;
-    let annotations = q.metadata.annotations.clone().unwrap_or_default();
-    let devices = PodDevices::decode(
-        "NVIDIA",
-        annotations
-            .get(ann::NVIDIA_DEVICES_ALLOCATED)
-            .map_or("", String::as_str),
-    )
-    .expect("allocation annotation");
+    let devices = TestNs::allocation(&q);
     let got: Vec<(u64, u32)> = devices.devices().map(|d| (d.mem, d.cores)).collect();
     assert_eq!(got.len(), 1, "{devices:?}");
     assert_eq!(got[0].0, 3000, "{devices:?}");

@@ -10,8 +10,6 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use serde_json::{Value, json};
 
-use hami_api::allocation::PodDevices;
-use hami_api::annotations as ann;
 use hami_e2e::{Cluster, GpuNode, Replica, TestNs, wait_for};
 
 const LEASE_NAMESPACE: &str = "kube-system";
@@ -69,16 +67,7 @@ fn binding_args(pod: &Pod, node: &str) -> Value {
 }
 
 fn mem_of(pod: &Pod) -> u64 {
-    let a = pod.metadata.annotations.clone().unwrap_or_default();
-    let v = a
-        .get(ann::NVIDIA_DEVICES_ALLOCATED)
-        .cloned()
-        .unwrap_or_default();
-    PodDevices::decode("NVIDIA", &v)
-        .expect("allocation annotation")
-        .devices()
-        .map(|d| d.mem)
-        .sum()
+    TestNs::allocation(pod).devices().map(|d| d.mem).sum()
 }
 
 #[tokio::test]

@@ -11,7 +11,6 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
-use hami_api::PodDevices;
 use hami_api::annotations as ann;
 use hami_e2e::{GpuNode, TestNs, wait_for};
 
@@ -26,9 +25,7 @@ fn node_of(pod: &Pod) -> String {
 
 /// UUIDs per container from the allocated annotation.
 fn uuids(pod: &Pod) -> Vec<Vec<String>> {
-    let v = TestNs::annotation(pod, ann::NVIDIA_DEVICES_ALLOCATED).unwrap_or_default();
-    PodDevices::decode(ann::NVIDIA_DEVICES_ALLOCATED, &v)
-        .expect("a valid allocation")
+    TestNs::allocation(pod)
         .0
         .into_iter()
         .map(|c| c.into_iter().map(|d| d.uuid).collect())

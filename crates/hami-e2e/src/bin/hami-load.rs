@@ -12,6 +12,8 @@
 //! `bind-phase=allocating` it writes `bind-phase=success` and releases the
 //! node lock, as a device plugin's Allocate does. `--no-plugin` leaves that
 //! out; the lock is then freed only when kwok reports the pod Running.
+//! `--baseline` creates plain pods (no GPU resources) that the default
+//! scheduler places without hami: the control plane's own ceiling.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -62,7 +64,7 @@ fn parse() -> Result<Opts, String> {
                     Duration::from_secs(v()?.parse().map_err(|e| format!("--timeout-secs: {e}"))?)
             }
             "-h" | "--help" => {
-                return Err("usage: hami-load [--scheduler PATH] [--nodes N] [--gpus G] [--pods P] [--node-policy binpack|spread] [--timeout-secs S] [--no-plugin]".into());
+                return Err("usage: hami-load [--scheduler PATH] [--nodes N] [--gpus G] [--pods P] [--node-policy binpack|spread] [--timeout-secs S] [--no-plugin] [--baseline]".into());
             }
             other => return Err(format!("unknown argument {other}")),
         }
