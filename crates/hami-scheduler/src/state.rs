@@ -158,15 +158,18 @@ impl Cluster {
 
     pub fn delete_node(&mut self, name: &str) {
         self.node_inventory.delete(name);
-        self.nodes.remove(name);
-        self.snapshot.remove_node(name);
+        self.forget_node(name);
     }
 
     pub fn nodes_synced(&mut self) {
         for name in self.node_inventory.synced() {
-            self.nodes.remove(&name);
-            self.snapshot.remove_node(&name);
+            self.forget_node(&name);
         }
+    }
+
+    fn forget_node(&mut self, name: &str) {
+        self.nodes.remove(name);
+        self.snapshot.remove_node(name);
     }
 
     /// Re-judges every node's handshake at `now` (staleness is a matter of
@@ -251,17 +254,19 @@ impl Cluster {
 
     pub fn delete_pod(&mut self, key: &str) {
         self.pod_inventory.delete(key);
-        self.pods.remove(key);
-        self.reservations.remove(key);
-        self.snapshot.remove_pod(key);
+        self.forget_pod(key);
     }
 
     pub fn pods_synced(&mut self) {
         for key in self.pod_inventory.synced() {
-            self.pods.remove(&key);
-            self.reservations.remove(&key);
-            self.snapshot.remove_pod(&key);
+            self.forget_pod(&key);
         }
+    }
+
+    fn forget_pod(&mut self, key: &str) {
+        self.pods.remove(key);
+        self.reservations.remove(key);
+        self.snapshot.remove_pod(key);
     }
 
     // ---- decisions

@@ -260,47 +260,21 @@ async fn lease_election_has_one_leader_and_fails_over_after_expiry() {
     };
     let clock_a = Arc::new(ManualClock::new(jiff::Timestamp::now()));
     let clock_b = Arc::new(ManualClock::new(jiff::Timestamp::now()));
-    assert_eq!(
-        try_lead(&ns.client, &cfg("a"), clock_a.as_ref())
-            .await
-            .unwrap(),
-        Term::Leading
-    );
-    assert_eq!(
-        try_lead(&ns.client, &cfg("b"), clock_b.as_ref())
-            .await
-            .unwrap(),
-        Term::Following
-    );
+    let term = |id: &'static str, clock: &Arc<ManualClock>| {
+        let (client, cfg, clock) = (ns.client.clone(), cfg(id), clock.clone());
+        async move { try_lead(&client, &cfg, clock.as_ref()).await.unwrap() }
+    };
+    assert_eq!(term("a", &clock_a).await, Term::Leading);
+    assert_eq!(term("b", &clock_b).await, Term::Following);
     // a renews; b still follows.
     clock_a.advance(SignedDuration::from_secs(5));
     clock_b.advance(SignedDuration::from_secs(5));
-    assert_eq!(
-        try_lead(&ns.client, &cfg("a"), clock_a.as_ref())
-            .await
-            .unwrap(),
-        Term::Leading
-    );
-    assert_eq!(
-        try_lead(&ns.client, &cfg("b"), clock_b.as_ref())
-            .await
-            .unwrap(),
-        Term::Following
-    );
+    assert_eq!(term("a", &clock_a).await, Term::Leading);
+    assert_eq!(term("b", &clock_b).await, Term::Following);
     // a stops renewing; after a whole term b takes over, and a follows.
     clock_b.advance(SignedDuration::from_secs(11));
-    assert_eq!(
-        try_lead(&ns.client, &cfg("b"), clock_b.as_ref())
-            .await
-            .unwrap(),
-        Term::Leading
-    );
-    assert_eq!(
-        try_lead(&ns.client, &cfg("a"), clock_a.as_ref())
-            .await
-            .unwrap(),
-        Term::Following
-    );
+    assert_eq!(term("b", &clock_b).await, Term::Leading);
+    assert_eq!(term("a", &clock_a).await, Term::Following);
     let lease =
         Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(ns.client.clone(), &ns.name)
             .get("hami-scheduler")
