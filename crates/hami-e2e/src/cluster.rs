@@ -137,14 +137,39 @@ pub fn cluster_with(scheduler_bin: &str, extra_args: &[&str]) -> Option<&'static
     }
 }
 
+/// A port that is free now and stays out of the kernel's way: ports below
+/// the ephemeral range (32768+ on Linux) are never handed to outgoing
+/// connections, so a component's own client traffic cannot take the port
+/// between this check and the component's bind (seen once in CI as
+/// "Address already in use"). Ports are never handed out twice.
 fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let mut seed = [0u8; 2];
+    urandom(&mut seed)?;
+    let start = u16::from_le_bytes(seed);
+    for i in 0..12_000u16 {
+        let port = 20_000 + start.wrapping_add(i) % 12_000;
+        if given.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return Ok(port);
+        }
+    }
+    bail!("no free port in 20000-31999")
+}
+
+fn urandom(buf: &mut [u8]) -> anyhow::Result<()> {
+    fs::File::open("/dev/urandom")?.read_exact(buf)?;
+    Ok(())
 }
 
 /// `bytes` random bytes as hex, from the kernel.
 fn random_hex(bytes: usize) -> anyhow::Result<String> {
     let mut buf = vec![0u8; bytes];
-    fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    urandom(&mut buf)?;
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
