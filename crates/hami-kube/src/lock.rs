@@ -215,14 +215,18 @@ async fn read_lock(nodes: &Api<Node>, node: &str, fresh: bool) -> Result<CachedL
     } else {
         kube::api::GetParams::any()
     };
-    let n = nodes
+    let found = nodes
         .get_metadata_opt_with(node, &params)
         .await
-        .map_err(|e| Error::api(format!("get node {node}"), e))?
-        .ok_or_else(|| Error::NodeNotFound {
+        .map_err(|e| Error::api(format!("get node {node}"), e))?;
+    match found {
+        Some(n) => Ok(CachedLock::of_meta(&n.metadata)),
+        // The watch cache may not have seen a node created a moment ago.
+        None if !fresh => Box::pin(read_lock(nodes, node, true)).await,
+        None => Err(Error::NodeNotFound {
             node: node.to_string(),
-        })?;
-    Ok(CachedLock::of_meta(&n.metadata))
+        }),
+    }
 }
 
 /// Takes the bind lock of `node` for pod `namespace/pod`, reading the node
