@@ -79,7 +79,9 @@ pub struct Header {
 /// Per visible device (192 bytes).
 #[repr(C)]
 pub struct DeviceEntry {
-    /// NUL-padded UUID text (`GPU-...`), informational.
+    /// NUL-padded UUID text (`GPU-...`) of the card at this index of the
+    /// container's device list; the interposer counts a process's usage
+    /// here when its CUDA device has this UUID (see [`SharedRegion::claim_device`]).
     pub uuid: [AtomicU8; 96],
     /// Bytes; meaningful when the flags say it is set; 0 = no limit.
     pub memory_limit: AtomicU64,
@@ -92,7 +94,11 @@ pub struct DeviceEntry {
     pub retired_busy_ns: AtomicU64,
     /// Virtual clock of the compute pacer, CLOCK_MONOTONIC ns.
     pub pacing_clock_ns: AtomicU64,
-    pub reserved: [AtomicU64; 7],
+    /// [`uuid_key`] of the device's UUID, 0 = none: claimed with one
+    /// compare-and-swap, so two processes never give one index to two
+    /// cards (the text in `uuid` is written after the claim).
+    pub uuid_key: AtomicU64,
+    pub reserved: [AtomicU64; 6],
 }
 
 /// Per process (448 bytes).
@@ -160,10 +166,26 @@ const _: () = {
     assert!(REGION_SIZE == 3200 + 1024 * 448 + 16 * 6152);
 };
 
+/// Mode of a region file this process creates: the container's group may
+/// join (processes of other uids in the container), the world may not.
+pub const REGION_FILE_MODE: libc::mode_t = 0o660;
+
+/// How long an opener waits for another process's half-created region file
+/// to be initialised before refusing it.
+const CREATOR_WAIT_NS: u64 = 1_000_000_000;
+
 /// Why a region could not be used.
 #[derive(Debug)]
 pub enum RegionError {
     Io(io::Error),
+    /// The path is a symbolic link (refused: someone may have planted it to
+    /// make us write elsewhere).
+    Symlink,
+    /// The path is not a regular file.
+    NotRegular,
+    /// The file exists but its creator never initialised it (it is not
+    /// ours to initialise).
+    Uninitialised,
     /// The file holds upstream HAMi-core's layout (see [`crate::upstream`]).
     Upstream,
     /// Another magic, version or size.
@@ -178,6 +200,15 @@ impl std::fmt::Display for RegionError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RegionError::Io(e) => write!(f, "shared region: {e}"),
+            RegionError::Symlink => write!(
+                f,
+                "shared region: the path is a symbolic link; refused (remove it, or point CUDA_DEVICE_MEMORY_SHARED_CACHE at the real file)"
+            ),
+            RegionError::NotRegular => write!(f, "shared region: not a regular file; refused"),
+            RegionError::Uninitialised => write!(
+                f,
+                "shared region: the file exists but was never initialised by its creator; refused (not ours to initialise)"
+            ),
             RegionError::Upstream => {
                 write!(
                     f,
@@ -251,70 +282,113 @@ impl std::ops::Deref for SharedRegion {
 }
 
 impl SharedRegion {
-    /// Opens (creating if needed) and initialises the region file at `path`.
-    /// Safe to call from hundreds of processes at once: initialisation only
-    /// writes constants, and publishes the magic last.
+    /// Opens the region file at `path`, creating and initialising it if it
+    /// does not exist. Safe to call from hundreds of processes at once: one
+    /// creates the file (`O_EXCL`), mode 0660 (never world-writable), and
+    /// initialises it; the others wait briefly for it to be initialised.
+    ///
+    /// A file this call did not create is never initialised, truncated or
+    /// chmodded: a symlink at `path` is refused ([`RegionError::Symlink`]),
+    /// so is anything but a regular file, a file with another header, and a
+    /// file that stays uninitialised ([`RegionError::Uninitialised`]).
     pub fn open(path: &Path) -> Result<SharedRegion, RegionError> {
-        Self::open_with(path, libc::O_CREAT)
+        Self::open_with(path, true)
     }
 
-    /// Opens an existing region without creating one (the node monitor,
-    /// which must not create files in a container's directory).
+    /// Opens an existing, initialised region without creating one (the node
+    /// monitor, which must not create files in a container's directory).
+    /// Same refusals as [`SharedRegion::open`].
     pub fn open_existing(path: &Path) -> Result<SharedRegion, RegionError> {
-        Self::open_with(path, 0)
+        Self::open_with(path, false)
     }
 
-    fn open_with(path: &Path, create: libc::c_int) -> Result<SharedRegion, RegionError> {
+    fn open_with(path: &Path, create: bool) -> Result<SharedRegion, RegionError> {
         use std::os::unix::ffi::OsStrExt;
         let mut cpath = path.as_os_str().as_bytes().to_vec();
         cpath.push(0);
-        // SAFETY: NUL-terminated path; plain syscalls.
-        let fd = unsafe {
-            libc::open(
-                cpath.as_ptr().cast(),
-                libc::O_RDWR | create | libc::O_CLOEXEC,
-                0o666 as libc::c_uint,
-            )
+        let open = |flags: libc::c_int| {
+            // SAFETY: NUL-terminated path; a plain syscall.
+            let fd = unsafe {
+                libc::open(
+                    cpath.as_ptr().cast(),
+                    flags | libc::O_RDWR | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                    REGION_FILE_MODE as libc::c_uint,
+                )
+            };
+            if fd >= 0 {
+                return Ok(fd);
+            }
+            let e = io::Error::last_os_error();
+            Err(match e.raw_os_error() {
+                Some(libc::ELOOP) => RegionError::Symlink,
+                _ => RegionError::Io(e),
+            })
         };
-        if fd < 0 {
-            return Err(io::Error::last_os_error().into());
-        }
-        let result = Self::map_fd(fd);
+        let (fd, created) = if create {
+            match open(libc::O_CREAT | libc::O_EXCL) {
+                Ok(fd) => (fd, true),
+                Err(RegionError::Io(e)) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    (open(0)?, false)
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            (open(0)?, false)
+        };
+        let result = Self::map_fd(fd, created);
         // SAFETY: fd is ours; the mapping keeps the file alive.
         unsafe { libc::close(fd) };
         result
     }
 
-    fn map_fd(fd: libc::c_int) -> Result<SharedRegion, RegionError> {
-        // SAFETY: fstat into a zeroed struct.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: valid fd and pointer.
-        if unsafe { libc::fstat(fd, &mut st) } != 0 {
-            return Err(io::Error::last_os_error().into());
+    fn map_fd(fd: libc::c_int, created: bool) -> Result<SharedRegion, RegionError> {
+        let stat = || {
+            // SAFETY: fstat into a zeroed struct.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: valid fd and pointer.
+            if unsafe { libc::fstat(fd, &mut st) } != 0 {
+                return Err(RegionError::Io(io::Error::last_os_error()));
+            }
+            Ok(st)
+        };
+        let st = stat()?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(RegionError::NotRegular);
         }
-        let size = st.st_size as u64;
-        if size == 0 {
-            // Make the file group/world writable so processes of other uids in
-            // the container can join; best effort.
-            // SAFETY: plain syscalls on our fd.
-            unsafe { libc::fchmod(fd, 0o666) };
-            // SAFETY: as above. Racing processes truncate to the same size.
+        if created {
+            // Ours: group members of the container may join, the world may
+            // not (the umask may have taken the group bits away).
+            // SAFETY: plain syscalls on our own fd.
+            unsafe { libc::fchmod(fd, REGION_FILE_MODE) };
+            // SAFETY: as above.
             if unsafe { libc::ftruncate(fd, REGION_SIZE as libc::off_t) } != 0 {
                 return Err(io::Error::last_os_error().into());
             }
-        } else if size != REGION_SIZE as u64 {
-            let mut head = [0u8; 8];
-            // SAFETY: reading 8 bytes into a stack buffer.
-            let n = unsafe { libc::pread(fd, head.as_mut_ptr().cast(), 8, 0) };
-            let word = i32::from_le_bytes([head[0], head[1], head[2], head[3]]);
-            if n == 8 && word == crate::upstream::MAGIC {
-                return Err(RegionError::Upstream);
+        } else {
+            // Someone else's: a creator racing us may not have sized it yet.
+            let mut size = st.st_size as u64;
+            let deadline = monotonic_ns() + CREATOR_WAIT_NS;
+            while size == 0 && monotonic_ns() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                size = stat()?.st_size as u64;
             }
-            return Err(RegionError::Incompatible {
-                magic: u64::from_le_bytes(head),
-                version: 0,
-                size,
-            });
+            if size == 0 {
+                return Err(RegionError::Uninitialised);
+            }
+            if size != REGION_SIZE as u64 {
+                let mut head = [0u8; 8];
+                // SAFETY: reading 8 bytes into a stack buffer.
+                let n = unsafe { libc::pread(fd, head.as_mut_ptr().cast(), 8, 0) };
+                let word = i32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+                if n == 8 && word == crate::upstream::MAGIC {
+                    return Err(RegionError::Upstream);
+                }
+                return Err(RegionError::Incompatible {
+                    magic: u64::from_le_bytes(head),
+                    version: 0,
+                    size,
+                });
+            }
         }
         // SAFETY: mapping a file of at least REGION_SIZE bytes.
         let ptr = unsafe {
@@ -331,8 +405,25 @@ impl SharedRegion {
             return Err(io::Error::last_os_error().into());
         }
         let region = SharedRegion { ptr: ptr.cast() };
-        region.initialise()?;
+        if created {
+            region.initialise()?;
+        } else {
+            region.await_initialised()?;
+        }
         Ok(region)
+    }
+
+    /// Waits (briefly) for the creator of the file to publish the magic;
+    /// never writes.
+    fn await_initialised(&self) -> Result<(), RegionError> {
+        let deadline = monotonic_ns() + CREATOR_WAIT_NS;
+        while self.header.magic.load(Acquire) == 0 {
+            if monotonic_ns() >= deadline {
+                return Err(RegionError::Uninitialised);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        self.check_header()
     }
 
     /// A region in anonymous shared memory: private to this process and the
@@ -357,10 +448,11 @@ impl SharedRegion {
         Ok(region)
     }
 
+    /// Initialises a region this process created (a fresh file or
+    /// anonymous memory): writes the constants, publishes the magic last.
     fn initialise(&self) -> Result<(), RegionError> {
         let h = &self.header;
         if h.magic.load(Acquire) == 0 {
-            // Every initialiser writes the same constants, so racing ones agree.
             h.version.store(VERSION, Relaxed);
             h.size.store(REGION_SIZE as u32, Relaxed);
             let _ = h
@@ -368,6 +460,11 @@ impl SharedRegion {
                 .compare_exchange(0, monotonic_ns(), Relaxed, Relaxed);
             let _ = h.magic.compare_exchange(0, MAGIC, Release, Relaxed);
         }
+        self.check_header()
+    }
+
+    fn check_header(&self) -> Result<(), RegionError> {
+        let h = &self.header;
         let (magic, version, size) = (
             h.magic.load(Acquire),
             h.version.load(Relaxed),
@@ -668,35 +765,72 @@ impl SharedRegion {
         }
     }
 
-    /// Records a device UUID (truncated to 95 bytes).
+    /// Records a device UUID (truncated to 95 bytes) at index `dev` of the
+    /// container's device list (the node agent, which knows the list).
     pub fn set_uuid(&self, dev: usize, uuid: &str) {
         if let Some(d) = self.devices.get(dev) {
-            let b = uuid.as_bytes();
-            for (i, cell) in d.uuid.iter().enumerate() {
-                cell.store(
-                    if i < 95 {
-                        b.get(i).copied().unwrap_or(0)
-                    } else {
-                        0
-                    },
-                    Relaxed,
-                );
+            d.uuid_key.store(uuid_key(uuid), SeqCst);
+            Self::write_uuid_text(d, uuid);
+        }
+    }
+
+    fn write_uuid_text(d: &DeviceEntry, uuid: &str) {
+        let b = uuid.as_bytes();
+        for (i, cell) in d.uuid.iter().enumerate() {
+            cell.store(
+                if i < 95 {
+                    b.get(i).copied().unwrap_or(0)
+                } else {
+                    0
+                },
+                Relaxed,
+            );
+        }
+    }
+
+    /// The index of the container's device list that holds `uuid`.
+    pub fn find_device(&self, uuid: &str) -> Option<usize> {
+        let k = uuid_key(uuid);
+        self.devices.iter().position(|d| {
+            let key = d.uuid_key.load(SeqCst);
+            key == k || (key == 0 && d.uuid[0].load(Relaxed) != 0 && uuid_key(&text_of(d)) == k)
+        })
+    }
+
+    /// The index for `uuid`: where it already is, else the first free index
+    /// (`preferred` first), claimed with one compare-and-swap so racing
+    /// processes never put two cards at one index. `None` when all
+    /// [`MAX_DEVICES`] indices hold other cards.
+    pub fn claim_device(&self, uuid: &str, preferred: Option<usize>) -> Option<usize> {
+        if let Some(i) = self.find_device(uuid) {
+            return Some(i);
+        }
+        let k = uuid_key(uuid);
+        let order = preferred
+            .filter(|&p| p < MAX_DEVICES)
+            .into_iter()
+            .chain(0..MAX_DEVICES);
+        for i in order {
+            let d = &self.devices[i];
+            if d.uuid[0].load(Relaxed) != 0 && d.uuid_key.load(SeqCst) == 0 {
+                // Text written by an older writer without a key: taken.
+                continue;
+            }
+            match d.uuid_key.compare_exchange(0, k, SeqCst, SeqCst) {
+                Ok(_) => {
+                    Self::write_uuid_text(d, uuid);
+                    return Some(i);
+                }
+                Err(other) if other == k => return Some(i),
+                Err(_) => {}
             }
         }
+        None
     }
 
     /// The UUID recorded for `dev`, empty if none.
     pub fn uuid(&self, dev: usize) -> String {
-        let Some(d) = self.devices.get(dev) else {
-            return String::new();
-        };
-        let bytes: Vec<u8> = d
-            .uuid
-            .iter()
-            .map(|c| c.load(Relaxed))
-            .take_while(|&b| b != 0)
-            .collect();
-        String::from_utf8_lossy(&bytes).into_owned()
+        self.devices.get(dev).map(text_of).unwrap_or_default()
     }
 
     /// Whether low-priority processes are told to hold their launches.
@@ -744,6 +878,43 @@ impl SharedRegion {
             })
             .collect()
     }
+}
+
+fn text_of(d: &DeviceEntry) -> String {
+    let bytes: Vec<u8> = d
+        .uuid
+        .iter()
+        .map(|c| c.load(Relaxed))
+        .take_while(|&b| b != 0)
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// The key a device UUID is matched by: FNV-1a of its hex digits, lower
+/// case, after any `GPU-`/`MIG-` prefix (so `GPU-ABCD...` from one tool and
+/// `GPU-abcd...` from another match); of the whole text when it has no hex
+/// digits. Never 0.
+pub fn uuid_key(uuid: &str) -> u64 {
+    let t = uuid.trim();
+    let body = t
+        .strip_prefix("GPU-")
+        .or_else(|| t.strip_prefix("MIG-"))
+        .unwrap_or(t);
+    let hex: Vec<u8> = body
+        .bytes()
+        .filter(u8::is_ascii_hexdigit)
+        .map(|b| b.to_ascii_lowercase())
+        .collect();
+    let bytes = if hex.is_empty() {
+        t.as_bytes()
+    } else {
+        &hex[..]
+    };
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    h.max(1)
 }
 
 /// CLOCK_MONOTONIC in nanoseconds (shared by all processes of a host).
@@ -996,6 +1167,134 @@ mod tests {
             Err(RegionError::Upstream)
         ));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("hami-shm-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_symlink_at_the_region_path_is_refused() {
+        let dir = scratch("symlink");
+        let target = dir.join("elsewhere");
+        std::fs::write(&target, b"precious").unwrap();
+        let link = dir.join("r.cache");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        for r in [
+            SharedRegion::open(&link),
+            SharedRegion::open_existing(&link),
+        ] {
+            let e = r.err().expect("a symlink must be refused");
+            assert!(matches!(e, RegionError::Symlink), "{e}");
+            assert!(e.to_string().contains("symbolic link"), "{e}");
+        }
+        assert_eq!(std::fs::read(&target).unwrap(), b"precious");
+        // A dangling link too (it would otherwise create the target).
+        let dangling = dir.join("d.cache");
+        std::os::unix::fs::symlink(dir.join("nowhere"), &dangling).unwrap();
+        assert!(matches!(
+            SharedRegion::open(&dangling),
+            Err(RegionError::Symlink)
+        ));
+        assert!(!dir.join("nowhere").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_created_region_is_not_world_writable() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("mode");
+        let path = dir.join("r.cache");
+        let _r = SharedRegion::open(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & 0o007, 0, "mode {mode:o} lets the world in");
+        assert_eq!(mode, REGION_FILE_MODE, "mode {mode:o}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_foreign_uninitialised_file_is_refused_not_initialised() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("foreign");
+        // The right size but no header, and an empty file: neither is ours
+        // to initialise, truncate or chmod.
+        for (name, content) in [
+            ("sized.cache", vec![0u8; REGION_SIZE]),
+            ("empty.cache", vec![]),
+        ] {
+            let path = dir.join(name);
+            std::fs::write(&path, &content).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o604)).unwrap();
+            for r in [
+                SharedRegion::open(&path),
+                SharedRegion::open_existing(&path),
+            ] {
+                let e = r
+                    .err()
+                    .expect("an uninitialised foreign file must be refused");
+                assert!(matches!(e, RegionError::Uninitialised), "{name}: {e}");
+            }
+            assert!(
+                std::fs::read(&path).unwrap() == content,
+                "{name} was written"
+            );
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o604, "{name} was chmodded");
+        }
+        // A bad header is refused as incompatible, and left alone.
+        let path = dir.join("bad.cache");
+        let mut bad = vec![0u8; REGION_SIZE];
+        bad[..8].copy_from_slice(b"NOTOURS!");
+        std::fs::write(&path, &bad).unwrap();
+        assert!(matches!(
+            SharedRegion::open(&path),
+            Err(RegionError::Incompatible { .. })
+        ));
+        assert!(std::fs::read(&path).unwrap() == bad);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn devices_are_claimed_by_uuid_once() {
+        let r = SharedRegion::anonymous().unwrap();
+        let a = "GPU-aaaaaaaa-0000-0000-0000-000000000000";
+        let b = "GPU-bbbbbbbb-0000-0000-0000-000000000000";
+        assert_eq!(r.find_device(a), None);
+        assert_eq!(r.claim_device(b, Some(1)), Some(1));
+        assert_eq!(r.claim_device(a, Some(1)), Some(0), "1 is taken by b");
+        assert_eq!(
+            r.claim_device(&b.to_uppercase().replace("GPU-", "GPU-"), None),
+            Some(1)
+        );
+        assert_eq!(r.find_device(a), Some(0));
+        assert_eq!(r.uuid(1), b);
+        // The node agent's table wins; its text is matched too.
+        r.set_uuid(5, "GPU-cccccccc-0000-0000-0000-000000000000");
+        assert_eq!(
+            r.find_device("GPU-CCCCCCCC-0000-0000-0000-000000000000"),
+            Some(5)
+        );
+        // Racing claimers of different cards never share an index.
+        let r = Arc::new(SharedRegion::anonymous().unwrap());
+        let got: Vec<usize> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|i| {
+                    let r = &r;
+                    s.spawn(move || {
+                        r.claim_device(&format!("GPU-{i:08x}-0000-0000-0000-000000000000"), Some(0))
+                            .unwrap()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut sorted = got.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 8, "{got:?}");
     }
 
     #[test]
