@@ -24,6 +24,18 @@ pub const BIND_PHASE: &str = "hami.io/bind-phase";
 /// Pod: unix seconds when the bind started.
 pub const BIND_TIME: &str = "hami.io/bind-time";
 
+/// Pod annotations only the scheduler and the device plugin may write: the
+/// webhook removes them from pods being created, so a user cannot make a pod
+/// count as holding cards it was never given (or hide what it holds).
+pub const SCHEDULER_WRITTEN: [&str; 6] = [
+    VGPU_NODE,
+    VGPU_TIME,
+    NVIDIA_DEVICES_TO_ALLOCATE,
+    NVIDIA_DEVICES_ALLOCATED,
+    BIND_PHASE,
+    BIND_TIME,
+];
+
 /// Pod: node-level policy override (`binpack` | `spread`).
 pub const NODE_SCHEDULER_POLICY: &str = "hami.io/node-scheduler-policy";
 /// Pod: GPU-level policy override (`binpack` | `spread` | `topology-aware` | `mutex`, `,numa`).

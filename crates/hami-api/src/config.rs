@@ -83,6 +83,10 @@ pub struct NvidiaConfig {
     pub disable_core_limit: bool,
     /// runtimeClassName set on GPU pods by the webhook, when not empty.
     pub runtime_class_name: String,
+    /// The webhook gives every container without a GPU request
+    /// `NVIDIA_VISIBLE_DEVICES=none`, so an image that sets it cannot reach
+    /// the node's cards through the NVIDIA runtime.
+    pub overwrite_env: bool,
     /// MIG geometries per card model, kept as written.
     pub known_mig_geometries: Option<serde_json::Value>,
 }
@@ -107,6 +111,7 @@ impl Default for NvidiaConfig {
             mig_strategy: "none".into(),
             disable_core_limit: false,
             runtime_class_name: String::new(),
+            overwrite_env: false,
             known_mig_geometries: None,
         }
     }
@@ -288,7 +293,7 @@ mod tests {
 
     #[test]
     fn nvidia_section_and_aliases() {
-        let y = "nvidia:\n  resourceCountName: nvidia.com/vgpu\n  deviceSplitCount: 4\n  deviceMemoryScaling: 1.5\n  defaultMem: 2000\n  defaultGPUNum: 2\n  gpuCorePolicy: force\n  disablecorelimit: true\n";
+        let y = "nvidia:\n  resourceCountName: nvidia.com/vgpu\n  deviceSplitCount: 4\n  deviceMemoryScaling: 1.5\n  defaultMem: 2000\n  defaultGPUNum: 2\n  gpuCorePolicy: force\n  disablecorelimit: true\n  overwriteEnv: true\n";
         let (c, w) = DeviceConfig::from_yaml("f", y).unwrap();
         assert!(w.is_empty(), "{w:?}");
         assert_eq!(c.nvidia.resource_count_name, "nvidia.com/vgpu");
@@ -298,6 +303,7 @@ mod tests {
         assert_eq!(c.nvidia.default_gpu_num, 2);
         assert_eq!(c.nvidia.gpu_core_policy, GpuCorePolicy::Force);
         assert!(c.nvidia.disable_core_limit);
+        assert!(c.nvidia.overwrite_env);
         assert_eq!(c.nvidia.resource_memory_name, "nvidia.com/gpumem");
     }
 

@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 use crate::config::NvidiaConfig;
 use crate::quantity::Quantity;
 
+/// The largest `nvidia.com/priority` the interposer can read (`i32::MAX`).
+pub const MAX_PRIORITY: u64 = i32::MAX as u64;
+
 /// One container's request for devices of one vendor.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ContainerRequest {
@@ -24,7 +27,8 @@ pub struct ContainerRequest {
     pub mem_percentage: Option<u32>,
     /// Percent of each card's compute, 0-100 (100 = exclusive).
     pub cores: u32,
-    /// Task priority, 0 high, 1 low; `None` when not given.
+    /// Task priority as given: 0 is high, any other value low (see
+    /// docs/annotations.md); `None` when not given.
     pub priority: Option<u32>,
 }
 
@@ -122,14 +126,15 @@ pub fn nvidia_container_request(
             "must be 0-100",
         ));
     }
+    // HAMi passes any integer on; the interposer reads it as an i32.
     let priority = get(&config.resource_priority_name)?;
     if let Some(p) = priority
-        && p > 1
+        && p > MAX_PRIORITY
     {
         return Err(err(
             &config.resource_priority_name,
             p,
-            "must be 0 (high) or 1 (low)",
+            "must be at most 2147483647 (0 is the highest priority)",
         ));
     }
     let mem = get(&config.resource_memory_name)?;
@@ -313,6 +318,16 @@ mod tests {
     }
 
     #[test]
+    fn any_priority_the_interposer_can_read_is_taken() {
+        for p in [0u32, 1, 5, i32::MAX as u32] {
+            let r = parse(&[("nvidia.com/gpu", "1"), ("nvidia.com/priority", &p.to_string())])
+                .unwrap()
+                .unwrap();
+            assert_eq!(r.priority, Some(p));
+        }
+    }
+
+    #[test]
     fn cores_above_100_are_clamped() {
         let r = parse(&[("nvidia.com/gpu", "1"), ("nvidia.com/gpucores", "150")])
             .unwrap()
@@ -335,8 +350,12 @@ mod tests {
         assert_eq!(e.rule, "must be a whole number");
         let e = parse(&[("nvidia.com/gpu", "-1")]).unwrap_err();
         assert_eq!(e.rule, "must not be negative");
-        let e = parse(&[("nvidia.com/gpu", "1"), ("nvidia.com/priority", "2")]).unwrap_err();
-        assert!(e.rule.contains("0 (high) or 1 (low)"));
+        let e = parse(&[("nvidia.com/gpu", "1"), ("nvidia.com/priority", "2147483648")])
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "container \"main\": nvidia.com/priority=2147483648: must be at most 2147483647 (0 is the highest priority)"
+        );
         let e = parse(&[("nvidia.com/gpu", "lots")]).unwrap_err();
         assert_eq!(e.resource, "nvidia.com/gpu");
     }

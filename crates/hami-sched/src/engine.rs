@@ -13,6 +13,7 @@ use hami_api::policy::NodePolicy;
 use hami_api::request::init_container_count;
 use hami_api::{ContainerRequest, DecodeError, NvidiaConfig, RequestError};
 
+use crate::admission::{self, AdmissionOptions};
 use crate::constraints::{PodConstraints, Policies};
 use crate::reason::{Reason, Rejection};
 use crate::score::node_score;
@@ -94,19 +95,29 @@ pub enum Mode {
     Fast,
 }
 
-/// The scheduling engine: a vendor backend plus the default policies.
+/// The scheduling engine: a vendor backend, the default policies and the
+/// webhook's scheduler-level settings.
 #[derive(Debug, Clone, Default)]
 pub struct Engine {
     pub nvidia: Nvidia,
     pub policies: Policies,
+    pub admission: AdmissionOptions,
 }
 
 impl Engine {
+    /// An engine with HAMi's default admission settings.
     pub fn new(config: NvidiaConfig, policies: Policies) -> Engine {
         Engine {
             nvidia: Nvidia::new(config),
             policies,
+            admission: AdmissionOptions::default(),
         }
+    }
+
+    /// The same engine with other admission settings.
+    pub fn with_admission(mut self, admission: AdmissionOptions) -> Engine {
+        self.admission = admission;
+        self
     }
 
     /// Parses a pod. `Ok(None)` when it asks for no managed device.
@@ -125,11 +136,12 @@ impl Engine {
         }))
     }
 
-    /// The admission webhook's rules for this pod (mutates it in place).
-    /// GPU pods of the default scheduler go to `scheduler_name` (HAMi's
-    /// is [`hami_api::annotations::SCHEDULER_NAME`]).
+    /// The admission webhook's rules for a pod being created (mutates it
+    /// in place), under [`Engine::admission`]. GPU pods of the default
+    /// scheduler go to `scheduler_name` (HAMi's is
+    /// [`hami_api::annotations::SCHEDULER_NAME`]).
     pub fn admit(&self, pod: &mut Pod, scheduler_name: &str) -> Admission {
-        self.nvidia.admit(pod, scheduler_name)
+        admission::admit(&self.nvidia, &self.admission, pod, scheduler_name)
     }
 
     /// Registers a Kubernetes Node's devices in the snapshot. Returns

@@ -8,6 +8,7 @@
 //! not seeded by its caller: every decision is a pure, deterministic
 //! function of a snapshot and a pod.
 
+pub mod admission;
 pub mod constraints;
 pub mod engine;
 pub mod reason;
@@ -16,6 +17,7 @@ pub mod sim;
 pub mod snapshot;
 pub mod vendor;
 
+pub use admission::{AdmissionOptions, ProtectedEnvMode};
 pub use constraints::{PodConstraints, Policies};
 pub use engine::{Decision, Engine, Mode, PodError, PodRequest, PodScratch, pod_key};
 pub use reason::{Reason, Rejection};

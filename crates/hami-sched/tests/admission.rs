@@ -5,24 +5,46 @@ mod common;
 
 use common::*;
 use hami_api::NvidiaConfig;
-use hami_api::annotations::SCHEDULER_NAME;
+use hami_api::annotations::{self as ann, SCHEDULER_NAME};
 use hami_api::config::GpuCorePolicy;
-use hami_sched::vendor::nvidia;
-use hami_sched::{Admission, Policies};
-use k8s_openapi::api::core::v1::{Container, EnvVar, Pod};
+use hami_sched::{Admission, AdmissionOptions, Engine, Policies, ProtectedEnvMode};
+use k8s_openapi::api::core::v1::{
+    Container, EnvVar, EnvVarSource, EphemeralContainer, ObjectFieldSelector, Pod,
+    SecurityContext,
+};
 
 fn admit(pod: &mut Pod) -> Admission {
     engine().admit(pod, SCHEDULER_NAME)
 }
 
 fn admit_with(config: NvidiaConfig, pod: &mut Pod) -> Admission {
-    // Both entry points apply the same rules.
-    let mut copy = pod.clone();
-    let a = nvidia::admit(&config, &mut copy, SCHEDULER_NAME);
-    let b = engine_with(config, Policies::default()).admit(pod, SCHEDULER_NAME);
-    assert_eq!(a, b);
-    assert_eq!(&copy, pod);
-    b
+    engine_with(config, Policies::default()).admit(pod, SCHEDULER_NAME)
+}
+
+fn admit_opts(options: AdmissionOptions, pod: &mut Pod) -> Admission {
+    Engine::default()
+        .with_admission(options)
+        .admit(pod, SCHEDULER_NAME)
+}
+
+fn denied(a: Admission) -> String {
+    match a {
+        Admission::Denied(why) => why,
+        other => panic!("admitted: {other:?}"),
+    }
+}
+
+fn with_env(mut p: Pod, i: usize, vars: &[(&str, &str)]) -> Pod {
+    p.spec.as_mut().unwrap().containers[i].env = Some(
+        vars.iter()
+            .map(|(k, v)| EnvVar {
+                name: k.to_string(),
+                value: Some(v.to_string()),
+                value_from: None,
+            })
+            .collect(),
+    );
+    p
 }
 
 fn ctr(p: &Pod, i: usize) -> &Container {
@@ -115,8 +137,6 @@ fn other_schedulers_and_plain_pods_are_untouched() {
     let before = p.clone();
     assert_eq!(admit(&mut p), Admission::Untouched);
     assert_eq!(p, before);
-    let mut bare = Pod::default();
-    assert_eq!(admit(&mut bare), Admission::Untouched);
 }
 
 #[test]
@@ -141,12 +161,17 @@ fn priority_becomes_cuda_task_priority() {
     let vars = ctr(&p, 0).env.as_ref().unwrap();
     assert_eq!(vars.len(), 1);
     assert_eq!(vars[0].value.as_deref(), Some("0"));
-    // Out of range is denied with the rule.
-    let mut p = gpu_pod("p", &[(GPU, "1"), (PRIO, "5")]);
-    let Admission::Denied(why) = admit(&mut p) else {
-        panic!("priority 5 admitted")
-    };
-    assert!(why.contains("nvidia.com/priority=5"), "{why}");
+    // Beyond what the interposer can read is denied with the rule.
+    let mut p = gpu_pod("p", &[(GPU, "1"), (PRIO, "4294967296")]);
+    let why = denied(admit(&mut p));
+    assert!(why.contains("nvidia.com/priority=4294967296"), "{why}");
+}
+
+#[test]
+fn any_priority_value_is_passed_on_as_hami_does() {
+    let mut p = gpu_pod("p", &[(GPU, "1"), (MEM, "10"), (PRIO, "5")]);
+    assert_eq!(admit(&mut p), Admission::Mutated);
+    assert_eq!(env(ctr(&p, 0), "CUDA_TASK_PRIORITY").as_deref(), Some("5"));
 }
 
 #[test]
@@ -368,4 +393,225 @@ fn admission_is_idempotent() {
     let once = p.clone();
     assert_eq!(admit(&mut p), Admission::Mutated);
     assert_eq!(p, once);
+}
+
+#[test]
+fn a_privileged_container_anywhere_denies_a_gpu_pod() {
+    let privileged = Some(SecurityContext {
+        privileged: Some(true),
+        ..Default::default()
+    });
+    // A privileged sidecar without GPUs next to a GPU container.
+    let mut p = pod("p")
+        .ctr(&[(GPU, "1"), (MEM, "10")])
+        .ctr(&[("cpu", "1")])
+        .privileged()
+        .build();
+    let why = denied(admit(&mut p));
+    assert!(why.contains("\"c1\" is privileged"), "{why}");
+    assert!(why.contains("nvidia.com/gpu"), "{why}");
+    // A privileged init container.
+    let mut p = pod("p")
+        .init(&[("cpu", "1")])
+        .ctr(&[(GPU, "1"), (MEM, "10")])
+        .build();
+    p.spec.as_mut().unwrap().init_containers.as_mut().unwrap()[0].security_context =
+        privileged.clone();
+    assert!(denied(admit(&mut p)).contains("\"init0\" is privileged"));
+    // A privileged ephemeral container.
+    let mut p = gpu_pod("p", &[(GPU, "1"), (MEM, "10")]);
+    p.spec.as_mut().unwrap().ephemeral_containers = Some(vec![EphemeralContainer {
+        name: "debug".into(),
+        security_context: privileged,
+        ..Default::default()
+    }]);
+    assert!(denied(admit(&mut p)).contains("\"debug\" is privileged"));
+}
+
+#[test]
+fn a_pod_without_containers_is_denied() {
+    for mut p in [Pod::default(), pod("p").build()] {
+        let why = denied(admit(&mut p));
+        assert!(why.contains("no containers"), "{why}");
+    }
+}
+
+#[test]
+fn overwrite_env_hides_the_gpus_from_containers_without_a_request() {
+    let config = NvidiaConfig {
+        overwrite_env: true,
+        ..Default::default()
+    };
+    let mut p = pod("p")
+        .init(&[("cpu", "1")])
+        .ctr(&[(GPU, "1"), (MEM, "10")])
+        .ctr(&[("cpu", "1")])
+        .build();
+    p = with_env(p, 1, &[("NVIDIA_VISIBLE_DEVICES", "all")]);
+    assert_eq!(admit_with(config.clone(), &mut p), Admission::Mutated);
+    let init = &p.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
+    assert_eq!(env(init, "NVIDIA_VISIBLE_DEVICES").as_deref(), Some("none"));
+    assert_eq!(env(ctr(&p, 0), "NVIDIA_VISIBLE_DEVICES"), None);
+    assert_eq!(
+        env(ctr(&p, 1), "NVIDIA_VISIBLE_DEVICES").as_deref(),
+        Some("none")
+    );
+    // A pod without any GPU request is changed too; off by default.
+    let mut p = pod("p").ctr(&[("cpu", "1")]).build();
+    assert_eq!(admit_with(config, &mut p), Admission::Mutated);
+    assert_eq!(
+        env(ctr(&p, 0), "NVIDIA_VISIBLE_DEVICES").as_deref(),
+        Some("none")
+    );
+    let mut p = pod("p").ctr(&[("cpu", "1")]).build();
+    assert_eq!(admit(&mut p), Admission::Untouched);
+}
+
+#[test]
+fn without_force_overwrite_default_scheduler_pods_keep_the_default() {
+    let keep = AdmissionOptions {
+        force_overwrite_default_scheduler: false,
+        ..Default::default()
+    };
+    for name in [None, Some("default-scheduler")] {
+        let mut b = pod("p").ctr(&[(GPU, "1"), (MEM, "10")]);
+        if let Some(n) = name {
+            b = b.scheduler(n);
+        }
+        let mut p = b.build();
+        let before = p.clone();
+        assert_eq!(admit_opts(keep.clone(), &mut p), Admission::Untouched);
+        assert_eq!(p, before, "{name:?}");
+    }
+    // Pods naming ours are still admitted.
+    let mut p = pod("p")
+        .ctr(&[(GPU, "1"), (MEM, "10")])
+        .scheduler(SCHEDULER_NAME)
+        .build();
+    assert_eq!(admit_opts(keep, &mut p), Admission::Mutated);
+}
+
+#[test]
+fn scheduler_written_annotations_are_removed_from_every_pod() {
+    let forged = |b: common::PodB| {
+        b.bound("n1", "GPU-a,NVIDIA,1000,10:;")
+            .ann(ann::VGPU_TIME, "1")
+            .ann(ann::BIND_PHASE, "success")
+            .ann(ann::BIND_TIME, "1")
+            .ann("keep.me/too", "yes")
+            .build()
+    };
+    let pods = [
+        forged(pod("gpu").ctr(&[(GPU, "1"), (MEM, "10")])),
+        forged(pod("cpu").ctr(&[("cpu", "1")])),
+        forged(pod("other").ctr(&[(GPU, "1")]).scheduler("volcano")),
+    ];
+    for mut p in pods {
+        assert_eq!(admit(&mut p), Admission::Mutated, "{:?}", p.metadata.name);
+        let left: Vec<&String> = p.metadata.annotations.as_ref().unwrap().keys().collect();
+        assert_eq!(left, ["keep.me/too"], "{:?}", p.metadata.name);
+    }
+}
+
+#[test]
+fn gpu_containers_may_not_switch_the_interposer_off() {
+    for var in [
+        "CUDA_DISABLE_CONTROL",
+        "HAMI_LIMITS_FILE",
+        "CUDA_DEVICE_MEMORY_SHARED_CACHE",
+        "HAMI_REAL_LIBCUDA",
+        "HAMI_REAL_LIBNVML",
+        "CUDA_OVERSUBSCRIBE",
+        "GPU_CORE_UTILIZATION_POLICY",
+        "CUDA_DEVICE_MEMORY_LIMIT",
+        "CUDA_DEVICE_MEMORY_LIMIT_3",
+        "CUDA_DEVICE_SM_LIMIT",
+        "CUDA_DEVICE_SM_LIMIT_0",
+    ] {
+        let mut p = with_env(gpu_pod("p", &[(GPU, "1"), (MEM, "10")]), 0, &[(var, "1")]);
+        let why = denied(admit(&mut p));
+        assert!(why.contains(&format!("container \"c0\" sets {var}")), "{why}");
+    }
+    // Through valueFrom the name is what counts.
+    let mut p = gpu_pod("p", &[(GPU, "1"), (MEM, "10")]);
+    p.spec.as_mut().unwrap().containers[0].env = Some(vec![EnvVar {
+        name: "CUDA_DISABLE_CONTROL".into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "metadata.name".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }]);
+    assert!(denied(admit(&mut p)).contains("CUDA_DISABLE_CONTROL"));
+    // Containers without GPUs, and other variables, are left alone.
+    let mut p = pod("p")
+        .ctr(&[(GPU, "1"), (MEM, "10")])
+        .ctr(&[("cpu", "1")])
+        .build();
+    p = with_env(p, 1, &[("CUDA_DISABLE_CONTROL", "true")]);
+    p = with_env(p, 0, &[("CUDA_VISIBLE_DEVICES", "0")]);
+    assert_eq!(admit(&mut p), Admission::Mutated);
+}
+
+#[test]
+fn protected_env_can_be_removed_or_allowed_per_namespace() {
+    let vars = [
+        ("CUDA_DEVICE_SM_LIMIT", "100"),
+        ("KEEP", "1"),
+        ("CUDA_DISABLE_CONTROL", "true"),
+    ];
+    let remove = AdmissionOptions {
+        protected_env_mode: ProtectedEnvMode::Remove,
+        ..Default::default()
+    };
+    let mut p = with_env(gpu_pod("p", &[(GPU, "1"), (MEM, "10")]), 0, &vars);
+    assert_eq!(admit_opts(remove, &mut p), Admission::Mutated);
+    let names: Vec<&str> = ctr(&p, 0)
+        .env
+        .iter()
+        .flatten()
+        .map(|e| e.name.as_str())
+        .collect();
+    assert_eq!(names, ["KEEP"]);
+    let allowed = AdmissionOptions {
+        protected_env_namespaces: vec!["gpu-debug".into()],
+        ..Default::default()
+    };
+    let mut p = with_env(
+        pod("p").ns("gpu-debug").ctr(&[(GPU, "1"), (MEM, "10")]).build(),
+        0,
+        &vars,
+    );
+    assert_eq!(admit_opts(allowed.clone(), &mut p), Admission::Mutated);
+    assert_eq!(ctr(&p, 0).env.as_ref().unwrap().len(), 3);
+    let mut p = with_env(gpu_pod("p", &[(GPU, "1"), (MEM, "10")]), 0, &vars);
+    assert!(denied(admit_opts(allowed, &mut p)).contains("namespace \"default\""));
+}
+
+#[test]
+fn the_core_policy_the_webhook_writes_is_not_the_users() {
+    let config = NvidiaConfig {
+        gpu_core_policy: GpuCorePolicy::Force,
+        ..Default::default()
+    };
+    let mut p = gpu_pod("p", &[(GPU, "1"), (MEM, "10")]);
+    assert_eq!(admit_with(config.clone(), &mut p), Admission::Mutated);
+    // Admitting again (a re-invoked webhook) keeps it.
+    assert_eq!(admit_with(config.clone(), &mut p), Admission::Mutated);
+    // Another value is the user's.
+    let mut p = with_env(
+        gpu_pod("p", &[(GPU, "1"), (MEM, "10")]),
+        0,
+        &[("GPU_CORE_UTILIZATION_POLICY", "disable")],
+    );
+    // The webhook's own value replaces it before the check: the pod keeps
+    // the configured policy.
+    assert_eq!(admit_with(config, &mut p), Admission::Mutated);
+    assert_eq!(
+        env(ctr(&p, 0), "GPU_CORE_UTILIZATION_POLICY").as_deref(),
+        Some("force")
+    );
 }

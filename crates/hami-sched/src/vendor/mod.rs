@@ -5,10 +5,11 @@
 
 pub mod nvidia;
 
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec};
 
 use hami_api::{ContainerRequest, DecodeError, RequestError};
 
+use crate::admission::ContainerAdmission;
 use crate::constraints::PodConstraints;
 use crate::reason::Rejection;
 use crate::snapshot::{NodeDevices, NodeState, Usage};
@@ -79,6 +80,18 @@ pub trait Vendor: Send + Sync {
         constraints: &PodConstraints,
     ) -> Option<Result<(), Rejection>>;
 
-    /// Applies the admission defaults and denials to a pod being created.
-    fn admit(&self, pod: &mut Pod, scheduler_name: &str) -> Admission;
+    /// The resource that asks for a number of devices, for messages.
+    fn count_resource(&self) -> &str;
+
+    /// Applies the vendor's admission defaults to one container (init or
+    /// app) of a pod being created; `Err` denies the pod with a message
+    /// naming the container, resource, value and rule.
+    fn admit_container(&self, container: &mut Container) -> Result<ContainerAdmission, String>;
+
+    /// Pod-level defaults for an admitted pod that asks for devices.
+    fn admit_gpu_pod(&self, spec: &mut PodSpec);
+
+    /// Environment the webhook itself writes into every GPU container,
+    /// whatever the pod (exempt from the protected-environment rule).
+    fn admission_env(&self) -> Vec<(&'static str, String)>;
 }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Container, EnvVar, Node, Pod};
+use k8s_openapi::api::core::v1::{Container, EnvVar, Node, Pod, PodSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity as K8sQuantity;
 
 use hami_api::annotations as ann;
@@ -18,7 +18,8 @@ use hami_api::request::{
 use hami_api::topology::{decode_pair_scores, pair_score};
 use hami_api::{ContainerRequest, DecodeError, NVIDIA, RequestError};
 
-use super::{Admission, FitScratch, Vendor};
+use super::{FitScratch, Vendor};
+use crate::admission::ContainerAdmission;
 use crate::constraints::PodConstraints;
 use crate::reason::{Reason, Rejection};
 use crate::score::gpu_score;
@@ -188,8 +189,31 @@ impl Vendor for Nvidia {
         Some(Err(rejection))
     }
 
-    fn admit(&self, pod: &mut Pod, scheduler_name: &str) -> Admission {
-        admit(&self.config, pod, scheduler_name)
+    fn count_resource(&self) -> &str {
+        &self.config.resource_count_name
+    }
+
+    fn admit_container(&self, container: &mut Container) -> Result<ContainerAdmission, String> {
+        let before = container.clone();
+        let managed = admit_container(&self.config, container)?;
+        if !managed && self.config.overwrite_env {
+            set_env(container, "NVIDIA_VISIBLE_DEVICES", "none".into());
+        }
+        Ok(ContainerAdmission {
+            managed,
+            changed: *container != before,
+        })
+    }
+
+    fn admit_gpu_pod(&self, spec: &mut PodSpec) {
+        // A runtime class the user chose is kept, as upstream does.
+        if !self.config.runtime_class_name.is_empty() && spec.runtime_class_name.is_none() {
+            spec.runtime_class_name = Some(self.config.runtime_class_name.clone());
+        }
+    }
+
+    fn admission_env(&self) -> Vec<(&'static str, String)> {
+        core_policy_env(&self.config).into_iter().collect()
     }
 }
 
@@ -378,47 +402,31 @@ fn best_linked_set(
     (score, chosen.into_iter().map(|x| candidates[x]).collect())
 }
 
-/// The webhook's NVIDIA rules (spec section 5), applied to a pod in place.
-pub fn admit(config: &NvidiaConfig, pod: &mut Pod, scheduler_name: &str) -> Admission {
-    let Some(spec) = pod.spec.as_mut() else {
-        return Admission::Untouched;
-    };
-    // An empty name means the default scheduler, as the API server treats it.
-    if let Some(name) = spec.scheduler_name.as_deref()
-        && !name.is_empty()
-        && name != "default-scheduler"
-        && name != scheduler_name
-    {
-        return Admission::Untouched;
-    }
-    let mut managed = false;
-    let containers = spec
-        .init_containers
-        .iter_mut()
-        .flatten()
-        .chain(spec.containers.iter_mut());
-    for container in containers {
-        match admit_container(config, container) {
-            Ok(true) => managed = true,
-            Ok(false) => {}
-            Err(message) => return Admission::Denied(message),
+/// `GPU_CORE_UTILIZATION_POLICY` as the webhook sets it, when the
+/// configured policy is not the default.
+fn core_policy_env(config: &NvidiaConfig) -> Option<(&'static str, String)> {
+    (config.gpu_core_policy != GpuCorePolicy::Default).then(|| {
+        (
+            "GPU_CORE_UTILIZATION_POLICY",
+            config.gpu_core_policy.as_str().to_string(),
+        )
+    })
+}
+
+/// Sets one variable, replacing the container's own value (no duplicates).
+fn set_env(c: &mut Container, name: &str, value: String) {
+    let vars = c.env.get_or_insert_with(Vec::new);
+    match vars.iter_mut().find(|e| e.name == name) {
+        Some(e) => {
+            e.value = Some(value);
+            e.value_from = None;
         }
+        None => vars.push(EnvVar {
+            name: name.to_string(),
+            value: Some(value),
+            value_from: None,
+        }),
     }
-    if !managed {
-        return Admission::Untouched;
-    }
-    if let Some(node) = spec.node_name.as_deref().filter(|n| !n.is_empty()) {
-        return Admission::Denied(format!(
-            "pod sets spec.nodeName={node:?} and asks for {}: pods with GPU resources must be placed by {}, remove spec.nodeName",
-            config.resource_count_name, scheduler_name
-        ));
-    }
-    spec.scheduler_name = Some(scheduler_name.to_string());
-    // A runtime class the user chose is kept, as upstream does.
-    if !config.runtime_class_name.is_empty() && spec.runtime_class_name.is_none() {
-        spec.runtime_class_name = Some(config.runtime_class_name.clone());
-    }
-    Admission::Mutated
 }
 
 /// Returns whether the container asks for NVIDIA resources; `Err` denies the pod.
@@ -428,17 +436,6 @@ fn admit_container(config: &NvidiaConfig, c: &mut Container) -> Result<bool, Str
     };
     if !has_nvidia_resources(config, res) {
         return Ok(false);
-    }
-    let privileged = c
-        .security_context
-        .as_ref()
-        .and_then(|s| s.privileged)
-        .unwrap_or(false);
-    if privileged {
-        return Err(format!(
-            "container {:?} is privileged and asks for {}: a privileged container sees every GPU of the node, so its limits cannot be enforced; drop privileged or the GPU resources",
-            c.name, config.resource_count_name
-        ));
     }
     let has = |name: &str| resource_value(res, name).is_some();
     let has_count = has(&config.resource_count_name);
@@ -481,29 +478,11 @@ fn admit_container(config: &NvidiaConfig, c: &mut Container) -> Result<bool, Str
         // nothing for us to schedule, as upstream decides.
         return Ok(false);
     };
-    let mut env = Vec::new();
     if let Some(p) = request.priority {
-        env.push(("CUDA_TASK_PRIORITY", p.to_string()));
+        set_env(c, "CUDA_TASK_PRIORITY", p.to_string());
     }
-    if config.gpu_core_policy != GpuCorePolicy::Default {
-        env.push((
-            "GPU_CORE_UTILIZATION_POLICY",
-            config.gpu_core_policy.as_str().to_string(),
-        ));
-    }
-    for (name, value) in env {
-        let vars = c.env.get_or_insert_with(Vec::new);
-        match vars.iter_mut().find(|e| e.name == name) {
-            Some(e) => {
-                e.value = Some(value);
-                e.value_from = None;
-            }
-            None => vars.push(EnvVar {
-                name: name.to_string(),
-                value: Some(value),
-                value_from: None,
-            }),
-        }
+    if let Some((name, value)) = core_policy_env(config) {
+        set_env(c, name, value);
     }
     Ok(true)
 }
