@@ -165,12 +165,15 @@ impl Engine {
         }
     }
 
-    /// What a Kubernetes Pod holds, if anything: pods with a node and an
-    /// allocation that are not Succeeded or Failed (pending, bound-but-not-
-    /// running and terminating pods still hold their capacity). A bind the
-    /// scheduler gave up on (`hami.io/bind-phase=failed`) holds nothing
-    /// unless the pod runs anyway: then its devices are in use, whatever
-    /// the annotation says.
+    /// What a Kubernetes Pod holds, if anything: pods bound to the node
+    /// their allocation names (`spec.nodeName` equal to `hami.io/vgpu-node`)
+    /// that are not Succeeded or Failed (pending, bound-but-not-running and
+    /// terminating pods still hold their capacity). Annotations alone are
+    /// pod data anyone may write, so a pod that is not bound there holds
+    /// nothing; the shell counts its own decisions until their binds land.
+    /// A bind the scheduler gave up on (`hami.io/bind-phase=failed`) holds
+    /// nothing unless the pod runs anyway: then its devices are in use,
+    /// whatever the annotation says.
     pub fn pod_record(&self, pod: &Pod) -> Result<Option<PodRecord>, DecodeError> {
         let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
         if matches!(phase, Some("Succeeded" | "Failed")) {
@@ -189,6 +192,10 @@ impl Engine {
         ) else {
             return Ok(None);
         };
+        let bound_to = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+        if bound_to != Some(node.as_str()) {
+            return Ok(None);
+        }
         let devices = PodDevices::decode(ann::NVIDIA_DEVICES_ALLOCATED, allocated)?;
         if devices.is_empty() {
             return Ok(None);

@@ -494,7 +494,7 @@ fn without_force_overwrite_default_scheduler_pods_keep_the_default() {
 #[test]
 fn scheduler_written_annotations_are_removed_from_every_pod() {
     let forged = |b: common::PodB| {
-        b.bound("n1", "GPU-a,NVIDIA,1000,10:;")
+        b.annotated("n1", "GPU-a,NVIDIA,1000,10:;")
             .ann(ann::VGPU_TIME, "1")
             .ann(ann::BIND_PHASE, "success")
             .ann(ann::BIND_TIME, "1")

@@ -151,6 +151,23 @@ fn which_pods_hold_capacity() {
         .ann(ann::BIND_PHASE, "allocating")
         .build();
     assert!(e.pod_record(&p).unwrap().is_some());
+    // The annotations alone hold nothing: a pending pod that is not bound
+    // (forged annotations, or a bind that has not landed), or a pod bound
+    // to another node than its allocation names.
+    let forged = pod("p")
+        .ctr(&[(GPU, "1"), (MEM, "1000"), (CORES, "10")])
+        .annotated("n1", alloc);
+    assert_eq!(e.pod_record(&forged.clone().build()).unwrap(), None);
+    assert_eq!(
+        e.pod_record(&forged.clone().phase("Running").build())
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        e.pod_record(&forged.node_name("n2").phase("Running").build())
+            .unwrap(),
+        None
+    );
     // A broken allocation is an error naming the annotation.
     let p = bound_pod("p", "GPU-a,NVIDIA,lots,10:;").build();
     let err = e.pod_record(&p).unwrap_err();

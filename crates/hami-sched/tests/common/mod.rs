@@ -183,11 +183,18 @@ impl PodB {
         self
     }
 
-    /// Marks the pod bound to `node` holding `allocated` (annotation form).
-    pub fn bound(self, node: &str, allocated: &str) -> Self {
+    /// Gives the pod the scheduler's annotations for `node` holding
+    /// `allocated` (annotation form), without binding it.
+    pub fn annotated(self, node: &str, allocated: &str) -> Self {
         self.ann(ann::VGPU_NODE, node)
             .ann(ann::NVIDIA_DEVICES_ALLOCATED, allocated)
             .ann(ann::NVIDIA_DEVICES_TO_ALLOCATE, allocated)
+    }
+
+    /// Marks the pod bound to `node` holding `allocated`: the annotations
+    /// plus `spec.nodeName`, as a bound pod has them.
+    pub fn bound(self, node: &str, allocated: &str) -> Self {
+        self.annotated(node, allocated).node_name(node)
     }
 
     pub fn build(self) -> Pod {
