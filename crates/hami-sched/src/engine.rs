@@ -49,6 +49,19 @@ impl PodRequest {
             .map(|r| u64::from(r.nums))
             .sum()
     }
+
+    /// Cards the pod uses at one time: the larger of any one init
+    /// container's and the app containers' sum (init containers run one at
+    /// a time, before the app containers).
+    pub fn peak_cards(&self) -> u64 {
+        let init = self.init_count.min(self.containers.len());
+        let nums = |c: &[Option<ContainerRequest>]| -> Vec<u64> {
+            c.iter().flatten().map(|r| u64::from(r.nums)).collect()
+        };
+        let init_max = nums(&self.containers[..init]).into_iter().max();
+        let app_sum: u64 = nums(&self.containers[init..]).into_iter().sum();
+        init_max.unwrap_or(0).max(app_sum)
+    }
 }
 
 /// `namespace/name` of a pod.
@@ -242,7 +255,7 @@ impl Engine {
                 .collect(),
         };
         let policy = pod.constraints.node_policy;
-        let total_cards = pod.total_cards();
+        let peak_cards = pod.peak_cards();
         let mut best: Option<Ranked> = None;
         // With one GPU container the node's own usage is all it sees, so the
         // backend may answer without ranking cards.
@@ -280,7 +293,7 @@ impl Engine {
                 // first; the first that fits is the answer Explain would give.
                 let mut heap: BinaryHeap<Ranked> = known
                     .iter()
-                    .filter(|&&(_, i)| has_free_slots(&nodes[i], total_cards))
+                    .filter(|&&(_, i)| has_free_slots(&nodes[i], peak_cards))
                     .map(|&(pos, i)| Ranked::new(node_score(&nodes[i].totals), pos, i, policy))
                     .collect();
                 while let Some(r) = heap.pop() {
@@ -311,8 +324,12 @@ impl Engine {
         }
     }
 
-    /// Fits every container of the pod on one node, each seeing what the
-    /// previous containers took, and returns the devices per container.
+    /// Fits every container of the pod on one node and returns the devices
+    /// per container. As HAMi does, each init container is fitted on the
+    /// node as it is, and then the app containers, each seeing what the
+    /// previous app containers took: init containers run one at a time and
+    /// are done before the app starts, so the pod holds the larger of the
+    /// two (see [`crate::snapshot::held_usage`]).
     pub fn fit_pod(
         &self,
         node: &NodeState,
@@ -332,10 +349,14 @@ impl Engine {
         scratch: &mut PodScratch,
     ) -> Result<(), Rejection> {
         let PodScratch { used, picks, fit } = scratch;
-        used.clear();
-        used.extend(node.devices.iter().map(|d| d.used));
         picks.clear();
         for (ci, request) in pod.containers.iter().enumerate() {
+            // Every init container, and then the app containers together,
+            // start from the node's own usage.
+            if ci <= pod.init_count {
+                used.clear();
+                used.extend(node.devices.iter().map(|d| d.used));
+            }
             let Some(req) = request else {
                 continue;
             };

@@ -555,9 +555,11 @@ fn init_containers_are_allocated_first() {
     assert_eq!(out.devices.0.len(), 2);
     assert_eq!(out.devices.0[0][0].mem, 1000, "init container first");
     assert_eq!(out.devices.0[1][0].mem, 2000);
+    // The init container is done before the app starts, so the app sees the
+    // node as it was and takes the same (emptiest, last) card, as HAMi does.
     assert_eq!(
         out.devices.encode(),
-        "GPU-b,NVIDIA,1000,10:;GPU-a,NVIDIA,2000,20:;"
+        "GPU-b,NVIDIA,1000,10:;GPU-b,NVIDIA,2000,20:;"
     );
     let req = request(&e, &p);
     assert_eq!(req.init_count, 1);
@@ -566,6 +568,56 @@ fn init_containers_are_allocated_first() {
     assert_eq!(a[ann::VGPU_NODE], "n1");
     assert_eq!(a[ann::NVIDIA_DEVICES_ALLOCATED], out.devices.encode());
     assert_eq!(a[ann::NVIDIA_DEVICES_TO_ALLOCATE], out.devices.encode());
+}
+
+/// HAMi's "pod with init containers fits correctly using max resource
+/// logic": a pod fits when its larger phase fits, not the sum of both.
+#[test]
+fn init_and_app_containers_each_fit_on_their_own() {
+    let e = engine();
+    let mut s = snapshot(&e, &[node("n1", &[card("GPU-a", "NVIDIA-T4", 8000)])]);
+    let p = pod("p")
+        .init(&[(GPU, "1"), (MEM, "5000"), (CORES, "20")])
+        .ctr(&[(GPU, "1"), (MEM, "4000"), (CORES, "20")])
+        .build();
+    let out = place(&e, &mut s, &p);
+    assert_eq!(out.node.as_deref(), Some("n1"), "{out:?}");
+    assert_eq!(
+        out.devices.encode(),
+        "GPU-a,NVIDIA,5000,20:;GPU-a,NVIDIA,4000,20:;"
+    );
+    // Reserved as what it holds while initialising: the larger phase.
+    assert_eq!(used(&s, "n1", "GPU-a"), (1, 5000, 20));
+    // Each init container alone: two of 5000 MiB fit 8000 MiB one at a time.
+    let s = snapshot(&e, &[node("n1", &[card("GPU-a", "NVIDIA-T4", 8000)])]);
+    let p = pod("p")
+        .init(&[(GPU, "1"), (MEM, "5000")])
+        .init(&[(GPU, "1"), (MEM, "5000")])
+        .ctr(&[("cpu", "1")])
+        .build();
+    assert_eq!(decide(&e, &s, &p).node.as_deref(), Some("n1"));
+    // App containers still add up.
+    let p = pod("p")
+        .ctr(&[(GPU, "1"), (MEM, "5000")])
+        .ctr(&[(GPU, "1"), (MEM, "4000")])
+        .build();
+    let out = decide(&e, &s, &p);
+    assert_eq!(out.node, None);
+    assert_eq!(out.reason("n1"), "1/1 CardInsufficientMemory");
+}
+
+/// The fast path's slot check counts the cards a pod uses at one time.
+#[test]
+fn a_node_with_one_slot_takes_an_init_container_and_then_the_app() {
+    let e = engine();
+    let s = snapshot(&e, &[node("n1", &[with_count(t4("GPU-a"), 1)])]);
+    let p = pod("p")
+        .init(&[(GPU, "1"), (MEM, "100")])
+        .ctr(&[(GPU, "1"), (MEM, "100")])
+        .build();
+    assert_eq!(request(&e, &p).peak_cards(), 1);
+    let out = decide(&e, &s, &p);
+    assert_eq!(out.node.as_deref(), Some("n1"), "{out:?}");
 }
 
 #[test]

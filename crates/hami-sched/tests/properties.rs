@@ -332,7 +332,8 @@ fn check_invariants(s: &Snapshot, shrunk: &BTreeSet<String>) -> Result<(), TestC
         prop_assert_eq!(sum, n.totals, "totals of {}", n.name);
     }
     // Exclusive stays exclusive: a card of 100 cores given whole to one
-    // container holds that pod alone, in one slot.
+    // container holds that pod alone, and within the container's phase (one
+    // init container, or the app containers together) one slot.
     for (key, record) in s.pods() {
         let Some(n) = s.node(&record.node) else {
             continue;
@@ -340,14 +341,23 @@ fn check_invariants(s: &Snapshot, shrunk: &BTreeSet<String>) -> Result<(), TestC
         if shrunk.contains(&n.name) {
             continue;
         }
-        for d in record.devices.devices().filter(|d| d.cores == 100) {
-            let card = n.devices.iter().find(|c| c.info.id == d.uuid).unwrap();
-            if card.info.devcore != 100 {
-                continue;
+        let init = record.init_count.min(record.devices.0.len());
+        let phases = record.devices.0[..init]
+            .iter()
+            .map(std::slice::from_ref)
+            .chain([&record.devices.0[init..]]);
+        for phase in phases {
+            let in_phase = || phase.iter().flatten();
+            for d in in_phase().filter(|d| d.cores == 100) {
+                let card = n.devices.iter().find(|c| c.info.id == d.uuid).unwrap();
+                if card.info.devcore != 100 {
+                    continue;
+                }
+                let uses = in_phase().filter(|o| o.uuid == d.uuid).count();
+                prop_assert_eq!(uses, 1, "{} holds {} twice", key, d.uuid);
+                let held = record.held().iter().find(|(u, _)| *u == d.uuid).unwrap().1;
+                prop_assert_eq!(card.used, held, "{} shares exclusive {}", key, d.uuid);
             }
-            let held = record.held().iter().find(|(u, _)| *u == d.uuid).unwrap().1;
-            prop_assert_eq!(held.slots, 1, "{} holds {} twice", key, d.uuid);
-            prop_assert_eq!(card.used, held, "{} shares exclusive {}", key, d.uuid);
         }
     }
     Ok(())
@@ -509,8 +519,8 @@ proptest! {
         cluster in arb_cluster(),
         pods in prop::collection::vec(arb_pod(), 1..10),
     ) {
-        // Place pods, write each decision's annotations onto the Pod as the
-        // extender would, then build a second snapshot the way the shells do
+        // Place pods, write each decision's annotations onto the Pod and bind
+        // it as the extender would, then build a second snapshot the way the shells do
         // (Nodes and Pods from the API server): usage must match exactly.
         let e = engine();
         let nodes: Vec<Node> = cluster.iter().enumerate().map(|(i, n)| k8s_node(i, n)).collect();
@@ -524,6 +534,8 @@ proptest! {
             let annotations: BTreeMap<String, String> = d.annotations(&e.nvidia);
             let devices = d.devices.clone();
             p.metadata.annotations.get_or_insert_with(BTreeMap::new).extend(annotations);
+            // ...and binds it.
+            p.spec.as_mut().unwrap().node_name = Some(node.clone());
             e.reserve(&mut s, &req, &node, devices);
             written.push(p);
         }
