@@ -85,27 +85,39 @@ fn ties_go_to_the_card_registered_last() {
     );
 }
 
+/// HAMi's "Spread: NUMA tiebreaker when scores equal" (and binpack's, and
+/// mutex's): among equal scores the higher NUMA id wins, with or without
+/// NUMA binding, before the registration order.
 #[test]
-fn with_numa_bind_equal_scores_go_to_the_higher_numa_node() {
+fn equal_scores_go_to_the_higher_numa_node() {
     let e = engine();
     let cards = [with_numa(t4("GPU-n1"), 1), with_numa(t4("GPU-n0"), 0)];
     let s = snapshot(&e, &[node("n1", &cards)]);
-    // Without NUMA binding the card registered last wins.
-    assert_eq!(decide(&e, &s, &gpu_pod("p", SMALL)).one(), "GPU-n0");
-    for policy in ["binpack,numa", "spread,numa"] {
+    for policy in ["spread", "binpack", "mutex", "binpack,numa", "spread,numa"] {
         let out = decide(&e, &s, &with_gpu_policy(policy, SMALL));
         assert_eq!(out.one(), "GPU-n1", "{policy}");
     }
+    assert_eq!(decide(&e, &s, &gpu_pod("p", SMALL)).one(), "GPU-n1");
     let p = pod("p")
         .ctr(SMALL)
         .ann(ann::NVIDIA_NUMA_BIND, "true")
         .build();
     assert_eq!(decide(&e, &s, &p).one(), "GPU-n1");
+    // Two cards on the higher NUMA node: the one registered last of them.
+    let cards = [
+        with_numa(t4("GPU-n1a"), 1),
+        with_numa(t4("GPU-n1b"), 1),
+        with_numa(t4("GPU-n0"), 0),
+    ];
+    let s = snapshot(&e, &[node("n1", &cards)]);
+    assert_eq!(decide(&e, &s, &gpu_pod("p", SMALL)).one(), "GPU-n1b");
     // The score still comes first: a used NUMA-1 card loses under spread.
-    let mut s = s;
+    let mut s = snapshot(&e, &[node("n1", &[with_numa(t4("GPU-n1"), 1), with_numa(t4("GPU-n0"), 0)])]);
     hold(&mut s, "x/1", "n1", "GPU-n1,NVIDIA,100,1:;");
-    let out = decide(&e, &s, &with_gpu_policy("spread,numa", SMALL));
-    assert_eq!(out.one(), "GPU-n0");
+    for policy in ["spread", "spread,numa"] {
+        let out = decide(&e, &s, &with_gpu_policy(policy, SMALL));
+        assert_eq!(out.one(), "GPU-n0", "{policy}");
+    }
 }
 
 #[test]

@@ -217,9 +217,12 @@ impl Vendor for Nvidia {
     }
 }
 
-/// Fills `keyed` with (score, NUMA key, card index) in preference order,
-/// best LAST (HAMi sorts stably and takes from the end, so among equal
-/// scores the card registered last wins; with NUMA binding, the higher NUMA id).
+/// Fills `keyed` with (score, NUMA id, card index) in preference order,
+/// best LAST: HAMi sorts the cards and takes them from the end. By score
+/// (spread: emptiest last, binpack: fullest last; mutex: by slots in use,
+/// least used last); among equal scores the higher NUMA id, then the card
+/// registered last (HAMi's sort is not stable, so its choice among full
+/// ties is not defined; ours is).
 fn card_order(
     word: &str,
     node: &NodeState,
@@ -229,24 +232,30 @@ fn card_order(
     keyed: &mut Vec<(f64, i32, usize)>,
 ) {
     keyed.clear();
+    let mutex = c.gpu_policy == GpuPolicy::Mutex;
     keyed.extend(node.devices.iter().enumerate().map(|(i, d)| {
-        let request = Usage {
-            slots: 1,
-            mem: req.mem_on(d.info.devmem),
-            cores: req.cores,
+        let score = if mutex {
+            f64::from(used[i].slots)
+        } else {
+            let request = Usage {
+                slots: 1,
+                mem: req.mem_on(d.info.devmem),
+                cores: req.cores,
+            };
+            gpu_score(d, used[i], word, request, &c.weights)
         };
-        let score = gpu_score(d, used[i], word, request, &c.weights);
-        (score, if c.numa_bind { d.info.numa } else { 0 }, i)
+        (score, d.info.numa, i)
     }));
+    // Fullest last for binpack; emptiest (least used for mutex) last otherwise.
     let binpack = c.gpu_policy == GpuPolicy::Binpack;
-    keyed.sort_unstable_by(|a, b| {
-        let by_score = if binpack {
+    let by_score = |a: &(f64, i32, usize), b: &(f64, i32, usize)| {
+        if binpack {
             a.0.total_cmp(&b.0)
         } else {
             b.0.total_cmp(&a.0)
-        };
-        by_score.then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2))
-    });
+        }
+    };
+    keyed.sort_unstable_by(|a, b| by_score(a, b).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
 }
 
 /// The rules of spec section 6 for one card, in HAMi's order.
