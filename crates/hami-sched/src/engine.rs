@@ -14,6 +14,7 @@ use hami_api::request::init_container_count;
 use hami_api::{ContainerRequest, DecodeError, NvidiaConfig, RequestError};
 
 use crate::admission::{self, AdmissionOptions};
+use crate::bind::{BindInFlight, BusyRule};
 use crate::constraints::{PodConstraints, Policies};
 use crate::reason::{Reason, Rejection};
 use crate::score::node_score;
@@ -82,6 +83,10 @@ pub struct Decision<'a> {
     pub devices: PodDevices,
     /// Nodes that cannot take the pod and why (empty unless explaining).
     pub rejected: Vec<(&'a str, Rejection)>,
+    /// Nodes passed over because a bind is in flight there while the pod
+    /// fits elsewhere ([`Engine::filter_avoiding_busy`]); report them with
+    /// [`BindInFlight::reason`].
+    pub busy: Vec<(&'a str, &'a BindInFlight)>,
 }
 
 impl Decision<'_> {
@@ -223,7 +228,8 @@ impl Engine {
     }
 
     /// Finds the node and cards for `pod` among `candidates` (all nodes of
-    /// the snapshot when `None`). Pure: the snapshot is not changed.
+    /// the snapshot when `None`). Pure: the snapshot is not changed. Binds
+    /// in flight are not looked at; see [`Engine::filter_avoiding_busy`].
     pub fn filter<'a>(
         &self,
         snapshot: &'a Snapshot,
@@ -231,15 +237,73 @@ impl Engine {
         candidates: Option<&'a [String]>,
         mode: Mode,
     ) -> Decision<'a> {
+        self.filter_except(snapshot, pod, candidates, mode, &|_| false)
+    }
+
+    /// [`Engine::filter`] that passes over nodes with a bind in flight
+    /// (the snapshot's [`Snapshot::bind_in_flight`]) that `rule` finds
+    /// busy, as long as another candidate fits: a bind there would wait
+    /// for the node's lock. When every candidate is busy, or the pod fits
+    /// only on busy nodes, it is the plain filter. The busy nodes passed
+    /// over are listed in [`Decision::busy`].
+    pub fn filter_avoiding_busy<'a>(
+        &self,
+        snapshot: &'a Snapshot,
+        pod: &PodRequest,
+        candidates: Option<&'a [String]>,
+        mode: Mode,
+        rule: BusyRule,
+    ) -> Decision<'a> {
+        let policy = pod.constraints.node_policy;
+        let busy_bind = |name: &str| {
+            snapshot
+                .bind_in_flight(name)
+                .filter(|b| rule.is_busy(b, &pod.key, policy))
+        };
+        let names: Vec<&'a str> = match candidates {
+            Some(c) => c.iter().map(String::as_str).collect(),
+            None => snapshot.nodes().iter().map(|n| n.name.as_str()).collect(),
+        };
+        let busy: Vec<(&'a str, &'a BindInFlight)> = names
+            .iter()
+            .filter_map(|&n| busy_bind(n).map(|b| (n, b)))
+            .collect();
+        if busy.is_empty() || busy.len() == names.len() {
+            return self.filter(snapshot, pod, candidates, mode);
+        }
+        let mut decision =
+            self.filter_except(snapshot, pod, candidates, mode, &|n| busy_bind(n).is_some());
+        if decision.node.is_none() {
+            // Nothing fits elsewhere: a busy node is still better than none.
+            return self.filter(snapshot, pod, candidates, mode);
+        }
+        decision.busy = busy;
+        decision
+    }
+
+    /// [`Engine::filter`] over the candidates that `skip` does not name
+    /// (skipped nodes are neither considered nor rejected).
+    fn filter_except<'a>(
+        &self,
+        snapshot: &'a Snapshot,
+        pod: &PodRequest,
+        candidates: Option<&'a [String]>,
+        mode: Mode,
+        skip: &dyn Fn(&str) -> bool,
+    ) -> Decision<'a> {
         let nodes = snapshot.nodes();
         let mut scratch = PodScratch::default();
         let mut rejected = Vec::new();
         // (position among candidates, node index) of the nodes we know.
         let known: Vec<(usize, usize)> = match candidates {
-            None => (0..nodes.len()).map(|i| (i, i)).collect(),
+            None => (0..nodes.len())
+                .filter(|&i| !skip(&nodes[i].name))
+                .map(|i| (i, i))
+                .collect(),
             Some(names) => names
                 .iter()
                 .enumerate()
+                .filter(|(_, name)| !skip(name))
                 .filter_map(|(pos, name)| match snapshot.node_position(name) {
                     Some(i) => Some((pos, i)),
                     None => {
@@ -321,6 +385,7 @@ impl Engine {
             node: best.map(|b| nodes[b.node].name.as_str()),
             devices,
             rejected,
+            busy: Vec::new(),
         }
     }
 

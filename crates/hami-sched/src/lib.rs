@@ -9,6 +9,7 @@
 //! function of a snapshot and a pod.
 
 pub mod admission;
+pub mod bind;
 pub mod constraints;
 pub mod engine;
 pub mod reason;
@@ -18,6 +19,7 @@ pub mod snapshot;
 pub mod vendor;
 
 pub use admission::{AdmissionOptions, ProtectedEnvMode};
+pub use bind::{BindInFlight, BusyRule};
 pub use constraints::{PodConstraints, Policies};
 pub use engine::{Decision, Engine, Mode, PodError, PodRequest, PodScratch, pod_key};
 pub use reason::{Reason, Rejection};

@@ -8,6 +8,8 @@ use hami_api::allocation::PodDevices;
 use hami_api::device::DeviceInfo;
 use hami_api::topology::DevicePairScore;
 
+use crate::bind::BindInFlight;
+
 /// What is in use on one card.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Usage {
@@ -205,6 +207,8 @@ pub struct Snapshot {
     pods: HashMap<String, PodRecord>,
     /// Pods by node name, also for nodes not (or no longer) registered.
     pods_on_node: HashMap<String, Vec<String>>,
+    /// Node name -> the bind holding its lock, for nodes with one.
+    binds: HashMap<String, BindInFlight>,
 }
 
 /// A node's registration: its cards, the cordon list and the link scores.
@@ -297,6 +301,20 @@ impl Snapshot {
             .or_default()
             .push(key.to_string());
         self.pods.insert(key.to_string(), record);
+    }
+
+    /// Records that a bind holds `node`'s lock (replacing an earlier one).
+    pub fn set_bind_in_flight(&mut self, node: &str, bind: BindInFlight) {
+        self.binds.insert(node.to_string(), bind);
+    }
+
+    /// Forgets `node`'s bind in flight (its lock was released).
+    pub fn clear_bind_in_flight(&mut self, node: &str) -> Option<BindInFlight> {
+        self.binds.remove(node)
+    }
+
+    pub fn bind_in_flight(&self, node: &str) -> Option<&BindInFlight> {
+        self.binds.get(node)
     }
 
     /// Releases everything a pod holds.

@@ -9,8 +9,7 @@ use hami_api::annotations::{self as ann, SCHEDULER_NAME};
 use hami_api::config::GpuCorePolicy;
 use hami_sched::{Admission, AdmissionOptions, Engine, Policies, ProtectedEnvMode};
 use k8s_openapi::api::core::v1::{
-    Container, EnvVar, EnvVarSource, EphemeralContainer, ObjectFieldSelector, Pod,
-    SecurityContext,
+    Container, EnvVar, EnvVarSource, EphemeralContainer, ObjectFieldSelector, Pod, SecurityContext,
 };
 
 fn admit(pod: &mut Pod) -> Admission {
@@ -530,7 +529,10 @@ fn gpu_containers_may_not_switch_the_interposer_off() {
     ] {
         let mut p = with_env(gpu_pod("p", &[(GPU, "1"), (MEM, "10")]), 0, &[(var, "1")]);
         let why = denied(admit(&mut p));
-        assert!(why.contains(&format!("container \"c0\" sets {var}")), "{why}");
+        assert!(
+            why.contains(&format!("container \"c0\" sets {var}")),
+            "{why}"
+        );
     }
     // Through valueFrom the name is what counts.
     let mut p = gpu_pod("p", &[(GPU, "1"), (MEM, "10")]);
@@ -581,7 +583,10 @@ fn protected_env_can_be_removed_or_allowed_per_namespace() {
         ..Default::default()
     };
     let mut p = with_env(
-        pod("p").ns("gpu-debug").ctr(&[(GPU, "1"), (MEM, "10")]).build(),
+        pod("p")
+            .ns("gpu-debug")
+            .ctr(&[(GPU, "1"), (MEM, "10")])
+            .build(),
         0,
         &vars,
     );

@@ -112,7 +112,13 @@ fn equal_scores_go_to_the_higher_numa_node() {
     let s = snapshot(&e, &[node("n1", &cards)]);
     assert_eq!(decide(&e, &s, &gpu_pod("p", SMALL)).one(), "GPU-n1b");
     // The score still comes first: a used NUMA-1 card loses under spread.
-    let mut s = snapshot(&e, &[node("n1", &[with_numa(t4("GPU-n1"), 1), with_numa(t4("GPU-n0"), 0)])]);
+    let mut s = snapshot(
+        &e,
+        &[node(
+            "n1",
+            &[with_numa(t4("GPU-n1"), 1), with_numa(t4("GPU-n0"), 0)],
+        )],
+    );
     hold(&mut s, "x/1", "n1", "GPU-n1,NVIDIA,100,1:;");
     for policy in ["spread", "spread,numa"] {
         let out = decide(&e, &s, &with_gpu_policy(policy, SMALL));
