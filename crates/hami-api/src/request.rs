@@ -320,9 +320,12 @@ mod tests {
     #[test]
     fn any_priority_the_interposer_can_read_is_taken() {
         for p in [0u32, 1, 5, i32::MAX as u32] {
-            let r = parse(&[("nvidia.com/gpu", "1"), ("nvidia.com/priority", &p.to_string())])
-                .unwrap()
-                .unwrap();
+            let r = parse(&[
+                ("nvidia.com/gpu", "1"),
+                ("nvidia.com/priority", &p.to_string()),
+            ])
+            .unwrap()
+            .unwrap();
             assert_eq!(r.priority, Some(p));
         }
     }
@@ -350,8 +353,11 @@ mod tests {
         assert_eq!(e.rule, "must be a whole number");
         let e = parse(&[("nvidia.com/gpu", "-1")]).unwrap_err();
         assert_eq!(e.rule, "must not be negative");
-        let e = parse(&[("nvidia.com/gpu", "1"), ("nvidia.com/priority", "2147483648")])
-            .unwrap_err();
+        let e = parse(&[
+            ("nvidia.com/gpu", "1"),
+            ("nvidia.com/priority", "2147483648"),
+        ])
+        .unwrap_err();
         assert_eq!(
             e.to_string(),
             "container \"main\": nvidia.com/priority=2147483648: must be at most 2147483647 (0 is the highest priority)"
