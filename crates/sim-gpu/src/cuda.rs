@@ -41,8 +41,9 @@ fn copy_str(dst: *mut c_char, len: c_int, s: &str) -> CUresult {
     SUCCESS
 }
 
+/// Whether CUDA ordinal `dev` is a device CUDA shows.
 fn device_ok(dev: c_int) -> bool {
-    dev >= 0 && (dev as usize) < state().devices.len()
+    state().internal(dev).is_some()
 }
 
 #[unsafe(no_mangle)]
@@ -59,7 +60,7 @@ pub unsafe extern "C" fn cuDriverGetVersion(v: *mut c_int) -> CUresult {
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuDeviceGetCount(n: *mut c_int) -> CUresult {
-    let count = state().devices.len() as c_int;
+    let count = state().visible.len() as c_int;
     // SAFETY: forwarded caller pointer.
     unsafe { out(n, count) }
 }
@@ -76,7 +77,7 @@ pub unsafe extern "C" fn cuDeviceGet(d: *mut c_int, ordinal: c_int) -> CUresult 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuDeviceGetName(name: *mut c_char, len: c_int, dev: c_int) -> CUresult {
     let s = state();
-    match s.devices.get(dev as usize) {
+    match s.internal(dev).map(|i| &s.devices[i]) {
         Some(d) => copy_str(name, len, &d.spec.name),
         None => INVALID_DEVICE,
     }
@@ -100,7 +101,7 @@ fn uuid_bytes(text: &str) -> [u8; 16] {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuDeviceGetUuid(uuid: *mut [u8; 16], dev: c_int) -> CUresult {
     let s = state();
-    match s.devices.get(dev as usize) {
+    match s.internal(dev).map(|i| &s.devices[i]) {
         // SAFETY: forwarded caller pointer.
         Some(d) => unsafe { out(uuid, uuid_bytes(&d.spec.uuid)) },
         None => INVALID_DEVICE,
@@ -116,7 +117,7 @@ pub unsafe extern "C" fn cuDeviceGetUuid_v2(uuid: *mut [u8; 16], dev: c_int) -> 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: c_int) -> CUresult {
     let s = state();
-    match s.devices.get(dev as usize) {
+    match s.internal(dev).map(|i| &s.devices[i]) {
         // SAFETY: forwarded caller pointer.
         Some(d) => unsafe { out(bytes, d.spec.memory as usize) },
         None => INVALID_DEVICE,
@@ -129,7 +130,7 @@ const ATTR_SM_COUNT: c_int = 16;
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuDeviceGetAttribute(v: *mut c_int, attr: c_int, dev: c_int) -> CUresult {
     let s = state();
-    let Some(d) = s.devices.get(dev as usize) else {
+    let Some(d) = s.internal(dev).map(|i| &s.devices[i]) else {
         return INVALID_DEVICE;
     };
     let value = match attr {
@@ -140,13 +141,17 @@ pub unsafe extern "C" fn cuDeviceGetAttribute(v: *mut c_int, attr: c_int, dev: c
     unsafe { out(v, value) }
 }
 
+// Contexts: one per device (`CTX_BASE + device index`); `cuCtxCreate`
+// hands out the same one as the primary context. Destroying or resetting
+// it frees everything allocated on the device, as the real driver does.
+
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut usize, dev: c_int) -> CUresult {
-    if !device_ok(dev) {
+    let Some(i) = state().internal(dev) else {
         return INVALID_DEVICE;
-    }
+    };
     // SAFETY: forwarded caller pointer.
-    unsafe { out(ctx, CTX_BASE + dev as usize) }
+    unsafe { out(ctx, CTX_BASE + i) }
 }
 
 #[unsafe(no_mangle)]
@@ -154,19 +159,68 @@ pub extern "C" fn cuDevicePrimaryCtxRelease_v2(_dev: c_int) -> CUresult {
     SUCCESS
 }
 
+/// Always active (the simulation keeps every device's context).
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuCtxCreate_v2(ctx: *mut usize, _flags: c_uint, dev: c_int) -> CUresult {
+pub unsafe extern "C" fn cuDevicePrimaryCtxGetState(
+    dev: c_int,
+    flags: *mut c_uint,
+    active: *mut c_int,
+) -> CUresult {
     if !device_ok(dev) {
         return INVALID_DEVICE;
     }
-    CURRENT.with(|c| c.set(dev as usize));
-    // SAFETY: forwarded caller pointer.
-    unsafe { out(ctx, CTX_BASE + dev as usize) }
+    // SAFETY: forwarded caller pointers.
+    unsafe {
+        if out(flags, 0) != SUCCESS || out(active, 1) != SUCCESS {
+            return INVALID_VALUE;
+        }
+    }
+    SUCCESS
+}
+
+fn primary_ctx_reset(dev: c_int) -> CUresult {
+    let mut s = state();
+    let Some(i) = s.internal(dev) else {
+        return INVALID_DEVICE;
+    };
+    s.destroy_context(i);
+    SUCCESS
+}
+#[unsafe(no_mangle)]
+pub extern "C" fn cuDevicePrimaryCtxReset(dev: c_int) -> CUresult {
+    primary_ctx_reset(dev)
+}
+#[unsafe(no_mangle)]
+pub extern "C" fn cuDevicePrimaryCtxReset_v2(dev: c_int) -> CUresult {
+    primary_ctx_reset(dev)
 }
 
 #[unsafe(no_mangle)]
-pub extern "C" fn cuCtxDestroy_v2(_ctx: usize) -> CUresult {
+pub unsafe extern "C" fn cuCtxCreate_v2(ctx: *mut usize, _flags: c_uint, dev: c_int) -> CUresult {
+    let Some(i) = state().internal(dev) else {
+        return INVALID_DEVICE;
+    };
+    CURRENT.with(|c| c.set(i));
+    // SAFETY: forwarded caller pointer.
+    unsafe { out(ctx, CTX_BASE + i) }
+}
+
+fn ctx_destroy(ctx: usize) -> CUresult {
+    let mut s = state();
+    let dev = ctx.wrapping_sub(CTX_BASE);
+    if !s.visible.contains(&dev) {
+        return INVALID_VALUE;
+    }
+    s.destroy_context(dev);
     SUCCESS
+}
+#[unsafe(no_mangle)]
+pub extern "C" fn cuCtxDestroy(ctx: usize) -> CUresult {
+    ctx_destroy(ctx)
+}
+#[unsafe(no_mangle)]
+pub extern "C" fn cuCtxDestroy_v2(ctx: usize) -> CUresult {
+    ctx_destroy(ctx)
 }
 
 #[unsafe(no_mangle)]
@@ -175,7 +229,7 @@ pub extern "C" fn cuCtxSetCurrent(ctx: usize) -> CUresult {
         return SUCCESS;
     }
     let dev = ctx.wrapping_sub(CTX_BASE);
-    if dev >= state().devices.len() {
+    if !state().visible.contains(&dev) {
         return INVALID_VALUE;
     }
     CURRENT.with(|c| c.set(dev));
@@ -190,13 +244,23 @@ pub unsafe extern "C" fn cuCtxGetCurrent(ctx: *mut usize) -> CUresult {
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuCtxGetDevice(dev: *mut c_int) -> CUresult {
+    let ordinal = state().ordinal(current_device());
     // SAFETY: forwarded caller pointer.
-    unsafe { out(dev, current_device() as c_int) }
+    unsafe { out(dev, ordinal) }
+}
+
+/// Polls (1 ms) while `blocked` says work waits for a flag that another
+/// thread's launch will set.
+fn while_blocked(blocked: impl Fn(&crate::state::State) -> bool) {
+    while blocked(&state()) {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
 }
 
 #[unsafe(no_mangle)]
 pub extern "C" fn cuCtxSynchronize() -> CUresult {
     let dev = current_device();
+    while_blocked(|s| s.any_blocked(dev));
     let t = state().devices.get(dev).map_or(0, |d| d.busy_until);
     sleep_until(t);
     state().settle_pools();
@@ -392,11 +456,11 @@ pub extern "C" fn cuMemAllocFromPoolAsync_ptsz(
 }
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuDeviceGetDefaultMemPool(pool: *mut u64, dev: c_int) -> CUresult {
-    if !device_ok(dev) {
+    let Some(i) = state().internal(dev) else {
         return INVALID_DEVICE;
-    }
+    };
     // SAFETY: forwarded caller pointer.
-    unsafe { out(pool, POOL_BASE + dev as u64) }
+    unsafe { out(pool, POOL_BASE + i as u64) }
 }
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuDeviceGetMemPool(pool: *mut u64, dev: c_int) -> CUresult {
@@ -477,7 +541,9 @@ pub unsafe extern "C" fn cuMemCreate(
         return INVALID_VALUE;
     }
     // SAFETY: non-null, caller-owned.
-    let dev = unsafe { (*prop).location_id } as usize;
+    let Some(dev) = state().internal(unsafe { (*prop).location_id }) else {
+        return INVALID_DEVICE;
+    };
     alloc_into(handle, dev, size as u64, Kind::Physical)
 }
 
@@ -694,11 +760,10 @@ pub unsafe extern "C" fn cuGraphAddMemAllocNode(
     if !s.graphs.contains_key(&graph) {
         return INVALID_HANDLE;
     }
-    let Some(a) = s.take(
-        prm.location_id as usize,
-        prm.bytesize as u64,
-        Kind::GraphMem,
-    ) else {
+    let Some(dev) = s.internal(prm.location_id) else {
+        return INVALID_DEVICE;
+    };
+    let Some(a) = s.take(dev, prm.bytesize as u64, Kind::GraphMem) else {
         return OUT_OF_MEMORY;
     };
     s.graphs.get_mut(&graph).expect("checked").push(a);
@@ -764,13 +829,35 @@ pub unsafe extern "C" fn cuModuleGetFunction(
     unsafe { out(f, m + 1) }
 }
 
+/// A function handle `WAIT_FLAG | f` is a kernel that waits until flag `f`
+/// (16 bits) is set, then runs; `SET_FLAG | f` one that runs and sets it.
+/// A producer/consumer pair: the waiter's completion depends on a launch
+/// that comes after it (on another stream).
+pub const WAIT_FLAG: u64 = 0x5700_0000;
+pub const SET_FLAG: u64 = 0x5300_0000;
+
 fn launch(f: u64, gx: c_uint, gy: c_uint, gz: c_uint, stream: u64) -> CUresult {
     if f == 0 {
         return INVALID_HANDLE;
     }
     let blocks = gx as u64 * gy.max(1) as u64 * gz.max(1) as u64;
     let dev = stream_device(stream);
-    state().occupy(dev, stream, blocks * 1000);
+    let mut s = state();
+    let flag = (f & 0xFFFF) as u32;
+    match f & !0xFFFF {
+        WAIT_FLAG => {
+            s.launch_wait(dev, stream, flag, blocks * 1000);
+        }
+        SET_FLAG => {
+            let end = s.occupy(dev, stream, blocks * 1000);
+            if end != crate::state::BLOCKED {
+                s.set_flag(dev, flag, end);
+            }
+        }
+        _ => {
+            s.occupy(dev, stream, blocks * 1000);
+        }
+    }
     SUCCESS
 }
 
@@ -898,7 +985,9 @@ pub extern "C" fn cuStreamDestroy_v2(st: u64) -> CUresult {
 }
 
 fn stream_sync(st: u64) -> CUresult {
-    let t = state().stream_tail(current_device(), st);
+    let dev = current_device();
+    while_blocked(|s| s.stream_tail(dev, st) == crate::state::BLOCKED);
+    let t = state().stream_tail(dev, st);
     sleep_until(t);
     state().settle_pools();
     SUCCESS
@@ -952,6 +1041,11 @@ fn event_record(ev: u64, st: u64) -> CUresult {
         s.streams.get(&st).map_or(current_device(), |x| x.0)
     };
     let t = s.stream_tail(dev, st).max(now_ns());
+    s.pending_events.retain(|&(e, _)| e != ev);
+    if t == crate::state::BLOCKED && s.events.contains_key(&ev) {
+        // Completes when the stream is released.
+        s.pending_events.push((ev, st));
+    }
     match s.events.get_mut(&ev) {
         Some(e) => {
             *e = Some(t);
@@ -984,6 +1078,7 @@ pub extern "C" fn cuEventQuery(ev: u64) -> CUresult {
 
 #[unsafe(no_mangle)]
 pub extern "C" fn cuEventSynchronize(ev: u64) -> CUresult {
+    while_blocked(|s| s.events.get(&ev) == Some(&Some(crate::state::BLOCKED)));
     match event_time(ev) {
         Ok(t) => {
             sleep_until(t.unwrap_or(0));
@@ -1109,10 +1204,38 @@ static TABLE: &[Entry] = &[
     ),
     Entry(
         "cuCtxDestroy",
+        2000,
+        false,
+        "cuCtxDestroy",
+        cuCtxDestroy as *const (),
+    ),
+    Entry(
+        "cuCtxDestroy",
         4000,
         false,
         "cuCtxDestroy_v2",
         cuCtxDestroy_v2 as *const (),
+    ),
+    Entry(
+        "cuDevicePrimaryCtxReset",
+        7000,
+        false,
+        "cuDevicePrimaryCtxReset",
+        cuDevicePrimaryCtxReset as *const (),
+    ),
+    Entry(
+        "cuDevicePrimaryCtxReset",
+        11000,
+        false,
+        "cuDevicePrimaryCtxReset_v2",
+        cuDevicePrimaryCtxReset_v2 as *const (),
+    ),
+    Entry(
+        "cuDevicePrimaryCtxGetState",
+        7000,
+        false,
+        "cuDevicePrimaryCtxGetState",
+        cuDevicePrimaryCtxGetState as *const (),
     ),
     Entry(
         "cuCtxSetCurrent",

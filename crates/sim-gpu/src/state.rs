@@ -3,6 +3,7 @@
 use crate::config::{self, DeviceSpec};
 use crate::shared::SharedDevice;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 pub(crate) fn now_ns() -> u64 {
@@ -84,8 +85,25 @@ impl Device {
     }
 }
 
+/// A stream's tail while a kernel on it waits for a flag that no kernel
+/// has set yet: unknown, i.e. never until released.
+pub(crate) const BLOCKED: u64 = u64::MAX;
+
 pub(crate) struct State {
+    /// Every card, in NVML order.
     pub devices: Vec<Device>,
+    /// CUDA ordinal -> index into `devices`, after `CUDA_VISIBLE_DEVICES`.
+    pub visible: Vec<usize>,
+    /// Freed address ranges by rounded size, reused like a real driver does
+    /// (most recently freed first).
+    free_addrs: HashMap<u64, Vec<u64>>,
+    /// Streams whose work waits for a flag: stream -> (flag, device time
+    /// queued behind the wait).
+    pub blocked: HashMap<u64, (u32, u64)>,
+    /// Flags set by kernels, with the time they were set.
+    pub flags: HashMap<u32, u64>,
+    /// Events recorded on a blocked stream: (event, stream).
+    pub pending_events: Vec<(u64, u64)>,
     /// Every live allocation by its address or handle.
     pub allocs: BTreeMap<u64, Alloc>,
     next_addr: u64,
@@ -99,11 +117,57 @@ pub(crate) struct State {
 }
 
 impl State {
-    /// A fresh address range of `size` bytes, 512-aligned, never reused.
+    /// An address range of `size` bytes, 512-aligned: the most recently
+    /// freed range of that rounded size if any (real drivers reuse
+    /// addresses at once), else a fresh one.
     pub fn new_addr(&mut self, size: u64) -> u64 {
+        let rounded = size.div_ceil(512).max(1) * 512;
+        if let Some(a) = self.free_addrs.get_mut(&rounded).and_then(Vec::pop) {
+            return a;
+        }
         let a = self.next_addr;
-        self.next_addr += size.div_ceil(512).max(1) * 512 + 512;
+        self.next_addr += rounded + 512;
         a
+    }
+
+    fn recycle(&mut self, addr: u64, size: u64) {
+        let rounded = size.div_ceil(512).max(1) * 512;
+        self.free_addrs.entry(rounded).or_default().push(addr);
+    }
+
+    /// The device index of CUDA ordinal `ordinal`.
+    pub fn internal(&self, ordinal: i32) -> Option<usize> {
+        usize::try_from(ordinal)
+            .ok()
+            .and_then(|o| self.visible.get(o).copied())
+    }
+
+    /// The CUDA ordinal of device index `dev` (0 if CUDA cannot see it).
+    pub fn ordinal(&self, dev: usize) -> i32 {
+        self.visible.iter().position(|&d| d == dev).unwrap_or(0) as i32
+    }
+
+    /// What destroying (or resetting) the context of `dev` does: every
+    /// allocation made on it is freed, its pool gives everything back.
+    pub fn destroy_context(&mut self, dev: usize) {
+        let addrs: Vec<u64> = self
+            .allocs
+            .iter()
+            .filter(|(_, a)| a.dev == dev)
+            .map(|(&addr, _)| addr)
+            .collect();
+        for a in addrs {
+            let kind = self.allocs[&a].kind;
+            self.give_back(a, &[kind]);
+        }
+        if let Some(d) = self.devices.get_mut(dev) {
+            let reserved = d.pool.reserved;
+            d.pool.used = 0;
+            d.pool.reserved = 0;
+            if reserved > 0 {
+                d.unbook(reserved);
+            }
+        }
     }
 
     pub fn new_handle(&mut self) -> u64 {
@@ -175,6 +239,7 @@ impl State {
         match self.allocs.get(&addr) {
             Some(a) if kinds.contains(&a.kind) => {
                 let a = self.allocs.remove(&addr).expect("present");
+                self.recycle(addr, a.size);
                 if a.kind == Kind::Async {
                     self.devices[a.dev].pool.used -= a.size;
                     return true;
@@ -189,8 +254,17 @@ impl State {
     }
 
     /// Queues `dur_ns` of work on `stream` (0 = the device's null stream).
-    /// Returns the time the work ends.
+    /// Returns the time the work ends ([`BLOCKED`] behind a waiting kernel).
     pub fn occupy(&mut self, dev: usize, stream: u64, dur_ns: u64) -> u64 {
+        self.occupy_after(dev, stream, dur_ns, 0)
+    }
+
+    /// [`State::occupy`], starting no earlier than `earliest`.
+    fn occupy_after(&mut self, dev: usize, stream: u64, dur_ns: u64, earliest: u64) -> u64 {
+        if let Some(b) = self.blocked.get_mut(&stream) {
+            b.1 += dur_ns;
+            return BLOCKED;
+        }
         let now = now_ns();
         let stream_tail = if stream == 0 {
             0
@@ -198,7 +272,7 @@ impl State {
             self.streams.get(&stream).map_or(0, |s| s.1)
         };
         let d = &mut self.devices[dev];
-        let (_, end) = d.shared.occupy(now.max(stream_tail), dur_ns);
+        let (_, end) = d.shared.occupy(now.max(stream_tail).max(earliest), dur_ns);
         d.busy_until = d.busy_until.max(end);
         if let Some(s) = self.streams.get_mut(&stream) {
             s.1 = end;
@@ -206,8 +280,64 @@ impl State {
         end
     }
 
-    /// When everything queued on `stream` is done.
+    /// A kernel on `stream` that runs `dur_ns` once `flag` is set: the
+    /// stream is blocked until some kernel sets the flag (a later launch,
+    /// typically on another stream: a producer/consumer pair). Does not
+    /// occupy the card while it waits, so the setter can run.
+    pub fn launch_wait(&mut self, dev: usize, stream: u64, flag: u32, dur_ns: u64) -> u64 {
+        match self.flags.get(&flag) {
+            Some(&t) => self.occupy_after(dev, stream, dur_ns, t),
+            None => {
+                if let Some(b) = self.blocked.get_mut(&stream) {
+                    b.1 += dur_ns;
+                } else {
+                    self.blocked.insert(stream, (flag, dur_ns));
+                }
+                BLOCKED
+            }
+        }
+    }
+
+    /// A kernel ending at `t` sets `flag`: streams waiting for it run on.
+    pub fn set_flag(&mut self, dev: usize, flag: u32, t: u64) {
+        self.flags.insert(flag, t);
+        let released: Vec<(u64, u64)> = self
+            .blocked
+            .iter()
+            .filter(|(_, b)| b.0 == flag)
+            .map(|(&st, b)| (st, b.1))
+            .collect();
+        for (st, backlog) in released {
+            self.blocked.remove(&st);
+            let sdev = self.streams.get(&st).map_or(dev, |s| s.0);
+            let end = self.occupy_after(sdev, st, backlog, t);
+            let mut done = Vec::new();
+            self.pending_events.retain(|&(ev, s)| {
+                if s == st {
+                    done.push(ev);
+                }
+                s != st
+            });
+            for ev in done {
+                if let Some(e) = self.events.get_mut(&ev) {
+                    *e = Some(end);
+                }
+            }
+        }
+    }
+
+    /// Whether any stream of `dev` waits for a flag.
+    pub fn any_blocked(&self, dev: usize) -> bool {
+        self.blocked
+            .keys()
+            .any(|st| *st == 0 || self.streams.get(st).is_none_or(|s| s.0 == dev))
+    }
+
+    /// When everything queued on `stream` is done ([`BLOCKED`]: not known).
     pub fn stream_tail(&self, dev: usize, stream: u64) -> u64 {
+        if self.blocked.contains_key(&stream) {
+            return BLOCKED;
+        }
         match self.streams.get(&stream) {
             Some(s) => s.1,
             None => self.devices.get(dev).map_or(0, |d| d.busy_until),
@@ -233,7 +363,7 @@ pub(crate) fn state() -> MutexGuard<'static, State> {
             .map(|s| format!("{} {} {} {};", s.memory, s.sms, s.uuid, s.name))
             .collect();
         let dir = crate::shared::state_dir(&key);
-        let devices = specs
+        let devices: Vec<Device> = specs
             .into_iter()
             .map(|spec| Device {
                 shared: SharedDevice::open(Some(&dir), &spec.uuid),
@@ -244,8 +374,15 @@ pub(crate) fn state() -> MutexGuard<'static, State> {
                 slot: None,
             })
             .collect();
+        let visible = visible_devices(&devices);
+        FIRST_VISIBLE.store(visible.first().copied().unwrap_or(0), Relaxed);
         Mutex::new(State {
             devices,
+            visible,
+            free_addrs: HashMap::new(),
+            blocked: HashMap::new(),
+            flags: HashMap::new(),
+            pending_events: Vec::new(),
             allocs: BTreeMap::new(),
             next_addr: 0x7f00_0000_0000,
             streams: HashMap::new(),
@@ -257,11 +394,47 @@ pub(crate) fn state() -> MutexGuard<'static, State> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-thread_local! {
-    /// The calling thread's current device (its context), as in CUDA.
-    pub(crate) static CURRENT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+/// The devices CUDA shows, as `CUDA_VISIBLE_DEVICES` says (indices or UUID
+/// prefixes, comma-separated; like CUDA, the list ends at the first entry
+/// that names no device or one already listed; empty = none). Unset: all.
+/// NVML ignores it, as the real one does.
+fn visible_devices(devices: &[Device]) -> Vec<usize> {
+    let Ok(list) = std::env::var("CUDA_VISIBLE_DEVICES") else {
+        return (0..devices.len()).collect();
+    };
+    let mut out = Vec::new();
+    for e in list.split(',').map(str::trim) {
+        let found = match e.parse::<usize>() {
+            Ok(i) => (i < devices.len()).then_some(i),
+            Err(_) if e.is_empty() => None,
+            Err(_) => devices.iter().position(|d| d.spec.uuid.starts_with(e)),
+        };
+        match found {
+            Some(i) if !out.contains(&i) => out.push(i),
+            _ => break,
+        }
+    }
+    out
 }
 
+thread_local! {
+    /// The calling thread's current device (its context), as an index into
+    /// `State::devices`; `usize::MAX` until set (then CUDA device 0).
+    pub(crate) static CURRENT: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+}
+
+/// `visible[0]`, set when the state is created (so reading it never
+/// takes the state's lock).
+static FIRST_VISIBLE: AtomicUsize = AtomicUsize::new(usize::MAX);
+
 pub(crate) fn current_device() -> usize {
-    CURRENT.with(|c| c.get())
+    match CURRENT.with(|c| c.get()) {
+        usize::MAX => {
+            if FIRST_VISIBLE.load(Relaxed) == usize::MAX {
+                drop(state());
+            }
+            FIRST_VISIBLE.load(Relaxed)
+        }
+        d => d,
+    }
 }

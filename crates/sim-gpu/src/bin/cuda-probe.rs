@@ -628,6 +628,151 @@ fn main() {
                 };
                 line = format!("{cmd} {rc}");
             }
+            "ctx-destroy" => {
+                // ctx-destroy: destroys the current context (the driver
+                // frees everything allocated in it).
+                let mut ctx = 0usize;
+                call!(api, "cuCtxGetCurrent", fn(*mut usize), &mut ctx);
+                line = format!(
+                    "ctx-destroy {}",
+                    call!(api, "cuCtxDestroy_v2", fn(usize), ctx)
+                );
+            }
+            "ctx-reset" => {
+                // ctx-reset: resets the current device's primary context.
+                let mut d: c_int = 0;
+                call!(api, "cuCtxGetDevice", fn(*mut c_int), &mut d);
+                line = format!(
+                    "ctx-reset {}",
+                    call!(api, "cuDevicePrimaryCtxReset_v2", fn(c_int), d)
+                );
+            }
+            "threads" => {
+                // threads <n> <size> <count>: n threads of this process each
+                // allocate and free two buffers <count> times, then keep one.
+                let (n, size, count) = (num(i + 1), num(i + 2) as usize, num(i + 3));
+                i += 3;
+                type Alloc = unsafe extern "C" fn(*mut u64, usize) -> c_int;
+                type Free = unsafe extern "C" fn(u64) -> c_int;
+                type SetCtx = unsafe extern "C" fn(usize) -> c_int;
+                let (alloc, free, set): (Alloc, Free, SetCtx) = (
+                    api.f("cuMemAlloc_v2"),
+                    api.f("cuMemFree_v2"),
+                    api.f("cuCtxSetCurrent"),
+                );
+                let mut ctx = 0usize;
+                call!(api, "cuCtxGetCurrent", fn(*mut usize), &mut ctx);
+                let go = std::sync::Barrier::new(n as usize);
+                let failed: u64 = std::thread::scope(|sc| {
+                    let hs: Vec<_> = (0..n)
+                        .map(|_| {
+                            let go = &go;
+                            sc.spawn(move || {
+                                // SAFETY: the driver's entry points, valid arguments.
+                                unsafe {
+                                    set(ctx);
+                                    go.wait();
+                                    let mut bad = 0u64;
+                                    for _ in 0..count {
+                                        let (mut a, mut b) = (0u64, 0u64);
+                                        bad += u64::from(alloc(&mut a, size) != 0);
+                                        bad += u64::from(alloc(&mut b, size) != 0);
+                                        bad += u64::from(free(a) != 0);
+                                        bad += u64::from(free(b) != 0);
+                                    }
+                                    let mut keep = 0u64;
+                                    bad += u64::from(alloc(&mut keep, size) != 0);
+                                    bad
+                                }
+                            })
+                        })
+                        .collect();
+                    hs.into_iter().map(|h| h.join().unwrap_or(1)).sum()
+                });
+                line = format!("threads 0 {failed}");
+            }
+            "fork-threads" => {
+                // fork-threads <size> <threads>: the child's threads all
+                // allocate at once, right after the fork; the parent waits.
+                let (size, n) = (num(i + 1) as usize, num(i + 2) as usize);
+                i += 2;
+                type Alloc = unsafe extern "C" fn(*mut u64, usize) -> c_int;
+                let alloc: Alloc = api.f("cuMemAlloc_v2");
+                out.lock().flush().ok();
+                // SAFETY: the child only calls the driver through the interposer and exits.
+                let pid = unsafe { libc::fork() };
+                if pid == 0 {
+                    let go = std::sync::Barrier::new(n);
+                    let ok: usize = std::thread::scope(|sc| {
+                        let hs: Vec<_> = (0..n)
+                            .map(|_| {
+                                let go = &go;
+                                sc.spawn(move || {
+                                    go.wait();
+                                    let mut p = 0u64;
+                                    // SAFETY: the driver's entry point, valid arguments.
+                                    usize::from(unsafe { alloc(&mut p, size) } == 0)
+                                })
+                            })
+                            .collect();
+                        hs.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+                    });
+                    println!("child-threads 0 {ok}");
+                    std::io::stdout().flush().ok();
+                    // SAFETY: leave without running the parent's atexit handlers.
+                    unsafe { libc::_exit(0) };
+                }
+                let mut status = 0;
+                // SAFETY: waiting for our child.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+                line = format!("fork-threads 0 {status}");
+            }
+            "wait-flag" => {
+                // wait-flag: a kernel that waits for a flag (stream 1), then
+                // the later launch that sets it (stream 2), then a sync.
+                let (mut s1, mut s2) = (0usize, 0usize);
+                call!(api, "cuStreamCreate", fn(*mut usize, c_uint), &mut s1, 1);
+                call!(api, "cuStreamCreate", fn(*mut usize, c_uint), &mut s2, 1);
+                type Launch = unsafe extern "C" fn(
+                    usize,
+                    c_uint,
+                    c_uint,
+                    c_uint,
+                    c_uint,
+                    c_uint,
+                    c_uint,
+                    c_uint,
+                    usize,
+                    usize,
+                    usize,
+                ) -> c_int;
+                let launch: Launch = api.f("cuLaunchKernel");
+                // SAFETY: the driver's entry point, valid arguments.
+                let (a, b) = unsafe {
+                    (
+                        launch(0x5700_0001, 1, 1, 1, 1, 1, 1, 0, s1, 0, 0),
+                        launch(0x5300_0001, 1, 1, 1, 1, 1, 1, 0, s2, 0, 0),
+                    )
+                };
+                let rc = call!(api, "cuCtxSynchronize", fn());
+                line = format!("wait-flag {} {a} {b}", a | b | rc);
+            }
+            "dlsym-next" => {
+                // dlsym-next <symbol>: calls `int symbol(void)` found with
+                // dlsym(RTLD_DEFAULT) (a preloaded test library's).
+                let name = CString::new(args[i + 1].as_str()).expect("no NUL");
+                i += 1;
+                // SAFETY: NUL-terminated name.
+                let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+                line = if p.is_null() {
+                    "dlsym-next 500 0".into()
+                } else {
+                    // SAFETY: the test library's `int symbol(void)`.
+                    let f: unsafe extern "C" fn() -> c_int = unsafe { std::mem::transmute(p) };
+                    // SAFETY: as above.
+                    format!("dlsym-next 0 {}", unsafe { f() })
+                };
+            }
             "sync" => line = format!("sync {}", call!(api, "cuCtxSynchronize", fn())),
             "exec" => {
                 // exec <commands...>: replace this image with a new probe.
