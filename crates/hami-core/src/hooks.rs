@@ -104,6 +104,11 @@ hooks! { real_cuda, CUDA_HOOKS, Lib::Cuda, CUresult, CUDA_ERROR_NOT_INITIALIZED,
     cuDestroyExternalMemory(m: u64) => mem::destroy_external;
     cuGraphAddMemAllocNode(node: Ptr, graph: usize, deps: *const usize, n: usize, params: *mut MemAllocNodeParams) => mem::graph_add_mem_alloc_node;
     cuGraphDestroy(graph: usize) => mem::graph_destroy;
+    // Contexts: destroying or resetting one frees what was allocated in it.
+    cuCtxDestroy(ctx: usize) => mem::ctx_destroy;
+    cuCtxDestroy_v2(ctx: usize) => mem::ctx_destroy;
+    cuDevicePrimaryCtxReset(dev: c_int) => mem::primary_ctx_reset;
+    cuDevicePrimaryCtxReset_v2(dev: c_int) => mem::primary_ctx_reset;
     // The container's view.
     cuMemGetInfo_v2(free: *mut usize, total: *mut usize) => mem::get_info;
     cuDeviceTotalMem_v2(bytes: *mut usize, dev: c_int) => mem::total_mem;

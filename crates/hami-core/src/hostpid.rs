@@ -36,7 +36,7 @@ fn nvml_fn<T: Copy>(slot: &AtomicPtr<c_void>, name: &[u8]) -> Option<T> {
 }
 
 /// NVML's unfiltered process list (pid, used bytes) on the card that is
-/// CUDA ordinal `dev`.
+/// the container's device `dev`.
 fn listing(dev: usize) -> Option<Vec<(u32, u64)>> {
     if !INITIALISED.load(Acquire) {
         let init: unsafe extern "C" fn() -> NvmlReturn = nvml_fn(&INIT, b"nvmlInit_v2\0")?;
@@ -61,7 +61,7 @@ fn listing(dev: usize) -> Option<Vec<(u32, u64)>> {
         let mut h = 0usize;
         // SAFETY: valid out pointer.
         let ok = unsafe { handle(i, &mut h) } == NVML_SUCCESS;
-        (ok && crate::nvml::cuda_ordinal(h) == Some(dev)).then_some(h)
+        (ok && crate::nvml::container_index(h) == Some(dev)).then_some(h)
     })?;
     let mut buf: Vec<NvmlProcessInfo> = (0..256)
         .map(|_| NvmlProcessInfo {

@@ -20,6 +20,7 @@
 
 #[macro_use]
 mod log;
+pub mod device;
 pub mod dl;
 mod ffi;
 mod hooks;

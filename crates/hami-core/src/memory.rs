@@ -4,9 +4,19 @@
 //! shared region (check and account in one step, for the whole container),
 //! then ask the driver, then record the handle; if the driver fails, the
 //! bytes are given back. Over the limit the driver is never asked and the
-//! caller gets `CUDA_ERROR_OUT_OF_MEMORY`. Frees go to the driver first and
-//! are un-accounted only when it succeeded and the handle is one we counted;
-//! a free of an unknown handle is forwarded all the same.
+//! caller gets `CUDA_ERROR_OUT_OF_MEMORY`. A free first takes the handle out
+//! of the process's table, then calls the driver: if the driver refuses, the
+//! entry is put back; if it succeeded, the bytes are given back. (Calling the
+//! driver first would let another thread get the same address from the
+//! driver and record it before we remove ours: we would then un-count its
+//! allocation instead of ours.) An entry that a new allocation displaces
+//! (the driver freed it behind our back) is given back too. A free of an
+//! unknown handle is forwarded all the same. Destroying a context
+//! (`cuCtxDestroy`) or resetting a primary context
+//! (`cuDevicePrimaryCtxReset`) gives back everything allocated in it.
+//!
+//! Devices are the container's device indices (see [`crate::device`]), not
+//! CUDA ordinals.
 //!
 //! Sizes: linear, managed, stream-ordered, VMM (`cuMemCreate`), graph
 //! memory nodes and external memory are counted at the size asked for;
@@ -30,33 +40,35 @@
 //! reconciled and the allocation retried), so the count errs high, never
 //! low.
 
+use crate::device::{current_context, current_device, current_ordinal, index_of_ordinal};
 use crate::ffi::*;
-use crate::state::{Kind, global, process};
+use crate::state::{Entry, Kind, Process, global, process};
 use std::ffi::{c_int, c_uint, c_void};
 use std::sync::atomic::AtomicPtr;
 
 type Ptr = *mut u64;
 
-static CTX_GET_DEVICE: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
 static MEM_GET_ADDRESS_RANGE: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
 static MEM_ALLOC_MANAGED: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
 
-/// The current context's device ordinal, from the real driver (0 if none).
-pub(crate) fn current_device() -> usize {
-    let p = crate::dl::resolve(&CTX_GET_DEVICE, b"cuCtxGetDevice\0", crate::dl::Lib::Cuda);
-    if p.is_null() {
-        return 0;
+/// Records an accounted handle. An entry it displaces was freed behind our
+/// back (its address handed out again by the driver): its bytes are given
+/// back.
+fn record(p: &Process, kind: Kind, handle: u64, entry: Entry) {
+    let old = p.tracker().map.insert((kind, handle), entry);
+    if let Some(old) = old
+        && kind != Kind::Pool
+    {
+        global().region.release(p.slot, old.dev, old.bytes);
     }
-    // SAFETY: the driver's cuCtxGetDevice(CUdevice*).
-    let f = unsafe {
-        std::mem::transmute::<*mut c_void, unsafe extern "C" fn(*mut c_int) -> CUresult>(p)
-    };
-    let mut d: c_int = 0;
-    // SAFETY: valid out pointer.
-    if unsafe { f(&mut d) } == CUDA_SUCCESS && d >= 0 {
-        d as usize
+}
+
+/// The device index of an allocation location that names a CUDA ordinal.
+fn location_device(loc_type: c_int, loc_id: c_int) -> usize {
+    if loc_type == CU_MEM_LOCATION_TYPE_DEVICE && loc_id >= 0 {
+        index_of_ordinal(loc_id)
     } else {
-        0
+        current_device()
     }
 }
 
@@ -85,7 +97,8 @@ fn counted(
             if let Some(before) = before {
                 crate::hostpid::learn(g, p, dev, &before, bytes);
             }
-            p.tracker().map.insert((kind, handle), (dev, bytes));
+            let ctx = current_context();
+            record(p, kind, handle, Entry { dev, bytes, ctx });
             hlog!(
                 crate::log::DEBUG,
                 "device {dev}: {kind:?} {handle:#x} of {bytes} bytes"
@@ -99,13 +112,32 @@ fn counted(
     }
 }
 
-/// Forwards a free; un-accounts when it succeeded and the handle was ours.
-fn uncounted(kind: Kind, handle: u64, r: CUresult) -> CUresult {
-    if r == CUDA_SUCCESS {
-        let p = process();
-        let entry = p.tracker().map.remove(&(kind, handle));
-        if let Some((dev, bytes)) = entry {
-            global().region.release(p.slot, dev, bytes);
+/// A free: takes `handle` (as any of `kinds`) out of the table, calls the
+/// driver, puts the entries back if it refused, else gives the bytes back
+/// (a stream-ordered pool's count is brought up to date instead).
+fn uncounted(kinds: &[Kind], handle: u64, free: impl FnOnce() -> CUresult) -> CUresult {
+    let p = process();
+    let taken: Vec<(Kind, Entry)> = {
+        let mut t = p.tracker();
+        kinds
+            .iter()
+            .filter_map(|&k| t.map.remove(&(k, handle)).map(|e| (k, e)))
+            .collect()
+    };
+    let r = free();
+    if r != CUDA_SUCCESS {
+        // Not freed, so the driver cannot have handed the address out again.
+        let mut t = p.tracker();
+        for (k, e) in taken {
+            t.map.entry((k, handle)).or_insert(e);
+        }
+        return r;
+    }
+    for (k, e) in taken {
+        if k == Kind::Pool {
+            reconcile_pool(e.bytes as usize);
+        } else {
+            global().region.release(p.slot, e.dev, e.bytes);
         }
     }
     r
@@ -196,7 +228,7 @@ pub(crate) unsafe fn alloc_pitch(
         // SAFETY: as above.
         let handle = unsafe { read_out(p) };
         if let Some(e) = pr.tracker().map.get_mut(&(Kind::Linear, handle)) {
-            e.1 = actual;
+            e.bytes = actual;
         }
         if actual > estimate {
             g.region.add_used(pr.slot, dev, actual - estimate);
@@ -227,11 +259,7 @@ pub(crate) unsafe fn alloc_managed(
 
 pub(crate) unsafe fn free(real: unsafe extern "C" fn(u64) -> CUresult, p: u64) -> CUresult {
     // SAFETY: forwarding the caller's argument.
-    let r = unsafe { real(p) };
-    if r == CUDA_SUCCESS && pool_freed(p) {
-        return r;
-    }
-    uncounted(Kind::Linear, p, r)
+    uncounted(&[Kind::Pool, Kind::Linear], p, || unsafe { real(p) })
 }
 
 // ---- stream-ordered pools ----------------------------------------------------
@@ -242,8 +270,8 @@ static POOL_GET_ATTRIBUTE: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut
 const POOL_RESERVED: c_int = 5;
 const POOL_USED: c_int = 7;
 
-/// The current pool of `dev`.
-fn current_pool(dev: usize) -> Option<usize> {
+/// The current pool of CUDA device `ordinal`.
+fn current_pool(ordinal: c_int) -> Option<usize> {
     let f = crate::dl::resolve(
         &DEVICE_GET_MEM_POOL,
         b"cuDeviceGetMemPool\0",
@@ -258,7 +286,7 @@ fn current_pool(dev: usize) -> Option<usize> {
     };
     let mut pool = 0usize;
     // SAFETY: valid out pointer.
-    (unsafe { f(&mut pool, dev as c_int) } == CUDA_SUCCESS && pool != 0).then_some(pool)
+    (unsafe { f(&mut pool, ordinal) } == CUDA_SUCCESS && pool != 0).then_some(pool)
 }
 
 /// (reserved, used) bytes of a pool.
@@ -298,6 +326,8 @@ fn reconcile_pool(pool: usize) -> bool {
         e.1 = reserved;
         (e.0, before)
     };
+    // (The pool's lock-free count: concurrent reconciles of one pool may
+    // each apply their own difference; both read the driver's figure.)
     let region = &global().region;
     if reserved > before {
         region.add_used(p.slot, dev, reserved - before);
@@ -313,18 +343,6 @@ fn reconcile_all_pools() -> bool {
     pools
         .into_iter()
         .fold(false, |changed, pool| reconcile_pool(pool) | changed)
-}
-
-/// If `ptr` came from a pool, the pool's count is brought up to date.
-fn pool_freed(ptr: u64) -> bool {
-    let entry = process().tracker().map.remove(&(Kind::Pool, ptr));
-    match entry {
-        Some((_, pool)) => {
-            reconcile_pool(pool as usize);
-            true
-        }
-        None => false,
-    }
 }
 
 /// A stream-ordered allocation of `size` from `pool` on `dev`.
@@ -368,9 +386,17 @@ fn pool_alloc(
     if r == CUDA_SUCCESS {
         // SAFETY: written by the driver on success.
         let ptr = unsafe { read_out(p) };
-        pr.tracker()
-            .map
-            .insert((Kind::Pool, ptr), (dev, pool as u64));
+        let ctx = current_context();
+        record(
+            pr,
+            Kind::Pool,
+            ptr,
+            Entry {
+                dev,
+                bytes: pool as u64,
+                ctx,
+            },
+        );
     }
     r
 }
@@ -396,11 +422,15 @@ pub(crate) unsafe fn alloc_async(
         // SAFETY: let the driver report the caller's mistake.
         return unsafe { real(p, size, stream) };
     }
-    let dev = current_device();
+    let ordinal = current_ordinal();
     // SAFETY: valid out pointer.
-    pool_alloc(dev, current_pool(dev), size, p, || unsafe {
-        real(p, size, stream)
-    })
+    pool_alloc(
+        index_of_ordinal(ordinal),
+        current_pool(ordinal),
+        size,
+        p,
+        || unsafe { real(p, size, stream) },
+    )
 }
 
 pub(crate) unsafe fn alloc_from_pool_async(
@@ -426,11 +456,9 @@ pub(crate) unsafe fn free_async(
     stream: usize,
 ) -> CUresult {
     // SAFETY: forwarding the caller's arguments.
-    let r = unsafe { real(p, stream) };
-    if r == CUDA_SUCCESS && pool_freed(p) {
-        return r;
-    }
-    uncounted(Kind::Linear, p, r)
+    uncounted(&[Kind::Pool, Kind::Linear], p, || unsafe {
+        real(p, stream)
+    })
 }
 
 pub(crate) unsafe fn create(
@@ -446,11 +474,7 @@ pub(crate) unsafe fn create(
     }
     // SAFETY: non-null, caller-owned.
     let (loc_type, loc_id) = unsafe { ((*prop).location_type, (*prop).location_id) };
-    let dev = if loc_type == CU_MEM_LOCATION_TYPE_DEVICE && loc_id >= 0 {
-        loc_id as usize
-    } else {
-        current_device()
-    };
+    let dev = location_device(loc_type, loc_id);
     counted(Kind::Physical, dev, size as u64, || {
         // SAFETY: valid arguments.
         let r = unsafe { real(h, size, prop, flags) };
@@ -461,7 +485,7 @@ pub(crate) unsafe fn create(
 
 pub(crate) unsafe fn release(real: unsafe extern "C" fn(u64) -> CUresult, h: u64) -> CUresult {
     // SAFETY: forwarding the caller's argument.
-    uncounted(Kind::Physical, h, unsafe { real(h) })
+    uncounted(&[Kind::Physical], h, || unsafe { real(h) })
 }
 
 fn array_bytes(w: usize, h: usize, d: usize, channels: u32, format: u32) -> u64 {
@@ -523,7 +547,7 @@ pub(crate) unsafe fn array_destroy(
     a: u64,
 ) -> CUresult {
     // SAFETY: forwarding the caller's argument.
-    uncounted(Kind::Array, a, unsafe { real(a) })
+    uncounted(&[Kind::Array], a, || unsafe { real(a) })
 }
 
 pub(crate) unsafe fn mipmap_create(
@@ -557,7 +581,7 @@ pub(crate) unsafe fn mipmap_destroy(
     a: u64,
 ) -> CUresult {
     // SAFETY: forwarding the caller's argument.
-    uncounted(Kind::Mipmap, a, unsafe { real(a) })
+    uncounted(&[Kind::Mipmap], a, || unsafe { real(a) })
 }
 
 /// Size of the mapping that contains `p`, as the driver reports it.
@@ -610,13 +634,14 @@ pub(crate) unsafe fn ipc_open(
         }
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
-    pr.tracker().map.insert((Kind::Ipc, addr), (dev, bytes));
+    let ctx = current_context();
+    record(pr, Kind::Ipc, addr, Entry { dev, bytes, ctx });
     r
 }
 
 pub(crate) unsafe fn ipc_close(real: unsafe extern "C" fn(u64) -> CUresult, p: u64) -> CUresult {
     // SAFETY: forwarding the caller's argument.
-    uncounted(Kind::Ipc, p, unsafe { real(p) })
+    uncounted(&[Kind::Ipc], p, || unsafe { real(p) })
 }
 
 pub(crate) unsafe fn import_external(
@@ -643,7 +668,7 @@ pub(crate) unsafe fn destroy_external(
     m: u64,
 ) -> CUresult {
     // SAFETY: forwarding the caller's argument.
-    uncounted(Kind::External, m, unsafe { real(m) })
+    uncounted(&[Kind::External], m, || unsafe { real(m) })
 }
 
 /// Graph memory nodes are counted when added (the memory is reserved for
@@ -674,11 +699,7 @@ pub(crate) unsafe fn graph_add_mem_alloc_node(
             (*params).location_id,
         )
     };
-    let dev = if loc_type == CU_MEM_LOCATION_TYPE_DEVICE && loc_id >= 0 {
-        loc_id as usize
-    } else {
-        current_device()
-    };
+    let dev = location_device(loc_type, loc_id);
     let r = counted(Kind::GraphMem, dev, bytes, || {
         // SAFETY: valid arguments.
         let r = unsafe { real(node, graph, deps, n, params) };
@@ -710,15 +731,15 @@ pub(crate) unsafe fn graph_destroy(
     let r = unsafe { real(graph) };
     if r == CUDA_SUCCESS {
         let p = process();
-        let freed: Vec<(usize, u64)> = {
+        let freed: Vec<Entry> = {
             let mut t = p.tracker();
             let ptrs = t.graphs.remove(&graph).unwrap_or_default();
             ptrs.into_iter()
                 .filter_map(|d| t.map.remove(&(Kind::GraphMem, d)))
                 .collect()
         };
-        for (dev, bytes) in freed {
-            global().region.release(p.slot, dev, bytes);
+        for e in freed {
+            global().region.release(p.slot, e.dev, e.bytes);
         }
     }
     r
@@ -760,11 +781,126 @@ pub(crate) unsafe fn total_mem(
     // SAFETY: forwarding the caller's arguments.
     let r = unsafe { real(bytes, dev) };
     if r == CUDA_SUCCESS && !bytes.is_null() && dev >= 0 {
-        let limit = global().memory_limit(dev as usize);
+        let limit = global().memory_limit(index_of_ordinal(dev));
         if limit != 0 {
             // SAFETY: non-null, written by the driver.
             unsafe { *bytes = (*bytes as u64).min(limit) as usize };
         }
     }
     r
+}
+
+// ---- contexts ------------------------------------------------------------------
+
+/// Takes every entry allocated in `ctx` out of the table, runs `destroy`
+/// (the driver frees them all), then gives their bytes back; if the driver
+/// refused, the entries go back.
+fn context_gone(ctx: usize, destroy: impl FnOnce() -> CUresult) -> CUresult {
+    if ctx == 0 {
+        return destroy();
+    }
+    let p = process();
+    let taken: Vec<((Kind, u64), Entry)> = {
+        let mut t = p.tracker();
+        let keys: Vec<(Kind, u64)> = t
+            .map
+            .iter()
+            .filter(|(_, e)| e.ctx == ctx)
+            .map(|(k, _)| *k)
+            .collect();
+        keys.into_iter()
+            .filter_map(|k| t.map.remove(&k).map(|e| (k, e)))
+            .collect()
+    };
+    let r = destroy();
+    if r != CUDA_SUCCESS {
+        let mut t = p.tracker();
+        for (k, e) in taken {
+            t.map.entry(k).or_insert(e);
+        }
+        return r;
+    }
+    let mut n = 0u64;
+    for (k, e) in taken {
+        if k.0 != Kind::Pool {
+            global().region.release(p.slot, e.dev, e.bytes);
+            n += e.bytes;
+        }
+    }
+    // Pools may have given their memory back with the context.
+    reconcile_all_pools();
+    hlog!(
+        crate::log::DEBUG,
+        "context {ctx:#x} gone: {n} bytes given back"
+    );
+    r
+}
+
+pub(crate) unsafe fn ctx_destroy(
+    real: unsafe extern "C" fn(usize) -> CUresult,
+    ctx: usize,
+) -> CUresult {
+    // SAFETY: forwarding the caller's argument.
+    context_gone(ctx, || unsafe { real(ctx) })
+}
+
+static PRIMARY_GET_STATE: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+static PRIMARY_RETAIN: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+static PRIMARY_RELEASE: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+
+/// The primary context of CUDA device `ordinal` when it is active (0 when
+/// not active or unknown: then nothing of ours can be in it, or we cannot
+/// tell what, and the count stays, erring high). Retaining an active
+/// primary context only bumps its reference count, released at once.
+fn active_primary_context(ordinal: c_int) -> usize {
+    use crate::dl::{Lib, resolve};
+    let (state, retain, release) = (
+        resolve(
+            &PRIMARY_GET_STATE,
+            b"cuDevicePrimaryCtxGetState\0",
+            Lib::Cuda,
+        ),
+        resolve(&PRIMARY_RETAIN, b"cuDevicePrimaryCtxRetain\0", Lib::Cuda),
+        resolve(
+            &PRIMARY_RELEASE,
+            b"cuDevicePrimaryCtxRelease_v2\0",
+            Lib::Cuda,
+        ),
+    );
+    if state.is_null() || retain.is_null() || release.is_null() {
+        return 0;
+    }
+    type State = unsafe extern "C" fn(c_int, *mut c_uint, *mut c_int) -> CUresult;
+    type Retain = unsafe extern "C" fn(*mut usize, c_int) -> CUresult;
+    type Release = unsafe extern "C" fn(c_int) -> CUresult;
+    // SAFETY: the driver's functions of these names.
+    let (state, retain, release) = unsafe {
+        (
+            std::mem::transmute::<*mut c_void, State>(state),
+            std::mem::transmute::<*mut c_void, Retain>(retain),
+            std::mem::transmute::<*mut c_void, Release>(release),
+        )
+    };
+    let (mut flags, mut active) = (0 as c_uint, 0 as c_int);
+    // SAFETY: valid out pointers.
+    if unsafe { state(ordinal, &mut flags, &mut active) } != CUDA_SUCCESS || active == 0 {
+        return 0;
+    }
+    let mut ctx = 0usize;
+    // SAFETY: valid out pointer; balanced by the release below.
+    if unsafe { retain(&mut ctx, ordinal) } != CUDA_SUCCESS {
+        return 0;
+    }
+    // SAFETY: the reference we just took.
+    unsafe { release(ordinal) };
+    ctx
+}
+
+pub(crate) unsafe fn primary_ctx_reset(
+    real: unsafe extern "C" fn(c_int) -> CUresult,
+    ordinal: c_int,
+) -> CUresult {
+    let ctx = active_primary_context(ordinal);
+    // SAFETY: forwarding the caller's argument.
+    context_gone(ctx, || unsafe { real(ordinal) })
 }

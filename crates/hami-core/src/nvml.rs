@@ -2,8 +2,12 @@
 //! totals are the limit, used is the container's usage, and process
 //! listings keep only the container's processes.
 //!
-//! NVML devices map to CUDA ordinals through `CUDA_VISIBLE_DEVICES` (indices
-//! or UUIDs); without it, the NVML index is the ordinal.
+//! An NVML device is the container's device of the same UUID (see
+//! [`crate::device`]): the index the region's table gives it, else its
+//! position in `NVIDIA_VISIBLE_DEVICES`, else (no device list) the index
+//! of its CUDA ordinal, mapped through `CUDA_VISIBLE_DEVICES` (indices or
+//! UUIDs; without it the NVML index is the ordinal). A card CUDA cannot
+//! see and no list names is left untouched.
 
 use crate::ffi::*;
 use crate::state::{global, process};
@@ -67,16 +71,36 @@ pub(crate) fn cuda_ordinal(dev: usize) -> Option<usize> {
         .position(|e| !e.is_empty() && e.parse::<u32>().is_err() && uuid.starts_with(e))
 }
 
+/// The container's device index of an NVML device, `None` when the
+/// container cannot see it.
+pub(crate) fn container_index(dev: usize) -> Option<usize> {
+    let uuid = nvml_uuid(dev);
+    if let Some(uuid) = &uuid {
+        let g = global();
+        if let Some(i) = g.region.find_device(uuid) {
+            return Some(i);
+        }
+        if let Some(i) = crate::device::listed_position(uuid) {
+            return Some(i);
+        }
+    }
+    let ordinal = cuda_ordinal(dev)?;
+    match uuid {
+        Some(uuid) => crate::device::index_of_uuid(&uuid, Some(ordinal)),
+        None => Some(ordinal),
+    }
+}
+
 /// (limit, used) of the container on this NVML device, when limited.
 fn container_view(dev: usize) -> Option<(u64, u64)> {
-    let ordinal = cuda_ordinal(dev)?;
+    let index = container_index(dev)?;
     let g = global();
-    let limit = g.memory_limit(ordinal);
+    let limit = g.memory_limit(index);
     if limit == 0 {
         return None;
     }
     process().reclaim_now_and_then(g);
-    Some((limit, g.region.device_used(ordinal)))
+    Some((limit, g.region.device_used(index)))
 }
 
 pub(crate) unsafe fn memory_info(

@@ -55,8 +55,8 @@
 //! suspend flag is set by the node agent; priority-0 processes record their
 //! last launch time there, for the node agent to see.
 
+use crate::device::current_device;
 use crate::ffi::*;
-use crate::memory::current_device;
 use crate::state::{Global, Process, global, process};
 use hami_shm::region::monotonic_ns;
 use std::collections::VecDeque;

@@ -12,7 +12,7 @@ use hami_shm::MAX_DEVICES;
 use hami_shm::env::{CorePolicy, InterposerEnv};
 use hami_shm::region::{self, OverLimit, SharedRegion};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU64, Ordering::*};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 /// What an accounted handle is, so handle spaces never collide.
@@ -29,10 +29,21 @@ pub(crate) enum Kind {
     GraphMem,
 }
 
+/// One accounted handle.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Entry {
+    /// Container device index.
+    pub dev: usize,
+    /// Bytes counted (for `Kind::Pool`: the pool the memory came from).
+    pub bytes: u64,
+    /// The context it was allocated in (what `cuCtxDestroy` frees); 0 unknown.
+    pub ctx: usize,
+}
+
 /// This process's accounted allocations.
 #[derive(Default)]
 pub(crate) struct Tracker {
-    pub map: HashMap<(Kind, u64), (usize, u64)>,
+    pub map: HashMap<(Kind, u64), Entry>,
     /// Graph -> the memory-node allocations it owns.
     pub graphs: HashMap<usize, Vec<u64>>,
     /// Stream-ordered pool -> (device, bytes of its reservation counted).
@@ -61,7 +72,13 @@ pub(crate) struct Process {
 
 static GLOBAL: OnceLock<Global> = OnceLock::new();
 static PROCESS: AtomicPtr<Process> = AtomicPtr::new(std::ptr::null_mut());
-static FORKED: AtomicBool = AtomicBool::new(false);
+/// This process's pid: set before the first `Process` is made and by the
+/// `pthread_atfork` child handler, so reading it costs one atomic load (no
+/// `getpid` system call per hook). The state in `PROCESS` is ours only if
+/// its pid is this one: every thread of a forked child sees the new pid at
+/// once, so none can use the parent's slot while another builds the
+/// child's state.
+static MY_PID: AtomicI32 = AtomicI32::new(0);
 
 unsafe extern "C" {
     fn pthread_atfork(
@@ -71,9 +88,22 @@ unsafe extern "C" {
     ) -> libc::c_int;
 }
 
-/// Runs in the child right after `fork`: one atomic store, nothing else.
+/// Runs in the child right after `fork`: `getpid` (async-signal-safe) and
+/// one atomic store, nothing else.
 unsafe extern "C" fn after_fork_in_child() {
-    FORKED.store(true, Release);
+    // SAFETY: getpid has no preconditions.
+    MY_PID.store(unsafe { libc::getpid() }, Release);
+}
+
+fn my_pid() -> i32 {
+    let pid = MY_PID.load(Acquire);
+    if pid != 0 {
+        return pid;
+    }
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    let _ = MY_PID.compare_exchange(0, pid, AcqRel, Acquire);
+    MY_PID.load(Acquire)
 }
 
 pub(crate) fn global() -> &'static Global {
@@ -215,27 +245,27 @@ impl Global {
     }
 }
 
-/// This process's state, rebuilt in a forked child.
+/// This process's state, rebuilt in a forked child (keyed by pid: the
+/// state of another pid is the parent's, never used).
 pub(crate) fn process() -> &'static Process {
     let p = PROCESS.load(Acquire);
-    if !p.is_null() && !FORKED.load(Relaxed) {
-        // SAFETY: published below and never freed.
+    // SAFETY: published below and never freed.
+    if !p.is_null() && unsafe { (*p).pid } == my_pid() {
+        // SAFETY: as above.
         return unsafe { &*p };
     }
-    new_process(p)
+    new_process()
 }
 
 #[cold]
-fn new_process(old: *mut Process) -> &'static Process {
+fn new_process() -> &'static Process {
     let g = global();
-    FORKED.store(false, Relaxed);
-    // SAFETY: getpid has no preconditions.
-    let pid = unsafe { libc::getpid() };
-    if !old.is_null() {
-        // SAFETY: never freed.
-        if unsafe { (*old).pid } == pid {
-            return unsafe { &*old };
-        }
+    let pid = my_pid();
+    let old = PROCESS.load(Acquire);
+    // SAFETY: never freed.
+    if !old.is_null() && unsafe { (*old).pid } == pid {
+        // SAFETY: as above.
+        return unsafe { &*old };
     }
     g.region.reclaim_dead(pid, &|p, _| region::pid_exists(p));
     let slot = g
@@ -264,16 +294,22 @@ fn new_process(old: *mut Process) -> &'static Process {
     }));
     // A forked child's old state stays allocated (it may be mid-use by
     // the thread that forked, in the parent's copy); it is small.
-    match PROCESS.compare_exchange(old, fresh, AcqRel, Acquire) {
-        // SAFETY: just published; never freed.
-        Ok(_) => unsafe { &*fresh },
-        Err(current) => {
-            // Another thread won; give our slot back.
-            // SAFETY: `fresh` was never shared.
-            let mine = unsafe { Box::from_raw(fresh) };
-            g.region.release_slot(mine.slot, pid);
-            // SAFETY: published by the winner; never freed.
-            unsafe { &*current }
+    let mut expected = old;
+    loop {
+        match PROCESS.compare_exchange(expected, fresh, AcqRel, Acquire) {
+            // SAFETY: just published; never freed.
+            Ok(_) => return unsafe { &*fresh },
+            // SAFETY: published by another thread; never freed.
+            Err(current) if unsafe { (*current).pid } == pid => {
+                // Another thread of this process won; give our slot back.
+                // SAFETY: `fresh` was never shared.
+                let mine = unsafe { Box::from_raw(fresh) };
+                g.region.release_slot(mine.slot, pid);
+                // SAFETY: as above.
+                return unsafe { &*current };
+            }
+            // Still an ancestor's state: replace it.
+            Err(current) => expected = current,
         }
     }
 }

@@ -16,6 +16,9 @@ pub const TASK_PRIORITY: &str = "CUDA_TASK_PRIORITY";
 pub const CORE_POLICY: &str = "GPU_CORE_UTILIZATION_POLICY";
 pub const LOG_LEVEL: &str = "LIBCUDA_LOG_LEVEL";
 pub const VISIBLE_DEVICES: &str = "CUDA_VISIBLE_DEVICES";
+/// The container's cards, as the device plugin lists them (UUIDs, in the
+/// order of the per-device limits `CUDA_DEVICE_MEMORY_LIMIT_<i>`).
+pub const NVIDIA_VISIBLE_DEVICES: &str = "NVIDIA_VISIBLE_DEVICES";
 pub const OVERSUBSCRIBE: &str = "CUDA_OVERSUBSCRIBE";
 pub const DISABLE_CONTROL: &str = "CUDA_DISABLE_CONTROL";
 /// hami-rs only: where the limits file is (default [`DEFAULT_LIMITS_FILE`]).
@@ -147,6 +150,8 @@ pub struct InterposerEnv {
     pub oversubscribe: bool,
     pub disable_control: bool,
     pub visible_devices: Option<String>,
+    /// `NVIDIA_VISIBLE_DEVICES`: the container's device list.
+    pub nvidia_visible_devices: Option<String>,
     pub real_cuda: Option<PathBuf>,
     pub real_nvml: Option<PathBuf>,
 }
@@ -197,6 +202,7 @@ impl InterposerEnv {
             oversubscribe: flag(lookup, OVERSUBSCRIBE),
             disable_control: flag(lookup, DISABLE_CONTROL),
             visible_devices: lookup(VISIBLE_DEVICES),
+            nvidia_visible_devices: lookup(NVIDIA_VISIBLE_DEVICES),
             real_cuda: lookup(REAL_CUDA)
                 .filter(|v| !v.is_empty())
                 .map(PathBuf::from),

@@ -198,3 +198,48 @@ impl Lines {
 
 pub const MIB: u64 = 1 << 20;
 pub const OOM: i32 = 2;
+
+/// Reads a spawned probe's stdout up to and including its `ready` line;
+/// returns the lines before it.
+pub fn until_ready(child: &mut Child) -> Vec<String> {
+    use std::io::Read;
+    let out = child.stdout.as_mut().unwrap();
+    let mut seen = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        let n = out.read(&mut b).unwrap();
+        assert_eq!(
+            n,
+            1,
+            "probe ended before ready: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.push(b[0]);
+        if b[0] == b'\n' {
+            let text = String::from_utf8_lossy(&seen).into_owned();
+            let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+            if lines.last().is_some_and(|l| l.starts_with("ready ")) {
+                lines.pop();
+                return lines;
+            }
+        }
+    }
+}
+
+/// Kills a child that is still running after `limit`: a watchdog against a
+/// deadlock, not a timing assertion (the caller checks how it ended).
+pub fn watchdog(child: &Child, limit: std::time::Duration) -> std::thread::JoinHandle<()> {
+    let pid = child.id() as i32;
+    std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            // SAFETY: signal 0 only checks that our child is still there.
+            if unsafe { libc::kill(pid, 0) } != 0 {
+                return;
+            }
+        }
+        // SAFETY: our own child, wedged.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    })
+}
