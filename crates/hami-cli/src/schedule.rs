@@ -8,7 +8,12 @@ use clap::{Args, ValueEnum};
 use serde::Serialize;
 
 use hami_api::ContainerDevice;
-use hami_sched::{Admission, Engine, Mode, Policies, Reason, Snapshot, Vendor, pod_key};
+use hami_api::annotations as ann;
+use hami_api::node::NodeLock;
+use hami_sched::{
+    Admission, BindInFlight, BusyRule, Engine, Mode, Policies, Reason, Snapshot, Vendor, pod_key,
+};
+use jiff::{SignedDuration, Timestamp};
 
 use crate::input::{InputError, load_config, load_objects};
 
@@ -41,6 +46,14 @@ pub struct ScheduleArgs {
     /// `table` for people, `json` for programs (stdout holds the JSON alone).
     #[arg(long, short, value_enum, default_value = "table")]
     pub output: Output,
+    /// The moment the snapshot was taken (RFC 3339), for the age of node
+    /// bind locks; default: now.
+    #[arg(long, value_name = "TIME")]
+    pub now: Option<Timestamp>,
+    /// Seconds a bind lock must be held before a binpack pod passes its node
+    /// over (the scheduler's setting; spread pods pass over at once).
+    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+    pub lock_busy_after: u32,
 }
 
 /// One element of the JSON output (a stable interface, see docs/cli.md).
@@ -90,6 +103,12 @@ pub fn execute(args: ScheduleArgs) -> Result<i32, InputError> {
             ),
         }
     }
+    let now = args.now.unwrap_or_else(Timestamp::now);
+    record_binds_in_flight(&mut snapshot, &args.snapshot, &cluster, now);
+    let rule = BusyRule {
+        now,
+        busy_after: SignedDuration::from_secs(i64::from(args.lock_busy_after)),
+    };
     let incoming = load_objects(&args.pod)?;
     warn_skipped(&args.pod, &incoming.skipped);
     if incoming.pods.is_empty() {
@@ -100,7 +119,13 @@ pub fn execute(args: ScheduleArgs) -> Result<i32, InputError> {
     }
     let mut placements = Vec::new();
     for mut pod in incoming.pods {
-        placements.push(place(&engine, &mut snapshot, &mut pod, !args.no_admission));
+        placements.push(place(
+            &engine,
+            &mut snapshot,
+            &mut pod,
+            !args.no_admission,
+            rule,
+        ));
     }
     match args.output {
         Output::Json => println!(
@@ -127,11 +152,46 @@ fn warn_skipped(file: &std::path::Path, kinds: &[String]) {
     }
 }
 
+/// Every node's bind lock (`hami.io/mutex.lock`) as a bind in flight, with
+/// its holder from the same dump, as the extender sees them.
+fn record_binds_in_flight(
+    snapshot: &mut Snapshot,
+    file: &std::path::Path,
+    cluster: &crate::input::Objects,
+    now: Timestamp,
+) {
+    for node in &cluster.nodes {
+        let name = node.metadata.name.as_deref().unwrap_or_default();
+        let Some(value) = node
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ann::NODE_LOCK))
+        else {
+            continue;
+        };
+        let lock = match NodeLock::decode(value) {
+            Ok(lock) => lock,
+            Err(e) => {
+                eprintln!(
+                    "warning: {}: node {name}: {e}; its lock is ignored",
+                    file.display()
+                );
+                continue;
+            }
+        };
+        let holder_key = format!("{}/{}", lock.namespace, lock.pod);
+        let holder = cluster.pods.iter().find(|p| pod_key(p) == holder_key);
+        snapshot.set_bind_in_flight(name, BindInFlight::from_lock(name, &lock, holder, now));
+    }
+}
+
 fn place(
     engine: &Engine,
     snapshot: &mut Snapshot,
     pod: &mut k8s_openapi::api::core::v1::Pod,
     admit: bool,
+    rule: BusyRule,
 ) -> Placement {
     let key = pod_key(pod);
     let mut placement = Placement {
@@ -160,11 +220,17 @@ fn place(
             return placement;
         }
     };
-    let decision = engine.filter(snapshot, &request, None, Mode::Explain);
+    let decision = engine.filter_avoiding_busy(snapshot, &request, None, Mode::Explain, rule);
     placement.failed = decision
         .rejected
         .iter()
         .map(|(n, r)| (n.to_string(), r.to_string()))
+        .chain(
+            decision
+                .busy
+                .iter()
+                .map(|(n, b)| (n.to_string(), b.reason())),
+        )
         .collect();
     placement.annotations = decision.annotations(&engine.nvidia as &dyn Vendor);
     placement.devices = decision.devices.0.clone();

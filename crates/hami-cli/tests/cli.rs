@@ -391,3 +391,97 @@ fn tempdir() -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Two empty-ish T4 nodes; `extra` is appended to the List's items.
+fn two_node_snapshot(lock_on_n1: &str, extra: &str) -> String {
+    let reg = |n: &str| {
+        format!(
+            "[{{\"id\":\"GPU-{n}\",\"count\":10,\"devmem\":15360,\"devcore\":100,\"type\":\"NVIDIA-Tesla T4\",\"health\":true}}]"
+        )
+    };
+    format!(
+        "kind: List\nitems:\n- kind: Node\n  metadata:\n    name: n1\n    annotations:\n      hami.io/node-nvidia-register: '{}'\n      hami.io/mutex.lock: '{lock_on_n1}'\n- kind: Node\n  metadata:\n    name: n2\n    annotations:\n      hami.io/node-nvidia-register: '{}'\n{extra}",
+        reg("n1"),
+        reg("n2")
+    )
+}
+
+fn schedule_one(snapshot: &str, extra: &[&str]) -> serde_json::Value {
+    let dir = tempdir();
+    let (snap, pods) = (dir.join("snapshot.yaml"), dir.join("pods.yaml"));
+    std::fs::write(&snap, snapshot).unwrap();
+    std::fs::write(
+        &pods,
+        "kind: Pod\nmetadata: {name: p, namespace: default}\nspec:\n  containers:\n  - name: c\n    resources:\n      limits: {nvidia.com/gpu: 1, nvidia.com/gpumem: 1000}\n",
+    )
+    .unwrap();
+    let mut args = vec![
+        "schedule",
+        "--snapshot",
+        snap.to_str().unwrap(),
+        "--pod",
+        pods.to_str().unwrap(),
+        "-o",
+        "json",
+    ];
+    args.extend_from_slice(extra);
+    let out = hami(&args);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", text(&out.stderr)));
+    json[0].clone()
+}
+
+/// A pod holding n1's bind lock, bound there, still waiting for its device
+/// plugin: binpack would pick n1 (the fuller node), the extender passes it over.
+const HOLDER_ON_N1: &str = "- kind: Pod\n  metadata:\n    name: holder\n    namespace: ml\n    annotations:\n      hami.io/vgpu-node: n1\n      hami.io/vgpu-devices-allocated: 'GPU-n1,NVIDIA,1000,0:;'\n      hami.io/bind-phase: allocating\n  spec:\n    nodeName: n1\n    containers:\n    - name: c\n  status:\n    phase: Pending\n";
+
+#[test]
+fn schedule_passes_over_a_node_whose_bind_lock_is_stuck() {
+    let snap = two_node_snapshot("2026-01-01T00:09:00Z,ml,holder", HOLDER_ON_N1);
+    let p = schedule_one(&snap, &["--now", "2026-01-01T00:10:00Z"]);
+    assert_eq!(p["node"], "n2", "{p:#}");
+    assert_eq!(
+        p["failed"]["n1"],
+        "NodeLockBusy: bind lock held by ml/holder since 2026-01-01T00:09:00Z (its device plugin has not allocated yet)"
+    );
+    // Three seconds after the lock was taken it is not stuck yet.
+    let p = schedule_one(&snap, &["--now", "2026-01-01T00:09:03Z"]);
+    assert_eq!(p["node"], "n1", "{p:#}");
+    // Or with a longer threshold.
+    let p = schedule_one(
+        &snap,
+        &["--now", "2026-01-01T00:10:00Z", "--lock-busy-after", "120"],
+    );
+    assert_eq!(p["node"], "n1", "{p:#}");
+}
+
+#[test]
+fn schedule_counts_only_pods_bound_to_the_node_they_name() {
+    // The lock is old and names a pod that is gone, so only holding counts.
+    let forged = HOLDER_ON_N1.replace("    nodeName: n1\n", "");
+    let snap = two_node_snapshot("2026-01-01T00:00:00Z,ml,gone", HOLDER_ON_N1);
+    let dir = tempdir();
+    let (s, pods) = (dir.join("s.yaml"), dir.join("p.yaml"));
+    std::fs::write(&s, &snap).unwrap();
+    std::fs::write(
+        &pods,
+        "kind: Pod\nmetadata: {name: whole}\nspec:\n  containers:\n  - name: c\n    resources:\n      limits: {nvidia.com/gpu: 1, nvidia.com/gpumem: 15000}\n",
+    )
+    .unwrap();
+    let run = |snapshot: &str| {
+        std::fs::write(&s, snapshot).unwrap();
+        let out = hami(&[
+            "schedule",
+            "--snapshot",
+            s.to_str().unwrap(),
+            "--pod",
+            pods.to_str().unwrap(),
+            "-o",
+            "json",
+        ]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()[0]["node"].clone()
+    };
+    assert_eq!(run(&snap), "n2");
+    let forged = two_node_snapshot("2026-01-01T00:00:00Z,ml,gone", &forged);
+    assert_eq!(run(&forged), "n1", "forged annotations hold nothing");
+}
