@@ -485,3 +485,61 @@ fn schedule_counts_only_pods_bound_to_the_node_they_name() {
     let forged = two_node_snapshot("2026-01-01T00:00:00Z,ml,gone", &forged);
     assert_eq!(run(&forged), "n1", "forged annotations hold nothing");
 }
+
+fn decode_json(args: &[&str]) -> (i32, serde_json::Value) {
+    let mut all = vec!["decode", "--output", "json"];
+    all.extend_from_slice(args);
+    let out = hami(&all);
+    let json = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("stdout is JSON alone ({e}): {}", text(&out.stdout)));
+    (out.status.code().unwrap(), json)
+}
+
+#[test]
+fn decode_json_contract() {
+    // Register entries carry every field, also those the wire omits.
+    let (code, json) = decode_json(&[
+        "GPU-a,10,15360,100,NVIDIA-Tesla T4,0,true:GPU-b,10,15360,100,NVIDIA-Tesla T4,1,false,1,mig:",
+    ]);
+    assert_eq!(code, 0);
+    assert_eq!(json["kind"], "register");
+    assert_eq!(json["key"], "hami.io/node-nvidia-register");
+    assert_eq!(
+        json["devices"][0],
+        serde_json::json!({"id": "GPU-a", "index": 0, "count": 10, "devmem": 15360,
+            "devcore": 100, "type": "NVIDIA-Tesla T4", "numa": 0, "mode": "hami-core",
+            "health": true, "migProfiles": null})
+    );
+    assert_eq!(json["devices"][1]["mode"], "mig");
+    assert_eq!(json["devices"][1]["health"], false);
+    assert_eq!(json["devices"][1]["numa"], 1);
+    // Allocations: one list per container, init containers first.
+    let (code, json) = decode_json(&[
+        "hami.io/vgpu-devices-allocated=;GPU-a,NVIDIA,3000,30:GPU-b,NVIDIA,1000,0:;",
+    ]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        json,
+        serde_json::json!({"kind": "allocation", "key": "hami.io/vgpu-devices-allocated",
+            "containers": [[], [
+                {"uuid": "GPU-a", "type": "NVIDIA", "mem": 3000, "cores": 30},
+                {"uuid": "GPU-b", "type": "NVIDIA", "mem": 1000, "cores": 0}]]})
+    );
+    let (_, json) = decode_json(&["2024-05-06T07:08:09Z,default,p"]);
+    assert_eq!(
+        json,
+        serde_json::json!({"kind": "lock", "key": "hami.io/mutex.lock",
+            "since": "2024-05-06T07:08:09Z", "namespace": "default", "pod": "p"})
+    );
+    let (_, json) = decode_json(&["--key", "hami.io/gpu-scheduler-policy", "binpack,numa"]);
+    assert_eq!(
+        (&json["policy"], &json["numa"]),
+        (&serde_json::json!("binpack"), &serde_json::json!(true))
+    );
+    // What does not decode: {"error": ...} on stdout and exit code 2.
+    let (code, json) = decode_json(&["hami.io/vgpu-devices-allocated=GPU-a,NVIDIA,lots,3:"]);
+    assert_eq!(code, 2);
+    let error = json["error"].as_str().unwrap();
+    assert!(error.contains("memory \"lots\""), "{error}");
+    assert_eq!(json.as_object().unwrap().len(), 1);
+}
