@@ -20,6 +20,9 @@ pub struct Pki {
     pub ca: Pem,
     pub apiserver: Pem,
     pub scheduler: Pem,
+    /// A client certificate (for kube-scheduler calling the extender with
+    /// `tlsConfig.certFile`).
+    pub client: Pem,
     /// Service-account signing key (private) and its public half.
     pub sa_key: String,
     pub sa_pub: String,
@@ -85,11 +88,16 @@ impl Pki {
             ],
         )?)?;
         let scheduler = sign(serving("hami-scheduler", &["localhost"])?)?;
+        let mut client_params = params("kube-scheduler", None);
+        client_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let client = sign(client_params)?;
         let sa = KeyPair::generate()?;
         Ok(Pki {
             ca,
             apiserver,
             scheduler,
+            client,
             sa_key: sa.serialize_pem(),
             sa_pub: sa.public_key_pem(),
         })

@@ -15,7 +15,7 @@
 //!
 //! Test support only: never a dependency of a shipped crate.
 
-mod certs;
+pub mod certs;
 mod cluster;
 mod procs;
 mod testns;

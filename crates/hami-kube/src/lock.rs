@@ -42,8 +42,12 @@ pub struct LockPolicy {
     pub api_poll: Duration,
     /// Conflicting writes tolerated in a row before giving up.
     pub max_conflicts: u32,
-    /// A holder that took the lock but never wrote its bind annotations
-    /// (its binder crashed in between) is given up on after this long.
+    /// A holder that took the lock but is not bound yet is left alone this
+    /// long: its bind may still be running (it waits up to `wait` for
+    /// locks, and kube-scheduler retries only after its httpTimeout).
+    /// Taking over earlier could hand a device plugin, which finds the pod
+    /// it allocates through the lock, another pod's cards. Past this, its
+    /// binder is taken to have died.
     pub bind_grace: SignedDuration,
 }
 
@@ -55,7 +59,8 @@ impl Default for LockPolicy {
             poll: Duration::from_millis(50),
             api_poll: Duration::from_secs(3),
             max_conflicts: 20,
-            bind_grace: SignedDuration::from_secs(15),
+            // lock wait (20 s) + kube-scheduler's default httpTimeout (30 s)
+            bind_grace: SignedDuration::from_secs(50),
         }
     }
 }
@@ -423,17 +428,21 @@ mod tests {
         assert!(may_take_over(&l, HolderState::Allocating, late, &p));
         assert!(may_take_over(&l, HolderState::Gone, soon, &p));
         assert!(may_take_over(&l, HolderState::Done, soon, &p));
-        // A binder that crashed between lock and annotations.
-        assert!(!may_take_over(
-            &l,
-            HolderState::Binding,
-            at("2026-01-01T00:00:15Z"),
-            &p
-        ));
+        // A holder still binding (slow API server, waiting for the lock
+        // of... its own bind) is not taken over while kube-scheduler may
+        // still be waiting for that bind: 15 s and 30 s are not enough.
+        for t in [
+            "2026-01-01T00:00:16Z",
+            "2026-01-01T00:00:30Z",
+            "2026-01-01T00:00:50Z",
+        ] {
+            assert!(!may_take_over(&l, HolderState::Binding, at(t), &p), "{t}");
+        }
+        // A binder that crashed between lock and binding is given up on.
         assert!(may_take_over(
             &l,
             HolderState::Binding,
-            at("2026-01-01T00:00:16Z"),
+            at("2026-01-01T00:00:51Z"),
             &p
         ));
     }

@@ -2,6 +2,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use axum::Extension;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
@@ -20,6 +21,7 @@ use hami_sched::Engine;
 use crate::extender;
 use crate::metrics::Metrics;
 use crate::state::Cluster;
+use crate::tls::Caller;
 use crate::webhook;
 
 /// Everything a handler needs; cheap to clone.
@@ -41,16 +43,130 @@ pub struct App {
     /// One in-process queue per node for binders waiting on its lock, so
     /// that only one of them at a time polls the API server.
     pub node_gates: NodeGates,
+    /// Binds running at once are bounded: each holds a task and may hold a
+    /// node lock, so hostile or runaway traffic must not grow them.
+    pub bind_slots: Arc<tokio::sync::Semaphore>,
+    /// Set when a background task (a watch, the resync) has died: the
+    /// process is no longer ready and exits.
+    pub failed: Failed,
+    /// Binds running now, by pod: a Bind retried while the first still
+    /// runs waits for that one's outcome instead of binding twice.
+    pub bind_flights: BindFlights,
 }
 
-/// Per-node async mutexes, created on first use.
+/// The outcome of one bind, shared with retries of it.
+pub type BindOutcome = Option<Result<(), String>>;
+
+/// Binds in flight by `namespace/name` (and the node they bind to).
+#[derive(Clone, Default)]
+pub struct BindFlights(
+    Arc<
+        Mutex<
+            std::collections::HashMap<String, (String, tokio::sync::watch::Receiver<BindOutcome>)>,
+        >,
+    >,
+);
+
+/// The first bind of a pod: publishes its outcome and leaves the map
+/// when dropped (a panicked bind closes the channel, which joiners see).
+pub struct Flight {
+    flights: BindFlights,
+    key: String,
+    outcome: tokio::sync::watch::Sender<BindOutcome>,
+}
+
+impl Flight {
+    pub fn finish(&self, result: &Result<(), String>) {
+        self.outcome.send_replace(Some(result.clone()));
+    }
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        let mut m = self.flights.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.remove(&self.key);
+    }
+}
+
+impl BindFlights {
+    /// Starts the bind of `key` to `node`, or joins the one running: `Err`
+    /// holds that bind's node and its outcome channel.
+    pub fn start(
+        &self,
+        key: &str,
+        node: &str,
+    ) -> Result<Flight, (String, tokio::sync::watch::Receiver<BindOutcome>)> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((n, rx)) = m.get(key) {
+            return Err((n.clone(), rx.clone()));
+        }
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        m.insert(key.to_string(), (node.to_string(), rx));
+        Ok(Flight {
+            flights: self.clone(),
+            key: key.to_string(),
+            outcome: tx,
+        })
+    }
+}
+
+/// A background task that stopped, by name.
+#[derive(Clone, Default)]
+pub struct Failed(Arc<Mutex<Option<String>>>);
+
+impl Failed {
+    pub fn set(&self, what: String) {
+        let mut f = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        f.get_or_insert(what);
+    }
+
+    pub fn get(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Per-node async mutexes, created on first use and dropped when no bind
+/// holds or waits for them, so the map holds only nodes with binds in
+/// flight (bounded by the bind slots, whatever node names callers invent).
 #[derive(Clone, Default)]
 pub struct NodeGates(Arc<Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>>);
 
+/// A bind's handle on its node's gate; removes the gate when it is the
+/// last one.
+pub struct GateHandle {
+    gates: NodeGates,
+    node: String,
+    pub gate: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for GateHandle {
+    fn drop(&mut self) {
+        let mut m = self.gates.0.lock().unwrap_or_else(|e| e.into_inner());
+        // Two references: the map's and ours. Nobody else waits.
+        if Arc::strong_count(&self.gate) == 2 {
+            m.remove(&self.node);
+        }
+    }
+}
+
 impl NodeGates {
-    pub fn gate(&self, node: &str) -> Arc<tokio::sync::Mutex<()>> {
+    pub fn gate(&self, node: &str) -> GateHandle {
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        m.entry(node.to_string()).or_default().clone()
+        let gate = m.entry(node.to_string()).or_default().clone();
+        GateHandle {
+            gates: self.clone(),
+            node: node.to_string(),
+            gate,
+        }
+    }
+
+    /// Nodes with a gate (binds holding or waiting for it).
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -91,7 +207,35 @@ fn decode<T: DeserializeOwned>(what: &str, body: &Bytes) -> Result<T, Box<Respon
     serde_path_to_error::deserialize(de).map_err(|e| Box::new(bad_request(what, e)))
 }
 
-async fn filter(State(app): State<App>, body: Bytes) -> Response {
+/// The extender verbs answer kube-scheduler only (see [`Caller`]).
+fn refuse_stranger(caller: Option<&Caller>) -> Option<Response> {
+    match caller {
+        Some(c) if c.may_call_extender() => None,
+        other => {
+            let who = other.map_or("an unknown caller".to_string(), |c| c.peer.to_string());
+            tracing::warn!(
+                caller = who,
+                "extender call refused: not loopback and no client certificate"
+            );
+            Some(
+                (
+                    StatusCode::FORBIDDEN,
+                    format!("{who}: the extender verbs answer kube-scheduler in this pod (loopback) or a caller with a client certificate\n"),
+                )
+                    .into_response(),
+            )
+        }
+    }
+}
+
+async fn filter(
+    State(app): State<App>,
+    caller: Option<Extension<Caller>>,
+    body: Bytes,
+) -> Response {
+    if let Some(r) = refuse_stranger(caller.as_deref()) {
+        return r;
+    }
     let args: extender::ExtenderArgs = match decode("ExtenderArgs", &body) {
         Ok(a) => a,
         Err(r) => return *r,
@@ -99,7 +243,10 @@ async fn filter(State(app): State<App>, body: Bytes) -> Response {
     Json(extender::filter(&app, args).await).into_response()
 }
 
-async fn bind(State(app): State<App>, body: Bytes) -> Response {
+async fn bind(State(app): State<App>, caller: Option<Extension<Caller>>, body: Bytes) -> Response {
+    if let Some(r) = refuse_stranger(caller.as_deref()) {
+        return r;
+    }
     let args: extender::ExtenderBindingArgs = match decode("ExtenderBindingArgs", &body) {
         Ok(a) => a,
         Err(r) => return *r,
@@ -119,6 +266,9 @@ async fn admission(State(app): State<App>, body: Bytes) -> Response {
 }
 
 async fn readyz(State(app): State<App>) -> Response {
+    if let Some(what) = app.failed.get() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{what}\n")).into_response();
+    }
     if app.synced.get() {
         "ok".into_response()
     } else {
@@ -131,10 +281,10 @@ async fn readyz(State(app): State<App>) -> Response {
 }
 
 async fn metrics(State(app): State<App>) -> Response {
-    let text = {
-        let c = app.cluster();
-        app.metrics.render(c.snapshot())
-    };
+    // Copy under the lock, render outside it: Filter and Bind wait for
+    // that lock, a scrape must not hold it while it formats text.
+    let snapshot = app.cluster().snapshot().clone();
+    let text = app.metrics.render(&snapshot);
     (
         [(
             header::CONTENT_TYPE,

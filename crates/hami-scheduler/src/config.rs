@@ -16,6 +16,9 @@ use hami_api::policy::{GpuPolicy, NodePolicy};
 /// mutating admission webhook (POST /webhook), /healthz, /readyz and
 /// /metrics over HTTPS. Every flag may also be set in the file given by
 /// --config (YAML, the flag names in camelCase, e.g. `bindAddress`).
+/// HAMi's scheduler flag spellings (`--http_bind`, `--cert_file`,
+/// `--key_file`, `--device-config-file`, `--node-lock-timeout` ...) are
+/// accepted too, so HAMi's chart runs this binary unchanged.
 #[derive(Debug, Clone, Parser, Default)]
 #[command(name = "hami-scheduler", version)]
 pub struct Args {
@@ -24,28 +27,38 @@ pub struct Args {
     pub config: Option<PathBuf>,
 
     /// Address and port of the HTTPS server [default: 0.0.0.0:443].
-    #[arg(long)]
+    /// /filter and /bind answer only callers on loopback (kube-scheduler in
+    /// the same pod) or with a client certificate signed by
+    /// --extender-client-ca-file.
+    #[arg(long, alias = "http_bind", value_parser = parse_addr)]
     pub bind_address: Option<SocketAddr>,
 
     /// Optional plain-HTTP address serving only /metrics, /healthz and
-    /// /readyz (for Prometheus without TLS, e.g. HAMi's port 31993).
-    #[arg(long)]
+    /// /readyz (for Prometheus without TLS, e.g. HAMi's `:9395`).
+    #[arg(long, value_parser = parse_addr)]
     pub metrics_bind_address: Option<SocketAddr>,
 
-    /// PEM certificate chain of the HTTPS server.
-    #[arg(long)]
+    /// PEM certificate chain of the HTTPS server (re-read when it changes).
+    #[arg(long, alias = "cert_file")]
     pub tls_cert_file: Option<PathBuf>,
 
-    /// PEM private key of the HTTPS server.
-    #[arg(long)]
+    /// PEM private key of the HTTPS server (re-read when it changes).
+    #[arg(long, alias = "key_file")]
     pub tls_key_file: Option<PathBuf>,
+
+    /// PEM CA bundle: a caller of /filter or /bind that is not on loopback
+    /// must present a client certificate signed by it (kube-scheduler's
+    /// extender `tlsConfig.certFile`). Unset: loopback callers only.
+    #[arg(long)]
+    pub extender_client_ca_file: Option<PathBuf>,
 
     /// kubeconfig to use; default: $KUBECONFIG, ~/.kube/config, then the
     /// in-cluster service account.
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
 
-    /// Scheduler name the webhook gives GPU pods [default: hami-scheduler].
+    /// Scheduler name the webhook gives GPU pods; Filter and Bind act only
+    /// for pods with this schedulerName [default: hami-scheduler].
     #[arg(long)]
     pub scheduler_name: Option<String>,
 
@@ -61,7 +74,7 @@ pub struct Args {
 
     /// device-config.yaml (or the whole hami-scheduler-device ConfigMap);
     /// default: the built-in NVIDIA defaults.
-    #[arg(long)]
+    #[arg(long, alias = "device-config-file")]
     pub device_config: Option<PathBuf>,
 
     /// Only nodes matching this label selector are considered (e.g.
@@ -71,13 +84,20 @@ pub struct Args {
 
     /// A node bind lock older than this may be taken over, e.g. `5m`
     /// [default: 5m].
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, alias = "node-lock-timeout", env = "HAMI_NODELOCK_EXPIRE", value_parser = parse_duration)]
     pub lock_timeout: Option<Duration>,
 
     /// How long a bind waits for a node lock held by another pod's bind
     /// [default: 20s].
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, alias = "node-lock-retry-timeout", value_parser = parse_duration)]
     pub lock_wait: Option<Duration>,
+
+    /// kube-scheduler's extender `httpTimeout`: a bind may still run this
+    /// long after kube-scheduler gave up on it, so a lock whose holder is
+    /// still binding is not taken over before lock wait + this [default:
+    /// 30s].
+    #[arg(long, value_parser = parse_duration)]
+    pub extender_http_timeout: Option<Duration>,
 
     /// A pod left in bind-phase=allocating (its device plugin never
     /// answered) longer than this is marked failed and its devices
@@ -85,28 +105,25 @@ pub struct Args {
     #[arg(long, value_parser = parse_duration)]
     pub allocating_timeout: Option<Duration>,
 
-    /// Elect a leader among replicas with a Lease; only the leader binds
-    /// and writes annotations [default: false].
-    #[arg(long)]
+    /// Follow kube-scheduler's leader election: act as leader (bind, write
+    /// handshakes and events) only while kube-scheduler's Lease names this
+    /// pod. Off: this replica is always the leader [default: false].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub leader_elect: Option<bool>,
 
-    /// Namespace of the leader-election Lease [default: kube-system].
-    #[arg(long)]
-    pub leader_elect_namespace: Option<String>,
+    /// Namespace of kube-scheduler's leader Lease [default: kube-system].
+    #[arg(long, alias = "leader-elect-namespace")]
+    pub leader_elect_resource_namespace: Option<String>,
 
-    /// Name of the leader-election Lease [default: hami-scheduler].
-    #[arg(long)]
-    pub leader_elect_name: Option<String>,
+    /// Name of kube-scheduler's leader Lease (its
+    /// `leaderElection.resourceName`) [default: the scheduler name].
+    #[arg(long, alias = "leader-elect-name")]
+    pub leader_elect_resource_name: Option<String>,
 
-    /// This replica's identity in the Lease [default: $POD_NAME, else the
-    /// host name].
+    /// This pod's host name as kube-scheduler writes it in the Lease
+    /// (`<hostname>_<uuid>`) [default: the kernel's host name].
     #[arg(long)]
     pub leader_elect_identity: Option<String>,
-
-    /// Lease duration; a leader that fails to renew for this long is
-    /// replaced [default: 15s].
-    #[arg(long, value_parser = parse_duration)]
-    pub leader_elect_lease_duration: Option<Duration>,
 
     /// Largest accepted request body, in bytes [default: 16777216].
     #[arg(long)]
@@ -116,16 +133,140 @@ pub struct Args {
     /// [default: 15s].
     #[arg(long, value_parser = parse_duration)]
     pub resync_period: Option<Duration>,
+
+    /// Open HTTPS connections served at once; more wait in the kernel's
+    /// accept queue [default: 1024].
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+
+    /// A client that has not finished the TLS handshake, or sent a
+    /// request's headers, within this is disconnected [default: 10s].
+    #[arg(long, value_parser = parse_duration)]
+    pub tls_handshake_timeout: Option<Duration>,
+
+    /// Binds running at once; a bind beyond this is refused at once (each
+    /// holds a task and possibly a node lock) [default: 256].
+    #[arg(long)]
+    pub max_concurrent_binds: Option<usize>,
+
+    /// With false, the webhook leaves a GPU pod that names
+    /// default-scheduler (or no scheduler) with it, as HAMi does
+    /// [default: true].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub force_overwrite_default_scheduler: Option<bool>,
+
+    /// What the webhook does with environment variables that would switch
+    /// the interposer's limits off in a GPU container: deny the pod or
+    /// remove them [default: deny].
+    #[arg(long)]
+    pub protected_env: Option<ProtectedEnvMode>,
+
+    /// Namespaces whose pods may set those variables (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub protected_env_allowed_namespaces: Option<Vec<String>>,
+
+    /// HAMi flags with no meaning here, accepted so HAMi's chart and
+    /// manifests run unchanged; each is logged once at start.
+    #[command(flatten)]
+    pub hami: HamiCompatFlags,
+}
+
+/// What the webhook does with interposer-disabling environment variables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProtectedEnvMode {
+    #[default]
+    Deny,
+    Remove,
+}
+
+/// HAMi scheduler flags accepted and ignored (see [`Args::hami`]).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct HamiCompatFlags {
+    /// HAMi: client QPS (ignored: kube-rs has no client-side limiter).
+    #[arg(long, hide = true)]
+    pub kube_qps: Option<f32>,
+    /// HAMi: client burst (ignored).
+    #[arg(long, hide = true)]
+    pub kube_burst: Option<u32>,
+    /// HAMi: client timeout in seconds (ignored).
+    #[arg(long, hide = true)]
+    pub kube_timeout: Option<u32>,
+    /// HAMi: pprof (ignored).
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub profiling: Option<bool>,
+    /// HAMi: legacy metric names (ignored).
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub legacy_metrics: Option<bool>,
+    /// HAMi: debug logging (use RUST_LOG=debug).
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub debug: Option<bool>,
+    /// HAMi/klog verbosity (use RUST_LOG).
+    #[arg(short = 'v', hide = true)]
+    pub verbosity: Option<u8>,
+    /// HAMi: Ascend devices (other vendors are not scheduled yet).
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub enable_ascend: Option<bool>,
+    /// HAMi: Iluvatar devices (other vendors are not scheduled yet).
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub enable_iluvatar: Option<bool>,
+}
+
+impl HamiCompatFlags {
+    /// One line per HAMi flag that was given and is ignored.
+    pub fn notes(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        let mut note = |given: bool, flag: &str, why: &str| {
+            if given {
+                v.push(format!(
+                    "{flag} is accepted for HAMi compatibility and ignored: {why}"
+                ));
+            }
+        };
+        note(
+            self.kube_qps.is_some(),
+            "--kube-qps",
+            "no client-side rate limiter",
+        );
+        note(
+            self.kube_burst.is_some(),
+            "--kube-burst",
+            "no client-side rate limiter",
+        );
+        note(
+            self.kube_timeout.is_some(),
+            "--kube-timeout",
+            "requests use kube-rs's timeouts",
+        );
+        note(self.profiling.is_some(), "--profiling", "no pprof server");
+        note(
+            self.legacy_metrics.is_some(),
+            "--legacy-metrics",
+            "only the current metric names exist",
+        );
+        note(
+            self.debug.is_some() || self.verbosity.is_some(),
+            "--debug/-v",
+            "set RUST_LOG instead",
+        );
+        note(
+            self.enable_ascend.is_some() || self.enable_iluvatar.is_some(),
+            "--enable-ascend/--enable-iluvatar",
+            "only NVIDIA devices are scheduled so far",
+        );
+        v
+    }
 }
 
 /// The config file: the same settings as the flags, camelCase keys.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileConfig {
-    pub bind_address: Option<SocketAddr>,
-    pub metrics_bind_address: Option<SocketAddr>,
+    pub bind_address: Option<String>,
+    pub metrics_bind_address: Option<String>,
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
+    pub extender_client_ca_file: Option<PathBuf>,
     pub kubeconfig: Option<PathBuf>,
     pub scheduler_name: Option<String>,
     pub node_scheduler_policy: Option<String>,
@@ -134,14 +275,20 @@ pub struct FileConfig {
     pub node_label_selector: Option<String>,
     pub lock_timeout: Option<String>,
     pub lock_wait: Option<String>,
+    pub extender_http_timeout: Option<String>,
     pub allocating_timeout: Option<String>,
     pub leader_elect: Option<bool>,
-    pub leader_elect_namespace: Option<String>,
-    pub leader_elect_name: Option<String>,
+    pub leader_elect_resource_namespace: Option<String>,
+    pub leader_elect_resource_name: Option<String>,
     pub leader_elect_identity: Option<String>,
-    pub leader_elect_lease_duration: Option<String>,
     pub max_body_bytes: Option<usize>,
     pub resync_period: Option<String>,
+    pub max_connections: Option<usize>,
+    pub tls_handshake_timeout: Option<String>,
+    pub max_concurrent_binds: Option<usize>,
+    pub force_overwrite_default_scheduler: Option<bool>,
+    pub protected_env: Option<ProtectedEnvMode>,
+    pub protected_env_allowed_namespaces: Option<Vec<String>>,
 }
 
 /// Every setting resolved.
@@ -151,6 +298,7 @@ pub struct Settings {
     pub metrics_bind_address: Option<SocketAddr>,
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
+    pub extender_client_ca_file: Option<PathBuf>,
     pub kubeconfig: Option<PathBuf>,
     pub scheduler_name: String,
     pub node_policy: NodePolicy,
@@ -159,54 +307,96 @@ pub struct Settings {
     pub node_label_selector: Option<String>,
     pub lock_timeout: Duration,
     pub lock_wait: Duration,
+    pub extender_http_timeout: Duration,
     pub allocating_timeout: Duration,
     pub leader_elect: bool,
-    pub leader_elect_namespace: String,
-    pub leader_elect_name: String,
+    pub leader_elect_resource_namespace: String,
+    pub leader_elect_resource_name: String,
     pub leader_elect_identity: String,
-    pub leader_elect_lease_duration: Duration,
     pub max_body_bytes: usize,
     pub resync_period: Duration,
+    pub max_connections: usize,
+    pub tls_handshake_timeout: Duration,
+    pub max_concurrent_binds: usize,
+    pub force_overwrite_default_scheduler: bool,
+    pub protected_env: ProtectedEnvMode,
+    pub protected_env_allowed_namespaces: Vec<String>,
 }
 
-/// Parses `500ms`, `20s`, `5m`, `1h` or a bare number of seconds.
+/// Parses a duration as Go writes them: `500ms`, `20s`, `5m`, `1h`,
+/// `1m30s`, or a bare number of seconds. Negative values are refused.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 500ms, 20s, 5m, 1h)"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m or h)")),
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("{s:?} is not a duration"));
+    let text = s.trim();
+    let bad = || format!("{text:?} is not a duration (e.g. 500ms, 20s, 5m, 1m30s, 1h)");
+    if text.is_empty() {
+        return Err(bad());
     }
-    Ok(Duration::from_secs_f64(secs))
+    if let Ok(n) = text.parse::<f64>() {
+        return secs(n).ok_or_else(bad);
+    }
+    let mut total = 0.0;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .ok_or_else(bad)?;
+        let n: f64 = rest[..num_len].parse().map_err(|_| bad())?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            u => return Err(format!("{text:?}: unknown unit {u:?} (ms, s, m or h)")),
+        };
+        total += n * scale;
+        rest = &rest[unit_len..];
+    }
+    secs(total).ok_or_else(bad)
 }
 
-fn file_duration(file: &Path, key: &str, v: Option<String>) -> Result<Option<Duration>, String> {
-    v.map(|s| parse_duration(&s).map_err(|e| format!("{}: {key}: {e}", file.display())))
-        .transpose()
+fn secs(n: f64) -> Option<Duration> {
+    (n.is_finite() && n >= 0.0).then(|| Duration::from_secs_f64(n))
 }
 
-fn file_policy<P: std::str::FromStr<Err = String>>(
+/// Parses `host:port`, or Go's `:port` for every interface.
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    let full = match s.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => s.to_string(),
+    };
+    full.parse()
+        .map_err(|e| format!("{s:?} is not an address:port ({e})"))
+}
+
+fn file_parsed<T>(
     file: &Path,
     key: &str,
     v: Option<String>,
-) -> Result<Option<P>, String> {
-    v.map(|s| {
-        s.parse()
-            .map_err(|e| format!("{}: {key}: {e}", file.display()))
-    })
-    .transpose()
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<Option<T>, String> {
+    v.map(|s| parse(&s).map_err(|e| format!("{}: {key}: {e}", file.display())))
+        .transpose()
+}
+
+fn parse_policy<P: std::str::FromStr<Err = String>>(s: &str) -> Result<P, String> {
+    s.parse()
+}
+
+/// A duration setting that must be more than zero: an error names the
+/// flag and the file key.
+fn positive(value: Duration, flag: &str, key: &str) -> Result<Duration, String> {
+    if value.is_zero() {
+        return Err(format!(
+            "--{flag} ({key} in the config file) must be more than 0"
+        ));
+    }
+    Ok(value)
 }
 
 impl Args {
@@ -226,36 +416,101 @@ impl Args {
             None => (PathBuf::from("(no config file)"), FileConfig::default()),
         };
         let p = path.as_path();
+        let duration = |flag: Option<Duration>,
+                        key: &str,
+                        file_value: Option<String>,
+                        default: Duration|
+         -> Result<Duration, String> {
+            let v = match flag {
+                Some(v) => v,
+                None => file_parsed(p, key, file_value, parse_duration)?.unwrap_or(default),
+            };
+            let flag_name: String = key
+                .chars()
+                .flat_map(|c| {
+                    if c.is_ascii_uppercase() {
+                        vec!['-', c.to_ascii_lowercase()]
+                    } else {
+                        vec![c]
+                    }
+                })
+                .collect();
+            positive(v, &flag_name, key)
+        };
         let identity = self
             .leader_elect_identity
             .clone()
             .or(file.leader_elect_identity)
-            .or_else(|| std::env::var("POD_NAME").ok())
-            .or_else(|| std::env::var("HOSTNAME").ok())
-            .unwrap_or_else(|| format!("hami-scheduler-{}", std::process::id()));
+            .or_else(hami_kube::leader::host_name)
+            .unwrap_or_default();
+        let scheduler_name = self
+            .scheduler_name
+            .clone()
+            .or(file.scheduler_name)
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| hami_api::annotations::SCHEDULER_NAME.to_string());
+        let leader_elect = self.leader_elect.or(file.leader_elect).unwrap_or(false);
+        if leader_elect && identity.is_empty() {
+            return Err(
+                "--leader-elect: this pod's host name is unknown; set --leader-elect-identity"
+                    .into(),
+            );
+        }
+        let positive_count = |v: usize, flag: &str| {
+            if v == 0 {
+                Err(format!("--{flag} must be more than 0"))
+            } else {
+                Ok(v)
+            }
+        };
         Ok(Settings {
-            bind_address: self
-                .bind_address
-                .or(file.bind_address)
-                .unwrap_or_else(|| "0.0.0.0:443".parse().expect("valid address")),
-            metrics_bind_address: self.metrics_bind_address.or(file.metrics_bind_address),
+            bind_address: match self.bind_address {
+                Some(a) => a,
+                None => file_parsed(p, "bindAddress", file.bind_address, parse_addr)?
+                    .unwrap_or_else(|| "0.0.0.0:443".parse().expect("valid address")),
+            },
+            metrics_bind_address: match self.metrics_bind_address {
+                Some(a) => Some(a),
+                None => file_parsed(
+                    p,
+                    "metricsBindAddress",
+                    file.metrics_bind_address,
+                    parse_addr,
+                )?,
+            },
             tls_cert_file: self.tls_cert_file.clone().or(file.tls_cert_file),
             tls_key_file: self.tls_key_file.clone().or(file.tls_key_file),
-            kubeconfig: self.kubeconfig.clone().or(file.kubeconfig),
-            scheduler_name: self
-                .scheduler_name
+            extender_client_ca_file: self
+                .extender_client_ca_file
                 .clone()
-                .or(file.scheduler_name)
-                .unwrap_or_else(|| hami_api::annotations::SCHEDULER_NAME.to_string()),
+                .or(file.extender_client_ca_file),
+            kubeconfig: self.kubeconfig.clone().or(file.kubeconfig),
+            leader_elect_resource_name: self
+                .leader_elect_resource_name
+                .clone()
+                .or(file.leader_elect_resource_name)
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| scheduler_name.clone()),
+            scheduler_name,
             node_policy: match self.node_scheduler_policy {
                 Some(v) => v,
-                None => file_policy(p, "nodeSchedulerPolicy", file.node_scheduler_policy)?
-                    .unwrap_or_default(),
+                None => file_parsed(
+                    p,
+                    "nodeSchedulerPolicy",
+                    file.node_scheduler_policy,
+                    parse_policy,
+                )?
+                .unwrap_or_default(),
             },
             gpu_policy: match self.gpu_scheduler_policy {
                 Some(v) => v,
-                None => file_policy(p, "gpuSchedulerPolicy", file.gpu_scheduler_policy)?
-                    .unwrap_or_default(),
+                None => file_parsed(
+                    p,
+                    "gpuSchedulerPolicy",
+                    file.gpu_scheduler_policy,
+                    parse_policy,
+                )?
+                .unwrap_or_default(),
             },
             device_config: self.device_config.clone().or(file.device_config),
             node_label_selector: self
@@ -263,50 +518,81 @@ impl Args {
                 .clone()
                 .or(file.node_label_selector)
                 .filter(|s| !s.is_empty()),
-            lock_timeout: self
-                .lock_timeout
-                .or(file_duration(p, "lockTimeout", file.lock_timeout)?)
-                .unwrap_or(Duration::from_secs(300)),
-            lock_wait: self
-                .lock_wait
-                .or(file_duration(p, "lockWait", file.lock_wait)?)
-                .unwrap_or(Duration::from_secs(20)),
-            allocating_timeout: self
-                .allocating_timeout
-                .or(file_duration(
-                    p,
-                    "allocatingTimeout",
-                    file.allocating_timeout,
-                )?)
-                .unwrap_or(Duration::from_secs(120)),
-            leader_elect: self.leader_elect.or(file.leader_elect).unwrap_or(false),
-            leader_elect_namespace: self
-                .leader_elect_namespace
+            lock_timeout: duration(
+                self.lock_timeout,
+                "lockTimeout",
+                file.lock_timeout,
+                Duration::from_secs(300),
+            )?,
+            lock_wait: duration(
+                self.lock_wait,
+                "lockWait",
+                file.lock_wait,
+                Duration::from_secs(20),
+            )?,
+            extender_http_timeout: duration(
+                self.extender_http_timeout,
+                "extenderHttpTimeout",
+                file.extender_http_timeout,
+                Duration::from_secs(30),
+            )?,
+            allocating_timeout: duration(
+                self.allocating_timeout,
+                "allocatingTimeout",
+                file.allocating_timeout,
+                Duration::from_secs(120),
+            )?,
+            leader_elect,
+            leader_elect_resource_namespace: self
+                .leader_elect_resource_namespace
                 .clone()
-                .or(file.leader_elect_namespace)
+                .or(file.leader_elect_resource_namespace)
+                .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| "kube-system".into()),
-            leader_elect_name: self
-                .leader_elect_name
-                .clone()
-                .or(file.leader_elect_name)
-                .unwrap_or_else(|| "hami-scheduler".into()),
             leader_elect_identity: identity,
-            leader_elect_lease_duration: self
-                .leader_elect_lease_duration
-                .or(file_duration(
-                    p,
-                    "leaderElectLeaseDuration",
-                    file.leader_elect_lease_duration,
-                )?)
-                .unwrap_or(Duration::from_secs(15)),
-            max_body_bytes: self
-                .max_body_bytes
-                .or(file.max_body_bytes)
-                .unwrap_or(16 << 20),
-            resync_period: self
-                .resync_period
-                .or(file_duration(p, "resyncPeriod", file.resync_period)?)
-                .unwrap_or(Duration::from_secs(15)),
+            max_body_bytes: positive_count(
+                self.max_body_bytes
+                    .or(file.max_body_bytes)
+                    .unwrap_or(16 << 20),
+                "max-body-bytes",
+            )?,
+            resync_period: duration(
+                self.resync_period,
+                "resyncPeriod",
+                file.resync_period,
+                Duration::from_secs(15),
+            )?,
+            max_connections: positive_count(
+                self.max_connections
+                    .or(file.max_connections)
+                    .unwrap_or(1024),
+                "max-connections",
+            )?,
+            tls_handshake_timeout: duration(
+                self.tls_handshake_timeout,
+                "tlsHandshakeTimeout",
+                file.tls_handshake_timeout,
+                Duration::from_secs(10),
+            )?,
+            max_concurrent_binds: positive_count(
+                self.max_concurrent_binds
+                    .or(file.max_concurrent_binds)
+                    .unwrap_or(256),
+                "max-concurrent-binds",
+            )?,
+            force_overwrite_default_scheduler: self
+                .force_overwrite_default_scheduler
+                .or(file.force_overwrite_default_scheduler)
+                .unwrap_or(true),
+            protected_env: self
+                .protected_env
+                .or(file.protected_env)
+                .unwrap_or_default(),
+            protected_env_allowed_namespaces: self
+                .protected_env_allowed_namespaces
+                .clone()
+                .or(file.protected_env_allowed_namespaces)
+                .unwrap_or_default(),
         })
     }
 }
@@ -318,6 +604,8 @@ mod tests {
     #[test]
     fn durations() {
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert!(parse_duration("-5s").is_err());
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
         assert!(parse_duration("5 minutes").is_err());
@@ -350,5 +638,90 @@ mod tests {
         let e = args.settings().unwrap_err();
         assert!(e.contains("lockTimeot"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The scheduler arguments of HAMi's chart (templates/scheduler/
+    /// deployment.yaml, with its default values) parse as they are.
+    #[test]
+    fn hami_chart_arguments_are_accepted() {
+        let args = Args::try_parse_from([
+            "scheduler",
+            "--http_bind=0.0.0.0:443",
+            "--cert_file=/tls/tls.crt",
+            "--key_file=/tls/tls.key",
+            "--scheduler-name=hami-scheduler",
+            "--metrics-bind-address=:9395",
+            "--node-scheduler-policy=binpack",
+            "--gpu-scheduler-policy=spread",
+            "--force-overwrite-default-scheduler=false",
+            "--device-config-file=/device-config.yaml",
+            "--leader-elect=true",
+            "--leader-elect-resource-name=hami-scheduler",
+            "--leader-elect-resource-namespace=hami-system",
+            "--node-label-selector=gpu=on",
+            "--node-lock-timeout=5m",
+            "--legacy-metrics=true",
+            "--debug",
+            "-v=4",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let s = args.settings().unwrap();
+        assert_eq!(s.bind_address, "0.0.0.0:443".parse().unwrap());
+        assert_eq!(
+            s.metrics_bind_address,
+            Some("0.0.0.0:9395".parse().unwrap())
+        );
+        assert_eq!(s.tls_cert_file.as_deref(), Some(Path::new("/tls/tls.crt")));
+        assert_eq!(
+            s.device_config.as_deref(),
+            Some(Path::new("/device-config.yaml"))
+        );
+        assert!(!s.force_overwrite_default_scheduler);
+        assert!(s.leader_elect);
+        assert_eq!(s.leader_elect_resource_name, "hami-scheduler");
+        assert_eq!(s.leader_elect_resource_namespace, "hami-system");
+        assert_eq!(s.lock_timeout, Duration::from_secs(300));
+        assert_eq!(args.hami.notes().len(), 2, "{:?}", args.hami.notes());
+    }
+
+    #[test]
+    fn zero_durations_are_errors_naming_the_setting() {
+        let e = Args::parse_from(["hami-scheduler", "--lock-wait=0s"])
+            .settings()
+            .unwrap_err();
+        assert!(e.contains("--lock-wait") && e.contains("lockWait"), "{e}");
+        let e = Args::parse_from(["hami-scheduler", "--resync-period=0"])
+            .settings()
+            .unwrap_err();
+        assert!(e.contains("--resync-period"), "{e}");
+        let e = Args::parse_from(["hami-scheduler", "--max-concurrent-binds=0"])
+            .settings()
+            .unwrap_err();
+        assert!(e.contains("--max-concurrent-binds"), "{e}");
+        assert!(Args::try_parse_from(["hami-scheduler", "--lock-timeout=-1s"]).is_err());
+        let dir = std::env::temp_dir().join(format!("hami-sched-cfg0-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("c.yaml");
+        std::fs::write(&f, "allocatingTimeout: 0ms\n").unwrap();
+        let e = Args::parse_from(["hami-scheduler", "--config", f.to_str().unwrap()])
+            .settings()
+            .unwrap_err();
+        assert!(e.contains("allocatingTimeout"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_leader_lease_defaults_to_the_scheduler_name() {
+        let s = Args::parse_from([
+            "hami-scheduler",
+            "--scheduler-name=gpu-sched",
+            "--leader-elect",
+            "--leader-elect-identity=pod-a",
+        ])
+        .settings()
+        .unwrap();
+        assert_eq!(s.leader_elect_resource_name, "gpu-sched");
+        assert_eq!(s.leader_elect_resource_namespace, "kube-system");
+        assert_eq!(s.leader_elect_identity, "pod-a");
     }
 }

@@ -120,6 +120,20 @@ async fn filter_inner(app: &App, args: ExtenderArgs) -> ExtenderFilterResult {
         (None, Some(nodes)) => node_names_of(nodes),
         (None, None) => Vec::new(),
     };
+    let refuse_all = |msg: String| ExtenderFilterResult {
+        node_names: Some(Vec::new()),
+        nodes: args.nodes.as_ref().map(|n| keep_nodes(n, &[])),
+        failed_and_unresolvable_nodes: candidates
+            .iter()
+            .map(|n| (n.clone(), msg.clone()))
+            .collect(),
+        ..Default::default()
+    };
+    if let Some(other) = foreign_scheduler(&pod, &app.scheduler_name) {
+        // Reserving for a pod another scheduler owns would hold cards for
+        // nothing (or for whoever invents such calls).
+        return refuse_all(other);
+    }
     let answer = |names: Vec<String>| ExtenderFilterResult {
         nodes: args.nodes.as_ref().map(|n| keep_nodes(n, &names)),
         node_names: Some(names),
@@ -129,19 +143,8 @@ async fn filter_inner(app: &App, args: ExtenderArgs) -> ExtenderFilterResult {
         // Not ours: every candidate stays.
         Ok(None) => return answer(candidates),
         Ok(Some(r)) => r,
-        Err(e) => {
-            // No node can ever take it; say why on each.
-            let msg = e.to_string();
-            return ExtenderFilterResult {
-                node_names: Some(Vec::new()),
-                nodes: args.nodes.as_ref().map(|n| keep_nodes(n, &[])),
-                failed_and_unresolvable_nodes: candidates
-                    .into_iter()
-                    .map(|n| (n, msg.clone()))
-                    .collect(),
-                ..Default::default()
-            };
-        }
+        // No node can ever take it; say why on each.
+        Err(e) => return refuse_all(e.to_string()),
     };
     let now = app.clock.now();
     let outcome = {
@@ -198,19 +201,83 @@ async fn filter_inner(app: &App, args: ExtenderArgs) -> ExtenderFilterResult {
     }
 }
 
+/// Why a pod is not ours to place: its schedulerName names another
+/// scheduler. `None` when it is ours.
+fn foreign_scheduler(pod: &Pod, ours: &str) -> Option<String> {
+    let name = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.scheduler_name.as_deref())
+        .unwrap_or("default-scheduler");
+    (name != ours).then(|| {
+        format!("pod's schedulerName is {name:?}; this extender places only pods of {ours:?}")
+    })
+}
+
 /// POST /bind.
 pub async fn bind(app: &App, args: ExtenderBindingArgs) -> ExtenderBindingResult {
     let started = Instant::now();
+    let key = format!("{}/{}", args.pod_namespace, args.pod_name);
+    let flight = match app.bind_flights.start(&key, &args.node) {
+        Ok(f) => f,
+        Err((node, rx)) => return join_flight(app, &args, &node, rx, started).await,
+    };
+    let Ok(slot) = app.bind_slots.clone().try_acquire_owned() else {
+        let result = Err(
+            "too many binds in flight in this hami-scheduler (--max-concurrent-binds); try again"
+                .to_string(),
+        );
+        flight.finish(&result);
+        return finish_bind(app, &args, result, started);
+    };
     // Run the bind to its end even if kube-scheduler hangs up: stopping
-    // between the annotation patch and the binding would leave the node
-    // locked by a pod that is never bound.
+    // between the lock and the binding would leave the node locked by a
+    // pod that is never bound. The task owns the flight, so a retry joins
+    // it for as long as it runs.
     let task = {
         let (app, args) = (app.clone(), args.clone());
-        tokio::spawn(async move { bind_inner(&app, &args).await })
+        tokio::spawn(async move {
+            let _slot = slot;
+            let result = bind_inner(&app, &args).await;
+            flight.finish(&result);
+            result
+        })
     };
     let result = task
         .await
         .unwrap_or_else(|e| Err(format!("bind task failed: {e}")));
+    finish_bind(app, &args, result, started)
+}
+
+/// A Bind of a pod whose bind is already running (kube-scheduler retried
+/// after its httpTimeout): the running one's outcome is the answer.
+async fn join_flight(
+    app: &App,
+    args: &ExtenderBindingArgs,
+    node: &str,
+    mut rx: tokio::sync::watch::Receiver<crate::app::BindOutcome>,
+    started: Instant,
+) -> ExtenderBindingResult {
+    let result = if node != args.node {
+        Err(format!(
+            "a bind of this pod to node {node} is still running; not binding it to {}",
+            args.node
+        ))
+    } else {
+        match rx.wait_for(Option::is_some).await {
+            Ok(outcome) => outcome.clone().unwrap_or(Ok(())),
+            Err(_) => Err("the running bind of this pod ended without an outcome".into()),
+        }
+    };
+    finish_bind(app, args, result, started)
+}
+
+fn finish_bind(
+    app: &App,
+    args: &ExtenderBindingArgs,
+    result: Result<(), String>,
+    started: Instant,
+) -> ExtenderBindingResult {
     app.metrics
         .bind_duration
         .observe(started.elapsed().as_secs_f64());
@@ -229,8 +296,15 @@ pub async fn bind(app: &App, args: ExtenderBindingArgs) -> ExtenderBindingResult
 }
 
 async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String> {
-    if !app.leadership.is_leader() {
-        return Err("this hami-scheduler replica is not the leader".into());
+    match app.leadership.confirm().await {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(format!(
+                "this hami-scheduler replica is not the leader (kube-scheduler's Lease is held by {})",
+                app.leadership.holder().unwrap_or_else(|| "nobody".into())
+            ));
+        }
+        Err(e) => return Err(format!("cannot tell whether this replica leads: {e}")),
     }
     if !app.synced.get() {
         return Err("hami-scheduler is starting: node and pod caches not synced yet".into());
@@ -264,6 +338,9 @@ async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String>
                 .await
                 .map_err(|e| format!("get pod {ns}/{name}: {e}"))?;
             let uid = pod.metadata.uid.clone();
+            if let Some(other) = foreign_scheduler(&pod, &app.scheduler_name) {
+                return Err(other);
+            }
             if call_uid.is_some() && uid != call_uid {
                 return Err(format!(
                     "pod {ns}/{name} has uid {uid:?}, not {} (it was replaced)",
@@ -299,7 +376,7 @@ async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String>
     let locked = {
         let gate = app.node_gates.gate(node);
         let wait = app.lock_policy.wait;
-        match tokio::time::timeout(wait, gate.lock()).await {
+        match tokio::time::timeout(wait, gate.gate.lock()).await {
             Ok(_turn) => {
                 gate_ms = started.elapsed().as_millis();
                 let cache = || app.cluster().cached_lock(node);

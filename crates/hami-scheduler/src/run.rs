@@ -53,35 +53,48 @@ pub fn load_engine(s: &Settings) -> Result<Engine, Error> {
     ))
 }
 
-/// Runs the scheduler until SIGTERM or Ctrl-C.
+/// Runs the scheduler until SIGTERM or Ctrl-C, or until a background task
+/// dies (then with an error, so the pod restarts rather than serving from a
+/// cache that no longer follows the API server).
 pub async fn run(args: Args) -> Result<(), Error> {
     let s = args.settings().map_err(Error::Config)?;
+    for note in args.hami.notes() {
+        tracing::info!("{note}");
+    }
     let (Some(cert), Some(key)) = (&s.tls_cert_file, &s.tls_key_file) else {
         return Err(Error::Config(
             "--tls-cert-file and --tls-key-file are required (kube-apiserver only calls webhooks over HTTPS)".into(),
         ));
     };
     hami_kube::client::install_crypto_provider();
-    let tls_config = tls::server_config(cert, key)?;
+    let tls_config = tls::server_config(cert, key, s.extender_client_ca_file.as_deref())?;
     let engine = Arc::new(load_engine(&s)?);
     let client = hami_kube::client::connect(s.kubeconfig.as_deref()).await?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let (leadership, _election) = if s.leader_elect {
-        let (l, task) = leader::spawn(
+    let mut supervised: Vec<(&'static str, tokio::task::JoinHandle<()>)> = Vec::new();
+    let leadership = if s.leader_elect {
+        let (l, task) = leader::follow(
             client.clone(),
             LeaseConfig {
-                namespace: s.leader_elect_namespace.clone(),
-                name: s.leader_elect_name.clone(),
+                namespace: s.leader_elect_resource_namespace.clone(),
+                name: s.leader_elect_resource_name.clone(),
                 identity: s.leader_elect_identity.clone(),
-                duration: s.leader_elect_lease_duration,
-                renew_every: s.leader_elect_lease_duration / 3,
             },
-            clock.clone(),
         );
-        (l, Some(task))
+        tracing::info!(
+            lease = format!(
+                "{}/{}",
+                s.leader_elect_resource_namespace, s.leader_elect_resource_name
+            ),
+            identity = s.leader_elect_identity,
+            "following kube-scheduler's leader election"
+        );
+        supervised.push(("leader Lease watch", task));
+        l
     } else {
-        (Leadership::always(), None)
+        Leadership::always()
     };
+    let lock_policy = lock_policy(&s)?;
     let app = App {
         engine,
         cluster: Arc::new(std::sync::Mutex::new(Cluster::default())),
@@ -91,29 +104,31 @@ pub async fn run(args: Args) -> Result<(), Error> {
         leadership,
         synced: Synced::default(),
         metrics: Metrics::default(),
-        lock_policy: LockPolicy {
-            expiry: SignedDuration::try_from(s.lock_timeout)
-                .map_err(|e| Error::Config(format!("--lock-timeout: {e}")))?,
-            wait: s.lock_wait,
-            ..LockPolicy::default()
-        },
+        lock_policy,
         lock_busy_after: SignedDuration::from_secs(5),
         scheduler_name: s.scheduler_name.clone(),
         node_gates: Default::default(),
+        bind_slots: Arc::new(tokio::sync::Semaphore::new(s.max_concurrent_binds)),
+        failed: Default::default(),
+        bind_flights: Default::default(),
     };
 
     let nodes_synced = Arc::new(AtomicBool::new(false));
     let pods_synced = Arc::new(AtomicBool::new(false));
-    let watches = [
+    supervised.push((
+        "node watch",
         tokio::spawn(watch_nodes(
             app.clone(),
             s.node_label_selector.clone(),
             nodes_synced.clone(),
             pods_synced.clone(),
         )),
+    ));
+    supervised.push((
+        "pod watch",
         tokio::spawn(watch_pods(app.clone(), pods_synced, nodes_synced)),
-        tokio::spawn(resync(app.clone(), s.clone())),
-    ];
+    ));
+    supervised.push(("resync", tokio::spawn(resync(app.clone(), s.clone()))));
 
     let listener = tokio::net::TcpListener::bind(s.bind_address)
         .await
@@ -123,33 +138,79 @@ pub async fn run(args: Args) -> Result<(), Error> {
         })?;
     tracing::info!(address = %s.bind_address, "serving HTTPS");
     let router = app::router(app.clone(), s.max_body_bytes);
-    let https = tokio::spawn(tls::serve_tls(listener, tls_config, router));
-    let plain = match s.metrics_bind_address {
-        Some(addr) => {
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| Error::Listen { addr, source })?;
-            tracing::info!(address = %addr, "serving metrics over HTTP");
-            let r = app::observability().with_state(app.clone());
-            Some(tokio::spawn(async move {
+    let limits = tls::ServeLimits {
+        max_connections: s.max_connections,
+        handshake_timeout: s.tls_handshake_timeout,
+    };
+    supervised.push((
+        "HTTPS server",
+        tokio::spawn(tls::serve_tls(listener, tls_config, router, limits)),
+    ));
+    if let Some(addr) = s.metrics_bind_address {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::Listen { addr, source })?;
+        tracing::info!(address = %addr, "serving metrics over HTTP");
+        let r = app::observability().with_state(app.clone());
+        supervised.push((
+            "metrics server",
+            tokio::spawn(async move {
                 if let Err(e) = axum::serve(l, r).await {
                     tracing::error!(error = %e, "metrics server");
                 }
-            }))
-        }
-        None => None,
-    };
+            }),
+        ));
+    }
 
-    shutdown_signal().await;
-    tracing::info!("shutting down");
-    https.abort();
-    if let Some(p) = plain {
-        p.abort();
+    let (names, mut handles): (Vec<_>, Vec<_>) = supervised.into_iter().unzip();
+    let died = async {
+        let (ended, index, _) = futures::future::select_all(handles.iter_mut()).await;
+        (names[index], ended)
+    };
+    let outcome = tokio::select! {
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down");
+            Ok(())
+        }
+        (what, ended) = died => {
+            let why = match ended {
+                Err(e) if e.is_panic() => format!("{what} panicked"),
+                _ => format!("{what} stopped"),
+            };
+            // Not ready from now on; the exit code tells the kubelet.
+            app.failed.set(why.clone());
+            tracing::error!("{why}; exiting");
+            Err(Error::Config(why))
+        }
+    };
+    for h in &handles {
+        h.abort();
     }
-    for w in watches {
-        w.abort();
+    outcome
+}
+
+/// The node lock rules from the settings. A holder still binding is not
+/// taken over before its bind could have ended: it waits for a lock up to
+/// lock wait, and kube-scheduler may retry only after its httpTimeout.
+pub fn lock_policy(s: &Settings) -> Result<LockPolicy, Error> {
+    let signed = |d: std::time::Duration, what: &str| {
+        SignedDuration::try_from(d).map_err(|e| Error::Config(format!("{what}: {e}")))
+    };
+    let bind_grace = signed(s.lock_wait + s.extender_http_timeout, "--lock-wait")?;
+    let expiry = signed(s.lock_timeout, "--lock-timeout")?;
+    if expiry < bind_grace {
+        return Err(Error::Config(format!(
+            "--lock-timeout ({}s) must be at least --lock-wait + --extender-http-timeout ({}s): a lock must not expire while its holder may still be binding",
+            s.lock_timeout.as_secs_f64(),
+            bind_grace.as_secs_f64()
+        )));
     }
-    Ok(())
+    Ok(LockPolicy {
+        expiry,
+        wait: s.lock_wait,
+        bind_grace,
+        ..LockPolicy::default()
+    })
 }
 
 async fn shutdown_signal() {

@@ -387,6 +387,30 @@ impl Cluster {
         candidates: &[String],
         now: Timestamp,
     ) -> FilterOutcome {
+        if let Some(r) = self
+            .reservations
+            .get(&req.key)
+            .filter(|r| r.binding && (r.uid.is_none() || r.uid.as_deref() == uid))
+        {
+            // A bind of this pod is still running (binds can outlive
+            // kube-scheduler's httpTimeout, which then filters again). Its
+            // cards are being written: keep them, and give no other answer.
+            let node = r.node.clone();
+            if candidates.contains(&node) {
+                return FilterOutcome {
+                    node: Some(node),
+                    failed: BTreeMap::new(),
+                };
+            }
+            let why = format!("BindInFlight: a bind of this pod to node {node} is still running");
+            return FilterOutcome {
+                node: None,
+                failed: candidates
+                    .iter()
+                    .map(|n| (n.clone(), why.clone()))
+                    .collect(),
+            };
+        }
         // A pod being filtered is not bound: whatever it held before (an
         // earlier decision, a failed bind's annotations) no longer counts.
         self.reservations.remove(&req.key);
@@ -534,6 +558,7 @@ pub fn bind_annotations(
         node: Some(node),
         devices: devices.clone(),
         rejected: Vec::new(),
+        busy: Vec::new(),
     };
     let vendor: &dyn Vendor = &engine.nvidia;
     let mut m: BTreeMap<String, String> = decision.annotations(vendor).into_iter().collect();
@@ -734,6 +759,7 @@ mod tests {
         let mut annotations = bind_annotations(&engine, "n1", &devices, now);
         annotations.insert(ann::BIND_TIME.into(), secs);
         p.metadata.annotations = Some(annotations);
+        p.spec.as_mut().unwrap().node_name = Some("n1".into());
         c.upsert_pod(&engine, &p);
         assert_eq!(free_mem(&c, "n1"), 1600);
         let timeout = SignedDuration::from_mins(2);
@@ -790,6 +816,7 @@ mod tests {
         let mut holder = pod("holder", "uh", "100");
         let devices = PodDevices::decode("x", "GPU-n1-0,NVIDIA,100,0:;").unwrap();
         holder.metadata.annotations = Some(bind_annotations(&engine, "n1", &devices, now));
+        holder.spec.as_mut().unwrap().node_name = Some("n1".into());
         c.upsert_pod(&engine, &holder);
         let busy_after = SignedDuration::from_secs(5);
         let cands = names(&["n1", "n2"]);
@@ -882,5 +909,45 @@ mod tests {
         c.nodes_synced();
         assert!(c.snapshot().node("n1").is_none());
         assert!(c.snapshot().node("n2").is_some());
+    }
+
+    #[test]
+    fn a_filter_retried_during_a_slow_bind_keeps_its_cards() {
+        let engine = Engine::default();
+        let mut c = Cluster::default();
+        let now = t("2026-01-01T00:00:00Z");
+        c.upsert_node(&engine, node("n1", "Reported x", "20"), now);
+        c.upsert_node(&engine, node("n2", "Reported x", "20"), now);
+        let a = pod("a", "ua", "1000");
+        let req_a = engine.prepare(&a).unwrap().unwrap();
+        let first = c.filter(&engine, &req_a, Some("ua"), &names(&["n1", "n2"]), now);
+        let bound_to = first.node.clone().unwrap();
+        let other = if bound_to == "n1" { "n2" } else { "n1" };
+        let devices = c
+            .claim_for_bind(&engine, &req_a, Some("ua"), &bound_to, now)
+            .unwrap();
+        // kube-scheduler timed out on the bind and filters the pod again,
+        // this time offering only the other node.
+        let retry = c.filter(&engine, &req_a, Some("ua"), &names(&[other]), now);
+        assert_eq!(retry.node, None, "{retry:?}");
+        assert!(retry.failed[other].starts_with("BindInFlight"), "{retry:?}");
+        // Offered its node again, it gets the same answer and cards.
+        let again = c.filter(&engine, &req_a, Some("ua"), &names(&["n1", "n2"]), now);
+        assert_eq!(again.node.as_deref(), Some(bound_to.as_str()));
+        assert_eq!(c.reservation("ns/a").unwrap().devices, devices);
+        // The card the bind is writing stays taken: filling both cards of
+        // that node needs one more 1000 MiB pod, not two.
+        let b = pod("b", "ub", "1000");
+        let req_b = engine.prepare(&b).unwrap().unwrap();
+        let ob = c.filter(&engine, &req_b, Some("ub"), &names(&[&bound_to]), now);
+        assert_eq!(ob.node.as_deref(), Some(bound_to.as_str()));
+        let x = pod("x", "ux", "1000");
+        let req_x = engine.prepare(&x).unwrap().unwrap();
+        let ox = c.filter(&engine, &req_x, Some("ux"), &names(&[&bound_to]), now);
+        assert_eq!(
+            ox.node, None,
+            "a third 1000 MiB pod on a two-card node: {ox:?}"
+        );
+        assert_eq!(free_mem(&c, &bound_to), 0);
     }
 }

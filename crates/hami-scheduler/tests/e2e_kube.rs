@@ -3,7 +3,6 @@
 //! leader election and events. Skips when the control-plane binaries are
 //! not built (see hami-e2e).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::SignedDuration;
@@ -13,10 +12,10 @@ use serde_json::json;
 
 use hami_api::annotations as ann;
 use hami_api::node::NodeLock;
-use hami_e2e::{GpuNode, TestNs};
+use hami_e2e::{GpuNode, TestNs, wait_for};
 use hami_kube::clock::{Clock, ManualClock, SystemClock};
 use hami_kube::events::{EventWriter, Severity};
-use hami_kube::leader::{LeaseConfig, Term, try_lead};
+use hami_kube::leader::{self, LeaseConfig};
 use hami_kube::lock::{self, LockPolicy};
 
 /// A pod that stays Pending forever (no node matches it).
@@ -245,8 +244,41 @@ async fn node_lock_swap_ignores_other_writes_and_distrusts_a_stale_cache() {
     );
 }
 
+/// Writes kube-scheduler's Lease as kube-scheduler would: holder
+/// `<hostname>_<uuid>`, renewed now.
+async fn write_lease(ns: &TestNs, holder: &str, seconds: i32) {
+    use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    let leases: Api<Lease> = Api::namespaced(ns.client.clone(), &ns.name);
+    let spec = LeaseSpec {
+        holder_identity: Some(holder.into()),
+        lease_duration_seconds: Some(seconds),
+        renew_time: Some(MicroTime(jiff::Timestamp::now())),
+        ..Default::default()
+    };
+    match leases.get_opt("hami-scheduler").await.unwrap() {
+        Some(mut l) => {
+            l.spec = Some(spec);
+            leases
+                .replace("hami-scheduler", &Default::default(), &l)
+                .await
+                .unwrap();
+        }
+        None => {
+            let l = Lease {
+                metadata: kube::api::ObjectMeta {
+                    name: Some("hami-scheduler".into()),
+                    ..Default::default()
+                },
+                spec: Some(spec),
+            };
+            leases.create(&Default::default(), &l).await.unwrap();
+        }
+    }
+}
+
 #[tokio::test]
-async fn lease_election_has_one_leader_and_fails_over_after_expiry() {
+async fn leadership_follows_kube_schedulers_lease_and_never_writes_it() {
     let Some(cluster) = hami_e2e::cluster(env!("CARGO_BIN_EXE_hami-scheduler")) else {
         return;
     };
@@ -255,34 +287,50 @@ async fn lease_election_has_one_leader_and_fails_over_after_expiry() {
         namespace: ns.name.clone(),
         name: "hami-scheduler".into(),
         identity: id.into(),
-        duration: Duration::from_secs(10),
-        renew_every: Duration::from_secs(3),
     };
-    let clock_a = Arc::new(ManualClock::new(jiff::Timestamp::now()));
-    let clock_b = Arc::new(ManualClock::new(jiff::Timestamp::now()));
-    let term = |id: &'static str, clock: &Arc<ManualClock>| {
-        let (client, cfg, clock) = (ns.client.clone(), cfg(id), clock.clone());
-        async move { try_lead(&client, &cfg, clock.as_ref()).await.unwrap() }
-    };
-    assert_eq!(term("a", &clock_a).await, Term::Leading);
-    assert_eq!(term("b", &clock_b).await, Term::Following);
-    // a renews; b still follows.
-    clock_a.advance(SignedDuration::from_secs(5));
-    clock_b.advance(SignedDuration::from_secs(5));
-    assert_eq!(term("a", &clock_a).await, Term::Leading);
-    assert_eq!(term("b", &clock_b).await, Term::Following);
-    // a stops renewing; after a whole term b takes over, and a follows.
-    clock_b.advance(SignedDuration::from_secs(11));
-    assert_eq!(term("b", &clock_b).await, Term::Leading);
-    assert_eq!(term("a", &clock_a).await, Term::Following);
+    let (a, task_a) = leader::follow(ns.client.clone(), cfg("sched-a"));
+    let (b, task_b) = leader::follow(ns.client.clone(), cfg("sched-ab"));
+    // No Lease: nobody leads (kube-scheduler has not elected yet).
+    assert!(!a.confirm().await.unwrap() && !b.confirm().await.unwrap());
+    write_lease(&ns, "sched-ab_0b5e7d62-1111-4c3e-9f00-123456789abc", 30).await;
+    // Bind asks right after kube-scheduler won: the fresh read answers
+    // even if the watch has not delivered the Lease yet.
+    assert!(b.confirm().await.unwrap());
+    // A host name that is a prefix of the holder's is not the holder.
+    assert!(!a.confirm().await.unwrap());
+    wait_for(
+        Duration::from_secs(10),
+        "the watch to show b leading",
+        || async { b.is_leader().then_some(()) },
+    )
+    .await;
+    write_lease(&ns, "sched-a_7c9d0e11-2222-4d4e-8a11-abcdefabcdef", 2).await;
+    wait_for(
+        Duration::from_secs(10),
+        "a to lead through the watch",
+        || async { (a.is_leader() && !b.is_leader()).then_some(()) },
+    )
+    .await;
+    // a's kube-scheduler stops renewing: the term ends 2 s after the last
+    // renewal this process saw, whoever the Lease still names.
+    wait_for(Duration::from_secs(10), "a's term to run out", || async {
+        (!a.is_leader()).then_some(())
+    })
+    .await;
     let lease =
         Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(ns.client.clone(), &ns.name)
             .get("hami-scheduler")
             .await
             .unwrap();
+    // Followers only read: the Lease is exactly what "kube-scheduler" wrote.
     let spec = lease.spec.unwrap();
-    assert_eq!(spec.holder_identity.as_deref(), Some("b"));
-    assert_eq!(spec.lease_transitions, Some(1));
+    assert_eq!(
+        spec.holder_identity.as_deref(),
+        Some("sched-a_7c9d0e11-2222-4d4e-8a11-abcdefabcdef")
+    );
+    assert_eq!(spec.lease_transitions, None);
+    task_a.abort();
+    task_b.abort();
 }
 
 #[tokio::test]

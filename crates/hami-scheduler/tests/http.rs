@@ -19,6 +19,7 @@ use hami_sched::Engine;
 use hami_scheduler::app::{self, App};
 use hami_scheduler::metrics::Metrics;
 use hami_scheduler::state::Cluster;
+use hami_scheduler::tls::Caller;
 
 fn app() -> App {
     hami_kube::client::install_crypto_provider();
@@ -61,17 +62,43 @@ fn app() -> App {
         lock_busy_after: jiff::SignedDuration::from_secs(5),
         scheduler_name: "hami-scheduler".into(),
         node_gates: Default::default(),
+        bind_slots: Arc::new(tokio::sync::Semaphore::new(8)),
+        failed: Default::default(),
+        bind_flights: Default::default(),
+    }
+}
+
+/// kube-scheduler beside us: loopback, no certificate.
+fn kube_scheduler() -> Caller {
+    Caller {
+        peer: "127.0.0.1:40000".parse().unwrap(),
+        client_certificate: false,
     }
 }
 
 async fn call(app: &App, method: &str, path: &str, body: Vec<u8>) -> (StatusCode, String) {
+    call_from(app, Some(kube_scheduler()), method, path, body).await
+}
+
+/// A request as the TLS server hands it to the router: with the caller
+/// it saw on the connection.
+async fn call_from(
+    app: &App,
+    caller: Option<Caller>,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> (StatusCode, String) {
     let router = app::router(app.clone(), 64 * 1024);
-    let req = Request::builder()
+    let mut req = Request::builder()
         .method(method)
         .uri(path)
         .header("content-type", "application/json")
         .body(Body::from(body))
         .unwrap();
+    if let Some(c) = caller {
+        req.extensions_mut().insert(c);
+    }
     let resp = router.oneshot(req).await.unwrap();
     let status = resp.status();
     let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
@@ -81,10 +108,15 @@ async fn call(app: &App, method: &str, path: &str, body: Vec<u8>) -> (StatusCode
 }
 
 fn args(limits: Value) -> Vec<u8> {
+    args_of("hami-scheduler", limits)
+}
+
+fn args_of(scheduler_name: &str, limits: Value) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "Pod": {
             "metadata": {"name": "p", "namespace": "ns", "uid": "u1"},
-            "spec": {"containers": [{"name": "c", "resources": {"limits": limits}}]},
+            "spec": {"schedulerName": scheduler_name,
+                "containers": [{"name": "c", "resources": {"limits": limits}}]},
         },
         "NodeNames": ["n1", "n2", "n3"],
     }))
@@ -257,4 +289,103 @@ async fn metrics_use_hami_names_and_labels() {
     ] {
         assert!(line.contains(label), "{line}");
     }
+}
+
+#[tokio::test]
+async fn extender_verbs_answer_only_loopback_or_certified_callers() {
+    let app = app();
+    app.synced.set();
+    let stranger = Caller {
+        peer: "10.244.3.7:51000".parse().unwrap(),
+        client_certificate: false,
+    };
+    let gpu = || args(json!({"nvidia.com/gpu": "1", "nvidia.com/gpumem": "1000"}));
+    let bind = serde_json::to_vec(&json!({
+        "PodName": "p", "PodNamespace": "ns", "PodUID": "u1", "Node": "n1"}))
+    .unwrap();
+    for (path, body) in [("/filter", gpu()), ("/bind", bind.clone())] {
+        let (status, text) = call_from(&app, Some(stranger), "POST", path, body.clone()).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {text}");
+        assert!(text.contains("10.244.3.7"), "{text}");
+        // A request that did not come through the TLS server at all.
+        let (status, _) = call_from(&app, None, "POST", path, body).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}");
+    }
+    // Nothing was reserved by the refused Filter.
+    assert_eq!(app.cluster().snapshot().pods().count(), 0);
+    // The same stranger with a verified client certificate is served.
+    let certified = Caller {
+        client_certificate: true,
+        ..stranger
+    };
+    let (status, text) = call_from(&app, Some(certified), "POST", "/filter", gpu()).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    // The webhook and observability stay open to the pod network.
+    let (status, _) = call_from(&app, Some(stranger), "GET", "/metrics", Vec::new()).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = call_from(&app, Some(stranger), "GET", "/readyz", Vec::new()).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn pods_of_another_scheduler_are_never_reserved() {
+    let app = app();
+    app.synced.set();
+    for name in ["nobody", "default-scheduler"] {
+        let (status, body) = call(
+            &app,
+            "POST",
+            "/filter",
+            args_of(
+                name,
+                json!({"nvidia.com/gpu": "1", "nvidia.com/gpumem": "1000"}),
+            ),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["NodeNames"], json!([]), "{body}");
+        let why = v["FailedAndUnresolvableNodes"]["n2"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(why.contains(name), "{body}");
+    }
+    assert_eq!(app.cluster().snapshot().pods().count(), 0);
+    assert!(app.cluster().reservation("ns/p").is_none());
+}
+
+#[tokio::test]
+async fn binds_beyond_the_limit_are_refused_at_once() {
+    let mut app = app();
+    app.synced.set();
+    app.bind_slots = Arc::new(tokio::sync::Semaphore::new(0));
+    let bind = serde_json::to_vec(&json!({
+        "PodName": "p", "PodNamespace": "ns", "PodUID": "u1", "Node": "n1"}))
+    .unwrap();
+    let (status, body) = call(&app, "POST", "/bind", bind).await;
+    assert_eq!(status, StatusCode::OK);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        v["Error"].as_str().unwrap().contains("too many binds"),
+        "{body}"
+    );
+    // Per-node gates live only while a bind holds or waits for them.
+    let g1 = app.node_gates.gate("invented-1");
+    let g2 = app.node_gates.gate("invented-1");
+    let _g3 = app.node_gates.gate("invented-2");
+    assert_eq!(app.node_gates.len(), 2);
+    drop(g1);
+    assert_eq!(app.node_gates.len(), 2);
+    drop(g2);
+    assert_eq!(app.node_gates.len(), 1);
+}
+
+#[tokio::test]
+async fn a_dead_background_task_makes_the_scheduler_unready() {
+    let app = app();
+    app.synced.set();
+    app.failed.set("pod watch stopped".into());
+    let (status, body) = call(&app, "GET", "/readyz", Vec::new()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("pod watch stopped"), "{body}");
 }
