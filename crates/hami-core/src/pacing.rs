@@ -16,6 +16,15 @@
 //! 3. sleeps until `s` if `s > t`, then launches, bracketed by two events on
 //!    the caller's stream.
 //!
+//! It never waits for the device before a launch: measurements are
+//! harvested with `cuEventQuery`, which does not block, and a launch never
+//! waits for an earlier kernel to finish (a kernel may be waiting for this
+//! very launch: stream-wait-value, persistent producer/consumer kernels).
+//! The per-device lock guards only the bookkeeping; it is released before
+//! the driver's launch is called, so threads launching on one device do not
+//! serialise on it. Beyond [`MAX_IN_FLIGHT`] unfinished measurements the
+//! oldest is retired: charged the current estimate, its events released.
+//!
 //! `d_est` is an exponential moving average (1/8) of this process's measured
 //! kernel times on that device. When the event pair of a launch completes,
 //! its measured time `d` replaces the estimate: `C += (d - d_est) / q`. So
@@ -27,9 +36,9 @@
 //! Expected error over a window of `T` seconds in which the container is
 //! always ready to launch: `C` advances by exactly `busy / q`, and launches
 //! never start earlier than `C - B`, so `|busy/T - q| <= (B + d_max + L) / T`
-//! where `d_max` is the longest kernel and `L` the measurement lag (we keep
-//! at most 32 measurements in flight and synchronise on the oldest beyond
-//! that). For `T = 3 s`, 1 ms kernels: about 1 point.
+//! where `d_max` is the longest kernel and `L` the measurement lag (at most
+//! 32 measurements in flight; beyond that the oldest is charged the
+//! estimate instead). For `T = 3 s`, 1 ms kernels: about 1 point.
 //!
 //! # What a kernel is charged
 //!
@@ -43,8 +52,8 @@
 //! for the union of its kernels' intervals, which on a card running one
 //! kernel at a time is the device time it used. Waits behind *other*
 //! containers are still charged (we over-charge and stay below the quota).
-//! The very first launch on a device waits for its own measurement to seed
-//! `d_est`.
+//! Until the first measurement arrives `d_est` is 0: those launches are
+//! charged when their measurements are harvested.
 //!
 //! Launches into a stream that is capturing a graph are passed straight
 //! through (they do not run now; the graph is paced when it is launched).
@@ -67,7 +76,7 @@ use std::sync::atomic::{AtomicPtr, Ordering::*};
 /// Credit a container may bank while it is idle or late (a launch that
 /// wakes up late may catch up by this much), ns.
 pub const BURST_NS: u64 = 50_000_000;
-/// Measurements kept in flight before we wait for the oldest.
+/// Measurements kept in flight; beyond, the oldest is charged the estimate.
 const MAX_IN_FLIGHT: usize = 32;
 
 /// How often the reference event is renewed (bounds the f32 precision of
@@ -105,6 +114,12 @@ struct Measuring {
 #[derive(Default)]
 pub struct Pacer {
     m: Mutex<Measuring>,
+}
+
+impl Pacer {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Measuring> {
+        self.m.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 macro_rules! driver_fn {
@@ -211,20 +226,15 @@ impl Measuring {
         }
     }
 
-    /// Applies every finished measurement; with `wait_oldest`, first waits
-    /// for the oldest one.
-    fn harvest(&mut self, g: &Global, p: &Process, dev: usize, quota: u32, wait_oldest: bool) {
-        let (Some(query), Some(elapsed), Some(sync)) = (
+    /// Applies every finished measurement, oldest first, up to the first
+    /// unfinished one. Never blocks (`cuEventQuery`).
+    fn harvest(&mut self, g: &Global, p: &Process, dev: usize, quota: u32) {
+        let (Some(query), Some(elapsed)) = (
             driver_fn!("cuEventQuery": EvOne),
             driver_fn!("cuEventElapsedTime": EvElapsed),
-            driver_fn!("cuEventSynchronize": EvOne),
         ) else {
             return;
         };
-        if wait_oldest && let Some(p) = self.pending.front() {
-            // SAFETY: our own event.
-            unsafe { sync(p.end) };
-        }
         while let Some(front) = self.pending.front() {
             // SAFETY: our own event.
             match unsafe { query(front.end) } {
@@ -261,7 +271,37 @@ impl Measuring {
             self.free_events.push(done.start);
             self.free_events.push(done.end);
         }
-        // Superseded references no pending pair needs any more are reused.
+        self.retire(g, p, dev, quota);
+        self.recycle_references();
+    }
+
+    /// Beyond [`MAX_IN_FLIGHT`] unfinished measurements, the oldest are
+    /// charged the current estimate (what they were charged at launch may
+    /// have been less) and forgotten; their events are destroyed (legal
+    /// while pending: the driver frees them once complete).
+    fn retire(&mut self, g: &Global, p: &Process, dev: usize, quota: u32) {
+        while self.pending.len() >= MAX_IN_FLIGHT {
+            let old = self.pending.pop_front().expect("non-empty");
+            let q = quota.max(1) as u64;
+            if self.estimate_ns > old.charged {
+                g.region.devices[dev]
+                    .pacing_clock_ns
+                    .fetch_add((self.estimate_ns - old.charged) * 100 / q, AcqRel);
+            }
+            g.region
+                .add_busy(p.slot, dev, self.estimate_ns.max(old.charged));
+            if let Some(destroy) = driver_fn!("cuEventDestroy_v2": EvOne) {
+                // SAFETY: our own events, never used again.
+                unsafe {
+                    destroy(old.start);
+                    destroy(old.end);
+                }
+            }
+        }
+    }
+
+    /// Superseded references no pending pair needs any more are reused.
+    fn recycle_references(&mut self) {
         let pending = &self.pending;
         let (keep, free): (Vec<usize>, Vec<usize>) = self.old_references.iter().partition(|&&r| {
             pending
@@ -336,12 +376,12 @@ fn paced_slow(
         return launch();
     }
     let p = process();
-    let mut m = p.pacers[dev].m.lock().unwrap_or_else(|e| e.into_inner());
-    // Seed the estimate from the first kernel, and bound the measurement lag.
-    let wait = (m.measured == 0 && !m.pending.is_empty()) || m.pending.len() >= MAX_IN_FLIGHT;
-    m.harvest(g, p, dev, quota, wait);
-    let estimate = m.estimate_ns;
-    drop(m);
+    let pacer = &p.pacers[dev];
+    let estimate = {
+        let mut m = pacer.lock();
+        m.harvest(g, p, dev, quota);
+        m.estimate_ns
+    };
 
     let clock = &g.region.devices[dev].pacing_clock_ns;
     let cost = estimate * 100 / quota as u64;
@@ -363,22 +403,26 @@ fn paced_slow(
         sleep_ns(start - now);
     }
 
-    let mut m = p.pacers[dev].m.lock().unwrap_or_else(|e| e.into_inner());
+    // The lock guards the bookkeeping only: the driver's launch is called
+    // without it.
     let record = event_record(ptds);
-    let events = match (record, m.take_event(), m.take_event()) {
-        (Some(rec), Some(a), Some(b)) => Some((rec, a, b)),
-        (_, a, b) => {
-            m.free_events.extend(a.into_iter().chain(b));
-            None
+    let events = {
+        let mut m = pacer.lock();
+        match (record, m.take_event(), m.take_event()) {
+            (Some(rec), Some(a), Some(b)) => Some((rec, a, b)),
+            (_, a, b) => {
+                m.free_events.extend(a.into_iter().chain(b));
+                None
+            }
         }
     };
     let Some((rec, a, b)) = events else {
-        drop(m);
         return launch();
     };
     // SAFETY: our own event on the caller's stream.
     if unsafe { rec(a, stream) } != CUDA_SUCCESS {
         // Likely another context than the events': start a fresh pool.
+        let mut m = pacer.lock();
         m.free_events.push(a);
         m.free_events.push(b);
         m.drop_reference();
@@ -386,10 +430,12 @@ fn paced_slow(
         drop(m);
         return launch();
     }
-    let reference = m.reference(rec);
+    let reference = pacer.lock().reference(rec);
     let r = launch();
     // SAFETY: as above.
-    if r == CUDA_SUCCESS && unsafe { rec(b, stream) } == CUDA_SUCCESS {
+    let recorded = r == CUDA_SUCCESS && unsafe { rec(b, stream) } == CUDA_SUCCESS;
+    let mut m = pacer.lock();
+    if recorded {
         m.pending.push_back(Pending {
             start: a,
             end: b,
