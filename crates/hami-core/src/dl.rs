@@ -9,9 +9,16 @@
 //! allocates, because libc, libstdc++ and Rust's std call `dlsym` at times
 //! when neither is safe.
 //!
-//! Limitation: a `dlsym(RTLD_NEXT, ...)` made by another library resolves
-//! relative to `libvgpu.so` (the caller glibc sees is us), i.e. to what
-//! comes after the interposer in the search order.
+//! `dlsym(RTLD_NEXT, name)` means "the next definition after the *caller's*
+//! object", and glibc finds the caller from its return address. A plain
+//! wrapper would make glibc see `libvgpu.so` as the caller: a library
+//! preloaded after us (jemalloc, tcmalloc, a profiler) asking for
+//! `dlsym(RTLD_NEXT, "malloc")` would get its own `malloc` back (endless
+//! recursion), or skip a definition. So on x86_64 and aarch64 the exported
+//! `dlsym` is a small naked trampoline: for `RTLD_NEXT` it *jumps* (a tail
+//! call, the return address untouched) to the real `dlsym`, which then sees
+//! the original caller; every other handle goes to [`dlsym_hooked`]. (On
+//! other architectures `RTLD_NEXT` resolves relative to `libvgpu.so`.)
 
 use std::ffi::{c_char, c_void};
 use std::sync::atomic::{AtomicPtr, AtomicU8, Ordering::*};
@@ -99,12 +106,105 @@ pub(crate) fn find_hook(name: *const c_char) -> Option<&'static Hook> {
     crate::hooks::all().find(|h| h.name == bytes)
 }
 
-/// The exported `dlsym`. See the module docs.
+/// The real `dlsym` (null if not found), for the trampoline's first call.
+extern "C" fn real_dlsym_ptr() -> *mut c_void {
+    real_dlsym().map_or(std::ptr::null_mut(), |f| f as *mut c_void)
+}
+
+/// The exported `dlsym`: `RTLD_NEXT` goes straight to the real one with the
+/// caller's return address in place (see the module docs), anything else
+/// to [`dlsym_hooked`].
 ///
 /// # Safety
 /// Same contract as glibc's `dlsym`.
+#[cfg(target_arch = "x86_64")]
+#[unsafe(naked)]
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dlsym(handle: *mut c_void, name: *const c_char) -> *mut c_void {
+    std::arch::naked_asm!(
+        // RTLD_NEXT is ((void *) -1).
+        "cmp rdi, -1",
+        "jne {hooked}",
+        "mov rax, qword ptr [rip + {real}]",
+        "test rax, rax",
+        "jz 2f",
+        // Tail call: the real dlsym sees our caller's return address.
+        "jmp rax",
+        "2:",
+        // First use: find the real dlsym (arguments saved, stack aligned).
+        "push rdi",
+        "push rsi",
+        "sub rsp, 8",
+        "call {resolve}",
+        "add rsp, 8",
+        "pop rsi",
+        "pop rdi",
+        "test rax, rax",
+        "jz 3f",
+        "jmp rax",
+        "3:",
+        "ret",
+        hooked = sym dlsym_hooked,
+        real = sym REAL_DLSYM,
+        resolve = sym real_dlsym_ptr,
+    )
+}
+
+/// See the x86_64 version.
+///
+/// # Safety
+/// Same contract as glibc's `dlsym`.
+#[cfg(target_arch = "aarch64")]
+#[unsafe(naked)]
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dlsym(handle: *mut c_void, name: *const c_char) -> *mut c_void {
+    std::arch::naked_asm!(
+        "cmn x0, #1",
+        "b.eq 1f",
+        "b {hooked}",
+        "1:",
+        "adrp x16, {real}",
+        "ldr x16, [x16, :lo12:{real}]",
+        "cbz x16, 2f",
+        // Tail call: x30 (the return address) is still our caller's.
+        "br x16",
+        "2:",
+        "stp x29, x30, [sp, #-32]!",
+        "mov x29, sp",
+        "stp x0, x1, [sp, #16]",
+        "bl {resolve}",
+        "mov x16, x0",
+        "ldp x0, x1, [sp, #16]",
+        "ldp x29, x30, [sp], #32",
+        "cbz x16, 3f",
+        "br x16",
+        "3:",
+        "mov x0, #0",
+        "ret",
+        hooked = sym dlsym_hooked,
+        real = sym REAL_DLSYM,
+        resolve = sym real_dlsym_ptr,
+    )
+}
+
+/// Elsewhere: a plain wrapper (`RTLD_NEXT` resolves relative to us).
+///
+/// # Safety
+/// Same contract as glibc's `dlsym`.
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dlsym(handle: *mut c_void, name: *const c_char) -> *mut c_void {
+    // SAFETY: same contract.
+    unsafe { dlsym_hooked(handle, name) }
+}
+
+/// `dlsym` for every handle but `RTLD_NEXT` (which the trampoline sends
+/// straight to the real one): the real answer, or our hook for a symbol we
+/// guard.
+///
+/// # Safety
+/// Same contract as glibc's `dlsym`.
+pub unsafe extern "C" fn dlsym_hooked(handle: *mut c_void, name: *const c_char) -> *mut c_void {
     let Some(real) = real_dlsym() else {
         return std::ptr::null_mut();
     };
