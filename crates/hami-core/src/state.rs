@@ -57,6 +57,7 @@ pub(crate) struct Global {
     pacing_any: AtomicBool,
     last_poll_ns: AtomicU64,
     limits_stamp: AtomicU64,
+    limits_writable_warned: AtomicBool,
     launches: AtomicU64,
 }
 
@@ -150,6 +151,7 @@ fn init_global() -> Global {
         pacing_any: AtomicBool::new(false),
         last_poll_ns: AtomicU64::new(0),
         limits_stamp: AtomicU64::new(0),
+        limits_writable_warned: AtomicBool::new(false),
         launches: AtomicU64::new(0),
     };
     g.reload_limits_file(true);
@@ -215,6 +217,36 @@ impl Global {
         self.reload_limits_file(false);
     }
 
+    /// The limits file is trusted (it overrides the environment): one the
+    /// container itself can write lets it raise its own limits. Logged once
+    /// per process; the node agent should mount it read-only.
+    fn warn_if_writable(&self, owner: u32) {
+        use std::os::unix::ffi::OsStrExt;
+        if self.limits_writable_warned.swap(true, Relaxed) {
+            return;
+        }
+        let mut path = self.env.limits_file.as_os_str().as_bytes().to_vec();
+        path.push(0);
+        // SAFETY: NUL-terminated path; checks with the effective ids.
+        let writable = unsafe {
+            libc::faccessat(
+                libc::AT_FDCWD,
+                path.as_ptr().cast(),
+                libc::W_OK,
+                libc::AT_EACCESS,
+            )
+        } == 0;
+        if writable {
+            // SAFETY: geteuid has no preconditions.
+            let euid = unsafe { libc::geteuid() };
+            hlog!(
+                WARN,
+                "limits file {} is writable by this process (uid {euid}, file owner {owner}): the container can change its own limits; mount it read-only",
+                self.env.limits_file.display()
+            );
+        }
+    }
+
     fn reload_limits_file(&self, first: bool) {
         use std::os::unix::fs::MetadataExt;
         let Ok(md) = std::fs::metadata(&self.env.limits_file) else {
@@ -229,6 +261,7 @@ impl Global {
             return;
         }
         self.limits_stamp.store(stamp, Relaxed);
+        self.warn_if_writable(md.uid());
         let mut warnings = Vec::new();
         match hami_shm::limits::read(&self.env.limits_file, &mut warnings) {
             Ok(Some(l)) => {

@@ -188,3 +188,128 @@ fn forked_child_threads_never_use_the_parents_slot() {
         out.lines
     );
 }
+
+/// A kernel whose completion depends on a later launch (a consumer waiting
+/// for a producer's flag) completes under a compute quota: the pacer never
+/// waits for the device before a launch.
+#[test]
+fn a_kernel_waiting_for_a_later_launch_completes_under_a_quota() {
+    let s = Scratch::new("wait-flag");
+    for resolve in ["dlsym", "procaddr"] {
+        let child = spawn(
+            &s,
+            &[
+                ("CUDA_DEVICE_SM_LIMIT", "30"),
+                ("HAMI_PROBE_RESOLVE", resolve),
+            ],
+            &["init", "wait-flag", "launch", "20", "1000"],
+        );
+        let dog = watchdog(&child, std::time::Duration::from_secs(60));
+        let out = child.wait_with_output().unwrap();
+        dog.join().unwrap();
+        let out = Lines::from_output(&out);
+        assert_eq!(out.rcs(), vec![0, 0, 0], "{resolve}: {:?}", out.lines);
+    }
+}
+
+/// A library preloaded after libvgpu.so that asks `dlsym(RTLD_NEXT, name)`
+/// (a malloc wrapper, a profiler) gets the definition after *itself*, not
+/// after libvgpu.so (which would be its own: endless recursion).
+#[test]
+fn dlsym_rtld_next_from_a_later_preload_resolves_after_the_caller() {
+    let s = Scratch::new("rtld-next");
+    let first = build_cdylib(
+        &s,
+        "first",
+        r#"
+        use std::ffi::{c_char, c_int, c_void};
+        unsafe extern "C" {
+            fn dlsym(h: *mut c_void, name: *const c_char) -> *mut c_void;
+        }
+        /// Wraps the next definition: 1 + what it returns.
+        #[unsafe(no_mangle)]
+        pub extern "C" fn hami_layered() -> c_int {
+            let next = unsafe { dlsym(-1isize as *mut c_void, c"hami_layered".as_ptr()) };
+            if next.is_null() {
+                return -2;
+            }
+            if next == hami_layered as *mut c_void {
+                return -1; // ourselves: the lookup started at the wrong object
+            }
+            let f: extern "C" fn() -> c_int = unsafe { std::mem::transmute(next) };
+            f() + 1
+        }
+        "#,
+    );
+    let second = build_cdylib(
+        &s,
+        "second",
+        r#"
+        #[unsafe(no_mangle)]
+        pub extern "C" fn hami_layered() -> std::ffi::c_int { 41 }
+        "#,
+    );
+    let preload = format!(
+        "{}:{}:{}",
+        artifacts().vgpu.display(),
+        first.display(),
+        second.display()
+    );
+    let out = probe(
+        &s,
+        &[("LD_PRELOAD", &preload)],
+        &["init", "dlsym-next", "hami_layered", "alloc", "1m"],
+    );
+    assert_eq!(out.rcs(), vec![0, 0, 0], "{:?}", out.lines);
+    assert_eq!(
+        out.field::<i32>(1, 2),
+        42,
+        "-1: RTLD_NEXT resolved relative to libvgpu.so, not the caller"
+    );
+}
+
+/// Compiles `src` into `lib<name>.so` in the scratch dir with the rustc
+/// next to the cargo running the tests.
+fn build_cdylib(s: &Scratch, name: &str, src: &str) -> std::path::PathBuf {
+    let file = s.dir.join(format!("{name}.rs"));
+    std::fs::write(&file, src).unwrap();
+    let out = s.dir.join(format!("lib{name}.so"));
+    let cargo = std::path::PathBuf::from(env!("CARGO"));
+    let rustc = std::env::var_os("RUSTC")
+        .map(std::path::PathBuf::from)
+        .or_else(|| Some(cargo.with_file_name("rustc")).filter(|p| p.exists()))
+        .unwrap_or_else(|| "rustc".into());
+    let status = std::process::Command::new(rustc)
+        .args([
+            "--edition",
+            "2024",
+            "--crate-type",
+            "cdylib",
+            "-C",
+            "panic=abort",
+        ])
+        .args(["-C", "link-arg=-ldl", "-o"])
+        .arg(&out)
+        .arg(&file)
+        .status()
+        .expect("run rustc");
+    assert!(status.success(), "building {name}");
+    out
+}
+
+/// A limits file the container's own uid can write is logged as a warning
+/// (the node agent should mount it read-only); its limits still apply.
+#[test]
+fn a_writable_limits_file_is_warned_about() {
+    let s = Scratch::new("limits-writable");
+    let mut l = hami_shm::env::Limits::default();
+    l.memory[0] = Some(500 * MIB);
+    hami_shm::limits::write(&s.limits(), &l).unwrap();
+    let out = probe(&s, &[], &["init", "alloc", "600m"]);
+    assert_eq!(out.rcs(), vec![0, OOM]);
+    assert!(
+        out.stderr.contains("is writable by this process"),
+        "{}",
+        out.stderr
+    );
+}
