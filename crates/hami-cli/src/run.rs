@@ -178,9 +178,18 @@ fn prepend(var: &str, value: &Path) -> std::ffi::OsString {
 /// whole foreground process group, so `hami` only ignores it; SIGTERM and
 /// SIGHUP sent to `hami` alone are passed on to the command. Handlers are
 /// reset to the defaults by `exec`, so the command is unaffected.
+///
+/// The handlers are installed before the command is started, with these
+/// signals blocked until the command's pid is known: one that arrives
+/// while the command is being started is held, then passed on, not lost.
+/// The command gets the signal mask `hami` had (see [`Forwarding::restore_mask_on_exec`]).
 struct Forwarding {
     previous: Vec<(libc::c_int, libc::sighandler_t)>,
+    /// The signal mask before `prepare`, restored by `start` (or on drop).
+    mask: Option<libc::sigset_t>,
 }
+
+const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGQUIT, libc::SIGTERM, libc::SIGHUP];
 
 static CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
@@ -193,20 +202,69 @@ extern "C" fn forward(sig: libc::c_int) {
 }
 
 impl Forwarding {
-    fn start(child: i32) -> Forwarding {
-        CHILD.store(child, std::sync::atomic::Ordering::Relaxed);
+    /// Blocks the forwarded signals and installs the handlers; call before
+    /// starting the command.
+    fn prepare() -> Forwarding {
+        // SAFETY: sigset_t is plain data, initialised by sigemptyset.
+        let mut block: libc::sigset_t = unsafe { std::mem::zeroed() };
+        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: valid pointers to sigset_t values we own.
+        unsafe {
+            libc::sigemptyset(&mut block);
+            for sig in FORWARDED {
+                libc::sigaddset(&mut block, sig);
+            }
+            libc::pthread_sigmask(libc::SIG_BLOCK, &block, &mut old);
+        }
         let handler = forward as extern "C" fn(libc::c_int) as libc::sighandler_t;
-        let previous = [libc::SIGINT, libc::SIGQUIT, libc::SIGTERM, libc::SIGHUP]
+        let previous = FORWARDED
             .into_iter()
             // SAFETY: installing an async-signal-safe handler.
             .map(|sig| (sig, unsafe { libc::signal(sig, handler) }))
             .collect();
-        Forwarding { previous }
+        Forwarding {
+            previous,
+            mask: Some(old),
+        }
+    }
+
+    /// Makes `cmd` start with the signal mask from before `prepare`: a
+    /// child inherits the mask, and one started with SIGTERM blocked would
+    /// never see the SIGTERM passed on to it.
+    fn restore_mask_on_exec(&self, cmd: &mut Command) {
+        use std::os::unix::process::CommandExt;
+        let Some(mask) = self.mask else {
+            return;
+        };
+        // SAFETY: pthread_sigmask is async-signal-safe and `mask` is copied
+        // into the closure, so nothing is allocated or locked after fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::pthread_sigmask(libc::SIG_SETMASK, &mask, std::ptr::null_mut());
+                Ok(())
+            });
+        }
+    }
+
+    /// The command runs as `child`: signals held since `prepare` and from
+    /// now on reach it.
+    fn start(&mut self, child: i32) {
+        CHILD.store(child, std::sync::atomic::Ordering::Relaxed);
+        self.unblock();
+    }
+
+    fn unblock(&mut self) {
+        if let Some(old) = self.mask.take() {
+            // SAFETY: restoring the mask saved by `prepare`.
+            unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+        }
     }
 }
 
 impl Drop for Forwarding {
     fn drop(&mut self) {
+        // Not started (the command did not start): nothing to forward to.
+        self.unblock();
         for &(sig, h) in &self.previous {
             // SAFETY: restoring what was there before.
             unsafe { libc::signal(sig, h) };
@@ -306,11 +364,13 @@ pub fn run(args: &RunArgs) -> Result<Outcome> {
     }
 
     let started = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("starting {:?}", args.command[0]))?;
     let status = {
-        let _signals = Forwarding::start(child.id() as i32);
+        let mut signals = Forwarding::prepare();
+        signals.restore_mask_on_exec(&mut cmd);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {:?}", args.command[0]))?;
+        signals.start(child.id() as i32);
         child.wait().context("waiting for the command")?
     };
     let wall = started.elapsed();

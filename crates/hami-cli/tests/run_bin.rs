@@ -58,28 +58,50 @@ fn the_exit_code_is_the_commands() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--gpumem"));
 }
 
-#[test]
-fn sigterm_to_hami_reaches_the_command_and_the_summary_still_prints() {
+/// Ends `hami run` with SIGTERM once `ready` says so, and checks that the
+/// command got it and the summary still came.
+fn sigterm_reaches_the_command(script: &str, ready: impl FnOnce(&mut dyn std::io::BufRead, u32)) {
+    use std::io::BufReader;
+    use std::process::Stdio;
     let a = common::artifacts();
-    let child = Command::new(env!("CARGO_BIN_EXE_hami"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hami"))
         .arg("run")
-        .args(["--lib", a.vgpu.to_str().unwrap(), "--", "sleep", "30"])
-        .stderr(std::process::Stdio::piped())
+        .args(["--lib", a.vgpu.to_str().unwrap(), "--", "sh", "-c", script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let t = std::time::Instant::now();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    ready(&mut stdout, child.id());
     let out = child.wait_with_output().unwrap();
-    assert!(
-        t.elapsed() < std::time::Duration::from_secs(10),
-        "the command was not ended"
+    assert_eq!(
+        out.status.code(),
+        Some(128 + libc::SIGTERM),
+        "hami itself was killed: {:?}",
+        out.status
     );
-    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains(&format!("hami run: exit {} after", 128 + libc::SIGTERM)),
         "{stderr}"
     );
+}
+
+#[test]
+fn sigterm_to_hami_reaches_the_command_and_the_summary_still_prints() {
+    // The command says it runs; only then is hami signalled.
+    sigterm_reaches_the_command("echo ready; exec sleep 30", |stdout, hami| {
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        assert_eq!(line, "ready\n");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(hami as i32, libc::SIGTERM) };
+    });
+}
+
+#[test]
+fn a_sigterm_right_after_the_command_starts_is_not_lost() {
+    // The command signals hami the moment it starts, racing hami's own
+    // return from starting it: forwarding must already be in place.
+    sigterm_reaches_the_command("kill -TERM $PPID; exec sleep 30", |_, _| {});
 }
