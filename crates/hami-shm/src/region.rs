@@ -6,7 +6,7 @@
 //! | offset | size | field |
 //! | --- | --- | --- |
 //! | 0 | 128 | [`Header`] |
-//! | 128 | 16 x 192 | [`DeviceEntry`] per visible device index |
+//! | 128 | 16 x 192 | [`DeviceEntry`] per container device index (by card UUID) |
 //! | 3200 | 1024 x 448 | [`ProcSlot`] per process |
 //! | 461 952 | 16 x 6 152 | [`BusyLog`] per device (the pacer's charged kernel intervals) |
 //!
@@ -158,6 +158,7 @@ pub struct Region {
 const _: () = {
     assert!(std::mem::size_of::<Header>() == 128);
     assert!(std::mem::size_of::<DeviceEntry>() == 192);
+    assert!(std::mem::offset_of!(DeviceEntry, uuid_key) == 136);
     assert!(std::mem::size_of::<ProcSlot>() == 448);
     assert!(std::mem::offset_of!(Region, devices) == 128);
     assert!(std::mem::offset_of!(Region, slots) == 3200);
