@@ -43,9 +43,9 @@ fn two_nodes(bind: BindInFlight) -> (hami_sched::Engine, Snapshot) {
     (e, s)
 }
 
-fn decide_busy<'a>(
+fn decide_busy(
     e: &hami_sched::Engine,
-    s: &'a Snapshot,
+    s: &Snapshot,
     pod: &k8s_openapi::api::core::v1::Pod,
     rule: BusyRule,
 ) -> (Option<String>, Vec<(String, String)>) {
