@@ -36,20 +36,36 @@ pub struct Cluster {
     scheduler_args: Vec<String>,
     scheduler: Mutex<Option<Child>>,
     scheduler_starts: Mutex<u32>,
+    /// In HA mode, the host name of the main scheduler pair (both processes
+    /// run in their own UTS namespace, as the two containers of a pod).
+    scheduler_host: Option<String>,
+    kube_scheduler: Mutex<Option<Child>>,
+    k8s_bin: PathBuf,
     _others: Mutex<Vec<Child>>,
 }
 
-/// An extra hami-scheduler process, killed when dropped.
+/// Namespace and name of kube-scheduler's leader Lease in HA mode, as
+/// HAMi's chart sets them (`resourceName: {{schedulerName}}`).
+pub const HA_LEASE: (&str, &str) = ("kube-system", "hami-scheduler");
+
+/// Host name of the main scheduler pair in HA mode.
+pub const HA_MAIN_HOST: &str = "hami-pair-a";
+
+/// An extra hami-scheduler process (and, for a pair, its kube-scheduler),
+/// killed when dropped.
 pub struct Replica {
     pub port: u16,
     child: Mutex<Option<Child>>,
+    kube_scheduler: Mutex<Option<Child>>,
 }
 
 impl Replica {
-    /// Kills it with SIGKILL.
+    /// Kills it (and its kube-scheduler) with SIGKILL.
     pub fn kill(&self) {
-        if let Some(mut c) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            procs::kill(&mut c);
+        for c in [&self.child, &self.kube_scheduler] {
+            if let Some(mut c) = c.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                procs::kill(&mut c);
+            }
         }
     }
 }
@@ -108,6 +124,19 @@ pub fn cluster(scheduler_bin: &str) -> Option<&'static Cluster> {
 /// Like [`cluster`], with extra hami-scheduler flags. The first call of the
 /// test binary decides: the cluster is shared by all its tests.
 pub fn cluster_with(scheduler_bin: &str, extra_args: &[&str]) -> Option<&'static Cluster> {
+    start_shared(scheduler_bin, extra_args, false)
+}
+
+/// Like [`cluster_with`], deployed for high availability as HAMi's chart
+/// does: kube-scheduler elects a leader through the Lease [`HA_LEASE`],
+/// and hami-scheduler follows it (`--leader-elect`). The two run in one
+/// UTS namespace with host name [`HA_MAIN_HOST`], as the two containers
+/// of one scheduler pod; [`Cluster::start_pair`] adds another such pod.
+pub fn cluster_ha(scheduler_bin: &str, extra_args: &[&str]) -> Option<&'static Cluster> {
+    start_shared(scheduler_bin, extra_args, true)
+}
+
+fn start_shared(scheduler_bin: &str, extra_args: &[&str], ha: bool) -> Option<&'static Cluster> {
     let extra: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
     let r = CLUSTER.get_or_init(|| {
         let bin = match binaries() {
@@ -117,7 +146,7 @@ pub fn cluster_with(scheduler_bin: &str, extra_args: &[&str]) -> Option<&'static
         // Startup blocks; run it on its own thread so it does not matter
         // which runtime (if any) the first test uses.
         let scheduler_bin = PathBuf::from(scheduler_bin);
-        let started = std::thread::spawn(move || Cluster::start(&bin, &scheduler_bin, extra))
+        let started = std::thread::spawn(move || Cluster::start(&bin, &scheduler_bin, extra, ha))
             .join()
             .unwrap_or_else(|_| Err(anyhow::anyhow!("cluster startup panicked")));
         match started {
@@ -185,10 +214,73 @@ fn log_file(dir: &Path, name: &str) -> anyhow::Result<(Stdio, Stdio)> {
 }
 
 fn start(dir: &Path, name: &str, bin: &Path, args: &[String]) -> anyhow::Result<Child> {
+    start_as(dir, name, None, bin, args)
+}
+
+/// Starts `bin`, in a UTS namespace of its own with host name `host` when
+/// given (root only; `unshare` execs, so the child is the binary itself).
+fn start_as(
+    dir: &Path,
+    name: &str,
+    host: Option<&str>,
+    bin: &Path,
+    args: &[String],
+) -> anyhow::Result<Child> {
     let (out, err) = log_file(dir, name)?;
-    let mut cmd = Command::new(bin);
+    let mut cmd = match host {
+        None => Command::new(bin),
+        Some(h) => {
+            let mut c = Command::new("unshare");
+            c.args(["--uts", "sh", "-c", "hostname \"$0\" && exec \"$@\"", h])
+                .arg(bin);
+            c
+        }
+    };
     cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
     procs::spawn(cmd).with_context(|| format!("starting {}", bin.display()))
+}
+
+/// kube-scheduler's configuration: our extender at `hs_port`, and in HA
+/// mode leader election on the Lease [`HA_LEASE`] with short terms.
+fn kube_scheduler_config(
+    dir: &Path,
+    name: &str,
+    kubeconfig: &Path,
+    hs_port: u16,
+    ca_pem: &str,
+    ha: bool,
+) -> anyhow::Result<PathBuf> {
+    let ca_b64 = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+    let managed: String = MANAGED
+        .iter()
+        .map(|r| format!("  - name: {r}\n    ignoredByScheduler: true\n"))
+        .collect();
+    let leader = if ha {
+        format!(
+            "leaderElection:\n  leaderElect: true\n  resourceNamespace: {}\n  resourceName: {}\n  leaseDuration: 4s\n  renewDeadline: 3s\n  retryPeriod: 1s\n",
+            HA_LEASE.0, HA_LEASE.1
+        )
+    } else {
+        "leaderElection:\n  leaderElect: false\n".to_string()
+    };
+    write(
+        dir,
+        &format!("{name}.yaml"),
+        &format!(
+            "apiVersion: kubescheduler.config.k8s.io/v1\nkind: KubeSchedulerConfiguration\nclientConnection:\n  kubeconfig: {}\n  qps: 500\n  burst: 1000\n{leader}profiles:\n- schedulerName: hami-scheduler\n- schedulerName: default-scheduler\nextenders:\n- urlPrefix: https://127.0.0.1:{hs_port}\n  filterVerb: filter\n  bindVerb: bind\n  enableHTTPS: true\n  tlsConfig:\n    caData: {ca_b64}\n  nodeCacheCapable: true\n  weight: 1\n  httpTimeout: 30s\n  managedResources:\n{managed}",
+            kubeconfig.display()
+        ),
+    )
+}
+
+fn kube_scheduler_args(config: &Path, kubeconfig: &Path, port: u16) -> Vec<String> {
+    vec![
+        format!("--config={}", config.display()),
+        format!("--authentication-kubeconfig={}", kubeconfig.display()),
+        format!("--authorization-kubeconfig={}", kubeconfig.display()),
+        "--bind-address=127.0.0.1".to_string(),
+        format!("--secure-port={port}"),
+    ]
 }
 
 /// Last lines of a component's log, for failure messages.
@@ -262,7 +354,12 @@ async fn wait_https(
 }
 
 impl Cluster {
-    fn start(bin: &Path, scheduler_bin: &Path, extra: Vec<String>) -> anyhow::Result<Cluster> {
+    fn start(
+        bin: &Path,
+        scheduler_bin: &Path,
+        extra: Vec<String>,
+        ha: bool,
+    ) -> anyhow::Result<Cluster> {
         rustls::crypto::ring::default_provider()
             .install_default()
             .ok();
@@ -273,7 +370,7 @@ impl Cluster {
         ));
         fs::create_dir_all(&dir)?;
         procs::remove_at_exit(dir.clone());
-        let r = Cluster::start_in(&dir, bin, scheduler_bin, extra);
+        let r = Cluster::start_in(&dir, bin, scheduler_bin, extra, ha);
         if let Err(e) = &r {
             let mut msg = format!("{e:#}\nlogs in {}", dir.display());
             for c in [
@@ -295,6 +392,7 @@ impl Cluster {
         bin: &Path,
         scheduler_bin: &Path,
         extra: Vec<String>,
+        ha: bool,
     ) -> anyhow::Result<Cluster> {
         let pki = Pki::generate()?;
         let ca = write(dir, "ca.crt", &pki.ca.cert)?;
@@ -399,6 +497,11 @@ impl Cluster {
             format!("--kubeconfig={}", kubeconfig.display()),
             s("--resync-period=1s"),
         ];
+        if ha {
+            scheduler_args.push(s("--leader-elect=true"));
+            scheduler_args.push(format!("--leader-elect-resource-namespace={}", HA_LEASE.0));
+            scheduler_args.push(format!("--leader-elect-resource-name={}", HA_LEASE.1));
+        }
         scheduler_args.extend(extra);
         let cluster = Cluster {
             dir: dir.to_path_buf(),
@@ -410,6 +513,9 @@ impl Cluster {
             scheduler_args,
             scheduler: Mutex::new(None),
             scheduler_starts: Mutex::new(0),
+            scheduler_host: ha.then(|| HA_MAIN_HOST.to_string()),
+            kube_scheduler: Mutex::new(None),
+            k8s_bin: bin.to_path_buf(),
             _others: Mutex::new(Vec::new()),
         };
         cluster.start_scheduler()?;
@@ -417,30 +523,23 @@ impl Cluster {
         rt.block_on(cluster.register_webhook())?;
 
         // kube-scheduler with our extender
-        let ca_b64 = base64::engine::general_purpose::STANDARD.encode(&pki.ca.cert);
-        let managed: String = MANAGED
-            .iter()
-            .map(|r| format!("  - name: {r}\n    ignoredByScheduler: true\n"))
-            .collect();
-        let ks_config = write(
-            dir,
-            "kube-scheduler.yaml",
-            &format!(
-                "apiVersion: kubescheduler.config.k8s.io/v1\nkind: KubeSchedulerConfiguration\nclientConnection:\n  kubeconfig: {}\n  qps: 500\n  burst: 1000\nleaderElection:\n  leaderElect: false\nprofiles:\n- schedulerName: hami-scheduler\n- schedulerName: default-scheduler\nextenders:\n- urlPrefix: https://127.0.0.1:{hs_port}\n  filterVerb: filter\n  bindVerb: bind\n  enableHTTPS: true\n  tlsConfig:\n    caData: {ca_b64}\n  nodeCacheCapable: true\n  weight: 1\n  httpTimeout: 30s\n  managedResources:\n{managed}",
-                kubeconfig.display()
-            ),
-        )?;
-        others.push(start(
+        let ks_config = kube_scheduler_config(
             dir,
             "kube-scheduler",
+            &kubeconfig,
+            hs_port,
+            &pki.ca.cert,
+            ha,
+        )?;
+        *cluster
+            .kube_scheduler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(start_as(
+            dir,
+            "kube-scheduler",
+            cluster.scheduler_host.as_deref(),
             &bin.join("kube-scheduler"),
-            &[
-                format!("--config={}", ks_config.display()),
-                format!("--authentication-kubeconfig={}", kubeconfig.display()),
-                format!("--authorization-kubeconfig={}", kubeconfig.display()),
-                s("--bind-address=127.0.0.1"),
-                format!("--secure-port={ks_port}"),
-            ],
+            &kube_scheduler_args(&ks_config, &kubeconfig, ks_port),
         )?);
         rt.block_on(wait_https(
             &kubeconfig,
@@ -521,7 +620,13 @@ impl Cluster {
         };
         let mut cmd_args = self.scheduler_args.clone();
         cmd_args.retain(|a| !a.is_empty());
-        let child = start(&self.dir, &name, &self.scheduler_bin, &cmd_args)?;
+        let child = start_as(
+            &self.dir,
+            &name,
+            self.scheduler_host.as_deref(),
+            &self.scheduler_bin,
+            &cmd_args,
+        )?;
         *self.scheduler.lock().unwrap_or_else(|e| e.into_inner()) = Some(child);
         Ok(())
     }
@@ -555,6 +660,7 @@ impl Cluster {
         let replica = Replica {
             port,
             child: Mutex::new(Some(child)),
+            kube_scheduler: Mutex::new(None),
         };
         wait_https(
             &self.kubeconfig,
@@ -589,6 +695,79 @@ impl Cluster {
         {
             procs::kill(&mut c);
         }
+    }
+
+    /// Kills the main kube-scheduler with SIGKILL.
+    pub fn kill_kube_scheduler(&self) {
+        if let Some(mut c) = self
+            .kube_scheduler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            procs::kill(&mut c);
+        }
+    }
+
+    /// In HA mode: another scheduler pod, i.e. a hami-scheduler and a
+    /// kube-scheduler (calling it as its extender) sharing host name
+    /// `host`, both following the Lease [`HA_LEASE`]. Returns once
+    /// hami-scheduler is ready and kube-scheduler serves.
+    pub async fn start_pair(&self, host: &str) -> anyhow::Result<Replica> {
+        let (hs_port, ks_port) = (free_port()?, free_port()?);
+        let mut args: Vec<String> = self
+            .scheduler_args
+            .iter()
+            .filter(|a| !a.is_empty() && !a.starts_with("--bind-address="))
+            .cloned()
+            .collect();
+        args.push(format!("--bind-address=127.0.0.1:{hs_port}"));
+        let hs_name = format!("hami-scheduler-{host}");
+        let hami = start_as(&self.dir, &hs_name, Some(host), &self.scheduler_bin, &args)?;
+        let replica = Replica {
+            port: hs_port,
+            child: Mutex::new(Some(hami)),
+            kube_scheduler: Mutex::new(None),
+        };
+        wait_https(
+            &self.kubeconfig,
+            &format!("https://127.0.0.1:{hs_port}"),
+            "/readyz",
+            false,
+            &hs_name,
+            Duration::from_secs(60),
+        )
+        .await?;
+        let ks_name = format!("kube-scheduler-{host}");
+        let config = kube_scheduler_config(
+            &self.dir,
+            &ks_name,
+            &self.kubeconfig,
+            hs_port,
+            &self.ca_pem,
+            true,
+        )?;
+        let ks = start_as(
+            &self.dir,
+            &ks_name,
+            Some(host),
+            &self.k8s_bin.join("kube-scheduler"),
+            &kube_scheduler_args(&config, &self.kubeconfig, ks_port),
+        )?;
+        *replica
+            .kube_scheduler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(ks);
+        wait_https(
+            &self.kubeconfig,
+            &format!("https://127.0.0.1:{ks_port}"),
+            "/healthz",
+            true,
+            &ks_name,
+            Duration::from_secs(60),
+        )
+        .await?;
+        Ok(replica)
     }
 
     /// Waits until hami-scheduler's /readyz says ok.

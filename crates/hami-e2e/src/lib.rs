@@ -20,5 +20,5 @@ mod cluster;
 mod procs;
 mod testns;
 
-pub use cluster::{Cluster, Replica, cluster, cluster_with};
+pub use cluster::{Cluster, HA_LEASE, HA_MAIN_HOST, Replica, cluster, cluster_ha, cluster_with};
 pub use testns::{GpuNode, TestNs, wait_for};

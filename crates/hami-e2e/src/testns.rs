@@ -214,6 +214,17 @@ impl TestNs {
             .items
     }
 
+    /// Waits for an event with `reason` about the object `name`.
+    pub async fn wait_event(&self, name: &str, reason: &str, timeout: Duration) -> Event {
+        wait_for(timeout, &format!("a {reason} event for {name}"), || async {
+            self.events_for(name)
+                .await
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some(reason))
+        })
+        .await
+    }
+
     /// The pod's annotation, if set.
     pub fn annotation(pod: &Pod, key: &str) -> Option<String> {
         pod.metadata

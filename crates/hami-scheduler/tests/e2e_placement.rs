@@ -220,24 +220,12 @@ async fn unschedulable_pod_stays_pending_with_reasons_per_node() {
     .await
     .expect("created");
     // Our event names every candidate node and HAMi's reason.
-    let ev = wait_for(BIND, "a FilteringFailed event", || async {
-        ns.events_for("too-big")
-            .await
-            .into_iter()
-            .find(|e| e.reason.as_deref() == Some("FilteringFailed"))
-    })
-    .await;
+    let ev = ns.wait_event("too-big", "FilteringFailed", BIND).await;
     let msg = ev.message.unwrap_or_default();
     assert!(msg.contains(&n1) && msg.contains(&n2), "{msg}");
     assert!(msg.contains("2/2 CardInsufficientMemory"), "{msg}");
     // kube-scheduler's own event carries the reason too.
-    let ev = wait_for(BIND, "a FailedScheduling event", || async {
-        ns.events_for("too-big")
-            .await
-            .into_iter()
-            .find(|e| e.reason.as_deref() == Some("FailedScheduling"))
-    })
-    .await;
+    let ev = ns.wait_event("too-big", "FailedScheduling", BIND).await;
     let msg = ev.message.unwrap_or_default();
     assert!(msg.contains("CardInsufficientMemory"), "{msg}");
     let pod = ns.get_pod("too-big").await;
@@ -276,13 +264,7 @@ async fn stale_handshake_node_gets_no_pods_until_it_reports() {
     ))
     .await
     .expect("created");
-    let ev = wait_for(BIND, "a FilteringFailed event", || async {
-        ns.events_for("pinned")
-            .await
-            .into_iter()
-            .find(|e| e.reason.as_deref() == Some("FilteringFailed"))
-    })
-    .await;
+    let ev = ns.wait_event("pinned", "FilteringFailed", BIND).await;
     let msg = ev.message.unwrap_or_default();
     assert!(
         msg.contains(&format!("{stale_name}: NodeNotReporting")) && msg.contains("Requesting_"),
