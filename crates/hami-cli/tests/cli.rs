@@ -1,7 +1,7 @@
 //! Drives the real `hami` binary: exit codes, the JSON contract of
 //! `hami schedule`, error messages, `hami decode` and `hami simulate`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn fixture(name: &str) -> PathBuf {
@@ -21,9 +21,21 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-fn schedule_json(extra: &[&str]) -> (i32, serde_json::Value) {
-    let snapshot = fixture("snapshot.yaml");
-    let pods = fixture("pods.yaml");
+/// Runs `hami` whose stdout must be JSON alone: (exit code, the JSON).
+fn hami_json(args: &[&str]) -> (i32, serde_json::Value) {
+    let out = hami(args);
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is JSON alone ({e}): {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap(), json)
+}
+
+/// `hami schedule -o json` over two files.
+fn schedule_files(snapshot: &Path, pods: &Path, extra: &[&str]) -> (i32, serde_json::Value) {
     let mut args = vec![
         "schedule",
         "--snapshot",
@@ -34,10 +46,11 @@ fn schedule_json(extra: &[&str]) -> (i32, serde_json::Value) {
         "json",
     ];
     args.extend_from_slice(extra);
-    let out = hami(&args);
-    let json = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("stdout is JSON alone ({e}): {}", text(&out.stdout)));
-    (out.status.code().unwrap(), json)
+    hami_json(&args)
+}
+
+fn schedule_json(extra: &[&str]) -> (i32, serde_json::Value) {
+    schedule_files(&fixture("snapshot.yaml"), &fixture("pods.yaml"), extra)
 }
 
 #[test]
@@ -407,28 +420,19 @@ fn two_node_snapshot(lock_on_n1: &str, extra: &str) -> String {
 }
 
 fn schedule_one(snapshot: &str, extra: &[&str]) -> serde_json::Value {
+    schedule_one_pod(
+        snapshot,
+        "kind: Pod\nmetadata: {name: p, namespace: default}\nspec:\n  containers:\n  - name: c\n    resources:\n      limits: {nvidia.com/gpu: 1, nvidia.com/gpumem: 1000}\n",
+        extra,
+    )
+}
+
+fn schedule_one_pod(snapshot: &str, pod: &str, extra: &[&str]) -> serde_json::Value {
     let dir = tempdir();
     let (snap, pods) = (dir.join("snapshot.yaml"), dir.join("pods.yaml"));
     std::fs::write(&snap, snapshot).unwrap();
-    std::fs::write(
-        &pods,
-        "kind: Pod\nmetadata: {name: p, namespace: default}\nspec:\n  containers:\n  - name: c\n    resources:\n      limits: {nvidia.com/gpu: 1, nvidia.com/gpumem: 1000}\n",
-    )
-    .unwrap();
-    let mut args = vec![
-        "schedule",
-        "--snapshot",
-        snap.to_str().unwrap(),
-        "--pod",
-        pods.to_str().unwrap(),
-        "-o",
-        "json",
-    ];
-    args.extend_from_slice(extra);
-    let out = hami(&args);
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", text(&out.stderr)));
-    json[0].clone()
+    std::fs::write(&pods, pod).unwrap();
+    schedule_files(&snap, &pods, extra).1[0].clone()
 }
 
 /// A pod holding n1's bind lock, bound there, still waiting for its device
@@ -460,39 +464,20 @@ fn schedule_counts_only_pods_bound_to_the_node_they_name() {
     // The lock is old and names a pod that is gone, so only holding counts.
     let forged = HOLDER_ON_N1.replace("    nodeName: n1\n", "");
     let snap = two_node_snapshot("2026-01-01T00:00:00Z,ml,gone", HOLDER_ON_N1);
-    let dir = tempdir();
-    let (s, pods) = (dir.join("s.yaml"), dir.join("p.yaml"));
-    std::fs::write(&s, &snap).unwrap();
-    std::fs::write(
-        &pods,
-        "kind: Pod\nmetadata: {name: whole}\nspec:\n  containers:\n  - name: c\n    resources:\n      limits: {nvidia.com/gpu: 1, nvidia.com/gpumem: 15000}\n",
-    )
-    .unwrap();
-    let run = |snapshot: &str| {
-        std::fs::write(&s, snapshot).unwrap();
-        let out = hami(&[
-            "schedule",
-            "--snapshot",
-            s.to_str().unwrap(),
-            "--pod",
-            pods.to_str().unwrap(),
-            "-o",
-            "json",
-        ]);
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()[0]["node"].clone()
-    };
-    assert_eq!(run(&snap), "n2");
+    let whole = "kind: Pod\nmetadata: {name: whole}\nspec:\n  containers:\n  - name: c\n    resources:\n      limits: {nvidia.com/gpu: 1, nvidia.com/gpumem: 15000}\n";
+    assert_eq!(schedule_one_pod(&snap, whole, &[])["node"], "n2");
     let forged = two_node_snapshot("2026-01-01T00:00:00Z,ml,gone", &forged);
-    assert_eq!(run(&forged), "n1", "forged annotations hold nothing");
+    assert_eq!(
+        schedule_one_pod(&forged, whole, &[])["node"],
+        "n1",
+        "forged annotations hold nothing"
+    );
 }
 
 fn decode_json(args: &[&str]) -> (i32, serde_json::Value) {
     let mut all = vec!["decode", "--output", "json"];
     all.extend_from_slice(args);
-    let out = hami(&all);
-    let json = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("stdout is JSON alone ({e}): {}", text(&out.stdout)));
-    (out.status.code().unwrap(), json)
+    hami_json(&all)
 }
 
 #[test]
