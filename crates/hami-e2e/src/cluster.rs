@@ -587,6 +587,18 @@ impl Cluster {
         kube::Client::try_from(config).expect("e2e client")
     }
 
+    /// A client acting as `user` (in `groups`), through impersonation by
+    /// the admin: for checks of who may do what.
+    pub async fn client_as(&self, user: &str, groups: &[&str]) -> kube::Client {
+        let kc = Kubeconfig::read_from(&self.kubeconfig).expect("reading the e2e kubeconfig");
+        let mut config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .expect("e2e kubeconfig");
+        config.auth_info.impersonate = Some(user.to_string());
+        config.auth_info.impersonate_groups = Some(groups.iter().map(|g| g.to_string()).collect());
+        kube::Client::try_from(config).expect("e2e client")
+    }
+
     /// A client for hami-scheduler's own HTTPS endpoint.
     pub async fn scheduler_client(&self) -> kube::Client {
         https_client(

@@ -122,3 +122,177 @@ async fn gpu_pods_are_mutated_and_privileged_ones_denied() {
     );
     let _ = TestNs::annotation(&pod, "x");
 }
+
+/// The shipped ValidatingAdmissionPolicy (deploy/), bound to one namespace
+/// so that the other tests' admin-made pods are not judged by it.
+async fn apply_annotation_policy(ns: &TestNs) {
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/allocation-annotations-policy.yaml"
+    ))
+    .expect("deploy/allocation-annotations-policy.yaml");
+    let mut docs = text.split("\n---\n");
+    let policy: ValidatingAdmissionPolicy =
+        serde_saphyr::from_str(docs.next().unwrap()).expect("the policy parses");
+    let mut binding: ValidatingAdmissionPolicyBinding =
+        serde_saphyr::from_str(docs.next().unwrap()).expect("the binding parses");
+    let spec = binding.spec.as_mut().unwrap();
+    spec.match_resources = Some(
+        serde_json::from_value(json!({"namespaceSelector": {
+            "matchLabels": {"kubernetes.io/metadata.name": ns.name}}}))
+        .unwrap(),
+    );
+    let pp = kube::api::PostParams::default();
+    kube::Api::<ValidatingAdmissionPolicy>::all(ns.client.clone())
+        .create(&pp, &policy)
+        .await
+        .expect("policy created");
+    kube::Api::<ValidatingAdmissionPolicyBinding>::all(ns.client.clone())
+        .create(&pp, &binding)
+        .await
+        .expect("binding created");
+}
+
+/// Lets `users` create, read and patch pods in the namespace.
+async fn grant_pod_writes(ns: &TestNs, users: &[&str]) {
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let pp = kube::api::PostParams::default();
+    let role: Role = serde_json::from_value(json!({
+        "metadata": {"name": "pod-writer"},
+        "rules": [{"apiGroups": [""], "resources": ["pods"],
+            "verbs": ["create", "get", "patch", "update"]}],
+    }))
+    .unwrap();
+    kube::Api::<Role>::namespaced(ns.client.clone(), &ns.name)
+        .create(&pp, &role)
+        .await
+        .expect("role");
+    let subjects: Vec<_> = users
+        .iter()
+        .map(|u| json!({"kind": "User", "name": u, "apiGroup": "rbac.authorization.k8s.io"}))
+        .collect();
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "pod-writer"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-writer"},
+        "subjects": subjects,
+    }))
+    .unwrap();
+    kube::Api::<RoleBinding>::namespaced(ns.client.clone(), &ns.name)
+        .create(&pp, &binding)
+        .await
+        .expect("role binding");
+}
+
+fn forged(ns: &TestNs, name: &str) -> serde_json::Value {
+    let mut pod = ns.gpu_pod(
+        name,
+        json!({"nvidia.com/gpu": "1", "nvidia.com/gpumem": "1000"}),
+        json!({
+            "hami.io/vgpu-node": "some-node",
+            "hami.io/vgpu-devices-allocated": "GPU-stolen,NVIDIA,1000,0:;",
+            "hami.io/bind-phase": "success",
+        }),
+    );
+    // Not bound to this test's nodes: only admission is under test.
+    pod["spec"]["schedulerName"] = json!("nobody");
+    pod
+}
+
+#[tokio::test]
+async fn only_hami_components_write_allocation_annotations() {
+    let Some(cluster) = hami_e2e::cluster(env!("CARGO_BIN_EXE_hami-scheduler")) else {
+        return;
+    };
+    let ns = cluster.namespace("vap").await;
+    const TENANT: &str = "tenant-alice";
+    const SCHEDULER: &str = "system:serviceaccount:kube-system:hami-scheduler";
+    grant_pod_writes(&ns, &[TENANT, SCHEDULER]).await;
+    apply_annotation_policy(&ns).await;
+    let tenant = cluster.client_as(TENANT, &["system:authenticated"]).await;
+    let scheduler = cluster
+        .client_as(
+            SCHEDULER,
+            &["system:serviceaccounts", "system:authenticated"],
+        )
+        .await;
+    let tenant_pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(tenant.clone(), &ns.name);
+    let pp = kube::api::PostParams::default();
+
+    // Through the webhook: the forged annotations are stripped on CREATE.
+    let p: k8s_openapi::api::core::v1::Pod = serde_json::from_value(forged(&ns, "forger")).unwrap();
+    let created = tenant_pods
+        .create(&pp, &p)
+        .await
+        .expect("created, stripped");
+    for key in [
+        "hami.io/vgpu-node",
+        "hami.io/vgpu-devices-allocated",
+        "hami.io/bind-phase",
+    ] {
+        assert_eq!(TestNs::annotation(&created, key), None, "{key} kept");
+    }
+
+    // Skipping the webhook (its objectSelector) does not help: the policy
+    // refuses the pod, naming the keys. The policy is picked up by the
+    // API server asynchronously, so this is the event to wait for.
+    let mut skip = forged(&ns, "skipper");
+    skip["metadata"]["labels"] = json!({"hami.io/webhook": "ignore"});
+    let skip: k8s_openapi::api::core::v1::Pod = serde_json::from_value(skip).unwrap();
+    // Dry runs go through admission and leave nothing behind.
+    let dry = kube::api::PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let denied = hami_e2e::wait_for(
+        std::time::Duration::from_secs(30),
+        "the policy to deny a forged pod",
+        || async {
+            match tenant_pods.create(&dry, &skip).await {
+                Err(kube::Error::Api(e)) => Some(e),
+                Ok(_) => None,
+                Err(e) => panic!("{e}"),
+            }
+        },
+    )
+    .await;
+    assert!(
+        denied.message.contains("hami.io/vgpu-node")
+            && denied.message.contains("hami.io/bind-phase"),
+        "{denied:?}"
+    );
+
+    // A tenant may not add one later either...
+    let patch = |key: &str, value: &str| {
+        kube::api::Patch::Merge(json!({"metadata": {"annotations": {key: value}}}))
+    };
+    let e = tenant_pods
+        .patch(
+            "forger",
+            &Default::default(),
+            &patch("hami.io/vgpu-devices-allocated", "GPU-x,NVIDIA,1,0:;"),
+        )
+        .await
+        .expect_err("a tenant wrote an allocation");
+    assert!(
+        e.to_string().contains("hami.io/vgpu-devices-allocated"),
+        "{e}"
+    );
+    // ...while its other annotations stay its own.
+    tenant_pods
+        .patch("forger", &Default::default(), &patch("team", "ml"))
+        .await
+        .expect("an unrelated annotation");
+    // hami-scheduler may (it marks stuck binds failed).
+    kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(scheduler, &ns.name)
+        .patch(
+            "forger",
+            &Default::default(),
+            &patch("hami.io/bind-phase", "failed"),
+        )
+        .await
+        .expect("the scheduler's service account writes bind-phase");
+}
