@@ -190,7 +190,7 @@ fn is_privileged(sc: Option<&SecurityContext>) -> bool {
 
 /// Removes the annotations only the scheduler and the device plugin write.
 /// Returns whether any was there.
-fn strip_scheduler_written(vendor: &dyn Vendor, pod: &mut Pod) -> bool {
+pub fn strip_scheduler_written(vendor: &dyn Vendor, pod: &mut Pod) -> bool {
     let Some(annotations) = pod.metadata.annotations.as_mut() else {
         return false;
     };

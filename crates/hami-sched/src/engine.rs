@@ -138,6 +138,13 @@ impl Engine {
         self
     }
 
+    /// Only the scheduler-written annotations rule of [`Engine::admit`],
+    /// for pods the webhook otherwise leaves alone. Returns whether any
+    /// annotation was removed.
+    pub fn strip_scheduler_written(&self, pod: &mut Pod) -> bool {
+        admission::strip_scheduler_written(&self.nvidia, pod)
+    }
+
     /// Parses a pod. `Ok(None)` when it asks for no managed device.
     pub fn prepare(&self, pod: &Pod) -> Result<Option<PodRequest>, PodError> {
         let containers = self.nvidia.pod_requests(pod)?;

@@ -21,10 +21,10 @@ use hami_kube::events::{EventWriter, Severity};
 use hami_kube::leader::{self, Leadership, LeaseConfig};
 use hami_kube::lock::{self, LockPolicy};
 use hami_kube::pod as podio;
-use hami_sched::{Engine, Policies, pod_key};
+use hami_sched::{AdmissionOptions, Engine, Policies, pod_key};
 
 use crate::app::{self, App};
-use crate::config::{Args, Settings};
+use crate::config::{Args, ProtectedEnvMode, Settings};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::state::Cluster;
@@ -44,13 +44,22 @@ pub fn load_engine(s: &Settings) -> Result<Engine, Error> {
         }
         None => DeviceConfig::default(),
     };
+    let admission = AdmissionOptions {
+        force_overwrite_default_scheduler: s.force_overwrite_default_scheduler,
+        protected_env_mode: match s.protected_env {
+            ProtectedEnvMode::Deny => hami_sched::ProtectedEnvMode::Deny,
+            ProtectedEnvMode::Remove => hami_sched::ProtectedEnvMode::Remove,
+        },
+        protected_env_namespaces: s.protected_env_allowed_namespaces.clone(),
+    };
     Ok(Engine::new(
         config.nvidia,
         Policies {
             node: s.node_policy,
             gpu: s.gpu_policy,
         },
-    ))
+    )
+    .with_admission(admission))
 }
 
 /// Runs the scheduler until SIGTERM or Ctrl-C, or until a background task
@@ -390,5 +399,46 @@ async fn give_up_on(app: &App, p: &crate::state::StuckPod, timeout: std::time::D
             }
         }
         Err(e) => tracing::warn!(pod = key, error = %e, "marking a stuck pod failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn admission_flags_reach_the_engine() {
+        let s = Args::parse_from([
+            "hami-scheduler",
+            "--force-overwrite-default-scheduler=false",
+            "--protected-env=remove",
+            "--protected-env-allowed-namespaces=debug,ops",
+        ])
+        .settings()
+        .unwrap();
+        let engine = load_engine(&s).unwrap();
+        assert_eq!(
+            engine.admission,
+            AdmissionOptions {
+                force_overwrite_default_scheduler: false,
+                protected_env_mode: hami_sched::ProtectedEnvMode::Remove,
+                protected_env_namespaces: vec!["debug".into(), "ops".into()],
+            }
+        );
+        let defaults =
+            load_engine(&Args::parse_from(["hami-scheduler"]).settings().unwrap()).unwrap();
+        assert_eq!(defaults.admission, AdmissionOptions::default());
+    }
+
+    #[test]
+    fn a_lock_timeout_shorter_than_a_bind_is_refused() {
+        let s = Args::parse_from(["hami-scheduler", "--lock-timeout=30s"])
+            .settings()
+            .unwrap();
+        let e = lock_policy(&s).unwrap_err().to_string();
+        assert!(e.contains("--lock-timeout"), "{e}");
+        let p = lock_policy(&Args::parse_from(["hami-scheduler"]).settings().unwrap()).unwrap();
+        assert_eq!(p.bind_grace, SignedDuration::from_secs(50));
     }
 }

@@ -15,14 +15,11 @@ use kube::ResourceExt;
 
 use hami_api::allocation::PodDevices;
 use hami_api::annotations as ann;
-use hami_api::policy::NodePolicy;
 use hami_kube::cache::Inventory;
 use hami_kube::handshake;
-use hami_sched::{Decision, Engine, Mode, PodRequest, Snapshot, Vendor, pod_key};
-
-/// How long a bind lock whose holder the pod watch has not shown yet counts
-/// as a bind in flight (after that the holder is more likely gone).
-const UNSEEN_HOLDER_GRACE: SignedDuration = SignedDuration::from_secs(5);
+use hami_sched::{
+    BindInFlight, BusyRule, Decision, Engine, Mode, PodRequest, Snapshot, Vendor, pod_key,
+};
 
 /// A Filter decision not yet visible in the API server.
 #[derive(Debug, Clone, PartialEq)]
@@ -65,6 +62,31 @@ struct PodEntry {
     bind_phase: Option<String>,
     bind_time: Option<i64>,
     phase: Option<String>,
+}
+
+impl PodEntry {
+    /// The pod as far as a bind lock's holder goes (what
+    /// [`BindInFlight::from_lock`] reads).
+    fn as_holder(&self) -> Pod {
+        let mut annotations = BTreeMap::new();
+        if let Some(b) = &self.bind_phase {
+            annotations.insert(ann::BIND_PHASE.to_string(), b.clone());
+        }
+        if let Some(n) = &self.node {
+            annotations.insert(ann::VGPU_NODE.to_string(), n.clone());
+        }
+        Pod {
+            metadata: kube::api::ObjectMeta {
+                annotations: Some(annotations),
+                ..Default::default()
+            },
+            status: Some(k8s_openapi::api::core::v1::PodStatus {
+                phase: self.phase.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
 }
 
 /// Cluster state shared by the watches and the handlers.
@@ -292,59 +314,36 @@ impl Cluster {
         }
     }
 
-    /// Nodes among `candidates` whose bind lock has been held for longer
-    /// than `busy_after` by another pod that is still waiting for its
-    /// device plugin, with a reason. A bind there would wait for the lock
-    /// (and likely give up), so Filter offers other nodes first.
-    pub fn busy_nodes(
-        &self,
-        candidates: &[String],
-        key: &str,
-        now: Timestamp,
-        busy_after: SignedDuration,
-    ) -> BTreeMap<String, String> {
-        let mut busy = BTreeMap::new();
+    /// Tells the snapshot which candidates have a bind in flight (their
+    /// lock and its holder as the watches show them), judged at `now`: the
+    /// engine passes over busy nodes by the same rule in the extender and
+    /// in `hami schedule`.
+    fn refresh_binds_in_flight(&mut self, candidates: &[String], now: Timestamp) {
         for name in candidates {
-            let Some(lock) = self
+            let lock = self
                 .nodes
                 .get(name)
                 .and_then(|e| e.node.metadata.annotations.as_ref())
                 .and_then(|a| a.get(ann::NODE_LOCK))
-                .and_then(|v| hami_api::node::NodeLock::decode(v).ok())
-            else {
-                continue;
-            };
-            let holder = format!("{}/{}", lock.namespace, lock.pod);
-            let age = now.duration_since(lock.since);
-            if holder == key || age <= busy_after {
-                continue;
-            }
-            let waiting = match self.pods.get(&holder) {
-                Some(p) => {
-                    p.bind_phase.as_deref() == Some("allocating")
-                        && matches!(p.phase.as_deref(), None | Some("Pending"))
-                        && p.node.as_deref() == Some(name.as_str())
+                .and_then(|v| hami_api::node::NodeLock::decode(v).ok());
+            match lock {
+                Some(lock) => {
+                    let holder = self
+                        .pods
+                        .get(&format!("{}/{}", lock.namespace, lock.pod))
+                        .map(PodEntry::as_holder);
+                    let bind = BindInFlight::from_lock(name, &lock, holder.as_ref(), now);
+                    self.snapshot.set_bind_in_flight(name, bind);
                 }
-                // A fresh lock whose pod's bind the watch has not shown yet.
-                None => age < UNSEEN_HOLDER_GRACE,
-            };
-            if waiting {
-                busy.insert(
-                    name.clone(),
-                    format!(
-                        "NodeLockBusy: bind lock held by {holder} since {} (its device plugin has not allocated yet)",
-                        lock.since
-                    ),
-                );
+                None => {
+                    self.snapshot.clear_bind_in_flight(name);
+                }
             }
         }
-        busy
     }
 
     /// [`Cluster::filter`] that offers nodes with a long-held bind lock
-    /// only when no other candidate is left. A spread pod treats any node
-    /// with a bind in flight as busy: spread wants another node anyway, and
-    /// under a burst the next-emptiest node is as good and binds at once.
+    /// only when no other candidate fits ([`Engine::filter_avoiding_busy`]).
     pub fn filter_avoiding_busy(
         &mut self,
         engine: &Engine,
@@ -354,26 +353,9 @@ impl Cluster {
         now: Timestamp,
         busy_after: SignedDuration,
     ) -> FilterOutcome {
-        let busy_after = match req.constraints.node_policy {
-            NodePolicy::Spread => SignedDuration::ZERO,
-            NodePolicy::Binpack => busy_after,
-        };
-        let busy = self.busy_nodes(candidates, &req.key, now, busy_after);
-        if busy.is_empty() || busy.len() == candidates.len() {
-            return self.filter(engine, req, uid, candidates, now);
-        }
-        let free: Vec<String> = candidates
-            .iter()
-            .filter(|n| !busy.contains_key(*n))
-            .cloned()
-            .collect();
-        let mut outcome = self.filter(engine, req, uid, &free, now);
-        if outcome.node.is_none() {
-            // Nothing fits elsewhere: a busy node is still better than none.
-            return self.filter(engine, req, uid, candidates, now);
-        }
-        outcome.failed.extend(busy);
-        outcome
+        self.refresh_binds_in_flight(candidates, now);
+        let rule = BusyRule { now, busy_after };
+        self.decide(engine, req, uid, candidates, now, Some(rule))
     }
 
     /// Filter: the best node among `candidates` and why the others were
@@ -386,6 +368,18 @@ impl Cluster {
         uid: Option<&str>,
         candidates: &[String],
         now: Timestamp,
+    ) -> FilterOutcome {
+        self.decide(engine, req, uid, candidates, now, None)
+    }
+
+    fn decide(
+        &mut self,
+        engine: &Engine,
+        req: &PodRequest,
+        uid: Option<&str>,
+        candidates: &[String],
+        now: Timestamp,
+        busy: Option<BusyRule>,
     ) -> FilterOutcome {
         if let Some(r) = self
             .reservations
@@ -415,14 +409,30 @@ impl Cluster {
         // earlier decision, a failed bind's annotations) no longer counts.
         self.reservations.remove(&req.key);
         self.snapshot.remove_pod(&req.key);
-        let decision = engine.filter(&self.snapshot, req, Some(candidates), Mode::Explain);
+        let decision = match busy {
+            Some(rule) => engine.filter_avoiding_busy(
+                &self.snapshot,
+                req,
+                Some(candidates),
+                Mode::Explain,
+                rule,
+            ),
+            None => engine.filter(&self.snapshot, req, Some(candidates), Mode::Explain),
+        };
+        let mut failed: BTreeMap<String, String> = decision
+            .rejected
+            .iter()
+            .map(|(n, r)| (n.to_string(), self.rejection_reason(n, r.to_string())))
+            .collect();
+        failed.extend(
+            decision
+                .busy
+                .iter()
+                .map(|(n, b)| (n.to_string(), b.reason())),
+        );
         let outcome = FilterOutcome {
             node: decision.node.map(str::to_string),
-            failed: decision
-                .rejected
-                .iter()
-                .map(|(n, r)| (n.to_string(), self.rejection_reason(n, r.to_string())))
-                .collect(),
+            failed,
         };
         if let Some(node) = &outcome.node {
             let devices = decision.devices.clone();

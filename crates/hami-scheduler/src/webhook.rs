@@ -74,7 +74,7 @@ fn decide(engine: &Engine, scheduler_name: &str, request: &Value) -> Value {
     let Some(object) = request.get("object") else {
         return allowed();
     };
-    let original: Pod = match serde_json::from_value(object.clone()) {
+    let mut original: Pod = match serde_json::from_value(object.clone()) {
         Ok(p) => p,
         Err(e) => {
             return denied(&format!(
@@ -82,17 +82,31 @@ fn decide(engine: &Engine, scheduler_name: &str, request: &Value) -> Value {
             ));
         }
     };
+    // A pod being created often carries no namespace of its own; the
+    // request names it (the protected-env allow list is per namespace).
+    if original.metadata.namespace.is_none()
+        && let Some(ns) = request.get("namespace").and_then(Value::as_str)
+    {
+        original.metadata.namespace = Some(ns.to_string());
+    }
     let ignored = original
         .metadata
         .labels
         .as_ref()
         .and_then(|l| l.get(ann::WEBHOOK_LABEL))
         .is_some_and(|v| v == "ignore");
-    if ignored {
-        return allowed();
-    }
     let mut pod = original.clone();
-    match engine.admit(&mut pod, scheduler_name) {
+    let admission = if ignored {
+        // Left alone, except that nobody but hami-rs writes allocations.
+        if engine.strip_scheduler_written(&mut pod) {
+            Admission::Mutated
+        } else {
+            Admission::Untouched
+        }
+    } else {
+        engine.admit(&mut pod, scheduler_name)
+    };
+    match admission {
         Admission::Untouched => allowed(),
         Admission::Denied(message) => denied(&message),
         Admission::Mutated => {
@@ -242,6 +256,48 @@ mod tests {
                 &json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"})
             ),
             Err(ReviewError::NoRequest)
+        );
+    }
+
+    #[test]
+    fn forged_allocations_are_stripped_even_from_ignored_pods() {
+        let pod = json!({
+            "metadata": {"name": "p",
+                "labels": {"hami.io/webhook": "ignore"},
+                "annotations": {"hami.io/vgpu-node": "n1",
+                    "hami.io/vgpu-devices-allocated": "GPU-x,NVIDIA,1000,0:;",
+                    "team": "ml"}},
+            "spec": {"containers": [{"name": "c"}]},
+        });
+        let out = review(
+            &engine(),
+            "hami-scheduler",
+            &review_of(pod, "admission.k8s.io/v1"),
+        )
+        .unwrap();
+        assert_eq!(out["response"]["allowed"], true);
+        let patch = base64::engine::general_purpose::STANDARD
+            .decode(out["response"]["patch"].as_str().expect("a patch"))
+            .unwrap();
+        let patch: Value = serde_json::from_slice(&patch).unwrap();
+        let removed: Vec<&str> = patch
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|op| {
+                assert_eq!(op["op"], "remove", "{patch}");
+                op["path"].as_str().unwrap()
+            })
+            .collect();
+        assert_eq!(
+            removed.len(),
+            2,
+            "only the two forged keys go, nothing else changes: {patch}"
+        );
+        assert!(
+            removed
+                .iter()
+                .all(|p| p.starts_with("/metadata/annotations/hami.io"))
         );
     }
 }

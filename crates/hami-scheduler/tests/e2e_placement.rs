@@ -191,8 +191,12 @@ async fn type_and_uuid_selectors_numa_bind_and_exclusive_use() {
     );
     assert!(!got.contains(&card1));
 
+    // The extender judged it (its event proves the chance was had) and
+    // refused card 1, which is held whole.
     let name = err_pod.metadata.name.clone().unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ev = ns.wait_event(&name, "FilteringFailed", BIND).await;
+    let msg = ev.message.unwrap_or_default();
+    assert!(msg.contains(&a100), "{msg}");
     assert_eq!(
         node_of(&ns.get_pod(&name).await),
         "",
