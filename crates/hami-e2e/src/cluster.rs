@@ -618,6 +618,22 @@ impl Cluster {
         self.scheduler_client().await.request_text(req).await
     }
 
+    /// POST a JSON body to hami-scheduler (e.g. an extender verb, as
+    /// kube-scheduler would over loopback); the JSON answer.
+    pub async fn scheduler_post(&self, path: &str, body: &serde_json::Value) -> serde_json::Value {
+        let req = http::Request::post(path)
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(body).expect("json"))
+            .expect("a valid request");
+        let text = self
+            .scheduler_client()
+            .await
+            .request_text(req)
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("POST {path}: {e}: {text}"))
+    }
+
     /// Starts hami-scheduler (again).
     pub fn start_scheduler(&self) -> anyhow::Result<()> {
         let mut n = self

@@ -310,3 +310,51 @@ async fn stale_handshake_node_gets_no_pods_until_it_reports() {
         .unwrap_or_default();
     assert!(hs.starts_with("Requesting_"), "{hs}");
 }
+
+#[tokio::test]
+async fn a_pod_of_another_scheduler_is_neither_reserved_nor_bound() {
+    let Some(cluster) = hami_e2e::cluster(env!("CARGO_BIN_EXE_hami-scheduler")) else {
+        return;
+    };
+    let mut ns = cluster.namespace("foreign").await;
+    let node = ns
+        .add_node(&GpuNode::new("n", 1, 16384, "NVIDIA-Tesla T4"))
+        .await;
+    let mut pod = ns.gpu_pod(
+        "theirs",
+        json!({"nvidia.com/gpu": "1", "nvidia.com/gpumem": "16384"}),
+        json!({}),
+    );
+    pod["spec"]["schedulerName"] = json!("nobody");
+    let pod = ns.create_pod(pod).await.expect("created");
+    // Someone with loopback access calls the extender for it by hand, as
+    // kube-scheduler would.
+    let filtered = cluster
+        .scheduler_post("/filter", &json!({"Pod": pod, "NodeNames": [node.clone()]}))
+        .await;
+    assert_eq!(filtered["NodeNames"], json!([]), "{filtered}");
+    let why = filtered["FailedAndUnresolvableNodes"][&node]
+        .as_str()
+        .unwrap_or_default();
+    assert!(why.contains("nobody"), "{filtered}");
+    let bound = cluster
+        .scheduler_post(
+            "/bind",
+            &json!({"PodName": "theirs", "PodNamespace": ns.name,
+                "PodUID": pod.metadata.uid, "Node": node}),
+        )
+        .await;
+    let error = bound["Error"].as_str().unwrap_or_default();
+    assert!(error.contains("nobody"), "{bound}");
+    // The Bind answered: had it bound, the pod would show it now.
+    assert_eq!(node_of(&ns.get_pod("theirs").await), "");
+    // Nothing was reserved: a pod of ours takes the whole card.
+    let mine = place(
+        &ns,
+        "mine",
+        json!({"nvidia.com/gpu": "1", "nvidia.com/gpumem": "16384"}),
+        json!({}),
+    )
+    .await;
+    assert_eq!(node_of(&mine), node);
+}
