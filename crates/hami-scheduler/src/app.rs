@@ -57,15 +57,12 @@ pub struct App {
 /// The outcome of one bind, shared with retries of it.
 pub type BindOutcome = Option<Result<(), String>>;
 
-/// Binds in flight by `namespace/name` (and the node they bind to).
+/// A running bind: its node and where its outcome will appear.
+type RunningBind = (String, tokio::sync::watch::Receiver<BindOutcome>);
+
+/// Binds in flight by `namespace/name`.
 #[derive(Clone, Default)]
-pub struct BindFlights(
-    Arc<
-        Mutex<
-            std::collections::HashMap<String, (String, tokio::sync::watch::Receiver<BindOutcome>)>,
-        >,
-    >,
-);
+pub struct BindFlights(Arc<Mutex<std::collections::HashMap<String, RunningBind>>>);
 
 /// The first bind of a pod: publishes its outcome and leaves the map
 /// when dropped (a panicked bind closes the channel, which joiners see).
@@ -91,11 +88,7 @@ impl Drop for Flight {
 impl BindFlights {
     /// Starts the bind of `key` to `node`, or joins the one running: `Err`
     /// holds that bind's node and its outcome channel.
-    pub fn start(
-        &self,
-        key: &str,
-        node: &str,
-    ) -> Result<Flight, (String, tokio::sync::watch::Receiver<BindOutcome>)> {
+    pub fn start(&self, key: &str, node: &str) -> Result<Flight, RunningBind> {
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((n, rx)) = m.get(key) {
             return Err((n.clone(), rx.clone()));
