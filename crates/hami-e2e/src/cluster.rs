@@ -659,49 +659,6 @@ impl Cluster {
         Ok(())
     }
 
-    /// Starts another hami-scheduler against the same API server, on its
-    /// own port, with the main one's flags with `extra` (e.g. its own
-    /// `--leader-elect-identity`) appended. kube-scheduler and the webhook
-    /// keep pointing at the main one; tests talk to a replica directly.
-    pub async fn start_replica(&self, name: &str, extra: &[&str]) -> anyhow::Result<Replica> {
-        let port = free_port()?;
-        // A flag given in `extra` replaces the main one's (clap refuses a
-        // flag given twice).
-        let flag_of = |a: &str| {
-            a.split_once('=')
-                .map_or(a.to_string(), |(f, _)| f.to_string())
-        };
-        let replaced: Vec<String> = extra.iter().map(|a| flag_of(a)).collect();
-        let mut args: Vec<String> = self
-            .scheduler_args
-            .iter()
-            .filter(|a| {
-                !a.is_empty()
-                    && !a.starts_with("--bind-address=")
-                    && !replaced.contains(&flag_of(a))
-            })
-            .cloned()
-            .collect();
-        args.push(format!("--bind-address=127.0.0.1:{port}"));
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let child = start(&self.dir, name, &self.scheduler_bin, &args)?;
-        let replica = Replica {
-            port,
-            child: Mutex::new(Some(child)),
-            kube_scheduler: Mutex::new(None),
-        };
-        wait_https(
-            &self.kubeconfig,
-            &format!("https://127.0.0.1:{port}"),
-            "/readyz",
-            false,
-            name,
-            Duration::from_secs(60),
-        )
-        .await?;
-        Ok(replica)
-    }
-
     /// A client for a replica's HTTPS endpoint (extender, metrics).
     pub async fn replica_client(&self, replica: &Replica) -> kube::Client {
         https_client(
