@@ -61,8 +61,10 @@
 //! `GPU_CORE_UTILIZATION_POLICY=disable` turns pacing off; `default` and
 //! `force` both pace whenever the quota is below 100. `CUDA_TASK_PRIORITY=1`
 //! (the default) processes also hold their launches while the shared region's
-//! suspend flag is set by the node agent; priority-0 processes record their
-//! last launch time there, for the node agent to see.
+//! suspend flag is set by the node agent (each held launch logs
+//! `launch held: low priority suspended ...` at info level,
+//! `LIBCUDA_LOG_LEVEL=3`, before it starts waiting); priority-0 processes
+//! record their last launch time there, for the node agent to see.
 
 use crate::device::current_device;
 use crate::ffi::*;
@@ -335,7 +337,8 @@ fn sleep_ns(ns: u64) {
     std::thread::sleep(std::time::Duration::from_nanos(ns));
 }
 
-/// Holds a low-priority launch while the node agent suspends them.
+/// Holds a low-priority launch while the node agent suspends them. A launch
+/// that has to wait says so once, at info level, before its first wait.
 #[inline]
 fn priority_gate(g: &Global) {
     if g.env.priority() == 0 {
@@ -345,6 +348,17 @@ fn priority_gate(g: &Global) {
             .store(monotonic_ns(), Relaxed);
         return;
     }
+    if g.region.low_priority_suspended() {
+        hold_while_suspended(g);
+    }
+}
+
+#[cold]
+fn hold_while_suspended(g: &Global) {
+    hlog!(
+        crate::log::INFO,
+        "launch held: low priority suspended by the node agent"
+    );
     while g.region.low_priority_suspended() {
         sleep_ns(1_000_000);
     }

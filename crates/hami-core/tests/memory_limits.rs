@@ -347,24 +347,35 @@ fn nvml_listing_finds_the_container_by_learned_host_pids() {
 #[test]
 fn limits_file_changes_limits_while_running() {
     let s = Scratch::new("limits-file");
-    let mut child = spawn(
+    let mut child = Running::spawn(
         &s,
         &[LIMIT_1000M],
         &[
-            "init", "alloc", "600m", "alloc", "600m", "ready", "sleep", "800", "alloc", "600m",
+            "init",
+            "alloc",
+            "600m",
+            "alloc",
+            "600m",
+            "await",
+            "alloc-until",
+            "600m",
+            "20000",
             "meminfo",
         ],
     );
-    let first = wait_ready(&mut child);
-    assert!(first.contains("alloc 2"), "{first}");
+    // The old limit holds; then the file is replaced and the program let go.
+    child.wait_for(false, |l| l.starts_with("alloc 2 "));
     let mut l = hami_shm::env::Limits::default();
     l.memory[0] = Some(2 << 30);
     hami_shm::limits::write(&s.limits(), &l).unwrap();
-    let out = Lines::from_output(&child.wait_with_output().unwrap());
-    // Lines after `ready`: sleep, alloc, meminfo.
-    assert_eq!(out.rcs(), vec![0, 0, 0]);
+    child.go();
+    // The interposer re-reads the file at an allocation, at most every
+    // 250 ms: `alloc-until` retries (every 10 ms, for up to 20 s) until an
+    // allocation has seen the new limit.
+    let out = child.finish();
+    assert_eq!(out.rcs(), vec![0, 0, OOM, 0, 0, 0], "{:?}", out.lines);
     assert_eq!(
-        out.field::<u64>(2, 3),
+        out.field::<u64>(5, 3),
         2 << 30,
         "the new limit is the new total"
     );

@@ -5,7 +5,6 @@
 mod common;
 use common::*;
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
 
 /// Timing tests run one at a time: on a small CI machine, parallel tests
 /// would starve each other of CPU and the device of work.
@@ -254,33 +253,24 @@ fn low_priority_pauses_while_suspended_and_resumes() {
     let s = Scratch::new("priority");
     let region = hami_shm::region::SharedRegion::open(&s.region()).unwrap();
     region.set_low_priority_suspended(true);
-    let mut child = spawn(
+    let mut low = Running::spawn(
         &s,
-        &[("CUDA_TASK_PRIORITY", "1")],
+        &[("CUDA_TASK_PRIORITY", "1"), ("LIBCUDA_LOG_LEVEL", "3")],
         &["init", "launch", "5", "1000"],
     );
-    std::thread::sleep(Duration::from_millis(600));
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "a suspended low-priority process launched"
-    );
-    let t = Instant::now();
-    region.set_low_priority_suspended(false);
-    let out = Lines::from_output(&child.wait_with_output().unwrap());
-    assert_eq!(out.rcs(), vec![0, 0]);
-    assert!(
-        t.elapsed() < Duration::from_secs(2),
-        "resumed late: {:?}",
-        t.elapsed()
-    );
-    // A high-priority process is never held.
-    region.set_low_priority_suspended(true);
-    let out = probe(
+    low.wait_for(false, |l| l == "init 0");
+    // Its first launch reached the gate and is held.
+    low.wait_for(true, |l| l.contains("launch held: low priority suspended"));
+    // Meanwhile a high-priority process on the same card is never held: it
+    // runs half a second of launches to the end ...
+    let high = probe(
         &s,
-        &[("CUDA_TASK_PRIORITY", "0")],
-        &["init", "launch", "5", "1000"],
+        &[("CUDA_TASK_PRIORITY", "0"), ("LIBCUDA_LOG_LEVEL", "3")],
+        &["init", "busy", "500", "1000"],
     );
-    assert_eq!(out.rcs(), vec![0, 0]);
+    assert_eq!(high.rcs(), vec![0, 0]);
+    assert!(high.field::<u64>(1, 2) > 0, "{:?}", high.lines);
+    assert!(!high.stderr.contains("launch held"), "{}", high.stderr);
     assert!(
         region
             .header
@@ -288,23 +278,48 @@ fn low_priority_pauses_while_suspended_and_resumes() {
             .load(std::sync::atomic::Ordering::Relaxed)
             > 0
     );
+    // ... while the low-priority one still waits at its first launch.
+    low.drain();
+    assert!(
+        !low.stdout.iter().any(|l| l.starts_with("launch")),
+        "a suspended low-priority process launched: {:?}",
+        low.stdout
+    );
+    assert!(low.running(), "a suspended low-priority process finished");
+    let resumed = hami_shm::region::monotonic_ns();
+    region.set_low_priority_suspended(false);
+    // Resuming lets every launch through (`finish` allows 30 s), and only
+    // then: its run ends after the flag was cleared (CLOCK_MONOTONIC).
+    let out = low.finish();
+    assert_eq!(out.rcs(), vec![0, 0]);
+    assert_eq!(out.field::<u64>(1, 2), 5, "{:?}", out.lines);
+    let ended: u64 = out.field(1, 5);
+    assert!(
+        ended > resumed,
+        "the held launches ran before the resume: {:?}",
+        out.lines
+    );
 }
 
 #[test]
 fn quota_changes_while_running() {
     let _serial = serial();
     let s = Scratch::new("pace-live");
-    let child = spawn(
+    let mut child = Running::spawn(
         &s,
         &[("CUDA_DEVICE_SM_LIMIT", "20")],
-        &["init", "busy", "1500", "1000", "busy", "3000", "1000"],
+        &[
+            "init", "busy", "1500", "1000", "await", "busy", "3000", "1000",
+        ],
     );
-    std::thread::sleep(Duration::from_millis(300));
+    // After the first run (paced at 20%), the node agent raises the quota;
+    // the program, still running, is then let go into its second run.
+    child.wait_for(false, |l| l.starts_with("busy "));
     let region = hami_shm::region::SharedRegion::open(&s.region()).unwrap();
-    // The node agent raises the quota while the program runs.
-    std::thread::sleep(Duration::from_millis(1300));
     region.set_sm_limit(0, 70);
-    let out = Lines::from_output(&child.wait_with_output().unwrap());
-    let (got, starved) = measured(&out, 2, 1e6);
+    child.go();
+    let out = child.finish();
+    assert_eq!(out.rcs(), vec![0, 0, 0, 0], "{:?}", out.lines);
+    let (got, starved) = measured(&out, 3, 1e6);
     assert_paced(got, 70.0, starved, "after raising the quota to 70%");
 }

@@ -81,7 +81,7 @@ fn two_hundred_processes_start_at_once() {
     // Starts n probes and waits until each has allocated and said ready.
     let start = |preload: bool| -> (Vec<Child>, Duration) {
         let t0 = Instant::now();
-        let args = ["init", "alloc", "1m", "ready", "sleep", "5000"];
+        let args = ["init", "alloc", "1m", "ready", "hold"];
         let mut kids: Vec<Child> = (0..n)
             .map(|_| probe_cmd(&s, &env, &args, preload).spawn().unwrap())
             .collect();

@@ -173,17 +173,29 @@ fn kernels_of_processes_serialise_on_the_card() {
     // ... delays a 1 ms kernel of another until it is done, as on a real
     // card (each simulating its own card, it would take 1 ms).
     let b = sim_in(&s, &[], &["init", "launch", "1", "1000", "nvml-util", "0"]);
-    let waited: f64 = b.field(1, 3);
+    let a = Lines::from_output(&a.wait_with_output().unwrap());
+    // On CLOCK_MONOTONIC: the 3 s kernel was launched after `a_from`, so it
+    // ran until `a_from + 3 s` at least. The other process launched before
+    // then (while it ran) and its kernel finished only after it.
+    let a_end = a.field::<u64>(1, 4) + 3_000_000_000;
+    let (b_from, b_to): (u64, u64) = (b.field(1, 4), b.field(1, 5));
     assert!(
-        waited > 1e9,
-        "waited only {waited} ns behind the other process"
+        b_from < a_end,
+        "nothing tested: the second launch came after the kernel ended: {:?} {:?}",
+        a.lines,
+        b.lines
+    );
+    assert!(
+        b_to >= a_end,
+        "the second process's kernel did not wait behind the first's: {:?} {:?}",
+        a.lines,
+        b.lines
     );
     assert!(
         b.field::<u32>(2, 2) >= 50,
         "NVML utilisation counts the other process's kernel: {:?}",
         b.lines[2]
     );
-    Lines::from_output(&a.wait_with_output().unwrap());
 }
 
 #[test]

@@ -243,3 +243,156 @@ pub fn watchdog(child: &Child, limit: std::time::Duration) -> std::thread::JoinH
         unsafe { libc::kill(pid, libc::SIGKILL) };
     })
 }
+
+/// A spawned probe whose output the test follows while it runs: reader
+/// threads forward its stdout and stderr line by line, so the test can wait
+/// for a line (an event) with an overall bound instead of sleeping, and
+/// write its go-ahead to the probe's stdin (the probe's `await` command).
+pub struct Running {
+    child: Option<Child>,
+    stdin: Option<std::process::ChildStdin>,
+    rx: std::sync::mpsc::Receiver<(bool, Option<String>)>,
+    /// Lines seen so far.
+    pub stdout: Vec<String>,
+    pub stderr: Vec<String>,
+    /// Streams not ended yet.
+    open: usize,
+}
+
+/// How long a test waits for an event before it calls the run wedged.
+pub const EVENT_BOUND: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Running {
+    pub fn spawn(scratch: &Scratch, env: &[(&str, &str)], args: &[&str]) -> Running {
+        use std::io::BufRead;
+        let mut child = probe_cmd(scratch, env, args, true)
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        let forward = |is_err: bool, r: Box<dyn std::io::Read + Send>| {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for l in std::io::BufReader::new(r).lines() {
+                    let Ok(l) = l else { break };
+                    if tx.send((is_err, Some(l))).is_err() {
+                        return;
+                    }
+                }
+                let _ = tx.send((is_err, None));
+            });
+        };
+        forward(false, Box::new(out));
+        forward(true, Box::new(err));
+        Running {
+            stdin: child.stdin.take(),
+            child: Some(child),
+            rx,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            open: 2,
+        }
+    }
+
+    /// Takes one forwarded line (or end of stream) into `stdout`/`stderr`;
+    /// false when nothing came within `timeout`.
+    fn take(&mut self, timeout: std::time::Duration) -> bool {
+        match self.rx.recv_timeout(timeout) {
+            Ok((is_err, Some(l))) => {
+                if is_err {
+                    self.stderr.push(l);
+                } else {
+                    self.stdout.push(l);
+                }
+                true
+            }
+            Ok((_, None)) => {
+                self.open -= 1;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Waits until a line of stdout (`stderr` false) or stderr satisfies
+    /// `what`, and returns it. Panics, with everything seen, if the probe
+    /// ends first or nothing matches within [`EVENT_BOUND`].
+    pub fn wait_for(&mut self, stderr: bool, what: impl Fn(&str) -> bool) -> String {
+        let deadline = std::time::Instant::now() + EVENT_BOUND;
+        let mut checked = 0;
+        loop {
+            let lines = if stderr { &self.stderr } else { &self.stdout };
+            if let Some(l) = lines[checked..].iter().find(|l| what(l)) {
+                return l.clone();
+            }
+            checked = lines.len();
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(
+                self.open > 0 && self.take(left),
+                "the awaited line never came ({}):\nstdout:\n{}\nstderr:\n{}",
+                if self.open == 0 {
+                    "the probe ended"
+                } else {
+                    "timed out"
+                },
+                self.stdout.join("\n"),
+                self.stderr.join("\n")
+            );
+        }
+    }
+
+    /// Collects the lines already forwarded, without waiting.
+    pub fn drain(&mut self) {
+        while self.take(std::time::Duration::ZERO) {}
+    }
+
+    /// Whether the probe is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
+    }
+
+    /// Sends the probe's `await` its go-ahead.
+    pub fn go(&mut self) {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(b"go\n").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Waits for the probe to end (within [`EVENT_BOUND`], else it is
+    /// killed) and returns all its output; panics if it failed.
+    pub fn finish(mut self) -> Lines {
+        self.stdin.take();
+        let mut child = self.child.take().unwrap();
+        let dog = watchdog(&child, EVENT_BOUND);
+        while self.open > 0 {
+            self.take(std::time::Duration::from_secs(3600));
+        }
+        let status = child.wait().unwrap();
+        dog.join().unwrap();
+        let (stdout, stderr) = (self.stdout.join("\n"), self.stderr.join("\n"));
+        assert!(
+            status.success(),
+            "probe failed: {status:?}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+        );
+        Lines {
+            lines: self
+                .stdout
+                .iter()
+                .map(|l| l.split_whitespace().map(str::to_owned).collect())
+                .collect(),
+            stderr,
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -789,6 +789,34 @@ fn main() {
                 line = "sleep 0".into();
             }
             "ready" => line = format!("ready 0 {}", std::process::id()),
+            "await" => {
+                // await: blocks until a line arrives on stdin (the test's
+                // go-ahead, sent after it changed something); `await 1` if
+                // stdin ended instead.
+                let mut go = String::new();
+                let n = std::io::stdin().read_line(&mut go).unwrap_or(0);
+                line = format!("await {}", u8::from(n == 0));
+            }
+            "alloc-until" => {
+                // alloc-until <size> <ms>: cuMemAlloc every 10 ms until it
+                // succeeds, for at most <ms>; prints the last result, the
+                // index and the number of tries (for limits that change
+                // while the program runs and take effect at a later call).
+                let (size, ms) = (num(i + 1) as usize, num(i + 2));
+                i += 2;
+                let t0 = std::time::Instant::now();
+                let mut tries = 0u64;
+                let (rc, p) = loop {
+                    let mut p = 0u64;
+                    tries += 1;
+                    let rc = call!(api, "cuMemAlloc_v2", fn(*mut u64, usize), &mut p, size);
+                    if rc == 0 || t0.elapsed().as_millis() >= ms as u128 {
+                        break (rc, p);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                };
+                line = format!("{} {tries}", push(rc, p, &mut ptrs));
+            }
             "hold" => loop {
                 std::thread::sleep(std::time::Duration::from_secs(1));
             },
