@@ -51,7 +51,7 @@ pub const NVIDIA_NOUSE_GPUTYPE: &str = "nvidia.com/nouse-gputype";
 pub const NVIDIA_USE_GPUUUID: &str = "nvidia.com/use-gpuuuid";
 /// Pod: never cards with one of these UUIDs.
 pub const NVIDIA_NOUSE_GPUUUID: &str = "nvidia.com/nouse-gpuuuid";
-/// Pod: `hami-core` or `mig`.
+/// Pod: `hami-core`, `mig` or `mps`.
 pub const NVIDIA_VGPU_MODE: &str = "nvidia.com/vgpu-mode";
 /// Pod: `"true"` puts all GPUs of a container on one NUMA node.
 pub const NVIDIA_NUMA_BIND: &str = "nvidia.com/numa-bind";

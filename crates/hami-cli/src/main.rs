@@ -34,6 +34,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // `hami simulate | head` should end quietly as Unix tools do, not panic
+    // on a closed pipe (Rust ignores SIGPIPE by default). Children started
+    // by `hami run` get the default disposition from std either way.
+    // SAFETY: setting a signal disposition before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Schedule(args) => report_input(schedule::execute(args)),

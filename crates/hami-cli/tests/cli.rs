@@ -528,3 +528,24 @@ fn decode_json_contract() {
     assert!(error.contains("memory \"lots\""), "{error}");
     assert_eq!(json.as_object().unwrap().len(), 1);
 }
+
+#[test]
+fn a_closed_output_pipe_ends_hami_quietly() {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hami"))
+        .args(["simulate"])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read one line, as `hami simulate | head -1` would, then hang up.
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(!first.is_empty());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

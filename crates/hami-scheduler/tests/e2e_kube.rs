@@ -1,6 +1,6 @@
 //! hami-kube against a real kube-apiserver: the node bind lock (mutual
-//! exclusion under concurrent binders, waiting, takeover, release), Lease
-//! leader election and events. Skips when the control-plane binaries are
+//! exclusion under concurrent binders, waiting, takeover, release),
+//! following kube-scheduler's leader Lease, and events. Skips when the control-plane binaries are
 //! not built (see hami-e2e).
 
 use std::time::Duration;
