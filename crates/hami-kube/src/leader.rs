@@ -60,7 +60,7 @@ pub fn holder_is(holder: &str, identity: &str) -> bool {
 #[derive(Debug, Clone)]
 struct Observed {
     holder: Option<String>,
-    renew_time: Option<String>,
+    renew_time: Option<jiff::Timestamp>,
     duration: Duration,
     /// When this process saw the holder or renew time change.
     changed_at: Instant,
@@ -164,7 +164,14 @@ impl Follower {
             .renew_time
             .as_ref()
             .or(spec.acquire_time.as_ref())
-            .map(|t| t.0.to_string());
+            .map(|t| t.0);
+        // A watch event that lags a fresher read (confirm) must not take
+        // the view back in time.
+        if let (Some(prev), Some(new)) = (o.as_ref().and_then(|p| p.renew_time), renew_time)
+            && new < prev
+        {
+            return;
+        }
         let duration = Duration::from_secs(
             u64::try_from(spec.lease_duration_seconds.unwrap_or(15)).unwrap_or(15),
         );

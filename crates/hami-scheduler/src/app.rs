@@ -2,7 +2,6 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use axum::Extension;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
@@ -172,11 +171,15 @@ impl App {
     }
 }
 
-/// All routes of the HTTPS server.
+/// All routes of the HTTPS server. The extender verbs are checked for
+/// their caller before their body is read.
 pub fn router(app: App, max_body_bytes: usize) -> Router {
-    Router::new()
+    let extender = Router::new()
         .route("/filter", post(filter))
         .route("/bind", post(bind))
+        .route_layer(axum::middleware::from_fn(only_kube_scheduler));
+    Router::new()
+        .merge(extender)
         .route("/webhook", post(admission))
         .merge(observability())
         .layer(DefaultBodyLimit::max(max_body_bytes))
@@ -201,34 +204,28 @@ fn decode<T: DeserializeOwned>(what: &str, body: &Bytes) -> Result<T, Box<Respon
 }
 
 /// The extender verbs answer kube-scheduler only (see [`Caller`]).
-fn refuse_stranger(caller: Option<&Caller>) -> Option<Response> {
-    match caller {
-        Some(c) if c.may_call_extender() => None,
+async fn only_kube_scheduler(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match req.extensions().get::<Caller>() {
+        Some(c) if c.may_call_extender() => next.run(req).await,
         other => {
             let who = other.map_or("an unknown caller".to_string(), |c| c.peer.to_string());
             tracing::warn!(
                 caller = who,
                 "extender call refused: not loopback and no client certificate"
             );
-            Some(
-                (
-                    StatusCode::FORBIDDEN,
-                    format!("{who}: the extender verbs answer kube-scheduler in this pod (loopback) or a caller with a client certificate\n"),
-                )
-                    .into_response(),
+            (
+                StatusCode::FORBIDDEN,
+                format!("{who}: the extender verbs answer kube-scheduler in this pod (loopback) or a caller with a client certificate\n"),
             )
+                .into_response()
         }
     }
 }
 
-async fn filter(
-    State(app): State<App>,
-    caller: Option<Extension<Caller>>,
-    body: Bytes,
-) -> Response {
-    if let Some(r) = refuse_stranger(caller.as_deref()) {
-        return r;
-    }
+async fn filter(State(app): State<App>, body: Bytes) -> Response {
     let args: extender::ExtenderArgs = match decode("ExtenderArgs", &body) {
         Ok(a) => a,
         Err(r) => return *r,
@@ -236,10 +233,7 @@ async fn filter(
     Json(extender::filter(&app, args).await).into_response()
 }
 
-async fn bind(State(app): State<App>, caller: Option<Extension<Caller>>, body: Bytes) -> Response {
-    if let Some(r) = refuse_stranger(caller.as_deref()) {
-        return r;
-    }
+async fn bind(State(app): State<App>, body: Bytes) -> Response {
     let args: extender::ExtenderBindingArgs = match decode("ExtenderBindingArgs", &body) {
         Ok(a) => a,
         Err(r) => return *r,

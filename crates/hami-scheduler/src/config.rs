@@ -125,7 +125,8 @@ pub struct Args {
     #[arg(long)]
     pub leader_elect_identity: Option<String>,
 
-    /// Largest accepted request body, in bytes [default: 16777216].
+    /// Largest accepted request body, in bytes [default: 4194304; an
+    /// AdmissionReview of the largest pod etcd stores fits].
     #[arg(long)]
     pub max_body_bytes: Option<usize>,
 
@@ -143,6 +144,11 @@ pub struct Args {
     /// request's headers, within this is disconnected [default: 10s].
     #[arg(long, value_parser = parse_duration)]
     pub tls_handshake_timeout: Option<Duration>,
+
+    /// A request whose body has not fully arrived within this is dropped
+    /// [default: 30s].
+    #[arg(long, value_parser = parse_duration)]
+    pub request_body_timeout: Option<Duration>,
 
     /// Binds running at once; a bind beyond this is refused at once (each
     /// holds a task and possibly a node lock) [default: 256].
@@ -285,6 +291,7 @@ pub struct FileConfig {
     pub resync_period: Option<String>,
     pub max_connections: Option<usize>,
     pub tls_handshake_timeout: Option<String>,
+    pub request_body_timeout: Option<String>,
     pub max_concurrent_binds: Option<usize>,
     pub force_overwrite_default_scheduler: Option<bool>,
     pub protected_env: Option<ProtectedEnvMode>,
@@ -317,6 +324,7 @@ pub struct Settings {
     pub resync_period: Duration,
     pub max_connections: usize,
     pub tls_handshake_timeout: Duration,
+    pub request_body_timeout: Duration,
     pub max_concurrent_binds: usize,
     pub force_overwrite_default_scheduler: bool,
     pub protected_env: ProtectedEnvMode,
@@ -361,7 +369,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn secs(n: f64) -> Option<Duration> {
-    (n.is_finite() && n >= 0.0).then(|| Duration::from_secs_f64(n))
+    Duration::try_from_secs_f64(n).ok()
 }
 
 /// Parses `host:port`, or Go's `:port` for every interface.
@@ -553,7 +561,7 @@ impl Args {
             max_body_bytes: positive_count(
                 self.max_body_bytes
                     .or(file.max_body_bytes)
-                    .unwrap_or(16 << 20),
+                    .unwrap_or(4 << 20),
                 "max-body-bytes",
             )?,
             resync_period: duration(
@@ -573,6 +581,12 @@ impl Args {
                 "tlsHandshakeTimeout",
                 file.tls_handshake_timeout,
                 Duration::from_secs(10),
+            )?,
+            request_body_timeout: duration(
+                self.request_body_timeout,
+                "requestBodyTimeout",
+                file.request_body_timeout,
+                Duration::from_secs(30),
             )?,
             max_concurrent_binds: positive_count(
                 self.max_concurrent_binds
@@ -606,6 +620,8 @@ mod tests {
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
         assert!(parse_duration("-5s").is_err());
+        assert!(parse_duration("99999999999999999999h").is_err());
+        assert!(parse_duration("1e300").is_err());
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
         assert!(parse_duration("5 minutes").is_err());

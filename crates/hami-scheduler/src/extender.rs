@@ -217,7 +217,8 @@ fn foreign_scheduler(pod: &Pod, ours: &str) -> Option<String> {
 /// POST /bind.
 pub async fn bind(app: &App, args: ExtenderBindingArgs) -> ExtenderBindingResult {
     let started = Instant::now();
-    let key = format!("{}/{}", args.pod_namespace, args.pod_name);
+    // With the uid: a pod re-created under the same name is another bind.
+    let key = format!("{}/{}/{}", args.pod_namespace, args.pod_name, args.pod_uid);
     let flight = match app.bind_flights.start(&key, &args.node) {
         Ok(f) => f,
         Err((node, rx)) => return join_flight(app, &args, &node, rx, started).await,
@@ -409,14 +410,44 @@ async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String>
             return Err(msg);
         }
     };
+    // Under the lock, look again: leadership may have moved while this bind
+    // waited, and a new leader may have given part of these cards away.
+    let changed = match app.leadership.confirm().await {
+        Ok(true) => app.cluster().overbooked(node, &devices),
+        Ok(false) => {
+            Some("this replica stopped leading while the bind waited for the node lock".into())
+        }
+        Err(e) => Some(format!("cannot tell whether this replica still leads: {e}")),
+    };
+    if let Some(why) = changed {
+        if let Err(e) = lock::release_held(&app.client, node, &lock_value).await {
+            tracing::warn!(error = %e, "releasing the node lock of an abandoned bind");
+        }
+        app.cluster().release(&key);
+        let msg = format!("node {node} cannot take pod {key} now: {why}");
+        binding_failed(app, &pod, &msg).await;
+        return Err(msg);
+    }
     let annotations = bind_annotations(&app.engine, node, &devices, app.clock.now());
     let bind_time = annotations.get(hami_api::annotations::BIND_TIME).cloned();
     // The annotations travel in the Binding: they land with the node name
     // or not at all, so a failed bind leaves nothing on the pod to undo.
-    let bound = podio::bind(&app.client, ns, name, uid.as_deref(), node, annotations).await;
+    // Bounded well inside the lock's bind grace (lock wait + httpTimeout),
+    // so no other bind takes the lock over while this one may still land.
+    let bound = match tokio::time::timeout(
+        app.lock_policy.wait,
+        podio::bind(&app.client, ns, name, uid.as_deref(), node, annotations),
+    )
+    .await
+    {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!(
+            "the binding call did not answer within {}s",
+            app.lock_policy.wait.as_secs()
+        )),
+    };
     let binding_ms = started.elapsed().as_millis() - lock_ms;
-    if let Err(e) = bound {
-        let msg = e.to_string();
+    if let Err(msg) = bound {
         // The error may hide a success (a lost response) or an earlier bind
         // of this very pod: the pod itself says which.
         let pods: kube::Api<Pod> = kube::Api::namespaced(app.client.clone(), ns);

@@ -150,6 +150,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
     let limits = tls::ServeLimits {
         max_connections: s.max_connections,
         handshake_timeout: s.tls_handshake_timeout,
+        body_timeout: s.request_body_timeout,
     };
     supervised.push((
         "HTTPS server",
@@ -205,7 +206,11 @@ pub fn lock_policy(s: &Settings) -> Result<LockPolicy, Error> {
     let signed = |d: std::time::Duration, what: &str| {
         SignedDuration::try_from(d).map_err(|e| Error::Config(format!("{what}: {e}")))
     };
-    let bind_grace = signed(s.lock_wait + s.extender_http_timeout, "--lock-wait")?;
+    let bind_time = s
+        .lock_wait
+        .checked_add(s.extender_http_timeout)
+        .ok_or_else(|| Error::Config("--lock-wait + --extender-http-timeout overflows".into()))?;
+    let bind_grace = signed(bind_time, "--lock-wait")?;
     let expiry = signed(s.lock_timeout, "--lock-timeout")?;
     if expiry < bind_grace {
         return Err(Error::Config(format!(

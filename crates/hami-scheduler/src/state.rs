@@ -405,8 +405,28 @@ impl Cluster {
                     .collect(),
             };
         }
-        // A pod being filtered is not bound: whatever it held before (an
-        // earlier decision, a failed bind's annotations) no longer counts.
+        if !self.reservations.contains_key(&req.key)
+            && let Some(held) = self.snapshot.pod(&req.key)
+        {
+            // The watch shows it bound and holding cards (kube-scheduler's
+            // informer lags ours): those cards are not to be freed.
+            let node = held.node.clone();
+            if candidates.contains(&node) {
+                return FilterOutcome {
+                    node: Some(node),
+                    failed: BTreeMap::new(),
+                };
+            }
+            let why = format!("AlreadyBound: the pod is bound to node {node}");
+            return FilterOutcome {
+                node: None,
+                failed: candidates
+                    .iter()
+                    .map(|n| (n.clone(), why.clone()))
+                    .collect(),
+            };
+        }
+        // An earlier decision for this pod no longer counts.
         self.reservations.remove(&req.key);
         self.snapshot.remove_pod(&req.key);
         let decision = match busy {
@@ -498,6 +518,23 @@ impl Cluster {
         }
         r.binding = true;
         Some(r.devices.clone())
+    }
+
+    /// Why the cards `devices` on `node` can no longer be bound: one of them
+    /// holds more than it has (another pod got part of the same slice, e.g.
+    /// from a new leader while this bind waited for the node lock).
+    pub fn overbooked(&self, node: &str, devices: &PodDevices) -> Option<String> {
+        let state = self.snapshot.node(node)?;
+        devices.devices().find_map(|d| {
+            let card = state.devices.iter().find(|c| c.info.id == d.uuid)?;
+            let (u, i) = (&card.used, &card.info);
+            (u.mem > i.devmem || u.slots > i.count || u.cores > i.devcore).then(|| {
+                format!(
+                    "card {} on node {node} is over-booked ({} of {} MiB, {} of {} slots, {} of {}% cores); filter again",
+                    d.uuid, u.mem, i.devmem, u.slots, i.count, u.cores, i.devcore
+                )
+            })
+        })
     }
 
     /// Forgets a reservation (a failed bind, an expired decision).
@@ -959,5 +996,50 @@ mod tests {
             "a third 1000 MiB pod on a two-card node: {ox:?}"
         );
         assert_eq!(free_mem(&c, &bound_to), 0);
+    }
+
+    #[test]
+    fn a_filter_never_frees_the_cards_of_a_bound_pod() {
+        let engine = Engine::default();
+        let mut c = Cluster::default();
+        let now = t("2026-01-01T00:00:00Z");
+        c.upsert_node(&engine, node("n1", "Reported x", "20"), now);
+        c.upsert_node(&engine, node("n2", "Reported x", "20"), now);
+        let mut p = pod("p", "u", "1000");
+        let devices = PodDevices::decode("x", "GPU-n1-0,NVIDIA,1000,0:;").unwrap();
+        p.metadata.annotations = Some(bind_annotations(&engine, "n1", &devices, now));
+        p.spec.as_mut().unwrap().node_name = Some("n1".into());
+        c.upsert_pod(&engine, &p);
+        assert_eq!(free_mem(&c, "n1"), 1000);
+        // kube-scheduler has not seen the binding yet and filters again.
+        let req = engine.prepare(&p).unwrap().unwrap();
+        let o = c.filter(&engine, &req, Some("u"), &names(&["n2"]), now);
+        assert_eq!(o.node, None);
+        assert!(o.failed["n2"].starts_with("AlreadyBound"), "{o:?}");
+        let o = c.filter(&engine, &req, Some("u"), &names(&["n1", "n2"]), now);
+        assert_eq!(o.node.as_deref(), Some("n1"));
+        assert_eq!(free_mem(&c, "n1"), 1000, "the bound pod's card was freed");
+    }
+
+    #[test]
+    fn cards_booked_twice_are_found_before_binding() {
+        let engine = Engine::default();
+        let mut c = Cluster::default();
+        let now = t("2026-01-01T00:00:00Z");
+        c.upsert_node(&engine, node("n1", "Reported x", "20"), now);
+        let a = pod("a", "ua", "1000");
+        let req = engine.prepare(&a).unwrap().unwrap();
+        c.filter(&engine, &req, Some("ua"), &names(&["n1"]), now);
+        let mine = c
+            .claim_for_bind(&engine, &req, Some("ua"), "n1", now)
+            .unwrap();
+        assert_eq!(c.overbooked("n1", &mine), None);
+        // Another leader bound a pod to the very same card meanwhile.
+        let mut other = pod("other", "uo", "1000");
+        other.metadata.annotations = Some(bind_annotations(&engine, "n1", &mine, now));
+        other.spec.as_mut().unwrap().node_name = Some("n1".into());
+        c.upsert_pod(&engine, &other);
+        let why = c.overbooked("n1", &mine).expect("over-booked");
+        assert!(why.contains("over-booked"), "{why}");
     }
 }

@@ -16,8 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
@@ -41,7 +40,9 @@ impl Caller {
     /// May call the extender verbs: kube-scheduler in the same pod comes
     /// over loopback; one elsewhere must prove itself with a certificate.
     pub fn may_call_extender(&self) -> bool {
-        self.peer.ip().is_loopback() || self.client_certificate
+        // `to_canonical`: on a dual-stack listener IPv4 loopback arrives as
+        // `::ffff:127.0.0.1`.
+        self.peer.ip().to_canonical().is_loopback() || self.client_certificate
     }
 }
 
@@ -51,6 +52,8 @@ pub struct ServeLimits {
     pub max_connections: usize,
     /// For the TLS handshake, and for each request's headers.
     pub handshake_timeout: Duration,
+    /// For each request's body.
+    pub body_timeout: Duration,
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -110,6 +113,8 @@ fn stamp(p: &Path) -> FileStamp {
 pub struct ReloadingCert {
     cert: PathBuf,
     key: PathBuf,
+    /// The stamps last loaded (or last tried, when that failed) and the
+    /// certificate served.
     current: Mutex<(FileStamp, FileStamp, Arc<CertifiedKey>)>,
 }
 
@@ -134,6 +139,9 @@ impl ReloadingCert {
                     *cur = (cs, ks, Arc::new(k));
                 }
                 Err(e) => {
+                    // Tried once per change of the files, not per handshake.
+                    cur.0 = cs;
+                    cur.1 = ks;
                     tracing::warn!(error = %e, "certificate files changed but do not load; serving the previous one");
                 }
             }
@@ -231,14 +239,20 @@ pub async fn serve_tls(
                 client_certificate: tls.get_ref().1.peer_certificates().is_some(),
             };
             let service = tower::ServiceBuilder::new()
+                // A body dribbled in slower than this holds a slot no longer.
+                .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+                    limits.body_timeout,
+                ))
                 .map_request(move |mut req: axum::http::Request<_>| {
                     req.extensions_mut().insert(caller);
                     req
                 })
                 .service(router);
-            let mut builder = Builder::new(TokioExecutor::new());
+            // HTTP/1.1 only (ALPN offers nothing else): the header deadline
+            // then runs from the first byte the connection may send, and no
+            // protocol sniffing waits without one.
+            let mut builder = hyper::server::conn::http1::Builder::new();
             builder
-                .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.handshake_timeout);
             if let Err(e) = builder

@@ -162,7 +162,7 @@ async fn grant_pod_writes(ns: &TestNs, users: &[&str]) {
     let pp = kube::api::PostParams::default();
     let role: Role = serde_json::from_value(json!({
         "metadata": {"name": "pod-writer"},
-        "rules": [{"apiGroups": [""], "resources": ["pods"],
+        "rules": [{"apiGroups": [""], "resources": ["pods", "pods/status"],
             "verbs": ["create", "get", "patch", "update"]}],
     }))
     .unwrap();
@@ -281,6 +281,16 @@ async fn only_hami_components_write_allocation_annotations() {
         e.to_string().contains("hami.io/vgpu-devices-allocated"),
         "{e}"
     );
+    // Nor through the status subresource, which may change metadata too.
+    let e = tenant_pods
+        .patch_status(
+            "forger",
+            &Default::default(),
+            &patch("hami.io/bind-phase", "success"),
+        )
+        .await
+        .expect_err("a tenant wrote bind-phase through pods/status");
+    assert!(e.to_string().contains("hami.io/bind-phase"), "{e}");
     // ...while its other annotations stay its own.
     tenant_pods
         .patch("forger", &Default::default(), &patch("team", "ml"))

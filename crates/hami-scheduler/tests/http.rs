@@ -311,6 +311,18 @@ async fn extender_verbs_answer_only_loopback_or_certified_callers() {
         let (status, _) = call_from(&app, None, "POST", path, body).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{path}");
     }
+    // Refused before the body is read: a huge body gets 403, not 413.
+    let huge = vec![b' '; 65 * 1024];
+    let (status, _) = call_from(&app, Some(stranger), "POST", "/filter", huge).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // IPv4 loopback seen through a dual-stack listener is loopback.
+    let mapped = Caller {
+        peer: "[::ffff:127.0.0.1]:40000".parse().unwrap(),
+        client_certificate: false,
+    };
+    let (status, text) = call_from(&app, Some(mapped), "POST", "/filter", gpu()).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    app.cluster().release("ns/p");
     // Nothing was reserved by the refused Filter.
     assert_eq!(app.cluster().snapshot().pods().count(), 0);
     // The same stranger with a verified client certificate is served.

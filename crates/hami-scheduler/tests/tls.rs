@@ -51,12 +51,17 @@ async fn serve(pki: &Pki, client_ca: bool, limits: ServeLimits, tag: &str) -> Se
         client_ca.then_some(ca.as_path()),
     )
     .unwrap();
-    let router = Router::new().route(
-        "/who",
-        get(|Extension(c): Extension<Caller>| async move {
-            format!("{} {}", c.peer.ip(), c.client_certificate)
-        }),
-    );
+    let router = Router::new()
+        .route(
+            "/who",
+            get(|Extension(c): Extension<Caller>| async move {
+                format!("{} {}", c.peer.ip(), c.client_certificate)
+            }),
+        )
+        .route(
+            "/echo",
+            axum::routing::post(|body: axum::body::Bytes| async move { body.len().to_string() }),
+        );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(tls::serve_tls(listener, config, router, limits));
@@ -116,6 +121,7 @@ fn limits(max_connections: usize, timeout_ms: u64) -> ServeLimits {
     ServeLimits {
         max_connections,
         handshake_timeout: Duration::from_millis(timeout_ms),
+        body_timeout: Duration::from_millis(timeout_ms),
     }
 }
 
@@ -158,6 +164,41 @@ async fn the_caller_is_known_by_address_and_client_certificate() {
     }
     .await;
     assert!(rejected.is_err(), "{rejected:?}");
+}
+
+async fn handshaken(
+    server: &Server,
+    tls: &TlsConnector,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    tls.connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn clients_silent_after_the_handshake_or_slow_with_a_body_are_cut_off() {
+    let pki = Pki::generate().unwrap();
+    let server = serve(&pki, false, limits(3, 500), "quiet").await;
+    let tls = connector(&[&pki], None);
+    // Says nothing at all once the handshake is done (not even a request
+    // line): no protocol sniffing may wait for it without a deadline.
+    let mut quiet = handshaken(&server, &tls).await;
+    // Sends the start of an HTTP/2 preface.
+    let mut preface = handshaken(&server, &tls).await;
+    preface.write_all(b"PRI * HTTP/2.0").await.unwrap();
+    // Sends headers, then a body far shorter than it announced.
+    let mut body = handshaken(&server, &tls).await;
+    body.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\nonly this",
+    )
+    .await
+    .unwrap();
+    closed_by_server(&mut quiet, "a client silent after the handshake").await;
+    closed_by_server(&mut preface, "a client that sent part of an HTTP/2 preface").await;
+    closed_by_server(&mut body, "a client that never finished its body").await;
+    let (answer, _) = who(&server, &tls).await;
+    assert_eq!(answer, "127.0.0.1 false");
 }
 
 #[tokio::test]
