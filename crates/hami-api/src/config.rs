@@ -129,7 +129,7 @@ impl NvidiaConfig {
         ]
     }
 
-    fn validate(&self, file: &str) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self, file: &str) -> Result<(), ConfigError> {
         let bad = |key: &str, msg: &str| {
             Err(ConfigError {
                 file: file.to_string(),
@@ -201,6 +201,39 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Deserializes `value` (found at `prefix` in `file`): unknown keys become
+/// warnings naming their path, a wrong type an error naming file and key.
+pub(crate) fn deserialize_reporting<T: serde::de::DeserializeOwned>(
+    file: &str,
+    prefix: &str,
+    value: &serde_json::Value,
+) -> Result<(T, Vec<ConfigWarning>), ConfigError> {
+    let mut unknown = Vec::new();
+    let mut on_unknown = |path: serde_ignored::Path| unknown.push(format!("{prefix}.{path}"));
+    let de = serde_ignored::Deserializer::new(value, &mut on_unknown);
+    let parsed = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let key = if path == "." {
+            prefix.to_string()
+        } else {
+            format!("{prefix}.{path}")
+        };
+        ConfigError {
+            file: file.to_string(),
+            key,
+            message: e.into_inner().to_string(),
+        }
+    })?;
+    let warnings = unknown
+        .into_iter()
+        .map(|key| ConfigWarning {
+            file: file.to_string(),
+            key,
+        })
+        .collect();
+    Ok((parsed, warnings))
+}
+
 impl DeviceConfig {
     /// Parses the YAML text of `device-config.yaml`. `file` names it in
     /// messages. A whole ConfigMap holding a `device-config.yaml` key is
@@ -244,23 +277,9 @@ impl DeviceConfig {
                 } else {
                     value
                 };
-                let mut unknown = Vec::new();
-                let mut on_unknown =
-                    |path: serde_ignored::Path| unknown.push(format!("nvidia.{path}"));
-                let de = serde_ignored::Deserializer::new(&value, &mut on_unknown);
-                config.nvidia = serde_path_to_error::deserialize(de).map_err(|e| {
-                    let path = e.path().to_string();
-                    let key = if path == "." {
-                        "nvidia".to_string()
-                    } else {
-                        format!("nvidia.{path}")
-                    };
-                    err(&key, e.into_inner().to_string())
-                })?;
-                warnings.extend(unknown.into_iter().map(|key| ConfigWarning {
-                    file: file.to_string(),
-                    key,
-                }));
+                let (nvidia, unknown) = deserialize_reporting(file, "nvidia", &value)?;
+                config.nvidia = nvidia;
+                warnings.extend(unknown);
                 config.nvidia.validate(file)?;
             } else if OTHER_VENDOR_SECTIONS.contains(&key.as_str()) {
                 if !(value.is_object() || value.is_array() || value.is_null()) {

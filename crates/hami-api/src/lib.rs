@@ -12,6 +12,7 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod node;
+pub mod node_config;
 pub mod policy;
 pub mod quantity;
 pub mod request;
