@@ -21,6 +21,31 @@ pub struct DeviceSpec {
     pub sms: u32,
 }
 
+impl DeviceSpec {
+    /// CUDA compute capability `(major, minor)`, from the model number in
+    /// the name (`H100`, `A100-SXM4-80GB`, `L4`, ...); 9.0 (Hopper) when
+    /// the name has none of the known ones.
+    pub fn compute_capability(&self) -> (u32, u32) {
+        for word in self.name.split_whitespace() {
+            let model = word.split('-').next().unwrap_or(word).to_ascii_uppercase();
+            let cc = match model.as_str() {
+                "B100" | "B200" | "GB200" | "B300" => (10, 0),
+                "H100" | "H200" | "H800" | "H20" | "GH200" => (9, 0),
+                "L4" | "L40" | "L40S" | "L20" => (8, 9),
+                "A100" | "A800" | "A30" => (8, 0),
+                "A10" | "A10G" | "A40" | "A16" | "A2" => (8, 6),
+                "T4" => (7, 5),
+                "V100" => (7, 0),
+                "P100" => (6, 0),
+                "P4" | "P40" => (6, 1),
+                _ => continue,
+            };
+            return cc;
+        }
+        (9, 0)
+    }
+}
+
 /// Parses the device list; errors name the line.
 pub fn parse(text: &str) -> Result<Vec<DeviceSpec>, String> {
     let mut out = Vec::new();
@@ -100,5 +125,23 @@ mod tests {
         assert_eq!(d[1].name, "NVIDIA Sim GPU");
         assert!(parse("16g x GPU-a").is_err());
         assert!(parse("16g").is_err());
+    }
+
+    #[test]
+    fn compute_capability_comes_from_the_model_number() {
+        let cc = |name: &str| {
+            DeviceSpec {
+                name: name.into(),
+                uuid: "GPU-a".into(),
+                memory: 1,
+                sms: 1,
+            }
+            .compute_capability()
+        };
+        assert_eq!(cc("NVIDIA A100-SXM4-80GB"), (8, 0));
+        assert_eq!(cc("NVIDIA A10"), (8, 6));
+        assert_eq!(cc("NVIDIA L4"), (8, 9));
+        assert_eq!(cc("Tesla T4"), (7, 5));
+        assert_eq!(cc("NVIDIA Sim 16GB"), (9, 0));
     }
 }

@@ -14,7 +14,7 @@ pub(crate) const NOT_FOUND: CUresult = 500;
 pub(crate) const NOT_READY: CUresult = 600;
 
 /// Driver version reported: CUDA 12.4.
-const DRIVER_VERSION: c_int = 12040;
+pub(crate) const DRIVER_VERSION: c_int = 12040;
 const CTX_BASE: usize = 0xC000;
 /// Occupancy of one graph launch.
 const GRAPH_LAUNCH_NS: u64 = 1_000_000;
@@ -126,6 +126,13 @@ pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: c_int) -> C
 
 /// `CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT`.
 const ATTR_SM_COUNT: c_int = 16;
+/// `CU_DEVICE_ATTRIBUTE_PCI_BUS_ID`, `_PCI_DEVICE_ID`, `_PCI_DOMAIN_ID`.
+const ATTR_PCI_BUS: c_int = 33;
+const ATTR_PCI_DEVICE: c_int = 34;
+const ATTR_PCI_DOMAIN: c_int = 50;
+/// `CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR` / `_MINOR`.
+const ATTR_CC_MAJOR: c_int = 75;
+const ATTR_CC_MINOR: c_int = 76;
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuDeviceGetAttribute(v: *mut c_int, attr: c_int, dev: c_int) -> CUresult {
@@ -135,6 +142,11 @@ pub unsafe extern "C" fn cuDeviceGetAttribute(v: *mut c_int, attr: c_int, dev: c
     };
     let value = match attr {
         ATTR_SM_COUNT => d.spec.sms as c_int,
+        // The card NVML shows at the same PCI address (`nvml.rs`).
+        ATTR_PCI_BUS => crate::nvml::pci_bus(s.internal(dev).unwrap_or(0)) as c_int,
+        ATTR_PCI_DEVICE | ATTR_PCI_DOMAIN => 0,
+        ATTR_CC_MAJOR => d.spec.compute_capability().0 as c_int,
+        ATTR_CC_MINOR => d.spec.compute_capability().1 as c_int,
         _ => 0,
     };
     // SAFETY: forwarded caller pointer.
