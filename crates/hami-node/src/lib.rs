@@ -1,0 +1,31 @@
+//! hami-node: the hami-rs node agent.
+//!
+//! What exists now is the kubelet device plugin (API v1beta1, gRPC over
+//! unix sockets) with HAMi's Allocate protocol:
+//!
+//! * [`proto`]: the device plugin API, compiled from our own `.proto`;
+//! * [`devices`]: the virtual devices advertised for the node's cards;
+//! * [`allocate`]: the pure part of Allocate (pod + request -> container
+//!   responses and the annotation left to allocate);
+//! * [`pending`]: the Kubernetes side of Allocate (find the pod, patch it,
+//!   release the node lock, write events);
+//! * [`plugin`]: the `DevicePlugin` gRPC service and its unix socket server;
+//! * [`register`]: the `Registration` client.
+//!
+//! Card discovery (NVML), node registration and the node monitor are still
+//! to come (docs/node.md); the plugin takes the card list as input.
+
+pub mod allocate;
+pub mod devices;
+pub mod pending;
+pub mod plugin;
+pub mod register;
+
+/// The kubelet device plugin API, package `v1beta1`.
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("v1beta1");
+}
+
+/// The API version a plugin registers with.
+pub const API_VERSION: &str = "v1beta1";

@@ -1,0 +1,265 @@
+//! The `DevicePlugin` gRPC service and its unix socket server.
+
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use hami_api::DeviceInfo;
+use tokio::net::UnixListener;
+use tokio::sync::{Mutex, watch};
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::{UnixListenerStream, WatchStream};
+use tonic::{Request, Response, Status};
+
+use crate::allocate::{self, Plan, Settings};
+use crate::devices::plugin_devices;
+use crate::pending::{PodStore, StoreError};
+use crate::proto;
+use crate::proto::device_plugin_server::{DevicePlugin, DevicePluginServer};
+
+/// The device plugin of one resource (`nvidia.com/gpu`).
+pub struct Plugin {
+    cards: watch::Receiver<Vec<DeviceInfo>>,
+    store: Arc<dyn PodStore>,
+    settings: Settings,
+    numa_topology: bool,
+    /// Allocate calls run one at a time: finding the pending pod and
+    /// emptying its entry must not interleave.
+    allocating: Mutex<()>,
+    /// Where the host side of the vgpu lock dir is made, if anywhere.
+    lock_dir: Option<PathBuf>,
+}
+
+impl Plugin {
+    /// A plugin advertising the cards of `cards` (whoever owns discovery
+    /// sends a new list when a card's health changes), finding pods in
+    /// `store`.
+    pub fn new(
+        cards: watch::Receiver<Vec<DeviceInfo>>,
+        store: Arc<dyn PodStore>,
+        settings: Settings,
+    ) -> Plugin {
+        Plugin {
+            cards,
+            store,
+            settings,
+            numa_topology: false,
+            allocating: Mutex::new(()),
+            lock_dir: Some(PathBuf::from(allocate::VGPU_LOCK_DIR)),
+        }
+    }
+
+    /// Advertise each card's NUMA node to the kubelet's topology manager.
+    pub fn with_numa_topology(mut self, on: bool) -> Plugin {
+        self.numa_topology = on;
+        self
+    }
+
+    /// Make the host's vgpu lock dir at `dir` (HAMi: `/tmp/vgpulock`), or
+    /// nowhere.
+    pub fn with_lock_dir(mut self, dir: Option<PathBuf>) -> Plugin {
+        self.lock_dir = dir;
+        self
+    }
+
+    /// Serves on `listener` (see [`bind`]) until `shutdown` completes.
+    pub async fn serve(
+        self,
+        listener: UnixListener,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), tonic::transport::Error> {
+        tonic::transport::Server::builder()
+            .add_service(DevicePluginServer::new(self))
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+            .await
+    }
+
+    async fn run_allocate(
+        &self,
+        request: proto::AllocateRequest,
+    ) -> Result<proto::AllocateResponse, Status> {
+        let _one_at_a_time = self.allocating.lock().await;
+        let pod = self.store.find_pending().await.map_err(|e| match e {
+            StoreError::NoPendingPod { .. } => Status::failed_precondition(e.to_string()),
+            e => Status::unavailable(e.to_string()),
+        })?;
+        let cards = self.cards.borrow().clone();
+        let plan = match allocate::plan(&pod, &request, &cards, &self.settings, &mut random_uuid) {
+            Ok(p) => p,
+            Err(e) => {
+                let reason = e.to_string();
+                self.store.fail(&pod, &reason).await;
+                return Err(Status::failed_precondition(reason));
+            }
+        };
+        if let Err(e) = self.prepare(&plan) {
+            let reason = format!("pod {}: {e}", allocate::pod_key(&pod));
+            self.store.fail(&pod, &reason).await;
+            return Err(Status::internal(reason));
+        }
+        if let Err(e) = self
+            .store
+            .finish(&pod, &plan.remaining, plan.all_done())
+            .await
+        {
+            let reason = format!(
+                "pod {}: recording the allocation: {e}",
+                allocate::pod_key(&pod)
+            );
+            self.store.fail(&pod, &reason).await;
+            return Err(Status::unavailable(reason));
+        }
+        tracing::info!(
+            pod = %allocate::pod_key(&pod),
+            containers = ?plan.served.iter().map(|s| s.container.as_str()).collect::<Vec<_>>(),
+            done = plan.all_done(),
+            "allocated"
+        );
+        Ok(proto::AllocateResponse {
+            container_responses: plan.responses(),
+        })
+    }
+
+    /// The host side of each served container: a fresh per-container dir
+    /// (world-writable, as HAMi makes it: the container's user is not
+    /// known here) holding the limits file, read-only.
+    fn prepare(&self, plan: &Plan) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let ctx = |what: &str, p: &Path, e: std::io::Error| {
+            std::io::Error::new(e.kind(), format!("{what} {}: {e}", p.display()))
+        };
+        for s in &plan.served {
+            let dir = &s.host_dir;
+            match std::fs::remove_dir_all(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(ctx("removing", dir, e)),
+            }
+            std::fs::create_dir_all(dir).map_err(|e| ctx("creating", dir, e))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))
+                .map_err(|e| ctx("chmod", dir, e))?;
+            let file = dir.join(allocate::LIMITS_FILE_NAME);
+            hami_shm::limits::write(&file, &s.limits).map_err(|e| ctx("writing", &file, e))?;
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o444))
+                .map_err(|e| ctx("chmod", &file, e))?;
+        }
+        if let Some(lock) = &self.lock_dir {
+            // Best effort, as HAMi: the mount fails visibly if it is missing.
+            let made = std::fs::create_dir_all(lock).and_then(|()| {
+                std::fs::set_permissions(lock, std::fs::Permissions::from_mode(0o777))
+            });
+            if let Err(e) = made {
+                tracing::warn!("preparing {}: {e}", lock.display());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Binds a unix socket at `path`, removing a stale socket file first.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("removing stale socket {}: {e}", path.display()),
+            ));
+        }
+    }
+    UnixListener::bind(path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("listening on {}: {e}", path.display())))
+}
+
+/// A random (version 4) UUID, as HAMi names shared-cache files.
+pub fn random_uuid() -> String {
+    let mut b = [0u8; 16];
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
+    if read.is_err() {
+        // Unique enough for a file name: time and pid.
+        let t = jiff::Timestamp::now().as_nanosecond() as u128;
+        b = (t ^ (u128::from(std::process::id()) << 64)).to_le_bytes();
+    }
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+type DeviceStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<proto::ListAndWatchResponse, Status>> + Send>,
+>;
+
+#[tonic::async_trait]
+impl DevicePlugin for Plugin {
+    async fn get_device_plugin_options(
+        &self,
+        _: Request<proto::Empty>,
+    ) -> Result<Response<proto::DevicePluginOptions>, Status> {
+        Ok(Response::new(proto::DevicePluginOptions {
+            pre_start_required: false,
+            get_preferred_allocation_available: false,
+        }))
+    }
+
+    type ListAndWatchStream = DeviceStream;
+
+    async fn list_and_watch(
+        &self,
+        _: Request<proto::Empty>,
+    ) -> Result<Response<Self::ListAndWatchStream>, Status> {
+        let numa = self.numa_topology;
+        // The current list at once, then every change.
+        let stream = WatchStream::new(self.cards.clone()).map(move |cards| {
+            Ok(proto::ListAndWatchResponse {
+                devices: plugin_devices(&cards, numa),
+            })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_preferred_allocation(
+        &self,
+        _: Request<proto::PreferredAllocationRequest>,
+    ) -> Result<Response<proto::PreferredAllocationResponse>, Status> {
+        // Not offered (GetDevicePluginOptions says so): no preference.
+        Ok(Response::new(proto::PreferredAllocationResponse::default()))
+    }
+
+    async fn allocate(
+        &self,
+        request: Request<proto::AllocateRequest>,
+    ) -> Result<Response<proto::AllocateResponse>, Status> {
+        self.run_allocate(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn pre_start_container(
+        &self,
+        _: Request<proto::PreStartContainerRequest>,
+    ) -> Result<Response<proto::PreStartContainerResponse>, Status> {
+        Ok(Response::new(proto::PreStartContainerResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn uuids_are_version_4_and_differ() {
+        let a = super::random_uuid();
+        let b = super::random_uuid();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 36);
+        assert_eq!(&a[14..15], "4");
+        assert!(matches!(&a[19..20], "8" | "9" | "a" | "b"), "{a}");
+    }
+}
