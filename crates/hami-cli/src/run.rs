@@ -20,7 +20,13 @@
 //! With `--sim` the command runs against `sim-gpu` instead of a real driver
 //! (demos and tests on machines without a GPU); `libsim_gpu.so` is found the
 //! same way (`--sim-lib`, `HAMI_SIM_GPU_LIB`, next to the executable,
-//! `../lib/hami/`).
+//! `../lib/hami/`) and linked as `libcuda.so.1`, `libnvidia-ml.so.1` (and
+//! the unversioned names) in a directory put first on `LD_LIBRARY_PATH`, so
+//! an unmodified program loads it by name.
+//!
+//! Every path the command gets (`LD_PRELOAD`, `LD_LIBRARY_PATH`, the region,
+//! the limits file, the simulation's state) is absolute: a command that
+//! changes directory before it loads CUDA or NVML is still limited.
 
 use anyhow::{Context, Result, bail};
 use hami_shm::env as keys;
@@ -164,6 +170,12 @@ fn locate(
         })
 }
 
+/// `p` from the root, so it still names the same file for a command that
+/// changes directory.
+fn absolute(p: PathBuf) -> Result<PathBuf> {
+    std::path::absolute(&p).with_context(|| format!("{}: cannot make it absolute", p.display()))
+}
+
 fn prepend(var: &str, value: &Path) -> std::ffi::OsString {
     let mut v = value.as_os_str().to_owned();
     if let Some(old) = std::env::var_os(var).filter(|o| !o.is_empty()) {
@@ -287,12 +299,12 @@ impl Drop for TempDir {
 /// Runs the command; the summary is returned, not printed.
 pub fn run(args: &RunArgs) -> Result<Outcome> {
     let mem = args.gpumem.as_deref().map(parse_gpumem).transpose()?;
-    let lib = locate(
+    let lib = absolute(locate(
         args.lib.as_deref(),
         "HAMI_VGPU_LIB",
         "libvgpu.so",
         Some("/usr/local/vgpu/libvgpu.so"),
-    )?;
+    )?)?;
     let (dir, _cleanup) = match &args.state_dir {
         Some(d) => (d.clone(), TempDir(None)),
         None => {
@@ -301,6 +313,8 @@ pub fn run(args: &RunArgs) -> Result<Outcome> {
         }
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Every path handed to the command is absolute: it may change directory.
+    let dir = absolute(dir)?;
     let cache = dir.join("vgpu.cache");
     let limits_file = dir.join("hami-limits");
 
@@ -339,15 +353,22 @@ pub fn run(args: &RunArgs) -> Result<Outcome> {
         cmd.env(keys::LOG_LEVEL, l.to_string());
     }
     if args.sim {
-        let sim = locate(
+        let sim = absolute(locate(
             args.sim_lib.as_deref(),
             "HAMI_SIM_GPU_LIB",
             "libsim_gpu.so",
             None,
-        )?;
+        )?)?;
+        // The simulation under the names programs load: the sonames, and
+        // the development names some (older nvml-wrapper) ask for.
         let sim_dir = dir.join("sim-lib");
         std::fs::create_dir_all(&sim_dir)?;
-        for name in ["libcuda.so.1", "libnvidia-ml.so.1"] {
+        for name in [
+            "libcuda.so.1",
+            "libnvidia-ml.so.1",
+            "libcuda.so",
+            "libnvidia-ml.so",
+        ] {
             let link = sim_dir.join(name);
             let _ = std::fs::remove_file(&link);
             std::os::unix::fs::symlink(&sim, &link)

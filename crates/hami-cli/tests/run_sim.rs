@@ -173,3 +173,77 @@ fn a_missing_library_is_a_clear_error() {
     );
     assert_eq!(cli.run.gpumem.as_deref(), Some("1G"));
 }
+
+/// `p` relative to this test's working directory (`../..` and so on).
+fn relative_to_cwd(p: &Path) -> std::path::PathBuf {
+    let cwd = std::env::current_dir().unwrap();
+    let (a, b): (Vec<_>, Vec<_>) = (cwd.components().collect(), p.components().collect());
+    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let mut r = std::path::PathBuf::new();
+    for _ in common..a.len() {
+        r.push("..");
+    }
+    for c in &b[common..] {
+        r.push(c);
+    }
+    r
+}
+
+#[test]
+fn a_command_that_changes_directory_still_loads_the_simulation_and_is_limited() {
+    // Every path given to `hami run` is relative; the command goes to `/`
+    // before it loads libcuda.so.1 and libnvidia-ml.so.1 by name.
+    let d = scratch("cd");
+    let a = common::artifacts();
+    let out = d.join("probe.out");
+    let script = format!(
+        "cd / && {} init alloc 700m alloc 400m nvml-mem 0 > {}",
+        a.probe.display(),
+        out.display()
+    );
+    let rel = |p: &Path| relative_to_cwd(p).display().to_string();
+    let lib = rel(&a.vgpu);
+    assert!(!lib.starts_with('/'), "{lib}");
+    let cli = Cli::try_parse_from([
+        "hami-run",
+        "--gpumem",
+        "1G",
+        "--lib",
+        &lib,
+        "--sim",
+        "--sim-lib",
+        &rel(&a.sim),
+        "--sim-devices",
+        "8g 80 GPU-cd Sim",
+        "--state-dir",
+        &rel(&d.join("state")),
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ])
+    .unwrap();
+    let o = run::run(&cli.run).unwrap();
+    let out = std::fs::read_to_string(out).unwrap_or_default();
+    assert_eq!(o.code, 0, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "init 0", "{out}");
+    assert_eq!(lines[1], "alloc 0 0");
+    assert_eq!(lines[2], "alloc 2 0", "over the 1 GiB limit");
+    assert_eq!(
+        lines[3],
+        format!(
+            "nvml-mem 0 {} {} {}",
+            1u64 << 30,
+            (1024 - 700u64) << 20,
+            700u64 << 20
+        ),
+        "NVML shows the limit as the card's total"
+    );
+    assert!(
+        o.summary.contains("peak 0.68 GiB of 1.00 GiB"),
+        "{}",
+        o.summary
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}
