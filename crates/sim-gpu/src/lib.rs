@@ -14,7 +14,12 @@
 //! * kernel launches that occupy the device for `gridDimX*gridDimY*gridDimZ`
 //!   microseconds (graph launches: 1000 us), serialised per device, with
 //!   streams and events that complete when that time has passed;
-//! * NVML utilisation computed from that busy time over the last second.
+//! * NVML utilisation computed from that busy time over the last second;
+//! * the rest of NVML that unmodified clients (nvml-wrapper, pynvml,
+//!   monitoring agents) call, with nvml.h's layouts: a modelled PCI
+//!   address, NUMA node and topology per card, sensors that follow the
+//!   utilisation, event sets that never fire, and `NVML_ERROR_NOT_SUPPORTED`
+//!   for what is left out (see `nvml.rs`).
 //!
 //! A card is shared by every process on the machine that simulates the same
 //! UUID with the same device list (a small mapped state file per card, see
