@@ -136,6 +136,14 @@ pub fn cluster_ha(scheduler_bin: &str, extra_args: &[&str]) -> Option<&'static C
     start_shared(scheduler_bin, extra_args, true)
 }
 
+/// The shared cluster of this test binary without hami-scheduler: etcd,
+/// kube-apiserver and kwok only (no kube-scheduler, no webhook), for tests
+/// of other components, e.g. hami-node's device plugin, that bind their
+/// pods themselves. Skips and fails as [`cluster`] does.
+pub fn control_plane() -> Option<&'static Cluster> {
+    start_shared("", &[], false)
+}
+
 fn start_shared(scheduler_bin: &str, extra_args: &[&str], ha: bool) -> Option<&'static Cluster> {
     let extra: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
     let r = CLUSTER.get_or_init(|| {
@@ -518,37 +526,40 @@ impl Cluster {
             k8s_bin: bin.to_path_buf(),
             _others: Mutex::new(Vec::new()),
         };
-        cluster.start_scheduler()?;
-        rt.block_on(cluster.wait_scheduler_ready(Duration::from_secs(60)))?;
-        rt.block_on(cluster.register_webhook())?;
+        // An empty scheduler path: the bare control plane ([`control_plane`]).
+        if !scheduler_bin.as_os_str().is_empty() {
+            cluster.start_scheduler()?;
+            rt.block_on(cluster.wait_scheduler_ready(Duration::from_secs(60)))?;
+            rt.block_on(cluster.register_webhook())?;
 
-        // kube-scheduler with our extender
-        let ks_config = kube_scheduler_config(
-            dir,
-            "kube-scheduler",
-            &kubeconfig,
-            hs_port,
-            &pki.ca.cert,
-            ha,
-        )?;
-        *cluster
-            .kube_scheduler
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(start_as(
-            dir,
-            "kube-scheduler",
-            cluster.scheduler_host.as_deref(),
-            &bin.join("kube-scheduler"),
-            &kube_scheduler_args(&ks_config, &kubeconfig, ks_port),
-        )?);
-        rt.block_on(wait_https(
-            &kubeconfig,
-            &format!("https://127.0.0.1:{ks_port}"),
-            "/readyz",
-            true,
-            "kube-scheduler",
-            Duration::from_secs(60),
-        ))?;
+            // kube-scheduler with our extender
+            let ks_config = kube_scheduler_config(
+                dir,
+                "kube-scheduler",
+                &kubeconfig,
+                hs_port,
+                &pki.ca.cert,
+                ha,
+            )?;
+            *cluster
+                .kube_scheduler
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(start_as(
+                dir,
+                "kube-scheduler",
+                cluster.scheduler_host.as_deref(),
+                &bin.join("kube-scheduler"),
+                &kube_scheduler_args(&ks_config, &kubeconfig, ks_port),
+            )?);
+            rt.block_on(wait_https(
+                &kubeconfig,
+                &format!("https://127.0.0.1:{ks_port}"),
+                "/readyz",
+                true,
+                "kube-scheduler",
+                Duration::from_secs(60),
+            ))?;
+        }
 
         // kwok: fakes the nodes annotated kwok.x-k8s.io/node=fake and their pods
         let kwok_config = write(

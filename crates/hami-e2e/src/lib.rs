@@ -20,5 +20,7 @@ mod cluster;
 mod procs;
 mod testns;
 
-pub use cluster::{Cluster, HA_LEASE, HA_MAIN_HOST, Replica, cluster, cluster_ha, cluster_with};
+pub use cluster::{
+    Cluster, HA_LEASE, HA_MAIN_HOST, Replica, cluster, cluster_ha, cluster_with, control_plane,
+};
 pub use testns::{GpuNode, TestNs, wait_for};

@@ -1,0 +1,383 @@
+//! The device plugin over the real gRPC protocol on unix sockets in a temp
+//! dir. The test plays the kubelet's side (the test's kubelet-side peer):
+//! it serves `Registration`, receives the plugin's registration, dials the
+//! plugin's socket and calls it as the device manager would. Pods come
+//! from an in-memory store; tests/e2e_allocate.rs does the same against a
+//! real API server.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hami_api::DeviceInfo;
+use hami_api::allocation::PodDevices;
+use hami_api::annotations as ann;
+use hami_node::allocate::Settings;
+use hami_node::pending::{BoxFuture, PodStore, StoreError, has_devices_left, waits_on};
+use hami_node::plugin::{self, Plugin};
+use hami_node::proto;
+use hami_node::proto::device_plugin_client::DevicePluginClient;
+use hami_node::proto::registration_server::{Registration, RegistrationServer};
+use hami_node::register::{register, unix_channel};
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{Code, Request, Response, Status};
+
+const NODE: &str = "node-a";
+
+/// Bounds every wait on the peer, so a broken plugin fails instead of
+/// hanging.
+async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(20), f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// The registration service of the test's kubelet-side peer: passes every
+/// request on.
+struct PeerRegistration(mpsc::UnboundedSender<proto::RegisterRequest>);
+
+#[tonic::async_trait]
+impl Registration for PeerRegistration {
+    async fn register(
+        &self,
+        request: Request<proto::RegisterRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let _ = self.0.send(request.into_inner());
+        Ok(Response::new(proto::Empty {}))
+    }
+}
+
+/// What the in-memory store saw.
+#[derive(Default)]
+struct Seen {
+    pod: Option<Pod>,
+    lock_held: bool,
+    failures: Vec<String>,
+}
+
+/// A pod store in memory, following the same rules as the API server one.
+#[derive(Default, Clone)]
+struct MemoryStore(Arc<Mutex<Seen>>);
+
+impl MemoryStore {
+    fn put(&self, pod: Pod) {
+        let mut s = self.0.lock().unwrap();
+        s.pod = Some(pod);
+        s.lock_held = true;
+    }
+
+    fn annotation(&self, key: &str) -> Option<String> {
+        let s = self.0.lock().unwrap();
+        s.pod
+            .as_ref()?
+            .metadata
+            .annotations
+            .as_ref()?
+            .get(key)
+            .cloned()
+    }
+
+    fn set(&self, key: &str, value: String) {
+        let mut s = self.0.lock().unwrap();
+        if let Some(p) = s.pod.as_mut() {
+            p.metadata
+                .annotations
+                .get_or_insert_with(BTreeMap::new)
+                .insert(key.to_string(), value);
+        }
+    }
+}
+
+impl PodStore for MemoryStore {
+    fn find_pending(&self) -> BoxFuture<'_, Result<Pod, StoreError>> {
+        let found = self
+            .0
+            .lock()
+            .unwrap()
+            .pod
+            .clone()
+            .filter(|p| waits_on(p, NODE) && has_devices_left(p));
+        Box::pin(async move {
+            found.ok_or_else(|| StoreError::NoPendingPod {
+                node: NODE.into(),
+                detail: "the memory store holds none".into(),
+            })
+        })
+    }
+
+    fn finish<'a>(
+        &'a self,
+        _pod: &'a Pod,
+        remaining: &'a PodDevices,
+        done: bool,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.set(ann::NVIDIA_DEVICES_TO_ALLOCATE, remaining.encode());
+        if done {
+            self.set(ann::BIND_PHASE, "success".into());
+            self.0.lock().unwrap().lock_held = false;
+        }
+        Box::pin(async { Ok(()) })
+    }
+
+    fn fail<'a>(&'a self, _pod: &'a Pod, reason: &'a str) -> BoxFuture<'a, ()> {
+        self.set(ann::BIND_PHASE, "failed".into());
+        let mut s = self.0.lock().unwrap();
+        s.lock_held = false;
+        s.failures.push(reason.to_string());
+        Box::pin(async {})
+    }
+}
+
+fn card(id: &str, index: u32) -> DeviceInfo {
+    DeviceInfo {
+        id: id.into(),
+        index,
+        count: 3,
+        devmem: 16384,
+        devcore: 100,
+        device_type: "NVIDIA-Tesla T4".into(),
+        health: true,
+        ..Default::default()
+    }
+}
+
+fn bound_pod(to_allocate: &str) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {
+            "name": "train", "namespace": "team", "uid": "0b1c2d3e",
+            "annotations": {
+                ann::VGPU_NODE: NODE,
+                ann::BIND_PHASE: "allocating",
+                ann::BIND_TIME: "1700000000",
+                ann::NVIDIA_DEVICES_TO_ALLOCATE: to_allocate,
+                ann::NVIDIA_DEVICES_ALLOCATED: to_allocate,
+            },
+        },
+        "spec": {"nodeName": NODE, "containers": [{"name": "main", "image": "x"}]},
+        "status": {"phase": "Pending"},
+    }))
+    .unwrap()
+}
+
+fn allocate_request(ids: &[&str]) -> proto::AllocateRequest {
+    proto::AllocateRequest {
+        container_requests: vec![proto::ContainerAllocateRequest {
+            devices_ids: ids.iter().map(|s| s.to_string()).collect(),
+        }],
+    }
+}
+
+#[tokio::test]
+async fn registers_lists_watches_health_and_allocates_over_unix_sockets() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = dir.path().join("hook");
+    let lock_dir = dir.path().join("vgpulock");
+
+    // The test's kubelet-side peer: a Registration server.
+    let registration_socket = dir.path().join("kubelet.sock");
+    let (reg_tx, mut reg_rx) = mpsc::unbounded_channel();
+    let peer_listener = plugin::bind(&registration_socket).unwrap();
+    let peer = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(RegistrationServer::new(PeerRegistration(reg_tx)))
+            .serve_with_incoming(UnixListenerStream::new(peer_listener)),
+    );
+
+    // The plugin: two cards split three ways.
+    let (cards_tx, cards_rx) = watch::channel(vec![card("GPU-a", 0), card("GPU-b", 1)]);
+    let store = MemoryStore::default();
+    let mut settings = Settings::from_config(&hook, &hami_api::NvidiaConfig::default());
+    settings.library = Settings::library_path(&hook, "0.1.0", false);
+    let plugin = Plugin::new(cards_rx, Arc::new(store.clone()), settings)
+        .with_lock_dir(Some(lock_dir.clone()));
+    let plugin_socket = dir.path().join("hami-test.sock");
+    let listener = plugin::bind(&plugin_socket).unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(plugin.serve(listener, async {
+        let _ = stop_rx.await;
+    }));
+
+    within(
+        "registration",
+        register(&registration_socket, "hami-test.sock", "nvidia.com/gpu"),
+    )
+    .await
+    .expect("the plugin registers");
+    let req = within("the registration request", reg_rx.recv())
+        .await
+        .unwrap();
+    assert_eq!(req.version, "v1beta1");
+    assert_eq!(req.resource_name, "nvidia.com/gpu");
+    assert_eq!(req.endpoint, "hami-test.sock");
+
+    // The peer dials the endpoint it was given, as the device manager does.
+    let endpoint = registration_socket.parent().unwrap().join(&req.endpoint);
+    let mut client = DevicePluginClient::new(
+        within("dialing the plugin", unix_channel(&endpoint))
+            .await
+            .unwrap(),
+    );
+
+    let options = within(
+        "GetDevicePluginOptions",
+        client.get_device_plugin_options(proto::Empty {}),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert!(!options.pre_start_required);
+    assert!(!options.get_preferred_allocation_available);
+
+    let mut stream = within("ListAndWatch", client.list_and_watch(proto::Empty {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = within("the first device list", stream.message())
+        .await
+        .unwrap()
+        .expect("a device list");
+    let ids: Vec<&str> = first.devices.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "GPU-a-0", "GPU-a-1", "GPU-a-2", "GPU-b-0", "GPU-b-1", "GPU-b-2"
+        ]
+    );
+    assert!(first.devices.iter().all(|d| d.health == "Healthy"));
+
+    // Card b turns unhealthy: the peer is told without asking.
+    cards_tx.send_modify(|cards| cards[1].health = false);
+    let second = within("the health update", stream.message())
+        .await
+        .unwrap()
+        .expect("an updated device list");
+    let health: Vec<(&str, &str)> = second
+        .devices
+        .iter()
+        .map(|d| (d.id.as_str(), d.health.as_str()))
+        .collect();
+    assert_eq!(
+        health,
+        [
+            ("GPU-a-0", "Healthy"),
+            ("GPU-a-1", "Healthy"),
+            ("GPU-a-2", "Healthy"),
+            ("GPU-b-0", "Unhealthy"),
+            ("GPU-b-1", "Unhealthy"),
+            ("GPU-b-2", "Unhealthy"),
+        ]
+    );
+
+    // Allocate with no pod waiting: an error that says why, nothing changed.
+    let err = within("Allocate", client.allocate(allocate_request(&["GPU-a-0"])))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message()
+            .contains("no pod waits for Allocate on node node-a"),
+        "{}",
+        err.message()
+    );
+
+    // A pod bound by the scheduler: 3000 MiB and 30 % of card a.
+    store.put(bound_pod("GPU-a,NVIDIA,3000,30:;"));
+    let response = within("Allocate", client.allocate(allocate_request(&["GPU-a-1"])))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.container_responses.len(), 1);
+    let r = &response.container_responses[0];
+    assert_eq!(r.envs["NVIDIA_VISIBLE_DEVICES"], "GPU-a");
+    assert_eq!(r.envs["CUDA_DEVICE_MEMORY_LIMIT_0"], "3000m");
+    assert_eq!(r.envs["CUDA_DEVICE_SM_LIMIT"], "30");
+    let cache = &r.envs["CUDA_DEVICE_MEMORY_SHARED_CACHE"];
+    let vgpu = hook.join("vgpu");
+    assert!(
+        cache.starts_with(&format!("{}/", vgpu.display())) && cache.ends_with(".cache"),
+        "{cache}"
+    );
+    let host_dir = vgpu.join("containers/0b1c2d3e_main");
+    let mounts: Vec<(&str, &str, bool)> = r
+        .mounts
+        .iter()
+        .map(|m| (m.container_path.as_str(), m.host_path.as_str(), m.read_only))
+        .collect();
+    let s = |p: &Path| p.display().to_string();
+    assert_eq!(
+        mounts,
+        [
+            (
+                s(&vgpu.join("libvgpu.so")).as_str(),
+                s(&vgpu.join("libvgpu.so")).as_str(),
+                true
+            ),
+            (s(&vgpu).as_str(), s(&host_dir).as_str(), false),
+            ("/tmp/vgpulock", "/tmp/vgpulock", false),
+            (
+                "/etc/ld.so.preload",
+                s(&vgpu.join("ld.so.preload")).as_str(),
+                true
+            ),
+        ]
+    );
+    // The host side: the per-container dir with the limits file.
+    let mut warnings = Vec::new();
+    let limits = hami_shm::limits::read(&host_dir.join("hami-limits"), &mut warnings)
+        .unwrap()
+        .expect("a limits file in the container's dir");
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!(limits.memory_limit(0), 3000 << 20);
+    assert_eq!(limits.sm_limit(0), 30);
+    assert!(lock_dir.is_dir());
+    // The pod: nothing left to allocate, bind done, lock released.
+    assert_eq!(
+        store.annotation(ann::NVIDIA_DEVICES_TO_ALLOCATE).as_deref(),
+        Some(";")
+    );
+    assert_eq!(
+        store.annotation(ann::BIND_PHASE).as_deref(),
+        Some("success")
+    );
+    assert!(!store.0.lock().unwrap().lock_held);
+
+    // A pod whose annotation disagrees with the request: bind failed, lock
+    // released, the reason in the gRPC error.
+    store.put(bound_pod("GPU-a,NVIDIA,1000,10:GPU-b,NVIDIA,1000,10:;"));
+    let err = within("Allocate", client.allocate(allocate_request(&["GPU-a-2"])))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(
+        err.message(),
+        "pod team/train container main: hami.io/vgpu-devices-to-allocate gives 2 devices but the Allocate request asks for 1"
+    );
+    assert_eq!(store.annotation(ann::BIND_PHASE).as_deref(), Some("failed"));
+    {
+        let seen = store.0.lock().unwrap();
+        assert!(!seen.lock_held);
+        assert_eq!(seen.failures, [err.message().to_string()]);
+    }
+
+    // PreStartContainer and GetPreferredAllocation answer (not offered).
+    within(
+        "PreStartContainer",
+        client.pre_start_container(proto::PreStartContainerRequest {
+            devices_ids: vec!["GPU-a-0".into()],
+        }),
+    )
+    .await
+    .unwrap();
+
+    // A clean stop once the peer hangs up.
+    drop(stream);
+    drop(client);
+    let _ = stop_tx.send(());
+    within("the plugin to stop", server).await.unwrap().unwrap();
+    peer.abort();
+}
