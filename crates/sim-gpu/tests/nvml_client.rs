@@ -102,6 +102,7 @@ fn in_child(test: &str, env: &[(&str, &str)]) -> bool {
     cmd.args([test, "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD, test)
         .env(LIB_DIR, &a.sim_dir)
+        .env("HAMI_TEST_ARTIFACTS", a.sim.parent().unwrap())
         // Where programs find `libcuda.so.1` and `libnvidia-ml.so.1` by name.
         .env("LD_LIBRARY_PATH", &a.sim_dir)
         .env("SIM_GPU_CONFIG", &config)
@@ -212,11 +213,18 @@ fn nvml_wrapper_sees_the_device_file() {
         let node = (i / 4) as u32;
         assert_eq!(d.numa_node_id().unwrap(), node);
         let cpus = d.cpu_affinity(64).unwrap();
-        let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // SAFETY: no preconditions.
+        let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
         let set: Vec<usize> = (0..64 * 64)
             .filter(|b| cpus[b / 64] & (1 << (b % 64)) != 0)
             .collect();
-        assert!(!set.is_empty() && set.iter().all(|&c| c < online.max(set.len())));
+        let half = online / 2;
+        let want: Vec<usize> = match (half, node) {
+            (0, _) => (0..online).collect(),
+            (_, 0) => (0..half).collect(),
+            _ => (half..online).collect(),
+        };
+        assert_eq!(set, want, "CPUs of NUMA node {node}");
         let mem_nodes = d.memory_affinity(1, 0).unwrap();
         assert_eq!(mem_nodes[0], 1 << node);
 
@@ -529,13 +537,15 @@ fn nvml_wrapper_sees_work_on_the_card() {
 
     // 400 ms busy in the last second: utilisation, temperature, power and
     // clocks follow.
+    // (Utilisation only falls from here, once the last second no longer
+    // holds all 400 ms: readings are bracketed by two utilisations.)
     let util = d.utilization_rates().unwrap().gpu;
-    assert!((25..=60).contains(&util), "{util}%");
-    assert_eq!(
-        d.temperature(TemperatureSensor::Gpu).unwrap(),
-        30 + util * 2 / 5
-    );
-    assert_eq!(d.power_usage().unwrap(), 60_000 + 2_400 * util);
+    assert!((1..=60).contains(&util), "{util}%");
+    let temperature = d.temperature(TemperatureSensor::Gpu).unwrap();
+    let power = d.power_usage().unwrap();
+    let later = d.utilization_rates().unwrap().gpu;
+    assert!((30 + later * 2 / 5..=30 + util * 2 / 5).contains(&temperature));
+    assert!((60_000 + 2_400 * later..=60_000 + 2_400 * util).contains(&power));
     assert_eq!(d.clock_info(Clock::SM).unwrap(), 1980);
     assert_eq!(d.performance_state().unwrap(), PerformanceState::Zero);
     let idle = nvml.device_by_index(1).unwrap();
@@ -548,8 +558,12 @@ fn nvml_wrapper_sees_work_on_the_card() {
 
 #[test]
 fn nvml_wrapper_through_the_interposer_sees_the_containers_view() {
-    let a = common::artifacts();
-    let preload = a.vgpu.display().to_string();
+    // The child never builds (nor asks for) the artifacts: it runs with
+    // the interposer preloaded.
+    let preload = match std::env::var_os(CHILD) {
+        Some(_) => String::new(),
+        None => common::artifacts().vgpu.display().to_string(),
+    };
     if in_child(
         "nvml_wrapper_through_the_interposer_sees_the_containers_view",
         &[("LD_PRELOAD", &preload), ("CUDA_DEVICE_MEMORY_LIMIT", "1g")],
