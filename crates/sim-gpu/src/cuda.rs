@@ -83,6 +83,19 @@ pub unsafe extern "C" fn cuDeviceGetName(name: *mut c_char, len: c_int, dev: c_i
     }
 }
 
+/// `0000:<bus>:00.0`: the card NVML shows at that address.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceGetPCIBusId(id: *mut c_char, len: c_int, dev: c_int) -> CUresult {
+    let Some(i) = state().internal(dev) else {
+        return INVALID_DEVICE;
+    };
+    copy_str(
+        id,
+        len,
+        &format!("0000:{:02X}:00.0", crate::nvml::pci_bus(i)),
+    )
+}
+
 fn uuid_bytes(text: &str) -> [u8; 16] {
     let hex: Vec<u8> = text
         .trim_start_matches("GPU-")
@@ -1150,6 +1163,13 @@ static TABLE: &[Entry] = &[
         false,
         "cuDeviceGet",
         cuDeviceGet as *const (),
+    ),
+    Entry(
+        "cuDeviceGetPCIBusId",
+        4010,
+        false,
+        "cuDeviceGetPCIBusId",
+        cuDeviceGetPCIBusId as *const (),
     ),
     Entry(
         "cuDeviceGetCount",

@@ -500,6 +500,27 @@ fn nvml_wrapper_sees_work_on_the_card() {
     let d = nvml.device_by_index(0).unwrap();
     let m = d.memory_info().unwrap();
     assert_eq!((m.total, m.used), (8 * GIB, 512 << 20));
+    // CUDA device 0 and NVML's card 0 agree on PCI address and capability.
+    let mut id = [0 as std::ffi::c_char; 32];
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: the driver's signatures, valid out pointers.
+    unsafe {
+        type BusId = unsafe extern "C" fn(*mut std::ffi::c_char, c_int, c_int) -> c_int;
+        type Attr = unsafe extern "C" fn(*mut c_int, c_int, c_int) -> c_int;
+        assert_eq!(
+            cuda.f::<BusId>(c"cuDeviceGetPCIBusId")(id.as_mut_ptr(), 32, 0),
+            0
+        );
+        let attr = cuda.f::<Attr>(c"cuDeviceGetAttribute");
+        assert_eq!(attr(&mut major, 75, 0), 0);
+        assert_eq!(attr(&mut minor, 76, 0), 0);
+    }
+    // SAFETY: NUL-terminated by the driver.
+    let id = unsafe { CStr::from_ptr(id.as_ptr()) }.to_str().unwrap();
+    assert_eq!(id, "0000:01:00.0");
+    assert_eq!(nvml.device_by_pci_bus_id(id).unwrap().index().unwrap(), 0);
+    let cc = d.cuda_compute_capability().unwrap();
+    assert_eq!((major, minor), (cc.major, cc.minor));
     let procs = d.running_compute_processes().unwrap();
     assert_eq!(procs.len(), 1);
     assert_eq!(procs[0].pid, std::process::id());
