@@ -1,0 +1,139 @@
+//! The `hami-node` binary end to end on its sockets: it reads its cards,
+//! binds `nvidia-gpu.sock` in the device-plugin dir, registers with the
+//! registration socket there (served by the test's kubelet-side peer),
+//! lists its devices, and on SIGTERM stops with status 0 and removes its
+//! socket. The API server is never contacted before an Allocate, so a
+//! kubeconfig pointing nowhere does.
+
+use std::future::Future;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use hami_node::plugin;
+use hami_node::proto;
+use hami_node::proto::device_plugin_client::DevicePluginClient;
+use hami_node::proto::registration_server::{Registration, RegistrationServer};
+use hami_node::register::unix_channel;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{Request, Response, Status};
+
+async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(30), f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+struct PeerRegistration(mpsc::UnboundedSender<proto::RegisterRequest>);
+
+#[tonic::async_trait]
+impl Registration for PeerRegistration {
+    async fn register(
+        &self,
+        request: Request<proto::RegisterRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let _ = self.0.send(request.into_inner());
+        Ok(Response::new(proto::Empty {}))
+    }
+}
+
+/// Kills the child if the test fails half-way.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn binary_registers_serves_its_cards_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("device-plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    let cards = dir.path().join("cards.json");
+    std::fs::write(
+        &cards,
+        r#"[{"id":"GPU-0","count":2,"devmem":15360,"devcore":100,"type":"NVIDIA-Tesla T4","health":true},
+            {"id":"GPU-1","index":1,"count":2,"devmem":15360,"devcore":100,"type":"NVIDIA-Tesla T4"}]"#,
+    )
+    .unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: 'https://127.0.0.1:9'}\nusers:\n- name: u\n  user: {token: t}\ncontexts:\n- name: x\n  context: {cluster: c, user: u}\ncurrent-context: x\n",
+    )
+    .unwrap();
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let listener = plugin::bind(&plugins.join("kubelet.sock")).unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(RegistrationServer::new(PeerRegistration(tx)))
+            .serve_with_incoming(UnixListenerStream::new(listener)),
+    );
+
+    let mut child = Child(
+        Command::new(env!("CARGO_BIN_EXE_hami-node"))
+            .arg("--node-name=node-a")
+            .arg(format!("--cards-file={}", cards.display()))
+            .arg(format!("--device-plugin-path={}", plugins.display()))
+            .arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .arg(format!("--hook-path={}", dir.path().join("hook").display()))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting hami-node"),
+    );
+
+    let req = within("hami-node's registration", rx.recv()).await.unwrap();
+    assert_eq!(req.version, "v1beta1");
+    assert_eq!(req.resource_name, "nvidia.com/gpu");
+    assert_eq!(req.endpoint, "nvidia-gpu.sock");
+    let socket = plugins.join(&req.endpoint);
+    let mut client = DevicePluginClient::new(
+        within("dialing hami-node", unix_channel(&socket))
+            .await
+            .unwrap(),
+    );
+    let mut stream = within("ListAndWatch", client.list_and_watch(proto::Empty {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let list = within("the device list", stream.message())
+        .await
+        .unwrap()
+        .unwrap();
+    let devices: Vec<(&str, &str)> = list
+        .devices
+        .iter()
+        .map(|d| (d.id.as_str(), d.health.as_str()))
+        .collect();
+    assert_eq!(
+        devices,
+        [
+            ("GPU-0-0", "Healthy"),
+            ("GPU-0-1", "Healthy"),
+            ("GPU-1-0", "Unhealthy"),
+            ("GPU-1-1", "Unhealthy"),
+        ]
+    );
+    drop(stream);
+    drop(client);
+
+    let term = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.0.id().to_string())
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = within(
+        "hami-node to exit",
+        tokio::task::spawn_blocking(move || child.0.wait()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!socket.exists(), "{} left behind", socket.display());
+}
