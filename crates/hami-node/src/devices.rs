@@ -3,6 +3,7 @@
 //! writes them, so a device ID always tells which card it is a slot of.
 
 use hami_api::DeviceInfo;
+use hami_api::allocation::ContainerDevice;
 
 use crate::proto;
 
@@ -45,6 +46,40 @@ pub fn plugin_devices(cards: &[DeviceInfo], numa_topology: bool) -> Vec<proto::D
         }
     }
     out
+}
+
+/// GetPreferredAllocation for one container: `size` IDs out of
+/// `available`, keeping `must_include`, on the cards the scheduler chose
+/// (`desired`, the container's entry of `hami.io/vgpu-devices-to-allocate`,
+/// one slot per listed device). `None` when that cannot be done: the
+/// kubelet then chooses by itself.
+pub fn preferred_ids(
+    available: &[String],
+    must_include: &[String],
+    desired: &[ContainerDevice],
+    size: usize,
+    cards: &[DeviceInfo],
+) -> Option<Vec<String>> {
+    if desired.len() < size || must_include.len() > size {
+        return None;
+    }
+    let mut selected: Vec<String> = must_include.to_vec();
+    // Cards already covered by the IDs that must be included.
+    let mut covered: Vec<&str> = must_include
+        .iter()
+        .filter_map(|id| card_of(id, cards).map(|c| c.id.as_str()))
+        .collect();
+    for want in &desired[..size] {
+        if let Some(i) = covered.iter().position(|c| *c == want.uuid) {
+            covered.swap_remove(i);
+            continue;
+        }
+        let pick = available.iter().find(|id| {
+            !selected.contains(id) && card_of(id, cards).is_some_and(|c| c.id == want.uuid)
+        })?;
+        selected.push(pick.clone());
+    }
+    (selected.len() == size).then_some(selected)
 }
 
 #[cfg(test)]
@@ -92,6 +127,60 @@ mod tests {
     fn numa_topology_when_asked() {
         let d = plugin_devices(&[card("GPU-a", 1, 1, true)], true);
         assert_eq!(d[0].topology.as_ref().unwrap().nodes[0].id, 1);
+    }
+
+    fn want(uuids: &[&str]) -> Vec<ContainerDevice> {
+        uuids
+            .iter()
+            .map(|u| ContainerDevice {
+                uuid: u.to_string(),
+                vendor: "NVIDIA".into(),
+                mem: 1000,
+                cores: 10,
+            })
+            .collect()
+    }
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn preferred_ids_steer_to_the_scheduler_cards() {
+        let cards = [card("GPU-a", 3, 0, true), card("GPU-b", 3, 0, true)];
+        let avail = strings(&["GPU-a-0", "GPU-a-1", "GPU-b-2", "GPU-b-0"]);
+        assert_eq!(
+            preferred_ids(&avail, &[], &want(&["GPU-b"]), 1, &cards),
+            Some(strings(&["GPU-b-2"]))
+        );
+        assert_eq!(
+            preferred_ids(&avail, &[], &want(&["GPU-b", "GPU-a"]), 2, &cards),
+            Some(strings(&["GPU-b-2", "GPU-a-0"]))
+        );
+        // A must-include slot on a chosen card counts for that card.
+        assert_eq!(
+            preferred_ids(
+                &avail,
+                &strings(&["GPU-a-1"]),
+                &want(&["GPU-b", "GPU-a"]),
+                2,
+                &cards
+            ),
+            Some(strings(&["GPU-a-1", "GPU-b-2"]))
+        );
+        // No free slot on the chosen card, or too few devices: no preference.
+        assert_eq!(
+            preferred_ids(&avail[..2], &[], &want(&["GPU-b"]), 1, &cards),
+            None
+        );
+        assert_eq!(
+            preferred_ids(&avail, &[], &want(&["GPU-a"]), 2, &cards),
+            None
+        );
+        assert_eq!(
+            preferred_ids(&avail, &[], &want(&["GPU-z"]), 1, &cards),
+            None
+        );
     }
 
     #[test]

@@ -55,6 +55,11 @@ struct Args {
     /// Report each card's NUMA node to the kubelet's topology manager.
     #[arg(long)]
     numa_topology: bool,
+    /// Offer GetPreferredAllocation, steering the kubelet to slots of the
+    /// cards the scheduler chose (HAMi's `enableGetPreferredAllocation`,
+    /// off there by default).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    preferred_allocation: bool,
     /// Let a container with `CUDA_DISABLE_CONTROL=true` go without the
     /// `/etc/ld.so.preload` mount (HAMi: always).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -126,14 +131,17 @@ async fn main() -> anyhow::Result<()> {
     ));
     // Discovery will own the sender and send a new list on health changes.
     let (_cards_tx, cards_rx) = watch::channel(cards);
-    let plugin = Plugin::new(cards_rx, store, settings).with_numa_topology(args.numa_topology);
+    let plugin = Plugin::new(cards_rx, store, settings)
+        .with_numa_topology(args.numa_topology)
+        .with_preferred_allocation(args.preferred_allocation);
+    let options = plugin.options();
 
     let listener = plugin::bind(&socket)?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(plugin.serve(listener, async {
         let _ = stop_rx.await;
     }));
-    hami_node::register::register(&kubelet_socket, &socket_name, &resource).await?;
+    hami_node::register::register(&kubelet_socket, &socket_name, &resource, options).await?;
     tracing::info!(
         resource,
         socket = %socket.display(),

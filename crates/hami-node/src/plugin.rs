@@ -12,7 +12,7 @@ use tokio_stream::wrappers::{UnixListenerStream, WatchStream};
 use tonic::{Request, Response, Status};
 
 use crate::allocate::{self, Plan, Settings};
-use crate::devices::plugin_devices;
+use crate::devices::{plugin_devices, preferred_ids};
 use crate::pending::{PodStore, StoreError};
 use crate::proto;
 use crate::proto::device_plugin_server::{DevicePlugin, DevicePluginServer};
@@ -23,6 +23,7 @@ pub struct Plugin {
     store: Arc<dyn PodStore>,
     settings: Settings,
     numa_topology: bool,
+    preferred_allocation: bool,
     /// Allocate calls run one at a time: finding the pending pod and
     /// emptying its entry must not interleave.
     allocating: Mutex<()>,
@@ -44,6 +45,7 @@ impl Plugin {
             store,
             settings,
             numa_topology: false,
+            preferred_allocation: true,
             allocating: Mutex::new(()),
             lock_dir: Some(PathBuf::from(allocate::VGPU_LOCK_DIR)),
         }
@@ -53,6 +55,57 @@ impl Plugin {
     pub fn with_numa_topology(mut self, on: bool) -> Plugin {
         self.numa_topology = on;
         self
+    }
+
+    /// Offer GetPreferredAllocation (on by default), which steers the
+    /// kubelet to slots of the cards the scheduler chose.
+    pub fn with_preferred_allocation(mut self, on: bool) -> Plugin {
+        self.preferred_allocation = on;
+        self
+    }
+
+    /// The options this plugin registers with and reports.
+    pub fn options(&self) -> proto::DevicePluginOptions {
+        proto::DevicePluginOptions {
+            pre_start_required: false,
+            get_preferred_allocation_available: self.preferred_allocation,
+        }
+    }
+
+    /// For each container request, in order, the slots of the cards the
+    /// scheduler chose for the next containers still to allocate of the
+    /// pod waiting here; no answer for a container when that cannot be
+    /// worked out.
+    async fn preferred(
+        &self,
+        request: proto::PreferredAllocationRequest,
+    ) -> proto::PreferredAllocationResponse {
+        let mut out = proto::PreferredAllocationResponse::default();
+        let Ok(pod) = self.store.find_pending().await else {
+            return out;
+        };
+        let Ok(to_allocate) = allocate::to_allocate(&pod) else {
+            return out;
+        };
+        let cards = self.cards.borrow().clone();
+        let mut entries = to_allocate.0.iter().filter(|c| !c.is_empty());
+        for creq in &request.container_requests {
+            let Some(desired) = entries.next() else {
+                break;
+            };
+            let Some(ids) = preferred_ids(
+                &creq.available_device_i_ds,
+                &creq.must_include_device_i_ds,
+                desired,
+                usize::try_from(creq.allocation_size).unwrap_or(0),
+                &cards,
+            ) else {
+                break;
+            };
+            out.container_responses
+                .push(proto::ContainerPreferredAllocationResponse { device_i_ds: ids });
+        }
+        out
     }
 
     /// Make the host's vgpu lock dir at `dir` (HAMi: `/tmp/vgpulock`), or
@@ -204,10 +257,7 @@ impl DevicePlugin for Plugin {
         &self,
         _: Request<proto::Empty>,
     ) -> Result<Response<proto::DevicePluginOptions>, Status> {
-        Ok(Response::new(proto::DevicePluginOptions {
-            pre_start_required: false,
-            get_preferred_allocation_available: false,
-        }))
+        Ok(Response::new(self.options()))
     }
 
     type ListAndWatchStream = DeviceStream;
@@ -228,10 +278,11 @@ impl DevicePlugin for Plugin {
 
     async fn get_preferred_allocation(
         &self,
-        _: Request<proto::PreferredAllocationRequest>,
+        request: Request<proto::PreferredAllocationRequest>,
     ) -> Result<Response<proto::PreferredAllocationResponse>, Status> {
-        // Not offered (GetDevicePluginOptions says so): no preference.
-        Ok(Response::new(proto::PreferredAllocationResponse::default()))
+        // Never an error: the kubelet would fail the pod; without an
+        // answer it chooses by itself.
+        Ok(Response::new(self.preferred(request.into_inner()).await))
     }
 
     async fn allocate(

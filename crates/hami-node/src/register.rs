@@ -42,12 +42,13 @@ pub enum RegisterError {
 }
 
 /// Registers the plugin serving `resource` on the socket file `endpoint`
-/// (a name in the kubelet's device-plugin dir) with the registration
-/// server at `registration_socket`.
+/// (a name in the kubelet's device-plugin dir), with `options` (what the
+/// kubelet will call), at the registration server `registration_socket`.
 pub async fn register(
     registration_socket: &Path,
     endpoint: &str,
     resource: &str,
+    options: proto::DevicePluginOptions,
 ) -> Result<(), RegisterError> {
     let channel =
         unix_channel(registration_socket)
@@ -60,10 +61,7 @@ pub async fn register(
         version: crate::API_VERSION.to_string(),
         endpoint: endpoint.to_string(),
         resource_name: resource.to_string(),
-        options: Some(proto::DevicePluginOptions {
-            pre_start_required: false,
-            get_preferred_allocation_available: false,
-        }),
+        options: Some(options),
     };
     RegistrationClient::new(channel)
         .register(request)

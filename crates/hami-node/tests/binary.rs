@@ -90,6 +90,9 @@ async fn binary_registers_serves_its_cards_and_stops_on_sigterm() {
     assert_eq!(req.version, "v1beta1");
     assert_eq!(req.resource_name, "nvidia.com/gpu");
     assert_eq!(req.endpoint, "nvidia-gpu.sock");
+    let options = req.options.expect("options");
+    assert!(options.get_preferred_allocation_available);
+    assert!(!options.pre_start_required);
     let socket = plugins.join(&req.endpoint);
     let mut client = DevicePluginClient::new(
         within("dialing hami-node", unix_channel(&socket))

@@ -195,6 +195,7 @@ async fn registers_lists_watches_health_and_allocates_over_unix_sockets() {
     settings.library = Settings::library_path(&hook, "0.1.0", false);
     let plugin = Plugin::new(cards_rx, Arc::new(store.clone()), settings)
         .with_lock_dir(Some(lock_dir.clone()));
+    let options = plugin.options();
     let plugin_socket = dir.path().join("hami-test.sock");
     let listener = plugin::bind(&plugin_socket).unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -204,7 +205,12 @@ async fn registers_lists_watches_health_and_allocates_over_unix_sockets() {
 
     within(
         "registration",
-        register(&registration_socket, "hami-test.sock", "nvidia.com/gpu"),
+        register(
+            &registration_socket,
+            "hami-test.sock",
+            "nvidia.com/gpu",
+            options,
+        ),
     )
     .await
     .expect("the plugin registers");
@@ -214,6 +220,7 @@ async fn registers_lists_watches_health_and_allocates_over_unix_sockets() {
     assert_eq!(req.version, "v1beta1");
     assert_eq!(req.resource_name, "nvidia.com/gpu");
     assert_eq!(req.endpoint, "hami-test.sock");
+    assert_eq!(req.options, Some(options));
 
     // The peer dials the endpoint it was given, as the device manager does.
     let endpoint = registration_socket.parent().unwrap().join(&req.endpoint);
@@ -231,7 +238,7 @@ async fn registers_lists_watches_health_and_allocates_over_unix_sockets() {
     .unwrap()
     .into_inner();
     assert!(!options.pre_start_required);
-    assert!(!options.get_preferred_allocation_available);
+    assert!(options.get_preferred_allocation_available);
 
     let mut stream = within("ListAndWatch", client.list_and_watch(proto::Empty {}))
         .await
@@ -273,6 +280,24 @@ async fn registers_lists_watches_health_and_allocates_over_unix_sockets() {
         ]
     );
 
+    // No pod waiting: no preference (never an error, which would fail
+    // the pod at the kubelet).
+    let preferred_request = || proto::PreferredAllocationRequest {
+        container_requests: vec![proto::ContainerPreferredAllocationRequest {
+            available_device_i_ds: ["GPU-b-0", "GPU-a-2", "GPU-a-1"].map(String::from).to_vec(),
+            must_include_device_i_ds: vec![],
+            allocation_size: 1,
+        }],
+    };
+    let none = within(
+        "GetPreferredAllocation",
+        client.get_preferred_allocation(preferred_request()),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert!(none.container_responses.is_empty());
+
     // Allocate with no pod waiting: an error that says why, nothing changed.
     let err = within("Allocate", client.allocate(allocate_request(&["GPU-a-0"])))
         .await
@@ -287,7 +312,17 @@ async fn registers_lists_watches_health_and_allocates_over_unix_sockets() {
 
     // A pod bound by the scheduler: 3000 MiB and 30 % of card a.
     store.put(bound_pod("GPU-a,NVIDIA,3000,30:;"));
-    let response = within("Allocate", client.allocate(allocate_request(&["GPU-a-1"])))
+    // The peer is steered to a free slot of the scheduler's card.
+    let preferred = within(
+        "GetPreferredAllocation",
+        client.get_preferred_allocation(preferred_request()),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(preferred.container_responses.len(), 1);
+    assert_eq!(preferred.container_responses[0].device_i_ds, ["GPU-a-2"]);
+    let response = within("Allocate", client.allocate(allocate_request(&["GPU-a-2"])))
         .await
         .unwrap()
         .into_inner();
@@ -364,7 +399,7 @@ async fn registers_lists_watches_health_and_allocates_over_unix_sockets() {
         assert_eq!(seen.failures, [err.message().to_string()]);
     }
 
-    // PreStartContainer and GetPreferredAllocation answer (not offered).
+    // PreStartContainer answers (not required).
     within(
         "PreStartContainer",
         client.pre_start_container(proto::PreStartContainerRequest {
