@@ -64,6 +64,13 @@ impl Plugin {
         self
     }
 
+    /// Make the host's vgpu lock dir at `dir` (HAMi: `/tmp/vgpulock`), or
+    /// nowhere.
+    pub fn with_lock_dir(mut self, dir: Option<PathBuf>) -> Plugin {
+        self.lock_dir = dir;
+        self
+    }
+
     /// The options this plugin registers with and reports.
     pub fn options(&self) -> proto::DevicePluginOptions {
         proto::DevicePluginOptions {
@@ -106,13 +113,6 @@ impl Plugin {
                 .push(proto::ContainerPreferredAllocationResponse { device_i_ds: ids });
         }
         out
-    }
-
-    /// Make the host's vgpu lock dir at `dir` (HAMi: `/tmp/vgpulock`), or
-    /// nowhere.
-    pub fn with_lock_dir(mut self, dir: Option<PathBuf>) -> Plugin {
-        self.lock_dir = dir;
-        self
     }
 
     /// Serves on `listener` (see [`bind`]) until `shutdown` completes.
