@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -13,6 +14,7 @@ use hami_api::{DeviceConfig, NvidiaConfig};
 use hami_node::allocate::Settings;
 use hami_node::pending::KubeStore;
 use hami_node::plugin::{self, Plugin};
+use hami_node::register::register;
 use tokio::sync::watch;
 
 #[derive(Debug, Parser)]
@@ -131,32 +133,92 @@ async fn main() -> anyhow::Result<()> {
     ));
     // Discovery will own the sender and send a new list on health changes.
     let (_cards_tx, cards_rx) = watch::channel(cards);
-    let plugin = Plugin::new(cards_rx, store, settings)
-        .with_numa_topology(args.numa_topology)
-        .with_preferred_allocation(args.preferred_allocation);
-    let options = plugin.options();
+    let make_plugin = || {
+        Plugin::new(cards_rx.clone(), store.clone(), settings.clone())
+            .with_numa_topology(args.numa_topology)
+            .with_preferred_allocation(args.preferred_allocation)
+    };
 
-    let listener = plugin::bind(&socket)?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(plugin.serve(listener, async {
-        let _ = stop_rx.await;
-    }));
-    hami_node::register::register(&kubelet_socket, &socket_name, &resource, options).await?;
-    tracing::info!(
-        resource,
-        socket = %socket.display(),
-        "serving and registered with {}",
-        kubelet_socket.display()
-    );
-    tokio::select! {
-        _ = shutdown_signal() => tracing::info!("stopping"),
-        r = server => {
-            r.context("device plugin server task")?
-                .with_context(|| format!("serving on {}", socket.display()))?;
-            anyhow::bail!("the device plugin server on {} stopped", socket.display());
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    // One round per kubelet life: the kubelet removes every plugin socket
+    // when it starts, so serve on a fresh socket and register again.
+    loop {
+        let plugin = make_plugin();
+        let options = plugin.options();
+        let listener = plugin::bind(&socket)?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut server = tokio::spawn(plugin.serve(listener, async {
+            let _ = stop_rx.await;
+        }));
+        let registered = async {
+            loop {
+                let seen = file_id(&kubelet_socket);
+                match register(&kubelet_socket, &socket_name, &resource, options).await {
+                    Ok(()) => return seen,
+                    Err(e) => {
+                        tracing::warn!("{e}; trying again in 1 s");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        };
+        let seen = tokio::select! {
+            _ = &mut shutdown => return stop(stop_tx, &socket),
+            r = &mut server => return server_ended(r, &socket),
+            seen = registered => seen,
+        };
+        tracing::info!(
+            resource,
+            socket = %socket.display(),
+            "serving and registered with {}",
+            kubelet_socket.display()
+        );
+        tokio::select! {
+            _ = &mut shutdown => return stop(stop_tx, &socket),
+            r = &mut server => return server_ended(r, &socket),
+            _ = kubelet_restarted(&kubelet_socket, &socket, seen) => {
+                tracing::info!("the kubelet restarted: serving on a new socket and registering again");
+                let _ = stop_tx.send(());
+            }
         }
     }
+}
+
+/// Identity of a file: device, inode and change time (a socket the kubelet
+/// recreates is a new file even if its inode number is reused).
+fn file_id(path: &Path) -> Option<(u64, u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
+}
+
+/// Resolves when the kubelet's registration socket is a different file
+/// than `seen` (the kubelet restarted) or our socket is gone (a starting
+/// kubelet removes it). Looks twice a second.
+async fn kubelet_restarted(kubelet: &Path, ours: &Path, seen: Option<(u64, u64, i64, i64)>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let now = file_id(kubelet);
+        if (now.is_some() && now != seen) || !ours.exists() {
+            return;
+        }
+    }
+}
+
+fn stop(stop_tx: tokio::sync::oneshot::Sender<()>, socket: &Path) -> anyhow::Result<()> {
+    tracing::info!("stopping");
     let _ = stop_tx.send(());
-    let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(socket);
     Ok(())
+}
+
+fn server_ended(
+    r: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>,
+    socket: &Path,
+) -> anyhow::Result<()> {
+    r.context("device plugin server task")?
+        .with_context(|| format!("serving on {}", socket.display()))?;
+    anyhow::bail!("the device plugin server on {} stopped", socket.display())
 }

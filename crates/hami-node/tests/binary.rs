@@ -1,11 +1,13 @@
 //! The `hami-node` binary end to end on its sockets: it reads its cards,
 //! binds `nvidia-gpu.sock` in the device-plugin dir, registers with the
 //! registration socket there (served by the test's kubelet-side peer),
-//! lists its devices, and on SIGTERM stops with status 0 and removes its
+//! lists its devices, serves and registers again when the peer restarts
+//! as a kubelet does, and on SIGTERM stops with status 0 and removes its
 //! socket. The API server is never contacted before an Allocate, so a
 //! kubeconfig pointing nowhere does.
 
 use std::future::Future;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -47,55 +49,23 @@ impl Drop for Child {
     }
 }
 
-#[tokio::test]
-async fn binary_registers_serves_its_cards_and_stops_on_sigterm() {
-    let dir = tempfile::tempdir().unwrap();
-    let plugins = dir.path().join("device-plugins");
-    std::fs::create_dir(&plugins).unwrap();
-    let cards = dir.path().join("cards.json");
-    std::fs::write(
-        &cards,
-        r#"[{"id":"GPU-0","count":2,"devmem":15360,"devcore":100,"type":"NVIDIA-Tesla T4","health":true},
-            {"id":"GPU-1","index":1,"count":2,"devmem":15360,"devcore":100,"type":"NVIDIA-Tesla T4"}]"#,
-    )
-    .unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: 'https://127.0.0.1:9'}\nusers:\n- name: u\n  user: {token: t}\ncontexts:\n- name: x\n  context: {cluster: c, user: u}\ncurrent-context: x\n",
-    )
-    .unwrap();
-
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let listener = plugin::bind(&plugins.join("kubelet.sock")).unwrap();
+/// The registration service of the test's kubelet-side peer on `path`.
+fn serve_registration(
+    path: &Path,
+    tx: mpsc::UnboundedSender<proto::RegisterRequest>,
+) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
+    let listener = plugin::bind(path).unwrap();
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(RegistrationServer::new(PeerRegistration(tx)))
             .serve_with_incoming(UnixListenerStream::new(listener)),
-    );
+    )
+}
 
-    let mut child = Child(
-        Command::new(env!("CARGO_BIN_EXE_hami-node"))
-            .arg("--node-name=node-a")
-            .arg(format!("--cards-file={}", cards.display()))
-            .arg(format!("--device-plugin-path={}", plugins.display()))
-            .arg(format!("--kubeconfig={}", kubeconfig.display()))
-            .arg(format!("--hook-path={}", dir.path().join("hook").display()))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("starting hami-node"),
-    );
-
-    let req = within("hami-node's registration", rx.recv()).await.unwrap();
-    assert_eq!(req.version, "v1beta1");
-    assert_eq!(req.resource_name, "nvidia.com/gpu");
-    assert_eq!(req.endpoint, "nvidia-gpu.sock");
-    let options = req.options.expect("options");
-    assert!(options.get_preferred_allocation_available);
-    assert!(!options.pre_start_required);
-    let socket = plugins.join(&req.endpoint);
+/// Dials the plugin's socket and checks its first device list.
+async fn assert_lists_the_cards(socket: &Path) {
     let mut client = DevicePluginClient::new(
-        within("dialing hami-node", unix_channel(&socket))
+        within("dialing hami-node", unix_channel(socket))
             .await
             .unwrap(),
     );
@@ -121,8 +91,67 @@ async fn binary_registers_serves_its_cards_and_stops_on_sigterm() {
             ("GPU-1-1", "Unhealthy"),
         ]
     );
-    drop(stream);
-    drop(client);
+}
+
+#[tokio::test]
+async fn binary_registers_serves_its_cards_registers_again_after_a_kubelet_restart_and_stops_on_sigterm()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("device-plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    let cards = dir.path().join("cards.json");
+    std::fs::write(
+        &cards,
+        r#"[{"id":"GPU-0","count":2,"devmem":15360,"devcore":100,"type":"NVIDIA-Tesla T4","health":true},
+            {"id":"GPU-1","index":1,"count":2,"devmem":15360,"devcore":100,"type":"NVIDIA-Tesla T4"}]"#,
+    )
+    .unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: 'https://127.0.0.1:9'}\nusers:\n- name: u\n  user: {token: t}\ncontexts:\n- name: x\n  context: {cluster: c, user: u}\ncurrent-context: x\n",
+    )
+    .unwrap();
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let registration_socket = plugins.join("kubelet.sock");
+    let peer = serve_registration(&registration_socket, tx.clone());
+
+    let mut child = Child(
+        Command::new(env!("CARGO_BIN_EXE_hami-node"))
+            .arg("--node-name=node-a")
+            .arg(format!("--cards-file={}", cards.display()))
+            .arg(format!("--device-plugin-path={}", plugins.display()))
+            .arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .arg(format!("--hook-path={}", dir.path().join("hook").display()))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting hami-node"),
+    );
+
+    let req = within("hami-node's registration", rx.recv()).await.unwrap();
+    assert_eq!(req.version, "v1beta1");
+    assert_eq!(req.resource_name, "nvidia.com/gpu");
+    assert_eq!(req.endpoint, "nvidia-gpu.sock");
+    let options = req.options.expect("options");
+    assert!(options.get_preferred_allocation_available);
+    assert!(!options.pre_start_required);
+    let socket = plugins.join(&req.endpoint);
+    assert_lists_the_cards(&socket).await;
+
+    // The peer restarts as a kubelet does: its registration socket is a
+    // new file and every plugin socket in the dir is removed. hami-node
+    // serves on a fresh socket and registers again.
+    peer.abort();
+    let _ = peer.await;
+    std::fs::remove_file(&registration_socket).unwrap();
+    std::fs::remove_file(&socket).unwrap();
+    let _peer = serve_registration(&registration_socket, tx);
+    let again = within("hami-node's second registration", rx.recv())
+        .await
+        .unwrap();
+    assert_eq!(again.endpoint, "nvidia-gpu.sock");
+    assert_lists_the_cards(&socket).await;
 
     let term = Command::new("kill")
         .arg("-TERM")
