@@ -153,12 +153,10 @@ async fn binary_registers_serves_its_cards_registers_again_after_a_kubelet_resta
     assert_eq!(again.endpoint, "nvidia-gpu.sock");
     assert_lists_the_cards(&socket).await;
 
-    let term = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.0.id().to_string())
-        .status()
-        .unwrap();
-    assert!(term.success());
+    let pid = i32::try_from(child.0.id()).unwrap();
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert_eq!(sent, 0, "SIGTERM to hami-node");
     let status = within(
         "hami-node to exit",
         tokio::task::spawn_blocking(move || child.0.wait()),
