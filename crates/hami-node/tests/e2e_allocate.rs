@@ -94,6 +94,25 @@ async fn node_lock(ns: &TestNs, node: &str) -> Option<String> {
 /// Creates a pod bound to `node` carrying what hami-scheduler's bind
 /// writes (annotations, and the vgpu-node label).
 async fn bound_pod(ns: &TestNs, name: &str, node: &str, devices: &str) -> Pod {
+    bound_pod_with(ns, name, node, devices, &["main"]).await
+}
+
+async fn bound_pod_with(
+    ns: &TestNs,
+    name: &str,
+    node: &str,
+    devices: &str,
+    containers: &[&str],
+) -> Pod {
+    let containers: Vec<_> = containers
+        .iter()
+        .map(|c| {
+            json!({
+                "name": c, "image": "fake",
+                "resources": {"limits": {"nvidia.com/gpu": "1", "nvidia.com/gpumem": "3000", "nvidia.com/gpucores": "30"}},
+            })
+        })
+        .collect();
     let now = jiff::Timestamp::now().as_second().to_string();
     ns.create_pod(json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -112,10 +131,7 @@ async fn bound_pod(ns: &TestNs, name: &str, node: &str, devices: &str) -> Pod {
         "spec": {
             "nodeName": node,
             "tolerations": [{"operator": "Exists"}],
-            "containers": [{
-                "name": "main", "image": "fake",
-                "resources": {"limits": {"nvidia.com/gpu": "1", "nvidia.com/gpumem": "3000", "nvidia.com/gpucores": "30"}},
-            }],
+            "containers": containers,
         },
     }))
     .await
@@ -252,4 +268,57 @@ async fn a_failed_allocate_marks_the_pod_failed_releases_the_lock_and_says_why()
         .await;
     assert_eq!(event.type_.as_deref(), Some("Warning"));
     assert_eq!(event.message.as_deref(), Some(why.as_str()));
+}
+
+#[tokio::test]
+async fn a_two_container_pod_keeps_the_lock_until_its_last_container() {
+    let Some(cluster) = hami_e2e::control_plane() else {
+        return;
+    };
+    let mut ns = cluster.namespace("node-two").await;
+    let (node, cards) = gpu_node(&mut ns).await;
+    let (a, b) = (cards[0].id.clone(), cards[1].id.clone());
+    let devices = format!("{a},NVIDIA,1000,10:;{b},NVIDIA,2000,20:;");
+    let pod = bound_pod_with(&ns, "pair", &node, &devices, &["first", "second"]).await;
+    let lock = lock_node(&ns, &node, "pair").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut client, _cards) = start_plugin(&ns, &node, cards, dir.path()).await;
+
+    // The first container: its card, the lock still held, still allocating.
+    let r = within("Allocate", client.allocate(request(&[format!("{a}-0")])))
+        .await
+        .unwrap_or_else(|s| panic!("Allocate failed: {s:?}"))
+        .into_inner();
+    assert_eq!(r.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"], a);
+    assert_eq!(
+        r.container_responses[0].envs["CUDA_DEVICE_MEMORY_LIMIT_0"],
+        "1000m"
+    );
+    let mid = annotations(&ns.get_pod("pair").await);
+    assert_eq!(
+        mid[ann::NVIDIA_DEVICES_TO_ALLOCATE],
+        format!(";{b},NVIDIA,2000,20:;")
+    );
+    assert_eq!(mid[ann::BIND_PHASE], "allocating");
+    assert_eq!(node_lock(&ns, &node).await.as_deref(), Some(lock.as_str()));
+
+    // The second: done, lock released.
+    let r = within("Allocate", client.allocate(request(&[format!("{b}-0")])))
+        .await
+        .unwrap_or_else(|s| panic!("Allocate failed: {s:?}"))
+        .into_inner();
+    assert_eq!(r.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"], b);
+    assert_eq!(r.container_responses[0].envs["CUDA_DEVICE_SM_LIMIT"], "20");
+    let uid = pod.metadata.uid.unwrap();
+    assert_eq!(
+        r.container_responses[0].mounts[1].host_path,
+        dir.path()
+            .join(format!("hook/vgpu/containers/{uid}_second"))
+            .display()
+            .to_string()
+    );
+    let end = annotations(&ns.get_pod("pair").await);
+    assert_eq!(end[ann::NVIDIA_DEVICES_TO_ALLOCATE], ";;");
+    assert_eq!(end[ann::BIND_PHASE], "success");
+    assert_eq!(node_lock(&ns, &node).await, None);
 }
