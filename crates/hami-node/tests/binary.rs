@@ -6,40 +6,17 @@
 //! socket. The API server is never contacted before an Allocate, so a
 //! kubeconfig pointing nowhere does.
 
-use std::future::Future;
+mod peer;
+use peer::{serve_registration, within};
+
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
-use hami_node::plugin;
 use hami_node::proto;
 use hami_node::proto::device_plugin_client::DevicePluginClient;
-use hami_node::proto::registration_server::{Registration, RegistrationServer};
 use hami_node::register::unix_channel;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnixListenerStream;
-use tonic::{Request, Response, Status};
 
-async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(30), f)
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-}
-
-struct PeerRegistration(mpsc::UnboundedSender<proto::RegisterRequest>);
-
-#[tonic::async_trait]
-impl Registration for PeerRegistration {
-    async fn register(
-        &self,
-        request: Request<proto::RegisterRequest>,
-    ) -> Result<Response<proto::Empty>, Status> {
-        let _ = self.0.send(request.into_inner());
-        Ok(Response::new(proto::Empty {}))
-    }
-}
-
-/// Kills the child if the test fails half-way.
 struct Child(std::process::Child);
 
 impl Drop for Child {
@@ -47,19 +24,6 @@ impl Drop for Child {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// The registration service of the test's kubelet-side peer on `path`.
-fn serve_registration(
-    path: &Path,
-    tx: mpsc::UnboundedSender<proto::RegisterRequest>,
-) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
-    let listener = plugin::bind(path).unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(RegistrationServer::new(PeerRegistration(tx)))
-            .serve_with_incoming(UnixListenerStream::new(listener)),
-    )
 }
 
 /// Dials the plugin's socket and checks its first device list.

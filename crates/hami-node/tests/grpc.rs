@@ -5,11 +5,12 @@
 //! from an in-memory store; tests/e2e_allocate.rs does the same against a
 //! real API server.
 
+mod peer;
+use peer::{serve_registration, within};
+
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use hami_api::DeviceInfo;
 use hami_api::allocation::PodDevices;
@@ -19,38 +20,13 @@ use hami_node::pending::{BoxFuture, PodStore, StoreError, has_devices_left, wait
 use hami_node::plugin::{self, Plugin};
 use hami_node::proto;
 use hami_node::proto::device_plugin_client::DevicePluginClient;
-use hami_node::proto::registration_server::{Registration, RegistrationServer};
 use hami_node::register::{register, unix_channel};
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::UnixListenerStream;
-use tonic::{Code, Request, Response, Status};
+use tonic::Code;
 
 const NODE: &str = "node-a";
-
-/// Bounds every wait on the peer, so a broken plugin fails instead of
-/// hanging.
-async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(20), f)
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-}
-
-/// The registration service of the test's kubelet-side peer: passes every
-/// request on.
-struct PeerRegistration(mpsc::UnboundedSender<proto::RegisterRequest>);
-
-#[tonic::async_trait]
-impl Registration for PeerRegistration {
-    async fn register(
-        &self,
-        request: Request<proto::RegisterRequest>,
-    ) -> Result<Response<proto::Empty>, Status> {
-        let _ = self.0.send(request.into_inner());
-        Ok(Response::new(proto::Empty {}))
-    }
-}
 
 /// What the in-memory store saw.
 #[derive(Default)]
@@ -181,12 +157,7 @@ async fn registers_lists_watches_health_and_allocates_over_unix_sockets() {
     // The test's kubelet-side peer: a Registration server.
     let registration_socket = dir.path().join("kubelet.sock");
     let (reg_tx, mut reg_rx) = mpsc::unbounded_channel();
-    let peer_listener = plugin::bind(&registration_socket).unwrap();
-    let peer = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(RegistrationServer::new(PeerRegistration(reg_tx)))
-            .serve_with_incoming(UnixListenerStream::new(peer_listener)),
-    );
+    let peer = serve_registration(&registration_socket, reg_tx);
 
     // The plugin: two cards split three ways.
     let (cards_tx, cards_rx) = watch::channel(vec![card("GPU-a", 0), card("GPU-b", 1)]);

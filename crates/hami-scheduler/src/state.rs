@@ -40,6 +40,27 @@ pub struct FilterOutcome {
     pub failed: BTreeMap<String, String>,
 }
 
+impl FilterOutcome {
+    /// The answer for a pod that can only be on `node` (its bind is running
+    /// or done): that node if it is a candidate, else every candidate
+    /// rejected with `why`.
+    fn pinned(node: String, candidates: &[String], why: String) -> FilterOutcome {
+        if candidates.contains(&node) {
+            return FilterOutcome {
+                node: Some(node),
+                failed: BTreeMap::new(),
+            };
+        }
+        FilterOutcome {
+            node: None,
+            failed: candidates
+                .iter()
+                .map(|n| (n.clone(), why.clone()))
+                .collect(),
+        }
+    }
+}
+
 /// A pod past its bind whose device plugin never answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StuckPod {
@@ -390,20 +411,8 @@ impl Cluster {
             // kube-scheduler's httpTimeout, which then filters again). Its
             // cards are being written: keep them, and give no other answer.
             let node = r.node.clone();
-            if candidates.contains(&node) {
-                return FilterOutcome {
-                    node: Some(node),
-                    failed: BTreeMap::new(),
-                };
-            }
             let why = format!("BindInFlight: a bind of this pod to node {node} is still running");
-            return FilterOutcome {
-                node: None,
-                failed: candidates
-                    .iter()
-                    .map(|n| (n.clone(), why.clone()))
-                    .collect(),
-            };
+            return FilterOutcome::pinned(node, candidates, why);
         }
         if !self.reservations.contains_key(&req.key)
             && let Some(held) = self.snapshot.pod(&req.key)
@@ -411,20 +420,8 @@ impl Cluster {
             // The watch shows it bound and holding cards (kube-scheduler's
             // informer lags ours): those cards are not to be freed.
             let node = held.node.clone();
-            if candidates.contains(&node) {
-                return FilterOutcome {
-                    node: Some(node),
-                    failed: BTreeMap::new(),
-                };
-            }
             let why = format!("AlreadyBound: the pod is bound to node {node}");
-            return FilterOutcome {
-                node: None,
-                failed: candidates
-                    .iter()
-                    .map(|n| (n.clone(), why.clone()))
-                    .collect(),
-            };
+            return FilterOutcome::pinned(node, candidates, why);
         }
         // An earlier decision for this pod no longer counts.
         self.reservations.remove(&req.key);
