@@ -17,9 +17,11 @@
 
 pub mod allocate;
 pub mod devices;
+pub mod discovery;
 pub mod pending;
 pub mod plugin;
 pub mod register;
+pub mod registration;
 
 /// The kubelet device plugin API, package `v1beta1`.
 pub mod proto {

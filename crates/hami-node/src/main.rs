@@ -1,7 +1,9 @@
-//! `hami-node`: the node agent. For now the kubelet device plugin: it
-//! serves the device plugin API on a unix socket in the kubelet's
-//! device-plugin dir, registers with the kubelet, and hands out devices
-//! with HAMi's Allocate protocol. See docs/node.md.
+//! `hami-node`: the node agent. It discovers the node's cards through
+//! NVML (loaded at run time; `--sim` for sim-gpu's), registers them in the
+//! node's `hami.io/node-nvidia-register` annotation and answers the
+//! scheduler's handshake, serves the device plugin API on a unix socket in
+//! the kubelet's device-plugin dir, registers with the kubelet, and hands
+//! out devices with HAMi's Allocate protocol. See docs/node.md.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,16 +14,18 @@ use clap::Parser;
 use hami_api::device::decode_devices;
 use hami_api::{DeviceConfig, NvidiaConfig};
 use hami_node::allocate::Settings;
+use hami_node::discovery::{self, CardSettings, Discovery, Fixed, Scan};
 use hami_node::pending::KubeStore;
 use hami_node::plugin::{self, Plugin};
 use hami_node::register::register;
+use hami_node::registration::Registration;
 use tokio::sync::watch;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "hami-node",
     version,
-    about = "hami-rs node agent: kubelet device plugin"
+    about = "hami-rs node agent: card discovery, node registration, kubelet device plugin"
 )]
 struct Args {
     /// This node's name.
@@ -30,10 +34,28 @@ struct Args {
     /// kubeconfig file; default: $KUBECONFIG, ~/.kube/config, in-cluster.
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
-    /// The node's cards, as the JSON form of `hami.io/node-nvidia-register`
-    /// (a stand-in until NVML discovery exists).
+    /// A fixed card list instead of NVML, as the JSON form of
+    /// `hami.io/node-nvidia-register` (for tests).
+    #[arg(long, conflicts_with_all = ["nvml_lib", "sim", "sim_devices"])]
+    cards_file: Option<PathBuf>,
+    /// The NVML library to load (path or name); default
+    /// `libnvidia-ml.so.1` through the dynamic loader. Always wins over `--sim`.
+    #[arg(long, env = "HAMI_NVML_LIB")]
+    nvml_lib: Option<PathBuf>,
+    /// Load sim-gpu's NVML (`libsim_gpu.so` next to this executable, else
+    /// by name through the dynamic loader) instead of the driver's.
     #[arg(long)]
-    cards_file: PathBuf,
+    sim: bool,
+    /// sim-gpu's device file (sets `SIM_GPU_CONFIG`); implies `--sim`.
+    #[arg(long)]
+    sim_devices: Option<PathBuf>,
+    /// HAMi's per-node `config.json` (`nodeconfig[]`): this node's entry
+    /// overrides split count, scaling, log level; `filterdevices` drops cards.
+    #[arg(long)]
+    node_config: Option<PathBuf>,
+    /// How often the cards are scanned again (patches only on change).
+    #[arg(long, default_value = "30s", value_parser = parse_period)]
+    rescan_period: Duration,
     /// `device-config.yaml` (the `hami-scheduler-device` ConfigMap's key):
     /// resource name, memory scaling, log level, disablecorelimit.
     #[arg(long)]
@@ -68,6 +90,17 @@ struct Args {
     allow_disable_control: bool,
 }
 
+fn parse_period(s: &str) -> Result<Duration, String> {
+    let d: jiff::SignedDuration = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a duration like 30s or 500ms: {e}"))?;
+    let d = Duration::try_from(d).map_err(|e| format!("{s:?}: {e}"))?;
+    if d.is_zero() {
+        return Err("the period must be above 0".into());
+    }
+    Ok(d)
+}
+
 fn nvidia_config(path: Option<&Path>) -> anyhow::Result<NvidiaConfig> {
     let Some(path) = path else {
         return Ok(NvidiaConfig::default());
@@ -90,8 +123,7 @@ async fn shutdown_signal() {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -99,10 +131,48 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let cfg = nvidia_config(args.device_config_file.as_deref())?;
-    let text = std::fs::read_to_string(&args.cards_file)
-        .with_context(|| format!("reading {}", args.cards_file.display()))?;
-    let cards = decode_devices(&args.cards_file.display().to_string(), &text)?;
+    if let Some(file) = &args.sim_devices {
+        // SAFETY: no other thread runs yet (the runtime starts below).
+        unsafe {
+            std::env::remove_var("SIM_GPU_DEVICES");
+            std::env::set_var("SIM_GPU_CONFIG", file);
+        }
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
+
+/// The card source: `--cards-file`, else NVML.
+fn scanner(args: &Args, settings: CardSettings) -> anyhow::Result<Box<dyn Scan>> {
+    if let Some(path) = &args.cards_file {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        return Ok(Box::new(Fixed(decode_devices(
+            &path.display().to_string(),
+            &text,
+        )?)));
+    }
+    let exe = std::env::current_exe().ok();
+    let lib = discovery::nvml_lib(
+        args.nvml_lib.as_deref(),
+        args.sim || args.sim_devices.is_some(),
+        exe.as_deref(),
+    );
+    let d = Discovery::open(lib.as_os_str(), settings)?;
+    tracing::info!("NVML loaded from {}", lib.display());
+    Ok(Box::new(d))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let cluster = nvidia_config(args.device_config_file.as_deref())?;
+    let node = discovery::node_settings(cluster, args.node_config.as_deref(), &args.node_name)?;
+    let cfg = node.config;
+    let node_numa = node.numa_topology;
+    let mut scanner = scanner(&args, node.cards)?;
+    let cards = scanner.scan()?;
+    tracing::info!(cards = cards.len(), "found the node's cards");
     let resource = args
         .resource_name
         .clone()
@@ -127,19 +197,66 @@ async fn main() -> anyhow::Result<()> {
     );
     settings.allow_disable_control = args.allow_disable_control;
     let store = Arc::new(KubeStore::new(
-        client,
+        client.clone(),
         &args.node_name,
         Arc::new(hami_kube::SystemClock),
     ));
-    // Discovery will own the sender and send a new list on health changes.
-    let (_cards_tx, cards_rx) = watch::channel(cards);
+    let numa_topology = args.numa_topology || node_numa == Some(true);
+    // Registration owns the sender: each rescan sends the cards when they changed.
+    let (cards_tx, cards_rx) = watch::channel(cards);
     let make_plugin = || {
         Plugin::new(cards_rx.clone(), store.clone(), settings.clone())
-            .with_numa_topology(args.numa_topology)
+            .with_numa_topology(numa_topology)
             .with_preferred_allocation(args.preferred_allocation)
     };
 
-    let shutdown = shutdown_signal();
+    let (stop_all, stopping) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_all.send(true);
+    });
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let registration = Registration::new(client.clone(), &args.node_name, cards_tx)
+        .with_period(args.rescan_period);
+    let registration = tokio::spawn(registration.run(scanner, stopped(stopping.clone())));
+    let result = serve(
+        Sockets {
+            resource,
+            socket_name,
+            socket,
+            kubelet_socket,
+        },
+        make_plugin,
+        stopped(stopping),
+    )
+    .await;
+    // The registration loop removes the node's annotations before it ends.
+    let _ = registration.await;
+    result
+}
+
+struct Sockets {
+    resource: String,
+    socket_name: String,
+    socket: PathBuf,
+    kubelet_socket: PathBuf,
+}
+
+/// Serves the device plugin, registering with every kubelet life, until
+/// `shutdown`.
+async fn serve(
+    sockets: Sockets,
+    make_plugin: impl Fn() -> Plugin,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let Sockets {
+        resource,
+        socket_name,
+        socket,
+        kubelet_socket,
+    } = sockets;
     tokio::pin!(shutdown);
     // One round per kubelet life: the kubelet removes every plugin socket
     // when it starts, so serve on a fresh socket and register again.

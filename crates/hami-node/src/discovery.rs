@@ -1,0 +1,440 @@
+//! Card discovery: the node's GPUs from NVML, loaded at run time through
+//! `nvml-wrapper` (no link-time dependency on the driver), turned into the
+//! records of `hami.io/node-nvidia-register` with HAMi's rules:
+//!
+//! * `type`: the NVML name prefixed `NVIDIA-` unless it starts with
+//!   "NVIDIA" ([`hami_api::device::nvidia_device_type`]);
+//! * `devmem`: total memory in MiB x `deviceMemoryScaling` (or the node's
+//!   `preconfigureddevicememory` when set);
+//! * `devcore`: 100 x `deviceCoreScaling`; `count`: `deviceSplitCount`;
+//! * `numa`: the card's NUMA node (0 when NVML does not know);
+//! * `mode`: `hami-core`; cards in `filterdevices` are left out.
+//!
+//! Health is checked at every scan: a card whose handle, UUID or memory
+//! can no longer be read is unhealthy, and so is a card that reported a
+//! critical Xid error through NVML events (where the library supports
+//! them; sticky, as in HAMi's and NVIDIA's plugins).
+
+use std::collections::BTreeSet;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use hami_api::DeviceInfo;
+use hami_api::DeviceMode;
+use hami_api::NvidiaConfig;
+use hami_api::device::nvidia_device_type;
+use hami_api::node_config::{FilterDevices, NodeConfig, NodeConfigFile};
+use nvml_wrapper::bitmasks::event::EventTypes;
+use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::{EventSet, Nvml};
+
+/// The library NVML clients load by name.
+pub const NVML_LIB: &str = "libnvidia-ml.so.1";
+/// The variable naming the NVML library to load (as `--nvml-lib`).
+pub const NVML_LIB_ENV: &str = "HAMI_NVML_LIB";
+/// sim-gpu's library (it is both `libcuda.so.1` and `libnvidia-ml.so.1`).
+pub const SIM_LIB: &str = "libsim_gpu.so";
+
+/// Xid errors caused by applications, not the card (HAMi's and NVIDIA's
+/// plugins skip them): 13 graphics engine exception, 31 memory page fault,
+/// 43 GPU stopped processing, 45 preemptive cleanup, 68 video processor
+/// exception, 109 context switch timeout.
+pub const APPLICATION_XIDS: [u64; 6] = [13, 31, 43, 45, 68, 109];
+
+/// How the node's cards become register records.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CardSettings {
+    pub split_count: u32,
+    pub memory_scaling: f64,
+    pub core_scaling: f64,
+    /// MiB to register per card instead of NVML's total (none or 0: NVML's).
+    pub preconfigured_memory: Option<u64>,
+    pub filter: FilterDevices,
+    pub mode: DeviceMode,
+}
+
+impl Default for CardSettings {
+    fn default() -> Self {
+        CardSettings::new(&NvidiaConfig::default(), None)
+    }
+}
+
+impl CardSettings {
+    /// From the cluster's config with this node's `config.json` entry
+    /// applied (`cfg` already has the entry's scaling and split count, see
+    /// [`NodeConfig::apply`]; `node` adds what only the entry holds).
+    pub fn new(cfg: &NvidiaConfig, node: Option<&NodeConfig>) -> CardSettings {
+        CardSettings {
+            split_count: cfg.device_split_count,
+            memory_scaling: cfg.device_memory_scaling,
+            core_scaling: cfg.device_core_scaling,
+            preconfigured_memory: node
+                .and_then(|n| n.preconfigured_device_memory)
+                .filter(|m| *m > 0),
+            filter: node
+                .and_then(|n| n.filter_devices.clone())
+                .unwrap_or_default(),
+            mode: DeviceMode::HamiCore,
+        }
+    }
+}
+
+/// What NVML says about one card.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawCard {
+    pub index: u32,
+    pub uuid: String,
+    /// NVML's name, e.g. `NVIDIA A100-SXM4-40GB`, `Tesla T4`.
+    pub name: String,
+    pub memory_bytes: u64,
+    pub numa: Option<u32>,
+    pub healthy: bool,
+}
+
+/// The register records of `raw` under `s`, filtered cards left out.
+pub fn cards(raw: &[RawCard], s: &CardSettings) -> Vec<DeviceInfo> {
+    raw.iter()
+        .filter(|c| !s.filter.excludes(&c.uuid, c.index))
+        .map(|c| DeviceInfo {
+            id: c.uuid.clone(),
+            index: c.index,
+            count: s.split_count,
+            devmem: s
+                .preconfigured_memory
+                .unwrap_or(((c.memory_bytes >> 20) as f64 * s.memory_scaling) as u64),
+            devcore: (100.0 * s.core_scaling) as u32,
+            device_type: nvidia_device_type(&c.name),
+            numa: c.numa.map_or(0, |n| i32::try_from(n).unwrap_or(0)),
+            mode: Some(s.mode),
+            mig_profiles: None,
+            health: c.healthy,
+        })
+        .collect()
+}
+
+/// Anything that yields the node's cards: NVML, a fixed list, a test's.
+pub trait Scan: Send {
+    /// The node's cards now, with their health.
+    fn scan(&mut self) -> anyhow::Result<Vec<DeviceInfo>>;
+}
+
+/// A fixed card list (`--cards-file`).
+pub struct Fixed(pub Vec<DeviceInfo>);
+
+impl Scan for Fixed {
+    fn scan(&mut self) -> anyhow::Result<Vec<DeviceInfo>> {
+        Ok(self.0.clone())
+    }
+}
+
+/// NVML could not be loaded or initialised.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot load the NVML library {lib}: {error}; install the NVIDIA driver, or point --nvml-lib \
+     or {NVML_LIB_ENV} at {NVML_LIB} (--sim loads sim-gpu's {SIM_LIB})"
+)]
+pub struct LoadError {
+    pub lib: String,
+    /// What NVML said (its text is part of the message).
+    pub error: NvmlError,
+}
+
+/// The node's cards from NVML.
+pub struct Discovery {
+    nvml: &'static Nvml,
+    events: Option<EventSet<'static>>,
+    /// Cards that reported a critical Xid error.
+    failed: BTreeSet<String>,
+    settings: CardSettings,
+}
+
+impl Discovery {
+    /// Loads NVML from `lib` (a path, or a name the dynamic loader finds)
+    /// and initialises it; registers for critical Xid events where the
+    /// cards support them. NVML stays loaded for the life of the process.
+    pub fn open(lib: &OsStr, settings: CardSettings) -> Result<Discovery, LoadError> {
+        let nvml = Nvml::builder()
+            .lib_path(lib)
+            .init()
+            .map_err(|error| LoadError {
+                lib: lib.to_string_lossy().into_owned(),
+                error,
+            })?;
+        let nvml: &'static Nvml = Box::leak(Box::new(nvml));
+        let events = Self::register_events(nvml);
+        if events.is_none() {
+            tracing::info!("NVML events not available: health is checked at every scan only");
+        }
+        Ok(Discovery {
+            nvml,
+            events,
+            failed: BTreeSet::new(),
+            settings,
+        })
+    }
+
+    fn register_events(nvml: &'static Nvml) -> Option<EventSet<'static>> {
+        let mut set = nvml.create_event_set().ok()?;
+        let mut any = false;
+        for i in 0..nvml.device_count().ok()? {
+            let Ok(d) = nvml.device_by_index(i) else {
+                continue;
+            };
+            let supported = d.supported_event_types().unwrap_or(EventTypes::empty());
+            if !supported.contains(EventTypes::CRITICAL_XID_ERROR) {
+                continue;
+            }
+            set = match d.register_events(EventTypes::CRITICAL_XID_ERROR, set) {
+                Ok(s) => {
+                    any = true;
+                    s
+                }
+                Err(e) => {
+                    // The set went with the failed call.
+                    tracing::warn!("NVML events for card {i}: {}", e.error);
+                    return None;
+                }
+            };
+        }
+        any.then_some(set)
+    }
+
+    /// Takes the Xid events waiting, marking the cards that failed.
+    fn drain_events(&mut self) {
+        let Some(set) = &self.events else { return };
+        loop {
+            match set.wait(0) {
+                Ok(ev) => {
+                    let xid = match ev.event_data {
+                        Some(nvml_wrapper::enums::event::XidError::Value(v)) => Some(v),
+                        _ => None,
+                    };
+                    if xid.is_some_and(|x| APPLICATION_XIDS.contains(&x)) {
+                        continue;
+                    }
+                    if let Ok(uuid) = ev.device.uuid() {
+                        tracing::warn!(uuid, ?xid, "critical Xid error: the card is unhealthy");
+                        self.failed.insert(uuid);
+                    }
+                }
+                Err(NvmlError::Timeout) => return,
+                Err(e) => {
+                    tracing::warn!("waiting for NVML events: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// What NVML says about every card now.
+    pub fn raw(&mut self) -> anyhow::Result<Vec<RawCard>> {
+        self.drain_events();
+        let n = self.nvml.device_count()?;
+        let mut out = Vec::new();
+        for i in 0..n {
+            let d = self.nvml.device_by_index(i)?;
+            let uuid = d.uuid()?;
+            let name = d.name().unwrap_or_default();
+            let memory = d.memory_info();
+            let healthy = memory.is_ok() && !self.failed.contains(&uuid);
+            out.push(RawCard {
+                index: d.index().unwrap_or(i),
+                uuid,
+                name,
+                memory_bytes: memory.map(|m| m.total).unwrap_or(0),
+                numa: d.numa_node_id().ok(),
+                healthy,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn settings(&self) -> &CardSettings {
+        &self.settings
+    }
+}
+
+impl Scan for Discovery {
+    fn scan(&mut self) -> anyhow::Result<Vec<DeviceInfo>> {
+        let raw = self.raw()?;
+        Ok(cards(&raw, &self.settings))
+    }
+}
+
+/// Where sim-gpu's library is looked for with `--sim`: next to this
+/// executable (cargo builds both into `target/<profile>/`), then by name
+/// through the dynamic loader (`LD_LIBRARY_PATH`, the loader's cache).
+pub fn sim_lib_candidates(exe: Option<&Path>) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Some(dir) = exe.and_then(Path::parent) {
+        out.push(dir.join(SIM_LIB));
+    }
+    out.push(PathBuf::from(SIM_LIB));
+    out
+}
+
+/// The NVML library to load: `explicit` (`--nvml-lib` or
+/// `HAMI_NVML_LIB`) always wins; with `sim`, sim-gpu's (see
+/// [`sim_lib_candidates`]); else `libnvidia-ml.so.1` by name.
+pub fn nvml_lib(explicit: Option<&Path>, sim: bool, exe: Option<&Path>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p.to_path_buf();
+    }
+    if sim {
+        let candidates = sim_lib_candidates(exe);
+        return candidates
+            .iter()
+            .find(|p| p.is_absolute() && p.exists())
+            .cloned()
+            .unwrap_or_else(|| candidates.last().cloned().expect("one candidate"));
+    }
+    PathBuf::from(NVML_LIB)
+}
+
+/// What a node's `config.json` entry makes of the cluster's config.
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    /// The cluster's `nvidia` config with the entry's overrides.
+    pub config: NvidiaConfig,
+    pub cards: CardSettings,
+    /// The entry's `enablenumatopology`.
+    pub numa_topology: Option<bool>,
+}
+
+/// HAMi's per-node `config.json` at `file` (if any) for `node`: the
+/// cluster's config with the node's entry applied, the card settings, and
+/// the entry's `enablenumatopology`. A bad file is an error naming the file
+/// and field; unknown keys are logged as warnings.
+pub fn node_settings(
+    cluster: NvidiaConfig,
+    file: Option<&Path>,
+    node: &str,
+) -> anyhow::Result<NodeSettings> {
+    let Some(path) = file else {
+        return Ok(NodeSettings {
+            cards: CardSettings::new(&cluster, None),
+            config: cluster,
+            numa_topology: None,
+        });
+    };
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {name}"))?;
+    let (parsed, warnings) = NodeConfigFile::from_json(&name, &text)?;
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    let Some(entry) = parsed.for_node(node) else {
+        tracing::info!("{name} has no entry for node {node}: the cluster's config applies");
+        return Ok(NodeSettings {
+            cards: CardSettings::new(&cluster, None),
+            config: cluster,
+            numa_topology: None,
+        });
+    };
+    let cfg = entry.apply(&cluster, &name)?;
+    if let Some(mode) = entry.operating_mode.as_deref()
+        && mode != "hami-core"
+    {
+        tracing::warn!(
+            "{name}: operatingmode {mode:?} is not supported yet; registering hami-core"
+        );
+    }
+    Ok(NodeSettings {
+        cards: CardSettings::new(&cfg, Some(entry)),
+        config: cfg,
+        numa_topology: entry.enable_numa_topology,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(index: u32, uuid: &str, name: &str, gib: u64, numa: u32) -> RawCard {
+        RawCard {
+            index,
+            uuid: uuid.into(),
+            name: name.into(),
+            memory_bytes: gib << 30,
+            numa: Some(numa),
+            healthy: true,
+        }
+    }
+
+    #[test]
+    fn hami_rules_for_type_memory_cores_and_split() {
+        let r = [
+            raw(0, "GPU-a", "Tesla T4", 16, 0),
+            raw(1, "GPU-b", "NVIDIA A100-SXM4-40GB", 40, 1),
+        ];
+        let s = CardSettings {
+            memory_scaling: 1.5,
+            core_scaling: 2.0,
+            split_count: 7,
+            ..CardSettings::default()
+        };
+        let c = cards(&r, &s);
+        assert_eq!(c[0].device_type, "NVIDIA-Tesla T4");
+        assert_eq!(c[1].device_type, "NVIDIA A100-SXM4-40GB");
+        assert_eq!((c[0].devmem, c[1].devmem), (24576, 61440));
+        assert_eq!((c[0].devcore, c[0].count), (200, 7));
+        assert_eq!((c[0].numa, c[1].numa, c[1].index), (0, 1, 1));
+        assert_eq!(c[1].mode, Some(DeviceMode::HamiCore));
+        assert!(c[0].health);
+    }
+
+    #[test]
+    fn defaults_preconfigured_memory_and_filters() {
+        let r = [
+            raw(0, "GPU-a", "Tesla T4", 16, 0),
+            raw(1, "GPU-b", "Tesla T4", 16, 0),
+            raw(2, "GPU-c", "Tesla T4", 16, 1),
+        ];
+        let c = cards(&r, &CardSettings::default());
+        assert_eq!((c[0].count, c[0].devmem, c[0].devcore), (10, 16384, 100));
+        let s = CardSettings {
+            preconfigured_memory: Some(1000),
+            filter: FilterDevices {
+                uuid: vec!["GPU-c".into()],
+                index: vec![0],
+            },
+            ..CardSettings::default()
+        };
+        let c = cards(&r, &s);
+        assert_eq!(c.len(), 1);
+        assert_eq!((c[0].id.as_str(), c[0].devmem), ("GPU-b", 1000));
+    }
+
+    #[test]
+    fn which_library() {
+        let exe = Path::new("/opt/hami/bin/hami-node");
+        assert_eq!(
+            nvml_lib(Some(Path::new("/x/libnvidia-ml.so.1")), true, Some(exe)),
+            Path::new("/x/libnvidia-ml.so.1")
+        );
+        assert_eq!(nvml_lib(None, false, Some(exe)), Path::new(NVML_LIB));
+        // Not next to the executable: by name.
+        assert_eq!(nvml_lib(None, true, Some(exe)), Path::new(SIM_LIB));
+        assert_eq!(
+            sim_lib_candidates(Some(exe))[0],
+            Path::new("/opt/hami/bin/libsim_gpu.so")
+        );
+    }
+
+    #[test]
+    fn a_missing_library_names_itself_and_the_flag() {
+        let Err(e) = Discovery::open(
+            OsStr::new("/nonexistent/libnvidia-ml.so.1"),
+            CardSettings::default(),
+        ) else {
+            panic!("loaded a library that does not exist");
+        };
+        let msg = e.to_string();
+        assert!(msg.contains("/nonexistent/libnvidia-ml.so.1"), "{msg}");
+        assert!(
+            msg.contains("--nvml-lib") && msg.contains(NVML_LIB_ENV),
+            "{msg}"
+        );
+    }
+}
