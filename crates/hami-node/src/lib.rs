@@ -1,8 +1,13 @@
 //! hami-node: the hami-rs node agent.
 //!
-//! What exists now is the kubelet device plugin (API v1beta1, gRPC over
-//! unix sockets) with HAMi's Allocate protocol:
+//! What exists now: card discovery, node registration, and the kubelet
+//! device plugin (API v1beta1, gRPC over unix sockets) with HAMi's
+//! Allocate protocol:
 //!
+//! * [`discovery`]: the node's cards from NVML (loaded at run time) and
+//!   HAMi's per-node `config.json`;
+//! * [`registration`]: `hami.io/node-nvidia-register`, the handshake,
+//!   rescans, removal on shutdown; feeds the plugin's card channel;
 //! * [`proto`]: the device plugin API, compiled from our own `.proto`;
 //! * [`devices`]: the virtual devices advertised for the node's cards;
 //! * [`allocate`]: the pure part of Allocate (pod + request -> container
@@ -12,8 +17,8 @@
 //! * [`plugin`]: the `DevicePlugin` gRPC service and its unix socket server;
 //! * [`register`]: the `Registration` client.
 //!
-//! Card discovery (NVML), node registration and the node monitor are still
-//! to come (docs/node.md); the plugin takes the card list as input.
+//! The node monitor, MIG and topology scores are still to come
+//! (docs/node.md).
 
 pub mod allocate;
 pub mod devices;

@@ -3,8 +3,8 @@
 //! registration socket there (served by the test's kubelet-side peer),
 //! lists its devices, serves and registers again when the peer restarts
 //! as a kubelet does, and on SIGTERM stops with status 0 and removes its
-//! socket. The API server is never contacted before an Allocate, so a
-//! kubeconfig pointing nowhere does.
+//! socket. A kubeconfig pointing nowhere does: the registration loop's
+//! patches fail (logged, tried again) and the plugin serves regardless.
 
 mod peer;
 use peer::{serve_registration, within};

@@ -304,12 +304,18 @@ async fn hami_node_binary_registers_with_sim_and_cleans_up_on_sigterm() {
             .unwrap(),
     );
     let logs = || std::fs::read_to_string(dir.path().join("hami-node.log")).unwrap_or_default();
+    let mut child = child;
 
-    let n = hami_e2e::wait_for(WAIT, "the register annotation", || async {
-        let n = get_node(&ns, &node).await;
-        annotations(&n)
-            .contains_key(ann::NODE_NVIDIA_REGISTER)
-            .then_some(n)
+    let n = hami_e2e::wait_for(WAIT, "the register annotation", || {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            panic!("hami-node exited ({s}):\n{}", logs());
+        }
+        async {
+            let n = get_node(&ns, &node).await;
+            annotations(&n)
+                .contains_key(ann::NODE_NVIDIA_REGISTER)
+                .then_some(n)
+        }
     })
     .await;
     assert_sim_cards(&register_of(&n), None);
@@ -326,7 +332,6 @@ async fn hami_node_binary_registers_with_sim_and_cleans_up_on_sigterm() {
 
     // SAFETY: kill(2) on our own child.
     assert_eq!(unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) }, 0);
-    let mut child = child;
     let status = hami_e2e::wait_for(WAIT, "hami-node to exit", || {
         let s = child.0.try_wait().unwrap();
         async move { s }
