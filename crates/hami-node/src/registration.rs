@@ -6,8 +6,9 @@
 //!
 //! * Every register patch also writes `Reported <now>` into the
 //!   handshake, as HAMi's plugin does.
-//! * The node is watched: when the handshake says `Requesting_<t>` the
-//!   loop answers `Reported <now>` at once (HAMi's plugin answers at its
+//! * The node is watched: when the handshake says `Requesting_<t>` (or
+//!   anything but `Reported ...`: `Deleted_`, a bad value, none) the loop
+//!   answers `Reported <now>` at once (HAMi's plugin answers at its
 //!   next 30 s round); when the register annotation is missing or differs
 //!   from what was written (someone removed it), it is written again.
 //! * Each rescan sends the cards to the device plugin's watch channel
@@ -50,7 +51,7 @@ pub struct Progress {
     pub scans: u64,
     /// Patches of the register annotation.
     pub register_patches: u64,
-    /// `Requesting_` handshakes answered.
+    /// Handshakes answered (`Requesting_`, `Deleted_`, a bad value or none).
     pub handshakes: u64,
 }
 
@@ -207,11 +208,13 @@ impl Registration {
             self.write_register(written).await;
             return;
         }
-        let requesting = a
+        // `Requesting_<t>`, the scheduler's `Deleted_...`, a bad value or
+        // none: say Reported (HAMi's plugin overwrites whatever is there).
+        let reported_already = a
             .get(ann::NODE_HANDSHAKE)
             .and_then(|v| Handshake::decode(ann::NODE_HANDSHAKE, v).ok())
-            .is_some_and(|h| matches!(h, Handshake::Requesting(_)));
-        if requesting && self.written.is_some() {
+            .is_some_and(|h| matches!(h, Handshake::Reported(_)));
+        if !reported_already && self.written.is_some() {
             let value = reported(Timestamp::now());
             let patch = json!({"metadata": {"annotations": {ann::NODE_HANDSHAKE: value}}});
             match self.patch(patch).await {

@@ -71,6 +71,10 @@ fn annotations(n: &Node) -> BTreeMap<String, String> {
 
 async fn request_handshake(ns: &TestNs, node: &str) {
     let value = Handshake::Requesting(jiff::Timestamp::now()).encode();
+    set_handshake(ns, node, &value).await;
+}
+
+async fn set_handshake(ns: &TestNs, node: &str, value: &str) {
     Api::<Node>::all(ns.client.clone())
         .patch(
             node,
@@ -218,6 +222,14 @@ fn registration_loop_registers_answers_rescans_and_removes() {
             progress_reaches(&mut progress, "the handshake answer", |p| p.handshakes >= 1).await;
             let n = get_node(&ns, &node).await;
             assert_reported(&annotations(&n)[ann::NODE_HANDSHAKE]);
+            // A scheduler that gave the node up (`Deleted_`) is answered too.
+            set_handshake(&ns, &node, "Deleted_2024-05-06 07:08:09").await;
+            progress_reaches(&mut progress, "the answer to Deleted_", |p| {
+                p.handshakes >= 2
+            })
+            .await;
+            let n = get_node(&ns, &node).await;
+            assert_reported(&annotations(&n)[ann::NODE_HANDSHAKE]);
 
             // Rescans with nothing changed write nothing.
             let before = progress.borrow().clone();
@@ -245,6 +257,34 @@ fn registration_loop_registers_answers_rescans_and_removes() {
             )
             .await
             .unwrap();
+
+            // Someone removes both annotations: both are written again.
+            let before = progress.borrow().clone();
+            Api::<Node>::all(ns.client.clone())
+                .patch(
+                    &node,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"annotations": {
+                        ann::NODE_NVIDIA_REGISTER: null, ann::NODE_HANDSHAKE: null,
+                    }}})),
+                )
+                .await
+                .unwrap();
+            progress_reaches(
+                &mut progress,
+                "the register annotation written again",
+                |p| p.register_patches > before.register_patches,
+            )
+            .await;
+            let n = hami_e2e::wait_for(WAIT, "Reported again", || async {
+                let n = get_node(&ns, &node).await;
+                annotations(&n)
+                    .contains_key(ann::NODE_HANDSHAKE)
+                    .then_some(n)
+            })
+            .await;
+            assert_sim_cards(&register_of(&n), Some(2));
+            assert_reported(&annotations(&n)[ann::NODE_HANDSHAKE]);
 
             // A clean shutdown removes both annotations.
             stop_tx.send(()).unwrap();
