@@ -147,6 +147,8 @@ pub struct Discovery {
     /// Cards that reported a critical Xid error.
     failed: BTreeSet<String>,
     settings: CardSettings,
+    /// The last scan's cards.
+    last: Vec<DeviceInfo>,
 }
 
 impl Discovery {
@@ -171,6 +173,7 @@ impl Discovery {
             events,
             failed: BTreeSet::new(),
             settings,
+            last: Vec::new(),
         })
     }
 
@@ -233,8 +236,16 @@ impl Discovery {
         let n = self.nvml.device_count()?;
         let mut out = Vec::new();
         for i in 0..n {
-            let d = self.nvml.device_by_index(i)?;
-            let uuid = d.uuid()?;
+            // A card NVML cannot name is lost: the scan keeps it, unhealthy
+            // (see [`keep_lost`]).
+            let Ok((d, uuid)) = self
+                .nvml
+                .device_by_index(i)
+                .and_then(|d| d.uuid().map(|u| (d, u)))
+                .inspect_err(|e| tracing::warn!("NVML card {i}: {e}"))
+            else {
+                continue;
+            };
             let name = d.name().unwrap_or_default();
             let memory = d.memory_info();
             let healthy = memory.is_ok() && !self.failed.contains(&uuid);
@@ -258,8 +269,37 @@ impl Discovery {
 impl Scan for Discovery {
     fn scan(&mut self) -> anyhow::Result<Vec<DeviceInfo>> {
         let raw = self.raw()?;
-        Ok(cards(&raw, &self.settings))
+        let now = keep_lost(&self.last, cards(&raw, &self.settings));
+        self.last = now.clone();
+        Ok(now)
     }
+}
+
+/// `now` with what `prev` knew that NVML no longer tells: a card that was
+/// there and is gone stays, unhealthy (the scheduler must not place pods on
+/// it, and the plugin keeps its device IDs known to the kubelet, as
+/// Unhealthy); an unhealthy card whose memory cannot be read keeps its
+/// memory. Ordered by index.
+pub fn keep_lost(prev: &[DeviceInfo], mut now: Vec<DeviceInfo>) -> Vec<DeviceInfo> {
+    for card in &mut now {
+        if !card.health
+            && card.devmem == 0
+            && let Some(p) = prev.iter().find(|p| p.id == card.id)
+        {
+            card.devmem = p.devmem;
+        }
+    }
+    for p in prev {
+        if !now.iter().any(|c| c.id == p.id) {
+            tracing::warn!(uuid = p.id, "card lost: unhealthy");
+            now.push(DeviceInfo {
+                health: false,
+                ..p.clone()
+            });
+        }
+    }
+    now.sort_by_key(|c| c.index);
+    now
 }
 
 /// Where sim-gpu's library is looked for with `--sim`: next to this
@@ -404,6 +444,37 @@ mod tests {
         let c = cards(&r, &s);
         assert_eq!(c.len(), 1);
         assert_eq!((c[0].id.as_str(), c[0].devmem), ("GPU-b", 1000));
+    }
+
+    #[test]
+    fn lost_cards_stay_unhealthy_with_their_memory() {
+        let s = CardSettings::default();
+        let prev = cards(
+            &[
+                raw(0, "GPU-a", "Tesla T4", 16, 0),
+                raw(1, "GPU-b", "Tesla T4", 16, 0),
+                raw(2, "GPU-c", "Tesla T4", 16, 1),
+            ],
+            &s,
+        );
+        // GPU-b gone from NVML; GPU-c's memory unreadable.
+        let mut c = raw(2, "GPU-c", "Tesla T4", 0, 1);
+        c.healthy = false;
+        let now = keep_lost(&prev, cards(&[raw(0, "GPU-a", "Tesla T4", 16, 0), c], &s));
+        let got: Vec<(&str, bool, u64)> = now
+            .iter()
+            .map(|c| (c.id.as_str(), c.health, c.devmem))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("GPU-a", true, 16384),
+                ("GPU-b", false, 16384),
+                ("GPU-c", false, 16384)
+            ]
+        );
+        // Nothing known before: as NVML says.
+        assert_eq!(keep_lost(&[], prev.clone()), prev);
     }
 
     #[test]
