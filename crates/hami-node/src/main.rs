@@ -36,7 +36,7 @@ struct Args {
     kubeconfig: Option<PathBuf>,
     /// A fixed card list instead of NVML, as the JSON form of
     /// `hami.io/node-nvidia-register` (for tests).
-    #[arg(long, conflicts_with_all = ["nvml_lib", "sim", "sim_devices"])]
+    #[arg(long, conflicts_with_all = ["sim", "sim_devices"])]
     cards_file: Option<PathBuf>,
     /// The NVML library to load (path or name); default
     /// `libnvidia-ml.so.1` through the dynamic loader. Always wins over `--sim`.
