@@ -4,10 +4,13 @@
 //!
 //! * `type`: the NVML name prefixed `NVIDIA-` unless it starts with
 //!   "NVIDIA" ([`hami_api::device::nvidia_device_type`]);
-//! * `devmem`: total memory in MiB x `deviceMemoryScaling` (or the node's
-//!   `preconfigureddevicememory` when set);
+//! * `devmem`: total memory in MiB x `deviceMemoryScaling`; on cards
+//!   whose memory NVML does not report (unified memory: `NotSupported`)
+//!   `preconfigureddevicememory` stands for the total, and without it the
+//!   card is left out, as HAMi's plugin does;
 //! * `devcore`: 100 x `deviceCoreScaling`; `count`: `deviceSplitCount`;
-//! * `numa`: the card's NUMA node (0 when NVML does not know);
+//! * `numa`: the card's NUMA node from NVML, else from sysfs by its PCI
+//!   bus id as HAMi reads it (0 when neither knows);
 //! * `mode`: `hami-core`; cards in `filterdevices` are left out.
 //!
 //! Health is checked at every scan: a card whose handle, UUID or memory
@@ -48,7 +51,9 @@ pub struct CardSettings {
     pub split_count: u32,
     pub memory_scaling: f64,
     pub core_scaling: f64,
-    /// MiB to register per card instead of NVML's total (none or 0: NVML's).
+    /// MiB standing for the total of a card whose memory NVML does not
+    /// report (HAMi's `preconfigureddevicememory`; none or 0: no such card
+    /// is registered).
     pub preconfigured_memory: Option<u64>,
     pub filter: FilterDevices,
     pub mode: DeviceMode,
@@ -87,7 +92,8 @@ pub struct RawCard {
     pub uuid: String,
     /// NVML's name, e.g. `NVIDIA A100-SXM4-40GB`, `Tesla T4`.
     pub name: String,
-    pub memory_bytes: u64,
+    /// Total memory; `None` when NVML does not report it (`NotSupported`).
+    pub memory_bytes: Option<u64>,
     pub numa: Option<u32>,
     pub healthy: bool,
 }
@@ -96,13 +102,28 @@ pub struct RawCard {
 pub fn cards(raw: &[RawCard], s: &CardSettings) -> Vec<DeviceInfo> {
     raw.iter()
         .filter(|c| !s.filter.excludes(&c.uuid, c.index))
-        .map(|c| DeviceInfo {
+        .filter_map(|c| {
+            let mib = match c.memory_bytes {
+                Some(b) => b >> 20,
+                None => match s.preconfigured_memory {
+                    Some(m) => m,
+                    None => {
+                        tracing::warn!(
+                            uuid = c.uuid,
+                            "NVML does not report the card's memory and \
+                             preconfigureddevicememory is not set: card left out"
+                        );
+                        return None;
+                    }
+                },
+            };
+            Some((c, mib))
+        })
+        .map(|(c, mib)| DeviceInfo {
             id: c.uuid.clone(),
             index: c.index,
             count: s.split_count,
-            devmem: s
-                .preconfigured_memory
-                .unwrap_or(((c.memory_bytes >> 20) as f64 * s.memory_scaling) as u64),
+            devmem: (mib as f64 * s.memory_scaling) as u64,
             devcore: (100.0 * s.core_scaling) as u32,
             device_type: nvidia_device_type(&c.name),
             numa: c.numa.map_or(0, |n| i32::try_from(n).unwrap_or(0)),
@@ -247,14 +268,27 @@ impl Discovery {
                 continue;
             };
             let name = d.name().unwrap_or_default();
-            let memory = d.memory_info();
-            let healthy = memory.is_ok() && !self.failed.contains(&uuid);
+            // Memory that cannot be read (but is not simply unreported)
+            // makes the card unhealthy; `keep_lost` keeps its last total.
+            let (memory_bytes, readable) = match d.memory_info() {
+                Ok(m) => (Some(m.total), true),
+                Err(NvmlError::NotSupported) => (None, true),
+                Err(e) => {
+                    tracing::warn!(uuid, "reading the card's memory: {e}");
+                    (Some(0), false)
+                }
+            };
+            let numa = d
+                .numa_node_id()
+                .ok()
+                .or_else(|| d.pci_info().ok().and_then(|p| sysfs_numa_node(&p.bus_id)));
+            let healthy = readable && !self.failed.contains(&uuid);
             out.push(RawCard {
                 index: d.index().unwrap_or(i),
                 uuid,
                 name,
-                memory_bytes: memory.map(|m| m.total).unwrap_or(0),
-                numa: d.numa_node_id().ok(),
+                memory_bytes,
+                numa,
                 healthy,
             });
         }
@@ -273,6 +307,17 @@ impl Scan for Discovery {
         self.last = now.clone();
         Ok(now)
     }
+}
+
+/// The NUMA node of the PCI device `bus_id` (NVML's `00000000:3B:00.0`)
+/// from sysfs, as HAMi's plugin reads it: `None` when unknown or negative.
+pub fn sysfs_numa_node(bus_id: &str) -> Option<u32> {
+    let id = bus_id.strip_prefix("0000").unwrap_or(bus_id).to_lowercase();
+    let text = std::fs::read_to_string(format!("/sys/bus/pci/devices/{id}/numa_node")).ok()?;
+    text.trim()
+        .parse::<i64>()
+        .ok()
+        .and_then(|n| u32::try_from(n).ok())
 }
 
 /// `now` with what `prev` knew that NVML no longer tells: a card that was
@@ -396,7 +441,7 @@ mod tests {
             index,
             uuid: uuid.into(),
             name: name.into(),
-            memory_bytes: gib << 30,
+            memory_bytes: Some(gib << 30),
             numa: Some(numa),
             healthy: true,
         }
@@ -434,7 +479,6 @@ mod tests {
         let c = cards(&r, &CardSettings::default());
         assert_eq!((c[0].count, c[0].devmem, c[0].devcore), (10, 16384, 100));
         let s = CardSettings {
-            preconfigured_memory: Some(1000),
             filter: FilterDevices {
                 uuid: vec!["GPU-c".into()],
                 index: vec![0],
@@ -443,7 +487,32 @@ mod tests {
         };
         let c = cards(&r, &s);
         assert_eq!(c.len(), 1);
-        assert_eq!((c[0].id.as_str(), c[0].devmem), ("GPU-b", 1000));
+        assert_eq!((c[0].id.as_str(), c[0].devmem), ("GPU-b", 16384));
+
+        // Unified memory (NVML: NotSupported): left out, unless
+        // preconfigureddevicememory stands in (scaled like NVML's total);
+        // a card whose memory NVML reports keeps it.
+        let mut unified = raw(3, "GPU-d", "NVIDIA GB10", 0, 0);
+        unified.memory_bytes = None;
+        let r = [raw(0, "GPU-a", "Tesla T4", 16, 0), unified];
+        let ids = |c: &[DeviceInfo]| {
+            c.iter()
+                .map(|c| (c.id.clone(), c.devmem))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            ids(&cards(&r, &CardSettings::default())),
+            [("GPU-a".to_string(), 16384)]
+        );
+        let s = CardSettings {
+            preconfigured_memory: Some(1000),
+            memory_scaling: 2.0,
+            ..CardSettings::default()
+        };
+        assert_eq!(
+            ids(&cards(&r, &s)),
+            [("GPU-a".to_string(), 32768), ("GPU-d".to_string(), 2000)]
+        );
     }
 
     #[test]

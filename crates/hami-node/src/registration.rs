@@ -5,11 +5,10 @@
 //! clean shutdown so the scheduler drops the node at once.
 //!
 //! * Every register patch also writes `Reported <now>` into the
-//!   handshake, as HAMi's plugin does.
+//!   handshake, as HAMi's plugin did before its register rework.
 //! * The node is watched: when the handshake says `Requesting_<t>` (or
 //!   anything but `Reported ...`: `Deleted_`, a bad value, none) the loop
-//!   answers `Reported <now>` at once (HAMi's plugin answers at its
-//!   next 30 s round); when the register annotation is missing or differs
+//!   answers `Reported <now>` at once; when the register annotation is missing or differs
 //!   from what was written (someone removed it), it is written again.
 //! * Each rescan sends the cards to the device plugin's watch channel
 //!   when they changed, so ListAndWatch tells the kubelet.
@@ -35,8 +34,11 @@ use crate::discovery::Scan;
 /// HAMi's default rescan period.
 pub const DEFAULT_PERIOD: Duration = Duration::from_secs(30);
 
-/// `Reported <YYYY-MM-DD HH:MM:SS>` (UTC), what HAMi's plugin writes
-/// (Go's `time.DateTime` layout).
+/// `Reported <YYYY-MM-DD HH:MM:SS>` (UTC), the layout of the scheduler's
+/// `Requesting_` time (Go's `time.DateTime`). Schedulers only look for
+/// `Requesting` in the value (HAMi's `CheckHealth`, `hami_kube::handshake`):
+/// HAMi's plugin wrote `Reported <Go time.String()>` until its register
+/// rework (HAMi PR 1499) and writes no handshake since.
 pub fn reported(now: Timestamp) -> String {
     format!(
         "Reported {}",
