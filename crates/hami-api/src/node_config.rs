@@ -53,7 +53,8 @@ pub struct NodeConfig {
     pub device_memory_scaling: Option<f64>,
     #[serde(rename = "devicecorescaling")]
     pub device_core_scaling: Option<f64>,
-    /// MiB to register per card instead of what NVML reports (0: NVML's).
+    /// MiB to register for a card whose memory NVML does not report
+    /// (unified-memory GPUs); such a card is left out when this is 0.
     #[serde(rename = "preconfigureddevicememory")]
     pub preconfigured_device_memory: Option<u64>,
     #[serde(rename = "libcudaloglevel")]
