@@ -151,6 +151,9 @@ fn start_shared(scheduler_bin: &str, extra_args: &[&str], ha: bool) -> Option<&'
             Ok(b) => b,
             Err(reason) => return Err(reason),
         };
+        if ha {
+            own_host_names()?;
+        }
         // Startup blocks; run it on its own thread so it does not matter
         // which runtime (if any) the first test uses.
         let scheduler_bin = PathBuf::from(scheduler_bin);
@@ -223,6 +226,23 @@ fn log_file(dir: &Path, name: &str) -> anyhow::Result<(Stdio, Stdio)> {
 
 fn start(dir: &Path, name: &str, bin: &Path, args: &[String]) -> anyhow::Result<Child> {
     start_as(dir, name, None, bin, args)
+}
+
+/// Whether processes can be given a host name of their own (`unshare
+/// --uts`, which needs root), as the HA scheduler pods need.
+fn own_host_names() -> Result<(), String> {
+    let out = Command::new("unshare")
+        .args(["--uts", "hostname", "hami-e2e-probe"])
+        .output()
+        .map_err(|e| format!("the HA cluster needs `unshare` (util-linux): {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the HA cluster gives each scheduler pod its own host name with `unshare --uts`, which failed (run as root): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
 }
 
 /// Starts `bin`, in a UTS namespace of its own with host name `host` when
