@@ -38,8 +38,12 @@ pub const CORE_POLICY: &str = shm_env::CORE_POLICY;
 pub const LIMITS_FILE: &str = shm_env::LIMITS_FILE;
 /// Container env with which a container opts out of the interposer.
 pub const DISABLE_CONTROL: &str = shm_env::DISABLE_CONTROL;
-/// File name of the limits file in the per-container dir.
+/// File name of the limits file in the container's limits dir.
 pub const LIMITS_FILE_NAME: &str = "hami-limits";
+/// Name of the read-only limits dir under `<hook>/vgpu`: on the host the
+/// parent of every container's limits dir, in the container the mount
+/// point of its own.
+pub const LIMITS_DIR_NAME: &str = "limits";
 /// HAMi's lock dir, mounted into every GPU container.
 pub const VGPU_LOCK_DIR: &str = "/tmp/vgpulock";
 
@@ -95,6 +99,14 @@ impl Settings {
     pub fn container_dir(&self, pod_uid: &str, container: &str) -> PathBuf {
         self.vgpu_dir()
             .join("containers")
+            .join(format!("{pod_uid}_{container}"))
+    }
+
+    /// Host dir of one container's limits file, mounted read-only:
+    /// `<hook>/vgpu/limits/<podUID>_<container>`.
+    pub fn limits_dir(&self, pod_uid: &str, container: &str) -> PathBuf {
+        self.vgpu_dir()
+            .join(LIMITS_DIR_NAME)
             .join(format!("{pod_uid}_{container}"))
     }
 }
@@ -181,9 +193,12 @@ pub struct Served {
     /// Index of its entry in the annotation.
     pub entry: usize,
     pub devices: ContainerDevices,
-    /// The per-container host dir to (re)create.
+    /// The per-container host dir to (re)create (read-write in the container).
     pub host_dir: PathBuf,
-    /// The limits file to write into `host_dir`.
+    /// The host dir of the limits file, to (re)create (read-only in the
+    /// container).
+    pub limits_dir: PathBuf,
+    /// The limits file to write into `limits_dir`.
     pub limits: Limits,
     pub response: ContainerAllocateResponse,
 }
@@ -302,10 +317,16 @@ pub fn container_response(
     if settings.disable_core_limit {
         envs.insert(CORE_POLICY.to_string(), "disable".to_string());
     }
+    // The limits file lives in a dir the container mounts read-only.
+    let limits_in_container = vgpu.join(LIMITS_DIR_NAME);
     envs.insert(
         LIMITS_FILE.to_string(),
-        vgpu.join(LIMITS_FILE_NAME).display().to_string(),
+        limits_in_container
+            .join(LIMITS_FILE_NAME)
+            .display()
+            .to_string(),
     );
+    let limits_on_host = settings.limits_dir(pod_uid, &container.name);
     let path = |p: &Path| p.display().to_string();
     let mut mounts = vec![
         Mount {
@@ -317,6 +338,22 @@ pub fn container_response(
             container_path: path(&vgpu),
             host_path: path(&settings.container_dir(pod_uid, &container.name)),
             read_only: false,
+        },
+        // Nested in the read-write dir above (runtimes mount the shorter
+        // path first): the limits dir, read-only, where HAMI_LIMITS_FILE
+        // points ...
+        Mount {
+            container_path: path(&limits_in_container),
+            host_path: path(&limits_on_host),
+            read_only: true,
+        },
+        // ... and the file itself, read-only, at `<hook>/vgpu/hami-limits`,
+        // where the interposer looks without HAMI_LIMITS_FILE (a process
+        // started without the container's environment).
+        Mount {
+            container_path: path(&vgpu.join(LIMITS_FILE_NAME)),
+            host_path: path(&limits_on_host.join(LIMITS_FILE_NAME)),
+            read_only: true,
         },
         Mount {
             container_path: VGPU_LOCK_DIR.to_string(),
@@ -406,6 +443,7 @@ pub fn plan(
             container: container.name.clone(),
             entry,
             host_dir: settings.container_dir(uid, &container.name),
+            limits_dir: settings.limits_dir(uid, &container.name),
             limits: container_limits(&devices),
             devices,
             response,
@@ -504,7 +542,7 @@ mod tests {
                     "/usr/local/vgpu/cache-1.cache"
                 ),
                 ("CUDA_DEVICE_SM_LIMIT", "30"),
-                ("HAMI_LIMITS_FILE", "/usr/local/vgpu/hami-limits"),
+                ("HAMI_LIMITS_FILE", "/usr/local/vgpu/limits/hami-limits"),
                 ("LIBCUDA_LOG_LEVEL", "2"),
                 ("NVIDIA_VISIBLE_DEVICES", "GPU-a"),
             ])
@@ -527,6 +565,16 @@ mod tests {
                     "/usr/local/vgpu/containers/uid-1_main",
                     false
                 ),
+                m(
+                    "/usr/local/vgpu/limits",
+                    "/usr/local/vgpu/limits/uid-1_main",
+                    true
+                ),
+                m(
+                    "/usr/local/vgpu/hami-limits",
+                    "/usr/local/vgpu/limits/uid-1_main/hami-limits",
+                    true
+                ),
                 m("/tmp/vgpulock", "/tmp/vgpulock", false),
                 m("/etc/ld.so.preload", "/usr/local/vgpu/ld.so.preload", true),
             ]
@@ -535,6 +583,17 @@ mod tests {
         assert_eq!(
             plan.served[0].host_dir,
             Path::new("/usr/local/vgpu/containers/uid-1_main")
+        );
+        assert_eq!(
+            plan.served[0].limits_dir,
+            Path::new("/usr/local/vgpu/limits/uid-1_main")
+        );
+        // The limits dir is not inside the read-write per-container dir on
+        // the host, so the container cannot write it.
+        assert!(
+            !plan.served[0]
+                .limits_dir
+                .starts_with(&plan.served[0].host_dir)
         );
         assert_eq!(plan.remaining.encode(), ";");
         assert!(plan.all_done());
@@ -624,6 +683,22 @@ mod tests {
             r.mounts[1].host_path,
             "/opt/hook/vgpu/containers/uid-1_main"
         );
+        assert_eq!(
+            r.envs["HAMI_LIMITS_FILE"],
+            "/opt/hook/vgpu/limits/hami-limits"
+        );
+        assert_eq!(
+            (
+                r.mounts[2].container_path.as_str(),
+                r.mounts[2].host_path.as_str(),
+                r.mounts[2].read_only
+            ),
+            (
+                "/opt/hook/vgpu/limits",
+                "/opt/hook/vgpu/limits/uid-1_main",
+                true
+            )
+        );
         // Go's ParseBool: "yes" is not true; the preload stays.
         let p = pod("GPU-a,NVIDIA,10,5:;", &[], &[("main", Some("yes"))]);
         let plan = super::plan(&p, &request(&[1]), &cards(), &s, &mut ids()).unwrap();
@@ -641,7 +716,7 @@ mod tests {
         };
         let p = pod("GPU-a,NVIDIA,10,5:;", &[], &[("main", Some("1"))]);
         let plan = super::plan(&p, &request(&[1]), &cards(), &strict, &mut ids()).unwrap();
-        assert_eq!(plan.served[0].response.mounts.len(), 4);
+        assert_eq!(plan.served[0].response.mounts.len(), 6);
     }
 
     #[test]

@@ -175,23 +175,27 @@ impl Plugin {
 
     /// The host side of each served container: a fresh per-container dir
     /// (world-writable, as HAMi makes it: the container's user is not
-    /// known here) holding the limits file, read-only.
+    /// known here), and a fresh limits dir (0755, the container mounts it
+    /// read-only) holding the limits file (0444).
     fn prepare(&self, plan: &Plan) -> std::io::Result<()> {
         use std::os::unix::fs::PermissionsExt as _;
         let ctx = |what: &str, p: &Path, e: std::io::Error| {
             std::io::Error::new(e.kind(), format!("{what} {}: {e}", p.display()))
         };
-        for s in &plan.served {
-            let dir = &s.host_dir;
+        let fresh = |dir: &Path, mode: u32| -> std::io::Result<()> {
             match std::fs::remove_dir_all(dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(ctx("removing", dir, e)),
             }
             std::fs::create_dir_all(dir).map_err(|e| ctx("creating", dir, e))?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))
-                .map_err(|e| ctx("chmod", dir, e))?;
-            let file = dir.join(allocate::LIMITS_FILE_NAME);
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| ctx("chmod", dir, e))
+        };
+        for s in &plan.served {
+            fresh(&s.host_dir, 0o777)?;
+            fresh(&s.limits_dir, 0o755)?;
+            let file = s.limits_dir.join(allocate::LIMITS_FILE_NAME);
             hami_shm::limits::write(&file, &s.limits).map_err(|e| ctx("writing", &file, e))?;
             std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o444))
                 .map_err(|e| ctx("chmod", &file, e))?;

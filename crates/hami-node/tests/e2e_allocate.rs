@@ -198,7 +198,11 @@ async fn allocate_serves_the_bound_pod_then_refuses_when_none_waits() {
     let uid = pod.metadata.uid.clone().unwrap();
     let host_dir = dir.path().join(format!("hook/vgpu/containers/{uid}_main"));
     assert_eq!(r.mounts[1].host_path, host_dir.display().to_string());
-    assert!(host_dir.join("hami-limits").is_file());
+    let limits_dir = dir.path().join(format!("hook/vgpu/limits/{uid}_main"));
+    assert_eq!(r.mounts[2].host_path, limits_dir.display().to_string());
+    assert!(r.mounts[2].read_only);
+    assert!(limits_dir.join("hami-limits").is_file());
+    assert!(!host_dir.join("hami-limits").exists());
 
     let after = ns.get_pod("train").await;
     let a = annotations(&after);

@@ -309,6 +309,11 @@ async fn registers_lists_watches_health_and_allocates_over_unix_sockets() {
         "{cache}"
     );
     let host_dir = vgpu.join("containers/0b1c2d3e_main");
+    let limits_dir = vgpu.join("limits/0b1c2d3e_main");
+    assert_eq!(
+        r.envs["HAMI_LIMITS_FILE"],
+        vgpu.join("limits/hami-limits").display().to_string()
+    );
     let mounts: Vec<(&str, &str, bool)> = r
         .mounts
         .iter()
@@ -324,6 +329,16 @@ async fn registers_lists_watches_health_and_allocates_over_unix_sockets() {
                 true
             ),
             (s(&vgpu).as_str(), s(&host_dir).as_str(), false),
+            (
+                s(&vgpu.join("limits")).as_str(),
+                s(&limits_dir).as_str(),
+                true
+            ),
+            (
+                s(&vgpu.join("hami-limits")).as_str(),
+                s(&limits_dir.join("hami-limits")).as_str(),
+                true
+            ),
             ("/tmp/vgpulock", "/tmp/vgpulock", false),
             (
                 "/etc/ld.so.preload",
@@ -332,11 +347,19 @@ async fn registers_lists_watches_health_and_allocates_over_unix_sockets() {
             ),
         ]
     );
-    // The host side: the per-container dir with the limits file.
+    // The host side: the per-container dir, and the limits file in its
+    // own dir (not the read-write one), read-only.
+    use std::os::unix::fs::PermissionsExt as _;
+    assert!(host_dir.is_dir());
+    assert!(!host_dir.join("hami-limits").exists());
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&host_dir), 0o777);
+    assert_eq!(mode(&limits_dir), 0o755);
+    assert_eq!(mode(&limits_dir.join("hami-limits")), 0o444);
     let mut warnings = Vec::new();
-    let limits = hami_shm::limits::read(&host_dir.join("hami-limits"), &mut warnings)
+    let limits = hami_shm::limits::read(&limits_dir.join("hami-limits"), &mut warnings)
         .unwrap()
-        .expect("a limits file in the container's dir");
+        .expect("a limits file in the container's limits dir");
     assert!(warnings.is_empty(), "{warnings:?}");
     assert_eq!(limits.memory_limit(0), 3000 << 20);
     assert_eq!(limits.sm_limit(0), 30);
