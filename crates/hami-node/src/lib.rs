@@ -23,6 +23,7 @@
 pub mod allocate;
 pub mod devices;
 pub mod discovery;
+pub mod install;
 pub mod pending;
 pub mod plugin;
 pub mod register;

@@ -15,6 +15,7 @@ use hami_api::device::decode_devices;
 use hami_api::{DeviceConfig, NvidiaConfig};
 use hami_node::allocate::Settings;
 use hami_node::discovery::{self, CardSettings, Discovery, Fixed, Scan};
+use hami_node::install;
 use hami_node::pending::KubeStore;
 use hami_node::plugin::{self, Plugin};
 use hami_node::register::register;
@@ -76,6 +77,13 @@ struct Args {
     /// HAMi's hook path: the interposer's files are under `<hook>/vgpu`.
     #[arg(long, env = "HOOK_PATH", default_value = "/usr/local")]
     hook_path: PathBuf,
+    /// The interposer library this agent carries (a path in its image):
+    /// installed at start as `<hook>/vgpu/libvgpu.so.<version>-<hash>`,
+    /// which Allocate then mounts. Without it, Allocate mounts
+    /// `<hook>/vgpu/libvgpu.so.<version>` if present, else
+    /// `<hook>/vgpu/libvgpu.so`.
+    #[arg(long)]
+    lib_source: Option<PathBuf>,
     /// Report each card's NUMA node to the kubelet's topology manager.
     #[arg(long)]
     numa_topology: bool,
@@ -187,14 +195,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| args.device_plugin_path.join("kubelet.sock"));
 
-    let client = hami_kube::client::connect(args.kubeconfig.as_deref()).await?;
     let mut settings = Settings::from_config(&args.hook_path, &cfg);
-    let versioned = Settings::library_path(&args.hook_path, env!("CARGO_PKG_VERSION"), true);
-    settings.library = Settings::library_path(
-        &args.hook_path,
-        env!("CARGO_PKG_VERSION"),
-        versioned.exists(),
-    );
+    let version = env!("CARGO_PKG_VERSION");
+    settings.library = match &args.lib_source {
+        Some(source) => {
+            let installed = install::install(source, &settings.vgpu_dir(), version)?;
+            tracing::info!(
+                written = installed.written,
+                "interposer library {} installed as {}",
+                source.display(),
+                installed.path.display()
+            );
+            installed.path
+        }
+        None => {
+            let versioned = Settings::library_path(&args.hook_path, version, true);
+            Settings::library_path(&args.hook_path, version, versioned.exists())
+        }
+    };
+    let client = hami_kube::client::connect(args.kubeconfig.as_deref()).await?;
     settings.allow_disable_control = args.allow_disable_control;
     let store = Arc::new(KubeStore::new(
         client.clone(),

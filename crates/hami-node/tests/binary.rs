@@ -77,6 +77,9 @@ async fn binary_registers_serves_its_cards_registers_again_after_a_kubelet_resta
     )
     .unwrap();
 
+    let lib = dir.path().join("image-libvgpu.so");
+    std::fs::write(&lib, b"the interposer this agent carries").unwrap();
+
     let (tx, mut rx) = mpsc::unbounded_channel();
     let registration_socket = plugins.join("kubelet.sock");
     let peer = serve_registration(&registration_socket, tx.clone());
@@ -88,6 +91,7 @@ async fn binary_registers_serves_its_cards_registers_again_after_a_kubelet_resta
             .arg(format!("--device-plugin-path={}", plugins.display()))
             .arg(format!("--kubeconfig={}", kubeconfig.display()))
             .arg(format!("--hook-path={}", dir.path().join("hook").display()))
+            .arg(format!("--lib-source={}", lib.display()))
             .stdin(Stdio::null())
             .spawn()
             .expect("starting hami-node"),
@@ -102,6 +106,18 @@ async fn binary_registers_serves_its_cards_registers_again_after_a_kubelet_resta
     assert!(!options.pre_start_required);
     let socket = plugins.join(&req.endpoint);
     assert_lists_the_cards(&socket).await;
+    // The library was installed before the plugin registered.
+    let installed = dir.path().join(format!(
+        "hook/vgpu/{}",
+        hami_node::install::versioned_name(
+            env!("CARGO_PKG_VERSION"),
+            b"the interposer this agent carries"
+        )
+    ));
+    assert_eq!(
+        std::fs::read(&installed).unwrap(),
+        b"the interposer this agent carries"
+    );
 
     // The peer restarts as a kubelet does: its registration socket is a
     // new file and every plugin socket in the dir is removed. hami-node
@@ -130,4 +146,40 @@ async fn binary_registers_serves_its_cards_registers_again_after_a_kubelet_resta
     .unwrap();
     assert!(status.success(), "{status}");
     assert!(!socket.exists(), "{} left behind", socket.display());
+}
+
+#[test]
+fn a_missing_library_to_install_stops_the_binary_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let cards = dir.path().join("cards.json");
+    std::fs::write(
+        &cards,
+        r#"[{"id":"GPU-0","count":2,"devmem":15360,"devcore":100,"type":"NVIDIA-Tesla T4","health":true}]"#,
+    )
+    .unwrap();
+    let missing = dir.path().join("image/libvgpu.so");
+    let out = Command::new(env!("CARGO_BIN_EXE_hami-node"))
+        .arg("--node-name=node-a")
+        .arg(format!("--cards-file={}", cards.display()))
+        .arg(format!("--hook-path={}", dir.path().join("hook").display()))
+        .arg(format!("--lib-source={}", missing.display()))
+        .stdin(Stdio::null())
+        .output()
+        .expect("running hami-node");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "reading the interposer library to install, {}: ",
+            missing.display()
+        )),
+        "{stderr}"
+    );
+    assert!(
+        !dir.path().join("hook/vgpu").exists()
+            || std::fs::read_dir(dir.path().join("hook/vgpu"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
 }
