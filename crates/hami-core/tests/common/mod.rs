@@ -227,21 +227,32 @@ pub fn until_ready(child: &mut Child) -> Vec<String> {
 }
 
 /// Kills a child that is still running after `limit`: a watchdog against a
-/// deadlock, not a timing assertion (the caller checks how it ended).
-pub fn watchdog(child: &Child, limit: std::time::Duration) -> std::thread::JoinHandle<()> {
+/// deadlock, not a timing assertion (the caller checks how it ended). The
+/// caller disarms it once its wait for the child has returned; the
+/// watchdog waits for that message, not on a clock of its own.
+pub struct Watchdog {
+    disarm: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Watchdog {
+    pub fn disarm(self) {
+        let _ = self.disarm.send(());
+        self.thread.join().unwrap();
+    }
+}
+
+pub fn watchdog(child: &Child, limit: std::time::Duration) -> Watchdog {
     let pid = child.id() as i32;
-    std::thread::spawn(move || {
-        let deadline = std::time::Instant::now() + limit;
-        while std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            // SAFETY: signal 0 only checks that our child is still there.
-            if unsafe { libc::kill(pid, 0) } != 0 {
-                return;
-            }
+    let (disarm, disarmed) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = disarmed.recv_timeout(limit) {
+            // SAFETY: our own child, wedged (not yet reaped: the caller is
+            // still waiting for it).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
-        // SAFETY: our own child, wedged.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    })
+    });
+    Watchdog { disarm, thread }
 }
 
 /// A spawned probe whose output the test follows while it runs: reader
@@ -371,7 +382,7 @@ impl Running {
             self.take(std::time::Duration::from_secs(3600));
         }
         let status = child.wait().unwrap();
-        dog.join().unwrap();
+        dog.disarm();
         let (stdout, stderr) = (self.stdout.join("\n"), self.stderr.join("\n"));
         assert!(
             status.success(),
