@@ -11,7 +11,8 @@ use hami_api::ContainerDevice;
 use hami_api::annotations as ann;
 use hami_api::node::NodeLock;
 use hami_sched::{
-    Admission, BindInFlight, BusyRule, Engine, Mode, Policies, Reason, Snapshot, Vendor, pod_key,
+    Admission, BindInFlight, BusyRule, Engine, LockHolder, Mode, Policies, Reason, Snapshot,
+    Vendor, pod_key,
 };
 use jiff::{SignedDuration, Timestamp};
 
@@ -181,7 +182,11 @@ fn record_binds_in_flight(
             }
         };
         let holder_key = format!("{}/{}", lock.namespace, lock.pod);
-        let holder = cluster.pods.iter().find(|p| pod_key(p) == holder_key);
+        let holder = cluster
+            .pods
+            .iter()
+            .find(|p| pod_key(p) == holder_key)
+            .map(LockHolder::of);
         snapshot.set_bind_in_flight(name, BindInFlight::from_lock(name, &lock, holder, now));
     }
 }

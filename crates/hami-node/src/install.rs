@@ -174,6 +174,14 @@ mod tests {
         )
     }
 
+    /// The hook dir holds exactly one file (no temp left, nothing doubled).
+    fn assert_one_file_in(dir: &Path) {
+        let names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+    }
     #[test]
     fn the_name_is_version_and_hash_prefix() {
         // SHA-256("abc") = ba7816bf8f01cfea...
@@ -200,11 +208,7 @@ mod tests {
         assert!(!second.written);
         assert_eq!(second.path, first.path);
         assert_eq!(identity(&second.path), before, "the file was rewritten");
-        let names: Vec<_> = std::fs::read_dir(&vgpu)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names.len(), 1, "{names:?}");
+        assert_one_file_in(&vgpu);
     }
 
     #[test]
@@ -255,11 +259,7 @@ mod tests {
         let again = install(&source(dir.path(), "lib", bytes), &vgpu, "0.1.0").unwrap();
         assert!(again.written);
         assert_eq!(std::fs::read(&final_name).unwrap(), bytes);
-        let names: Vec<_> = std::fs::read_dir(&vgpu)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names.len(), 1, "{names:?}");
+        assert_one_file_in(&vgpu);
     }
 
     #[test]

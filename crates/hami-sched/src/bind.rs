@@ -27,28 +27,46 @@ pub struct BindInFlight {
     pub waiting_for_device_plugin: bool,
 }
 
+/// What the bind rule reads of the pod holding a node's lock: its
+/// `hami.io/bind-phase`, its phase and its `hami.io/vgpu-node`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LockHolder<'a> {
+    pub bind_phase: Option<&'a str>,
+    pub phase: Option<&'a str>,
+    pub vgpu_node: Option<&'a str>,
+}
+
+impl<'a> LockHolder<'a> {
+    pub fn of(pod: &'a Pod) -> LockHolder<'a> {
+        let annotation = |k: &str| {
+            pod.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(k))
+                .map(String::as_str)
+        };
+        LockHolder {
+            bind_phase: annotation(ann::BIND_PHASE),
+            phase: pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+            vgpu_node: annotation(ann::VGPU_NODE),
+        }
+    }
+}
+
 impl BindInFlight {
     /// The bind in flight a node's lock says, given the holder pod when it
     /// is known. `now` decides only whether an unknown holder is still new.
     pub fn from_lock(
         node: &str,
         lock: &NodeLock,
-        holder: Option<&Pod>,
+        holder: Option<LockHolder<'_>>,
         now: Timestamp,
     ) -> BindInFlight {
         let waiting = match holder {
-            Some(pod) => {
-                let annotation = |k: &str| {
-                    pod.metadata
-                        .annotations
-                        .as_ref()
-                        .and_then(|a| a.get(k))
-                        .map(String::as_str)
-                };
-                let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-                annotation(ann::BIND_PHASE) == Some("allocating")
-                    && matches!(phase, None | Some("Pending"))
-                    && annotation(ann::VGPU_NODE) == Some(node)
+            Some(h) => {
+                h.bind_phase == Some("allocating")
+                    && matches!(h.phase, None | Some("Pending"))
+                    && h.vgpu_node == Some(node)
             }
             None => now.duration_since(lock.since) < UNSEEN_HOLDER_GRACE,
         };

@@ -19,7 +19,7 @@ pub mod snapshot;
 pub mod vendor;
 
 pub use admission::{AdmissionOptions, ProtectedEnvMode};
-pub use bind::{BindInFlight, BusyRule};
+pub use bind::{BindInFlight, BusyRule, LockHolder};
 pub use constraints::{PodConstraints, Policies};
 pub use engine::{Decision, Engine, Mode, PodError, PodRequest, PodScratch, pod_key};
 pub use reason::{Reason, Rejection};

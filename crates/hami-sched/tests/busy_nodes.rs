@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use hami_api::annotations as ann;
 use hami_api::node::NodeLock;
-use hami_sched::{BindInFlight, BusyRule, Mode, Snapshot};
+use hami_sched::{BindInFlight, BusyRule, LockHolder, Mode, Snapshot};
 use jiff::{SignedDuration, Timestamp};
 
 fn t(s: &str) -> Timestamp {
@@ -161,7 +161,7 @@ fn a_bind_in_flight_is_read_from_the_lock_and_its_holder() {
     let b = BindInFlight::from_lock(
         "n1",
         &lock,
-        Some(&holder("Pending", "allocating", "n1")),
+        Some(LockHolder::of(&holder("Pending", "allocating", "n1"))),
         now,
     );
     assert_eq!(b, waiting("ns/holder", "2026-01-01T00:09:00Z"));
@@ -170,7 +170,10 @@ fn a_bind_in_flight_is_read_from_the_lock_and_its_holder() {
         holder("Running", "allocating", "n1"),
         holder("Pending", "allocating", "n2"),
     ] {
-        assert!(!BindInFlight::from_lock("n1", &lock, Some(&p), now).waiting_for_device_plugin);
+        assert!(
+            !BindInFlight::from_lock("n1", &lock, Some(LockHolder::of(&p)), now)
+                .waiting_for_device_plugin
+        );
     }
     // A holder not seen yet counts only while the lock is new.
     assert!(!BindInFlight::from_lock("n1", &lock, None, now).waiting_for_device_plugin);

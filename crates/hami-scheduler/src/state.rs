@@ -18,7 +18,8 @@ use hami_api::annotations as ann;
 use hami_kube::cache::Inventory;
 use hami_kube::handshake;
 use hami_sched::{
-    BindInFlight, BusyRule, Decision, Engine, Mode, PodRequest, Snapshot, Vendor, pod_key,
+    BindInFlight, BusyRule, Decision, Engine, LockHolder, Mode, PodRequest, Snapshot, Vendor,
+    pod_key,
 };
 
 /// A Filter decision not yet visible in the API server.
@@ -86,26 +87,12 @@ struct PodEntry {
 }
 
 impl PodEntry {
-    /// The pod as far as a bind lock's holder goes (what
-    /// [`BindInFlight::from_lock`] reads).
-    fn as_holder(&self) -> Pod {
-        let mut annotations = BTreeMap::new();
-        if let Some(b) = &self.bind_phase {
-            annotations.insert(ann::BIND_PHASE.to_string(), b.clone());
-        }
-        if let Some(n) = &self.node {
-            annotations.insert(ann::VGPU_NODE.to_string(), n.clone());
-        }
-        Pod {
-            metadata: kube::api::ObjectMeta {
-                annotations: Some(annotations),
-                ..Default::default()
-            },
-            status: Some(k8s_openapi::api::core::v1::PodStatus {
-                phase: self.phase.clone(),
-                ..Default::default()
-            }),
-            ..Default::default()
+    /// The pod as a bind lock's holder ([`BindInFlight::from_lock`]).
+    fn as_holder(&self) -> LockHolder<'_> {
+        LockHolder {
+            bind_phase: self.bind_phase.as_deref(),
+            phase: self.phase.as_deref(),
+            vgpu_node: self.node.as_deref(),
         }
     }
 }
@@ -353,7 +340,7 @@ impl Cluster {
                         .pods
                         .get(&format!("{}/{}", lock.namespace, lock.pod))
                         .map(PodEntry::as_holder);
-                    let bind = BindInFlight::from_lock(name, &lock, holder.as_ref(), now);
+                    let bind = BindInFlight::from_lock(name, &lock, holder, now);
                     self.snapshot.set_bind_in_flight(name, bind);
                 }
                 None => {
@@ -657,6 +644,17 @@ mod tests {
         .unwrap()
     }
 
+    /// An engine and a cluster of healthy two-card nodes, at a fixed time.
+    fn reporting_nodes(names: &[&str]) -> (Engine, Cluster, Timestamp) {
+        let engine = Engine::default();
+        let mut c = Cluster::default();
+        let now = t("2026-01-01T00:00:00Z");
+        for n in names {
+            c.upsert_node(&engine, node(n, "Reported x", "20"), now);
+        }
+        (engine, c, now)
+    }
+
     fn names(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
     }
@@ -668,10 +666,7 @@ mod tests {
 
     #[test]
     fn filter_reserves_so_back_to_back_pods_never_share_a_full_card() {
-        let engine = Engine::default();
-        let mut c = Cluster::default();
-        let now = t("2026-01-01T00:00:00Z");
-        c.upsert_node(&engine, node("n1", "Reported x", "20"), now);
+        let (engine, mut c, now) = reporting_nodes(&["n1"]);
         let cands = names(&["n1"]);
         let req = |p: &Pod| engine.prepare(p).unwrap().unwrap();
         let a = pod("a", "ua", "1000");
@@ -704,10 +699,7 @@ mod tests {
 
     #[test]
     fn reservations_without_a_bind_expire() {
-        let engine = Engine::default();
-        let mut c = Cluster::default();
-        let now = t("2026-01-01T00:00:00Z");
-        c.upsert_node(&engine, node("n1", "Reported x", "20"), now);
+        let (engine, mut c, now) = reporting_nodes(&["n1"]);
         let a = pod("a", "ua", "600");
         let req = engine.prepare(&a).unwrap().unwrap();
         c.filter(&engine, &req, Some("ua"), &names(&["n1"]), now);
@@ -733,10 +725,7 @@ mod tests {
 
     #[test]
     fn bind_without_a_reservation_decides_on_that_node_only() {
-        let engine = Engine::default();
-        let mut c = Cluster::default();
-        let now = t("2026-01-01T00:00:00Z");
-        c.upsert_node(&engine, node("n1", "Reported x", "20"), now);
+        let (engine, mut c, now) = reporting_nodes(&["n1"]);
         let big = pod("big", "u", "5000");
         let req = engine.prepare(&big).unwrap().unwrap();
         let err = c
@@ -957,11 +946,7 @@ mod tests {
 
     #[test]
     fn a_filter_retried_during_a_slow_bind_keeps_its_cards() {
-        let engine = Engine::default();
-        let mut c = Cluster::default();
-        let now = t("2026-01-01T00:00:00Z");
-        c.upsert_node(&engine, node("n1", "Reported x", "20"), now);
-        c.upsert_node(&engine, node("n2", "Reported x", "20"), now);
+        let (engine, mut c, now) = reporting_nodes(&["n1", "n2"]);
         let a = pod("a", "ua", "1000");
         let req_a = engine.prepare(&a).unwrap().unwrap();
         let first = c.filter(&engine, &req_a, Some("ua"), &names(&["n1", "n2"]), now);
@@ -997,11 +982,7 @@ mod tests {
 
     #[test]
     fn a_filter_never_frees_the_cards_of_a_bound_pod() {
-        let engine = Engine::default();
-        let mut c = Cluster::default();
-        let now = t("2026-01-01T00:00:00Z");
-        c.upsert_node(&engine, node("n1", "Reported x", "20"), now);
-        c.upsert_node(&engine, node("n2", "Reported x", "20"), now);
+        let (engine, mut c, now) = reporting_nodes(&["n1", "n2"]);
         let mut p = pod("p", "u", "1000");
         let devices = PodDevices::decode("x", "GPU-n1-0,NVIDIA,1000,0:;").unwrap();
         p.metadata.annotations = Some(bind_annotations(&engine, "n1", &devices, now));
@@ -1020,10 +1001,7 @@ mod tests {
 
     #[test]
     fn cards_booked_twice_are_found_before_binding() {
-        let engine = Engine::default();
-        let mut c = Cluster::default();
-        let now = t("2026-01-01T00:00:00Z");
-        c.upsert_node(&engine, node("n1", "Reported x", "20"), now);
+        let (engine, mut c, now) = reporting_nodes(&["n1"]);
         let a = pod("a", "ua", "1000");
         let req = engine.prepare(&a).unwrap().unwrap();
         c.filter(&engine, &req, Some("ua"), &names(&["n1"]), now);
