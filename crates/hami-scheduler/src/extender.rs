@@ -296,16 +296,22 @@ fn finish_bind(
     }
 }
 
-async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String> {
+/// Why this replica must not bind now (it does not lead, or cannot tell);
+/// `None` when it leads.
+async fn not_leading(app: &App) -> Option<String> {
     match app.leadership.confirm().await {
-        Ok(true) => {}
-        Ok(false) => {
-            return Err(format!(
-                "this hami-scheduler replica is not the leader (kube-scheduler's Lease is held by {})",
-                app.leadership.holder().unwrap_or_else(|| "nobody".into())
-            ));
-        }
-        Err(e) => return Err(format!("cannot tell whether this replica leads: {e}")),
+        Ok(true) => None,
+        Ok(false) => Some(format!(
+            "this hami-scheduler replica is not the leader (kube-scheduler's Lease is held by {})",
+            app.leadership.holder().unwrap_or_else(|| "nobody".into())
+        )),
+        Err(e) => Some(format!("cannot tell whether this replica leads: {e}")),
+    }
+}
+
+async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String> {
+    if let Some(why) = not_leading(app).await {
+        return Err(why);
     }
     if !app.synced.get() {
         return Err("hami-scheduler is starting: node and pod caches not synced yet".into());
@@ -412,12 +418,9 @@ async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String>
     };
     // Under the lock, look again: leadership may have moved while this bind
     // waited, and a new leader may have given part of these cards away.
-    let changed = match app.leadership.confirm().await {
-        Ok(true) => app.cluster().overbooked(node, &devices),
-        Ok(false) => {
-            Some("this replica stopped leading while the bind waited for the node lock".into())
-        }
-        Err(e) => Some(format!("cannot tell whether this replica still leads: {e}")),
+    let changed = match not_leading(app).await {
+        None => app.cluster().overbooked(node, &devices),
+        why => why,
     };
     if let Some(why) = changed {
         if let Err(e) = lock::release_held(&app.client, node, &lock_value).await {
