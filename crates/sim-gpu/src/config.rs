@@ -3,14 +3,26 @@
 //! One device per line: `<memory> <sm count> <uuid> <name...>`, memory with
 //! the interposer's size syntax (`16g`, `3000m`); `#` starts a comment.
 //! `SIM_GPU_DEVICES` holds the text inline (lines separated by `;`),
-//! `SIM_GPU_CONFIG` names a file; with neither there is one 16 GiB, 80-SM
-//! device.
+//! `SIM_GPU_CONFIG` names a file; with neither, the file
+//! [`CONTAINER_DEVICES`] when it exists (what `hami-node --sim` mounts into
+//! a container: only the cards allocated to it, as the NVIDIA container
+//! runtime exposes only those, and whatever the process's environment),
+//! else one 16 GiB, 80-SM device.
 //!
 //! ```text
 //! # memory sms uuid name
 //! 16g 80 GPU-00000000-0000-0000-0000-000000000001 NVIDIA Sim 16GB
 //! 80g 132 GPU-00000000-0000-0000-0000-000000000002 NVIDIA Sim H100
 //! ```
+
+/// Where a container started by `hami-node --sim` finds its simulated
+/// driver's view: `devices` (its cards) and `state/` (the cards' shared
+/// state, the host's directory).
+pub const CONTAINER_ROOT: &str = "/run/sim-gpu";
+/// The device file of [`CONTAINER_ROOT`].
+pub const CONTAINER_DEVICES: &str = "/run/sim-gpu/devices";
+/// The state directory of [`CONTAINER_ROOT`].
+pub const CONTAINER_STATE: &str = "/run/sim-gpu/state";
 
 /// One simulated card.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,7 +107,7 @@ pub fn from_env() -> Vec<DeviceSpec> {
                 None
             }
         },
-        _ => None,
+        _ => std::fs::read_to_string(CONTAINER_DEVICES).ok(),
     };
     let parsed = text.map(|t| parse(&t)).transpose().unwrap_or_else(|e| {
         eprintln!("[sim-gpu] {e}; using the default device");

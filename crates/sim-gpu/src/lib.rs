@@ -23,7 +23,10 @@
 //!
 //! A card is shared by every process on the machine that simulates the same
 //! UUID with the same device list (a small mapped state file per card, see
-//! `shared.rs`; `SIM_GPU_STATE_DIR` picks the directory): kernels of all of
+//! `shared.rs`; `SIM_GPU_STATE_DIR` picks the directory), in containers
+//! too, whatever their pid namespace (a container of `hami-node --sim`
+//! finds its cards and the host's state under `/run/sim-gpu`, see
+//! [`config`]): kernels of all of
 //! them serialise on the card's busy timeline, memory is booked against the
 //! card for all of them, and NVML reports the card's utilisation and
 //! processes for all of them. It must never be shipped or loaded in

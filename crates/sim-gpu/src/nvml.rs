@@ -953,7 +953,8 @@ fn procs(h: usize) -> Option<Vec<(u32, u64)>> {
         .ok()
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
-    let list = state().devices[i].shared.processes();
+    let st = state();
+    let list = st.devices[i].shared.processes(&st.devices[i].slot);
     Some(
         list.into_iter()
             .map(|(pid, used)| ((pid as i64 + offset) as u32, used))

@@ -16,13 +16,19 @@
 //!   which NVML utilisation is computed, for all processes together;
 //! * **memory**: per-process slots `(pid, used)`. An allocation adds to its
 //!   process's slot, then sums the live slots; over the card it takes the
-//!   bytes back (out-of-memory). A slot whose pid is gone is reclaimed by the
-//!   next process that looks, like the driver frees a dead process's memory.
+//!   bytes back (out-of-memory). A process owns its slot by holding an
+//!   open-file-description lock on the slot's byte of the state file, so a
+//!   slot is live exactly while its process is: the kernel drops the lock
+//!   when the process dies, and its memory stops counting at once, like the
+//!   driver frees a dead process's memory. Locks, unlike pids, mean the same
+//!   thing in every pid namespace: processes in containers (each numbering
+//!   its processes from 1) and on the host share a card correctly.
 //!
 //! A process killed at any instant leaves at most a stale `used` in its own
-//! slot (reclaimed) and a `busy_until` no later than the work it queued: it
-//! can never wedge the device. When the file cannot be created the device
-//! falls back to private anonymous memory (each process its own card).
+//! slot (not counted; reset by the next owner) and a `busy_until` no later
+//! than the work it queued: it can never wedge the device. When the file
+//! cannot be created the device falls back to anonymous memory shared only
+//! with forked children, whose slots are told live by their pids.
 
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering::*};
 
@@ -55,6 +61,47 @@ pub(crate) struct SharedDevice {
     log: [Interval; LOG],
 }
 
+/// Slot locks sit past any data so they can never be confused with it
+/// (advisory locks need no bytes behind them).
+const LOCK_BASE: i64 = 1 << 40;
+
+/// How a process holds its memory slot on one card.
+#[derive(Default)]
+pub(crate) struct Claim {
+    /// The pid that claimed it: a forked child claims its own.
+    pid: i32,
+    slot: Option<usize>,
+    /// The open file description holding the slot's lock (file-backed
+    /// cards); dropping it releases the slot.
+    _lock: Option<std::fs::File>,
+}
+
+impl Claim {
+    /// The slot, when this process (not a parent before a fork) holds it.
+    fn own(&self) -> Option<usize> {
+        self.slot.filter(|_| self.pid == my_pid())
+    }
+}
+
+/// `F_OFD_SETLK`/`F_OFD_GETLK` on the byte of `slot`: true when the
+/// request succeeded (SETLK) or when some other open file description
+/// holds the byte (GETLK).
+fn slot_lock(f: &std::fs::File, cmd: libc::c_int, slot: usize) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a zeroed flock is valid; the fields are set below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = LOCK_BASE + slot as i64;
+    fl.l_len = 1;
+    // SAFETY: fcntl on an open fd with a valid flock pointer.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), cmd, &mut fl) };
+    match cmd {
+        libc::F_OFD_GETLK => r == 0 && fl.l_type != libc::F_UNLCK as libc::c_short,
+        _ => r == 0,
+    }
+}
+
 fn alive(pid: i32) -> bool {
     if pid <= 0 {
         return false;
@@ -68,9 +115,26 @@ fn my_pid() -> i32 {
     std::process::id() as i32
 }
 
-impl SharedDevice {
+/// One card as this process sees it: the shared state, and the state file
+/// whose byte locks tell which slots are live.
+pub(crate) struct Card {
+    state: &'static SharedDevice,
+    /// The state file (None: anonymous memory, pids tell liveness).
+    path: Option<std::path::PathBuf>,
+    /// An open file description holding no lock, to ask about others'.
+    probe: Option<std::fs::File>,
+}
+
+impl std::ops::Deref for Card {
+    type Target = SharedDevice;
+    fn deref(&self) -> &SharedDevice {
+        self.state
+    }
+}
+
+impl Card {
     /// Maps the device's state file (or private memory if that fails).
-    pub fn open(dir: Option<&std::path::Path>, uuid: &str) -> &'static SharedDevice {
+    pub fn open(dir: Option<&std::path::Path>, uuid: &str) -> Card {
         let size = std::mem::size_of::<SharedDevice>();
         let fd = dir.and_then(|d| {
             std::fs::create_dir_all(d).ok()?;
@@ -84,22 +148,23 @@ impl SharedDevice {
                     }
                 })
                 .collect();
+            let path = d.join(format!("{name}.v2"));
             let f = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)
-                .open(d.join(format!("{name}.v2")))
+                .open(&path)
                 .ok()?;
             // Growing a zero file to its size is idempotent across racers.
             if f.metadata().ok()?.len() < size as u64 {
                 f.set_len(size as u64).ok()?;
             }
-            Some(f)
+            Some((f, path))
         });
         use std::os::fd::AsRawFd;
         let (flags, raw) = match &fd {
-            Some(f) => (libc::MAP_SHARED, f.as_raw_fd()),
+            Some((f, _)) => (libc::MAP_SHARED, f.as_raw_fd()),
             None => (libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1),
         };
         // SAFETY: a fresh mapping of `size` bytes; the file is at least that long.
@@ -129,11 +194,146 @@ impl SharedDevice {
             p
         };
         assert!(p != libc::MAP_FAILED, "sim-gpu: cannot map device state");
-        // SAFETY: page-aligned, zero-initialised or written only through
-        // these atomics; the mapping lives as long as the process.
-        unsafe { &*(p as *const SharedDevice) }
+        let file_backed = fd.is_some() && raw != -1 && flags == libc::MAP_SHARED;
+        let (probe, path) = match fd {
+            Some((f, path)) if file_backed => (Some(f), Some(path)),
+            _ => (None, None),
+        };
+        Card {
+            // SAFETY: page-aligned, zero-initialised or written only through
+            // these atomics; the mapping lives as long as the process.
+            state: unsafe { &*(p as *const SharedDevice) },
+            path,
+            probe,
+        }
     }
 
+    /// This process's slot, claimed on first use (and again in a forked
+    /// child): on a file-backed card, the first slot whose byte lock it
+    /// can take, reset to zero; else a free slot by pid.
+    fn my_slot(&self, claim: &mut Claim) -> Option<usize> {
+        let me = my_pid();
+        if claim.pid == me && claim.slot.is_some() {
+            return claim.slot;
+        }
+        let found = match &self.path {
+            Some(path) => {
+                // A fresh open file description: a forked child must not
+                // share its parent's locks.
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(path)
+                    .ok()?;
+                let i = (0..SLOTS).find(|&i| slot_lock(&f, libc::F_OFD_SETLK, i))?;
+                let s = &self.slots[i];
+                s.used.store(0, SeqCst);
+                s.pid.store(me, Release);
+                *claim = Claim {
+                    pid: me,
+                    slot: Some(i),
+                    _lock: Some(f),
+                };
+                Some(i)
+            }
+            None => {
+                let free = |st: &SharedDevice| {
+                    st.slots.iter().position(|s| {
+                        s.pid.load(Acquire) == 0
+                            && s.pid.compare_exchange(0, me, AcqRel, Acquire).is_ok()
+                    })
+                };
+                let i = free(self).or_else(|| {
+                    self.reclaim_dead();
+                    free(self)
+                })?;
+                *claim = Claim {
+                    pid: me,
+                    slot: Some(i),
+                    _lock: None,
+                };
+                Some(i)
+            }
+        };
+        if let Some(i) = found {
+            self.slot_hwm.fetch_max(i as u64 + 1, SeqCst);
+        }
+        found
+    }
+
+    /// Whether slot `i` belongs to a live process (`own`: this process's).
+    fn live(&self, i: usize, own: Option<usize>) -> bool {
+        if own == Some(i) {
+            return true;
+        }
+        let pid = self.slots[i].pid.load(Acquire);
+        if pid == 0 {
+            return false;
+        }
+        match &self.probe {
+            Some(f) => slot_lock(f, libc::F_OFD_GETLK, i),
+            None => pid > 0 && alive(pid),
+        }
+    }
+
+    /// Bytes held on the card by live processes.
+    fn sum_used(&self, own: Option<usize>) -> u64 {
+        self.live_slots()
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| s.used.load(SeqCst) > 0 && self.live(*i, own))
+            .map(|(_, s)| s.used.load(SeqCst))
+            .sum()
+    }
+
+    /// Books `size` bytes for this process unless the card (of `memory`
+    /// bytes) cannot hold them: the process adds them to its own slot, then
+    /// sums the live slots (so two racers never both fit where only one
+    /// does), and takes them back when over.
+    pub fn reserve(&self, size: u64, memory: u64, claim: &mut Claim) -> bool {
+        let Some(i) = self.my_slot(claim) else {
+            return false;
+        };
+        let slot = &self.slots[i];
+        slot.used.fetch_add(size, SeqCst);
+        if self.sum_used(Some(i)) > memory {
+            slot.used.fetch_sub(size, SeqCst);
+            return false;
+        }
+        true
+    }
+
+    /// Gives back `size` bytes this process had booked.
+    pub fn release(&self, size: u64, claim: &mut Claim) {
+        if let Some(i) = self.my_slot(claim) {
+            let _ = self.slots[i]
+                .used
+                .fetch_update(SeqCst, SeqCst, |u| Some(u.saturating_sub(size)));
+        }
+    }
+
+    /// Live processes holding memory on the card, with their usage (pids
+    /// as each process saw itself, in its own pid namespace).
+    pub fn processes(&self, claim: &Claim) -> Vec<(i32, u64)> {
+        let own = claim.own();
+        self.live_slots()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let pid = s.pid.load(Acquire);
+                let used = s.used.load(SeqCst);
+                (pid > 0 && used > 0 && self.live(i, own)).then_some((pid, used))
+            })
+            .collect()
+    }
+
+    /// Memory booked on the card by live processes.
+    pub fn used(&self, claim: &Claim) -> u64 {
+        self.sum_used(claim.own())
+    }
+}
+
+impl SharedDevice {
     /// Queues `dur` ns of work that may start at `earliest` at the
     /// soonest; returns its (start, end).
     pub fn occupy(&self, earliest: u64, dur: u64) -> (u64, u64) {
@@ -171,33 +371,6 @@ impl SharedDevice {
         ((busy * 100) / 1_000_000_000).min(100) as u32
     }
 
-    /// This process's memory slot (index cached in `hint`), claimed on
-    /// first use.
-    fn my_slot(&self, hint: &mut Option<usize>) -> Option<&Slot> {
-        let me = my_pid();
-        if let Some(i) = *hint
-            && self.slots[i].pid.load(Acquire) == me
-        {
-            return Some(&self.slots[i]);
-        }
-        let found = self
-            .slots
-            .iter()
-            .position(|s| s.pid.load(Acquire) == me)
-            .or_else(|| {
-                self.slots.iter().position(|s| {
-                    s.pid.load(Acquire) == 0
-                        && s.pid.compare_exchange(0, me, AcqRel, Acquire).is_ok()
-                })
-            });
-        if let Some(i) = found {
-            self.slot_hwm.fetch_max(i as u64 + 1, SeqCst);
-        }
-        *hint = found;
-        let s = &self.slots[found?];
-        Some(s)
-    }
-
     /// Frees the slots of processes that are gone. A slot being reclaimed
     /// holds the negated pid of its reclaimer; one whose reclaimer died is
     /// taken over by the next.
@@ -219,71 +392,19 @@ impl SharedDevice {
         let hwm = (self.slot_hwm.load(SeqCst) as usize).min(SLOTS);
         &self.slots[..hwm]
     }
-
-    fn sum_used(&self) -> u64 {
-        self.live_slots()
-            .iter()
-            .filter(|s| s.pid.load(Acquire) != 0)
-            .map(|s| s.used.load(SeqCst))
-            .sum()
-    }
-
-    /// Books `size` bytes for this process unless the card (of `memory`
-    /// bytes) cannot hold them: the process adds them to its own slot, then
-    /// sums all slots (so two racers never both fit where only one does);
-    /// over the card it reclaims dead processes' slots and looks again.
-    pub fn reserve(&self, size: u64, memory: u64, hint: &mut Option<usize>) -> bool {
-        let Some(slot) = self.my_slot(hint).or_else(|| {
-            self.reclaim_dead();
-            self.my_slot(hint)
-        }) else {
-            return false;
-        };
-        slot.used.fetch_add(size, SeqCst);
-        if self.sum_used() > memory {
-            self.reclaim_dead();
-            if self.sum_used() > memory {
-                slot.used.fetch_sub(size, SeqCst);
-                return false;
-            }
-        }
-        true
-    }
-
-    /// Gives back `size` bytes this process had booked.
-    pub fn release(&self, size: u64, hint: &mut Option<usize>) {
-        if let Some(slot) = self.my_slot(hint) {
-            let _ = slot
-                .used
-                .fetch_update(SeqCst, SeqCst, |u| Some(u.saturating_sub(size)));
-        }
-    }
-
-    /// Live processes holding memory on the card, with their usage.
-    pub fn processes(&self) -> Vec<(i32, u64)> {
-        self.reclaim_dead();
-        self.live_slots()
-            .iter()
-            .filter_map(|s| {
-                let pid = s.pid.load(Acquire);
-                let used = s.used.load(SeqCst);
-                (pid > 0 && used > 0).then_some((pid, used))
-            })
-            .collect()
-    }
-
-    /// Memory booked on the card by live processes.
-    pub fn used(&self) -> u64 {
-        self.reclaim_dead();
-        self.sum_used()
-    }
 }
 
-/// The state directory: `SIM_GPU_STATE_DIR`, else one keyed by the uid and
-/// the device list (`key`).
+/// The state directory: `SIM_GPU_STATE_DIR`, else in a container of
+/// `hami-node --sim` the host's (mounted at
+/// [`crate::config::CONTAINER_STATE`]), else one keyed by the uid and the
+/// device list (`key`).
 pub(crate) fn state_dir(key: &str) -> std::path::PathBuf {
     if let Some(d) = std::env::var_os("SIM_GPU_STATE_DIR").filter(|d| !d.is_empty()) {
         return d.into();
+    }
+    let mounted = std::path::Path::new(crate::config::CONTAINER_STATE);
+    if mounted.is_dir() {
+        return mounted.into();
     }
     // FNV-1a: stable across builds (std's hasher is not).
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

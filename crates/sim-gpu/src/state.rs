@@ -1,7 +1,7 @@
 //! The simulated cards and everything allocated or queued on them.
 
 use crate::config::{self, DeviceSpec};
-use crate::shared::SharedDevice;
+use crate::shared::{Card, Claim};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -60,15 +60,15 @@ pub(crate) struct Device {
     /// synchronisation point).
     pub busy_until: u64,
     /// The card itself, shared with the other processes that simulate it.
-    pub shared: &'static SharedDevice,
+    pub shared: Card,
     /// This process's memory slot on the shared card.
-    slot: Option<usize>,
+    pub slot: Claim,
 }
 
 impl Device {
     /// Memory booked on the card by every process.
     pub fn card_used(&self) -> u64 {
-        self.shared.used()
+        self.shared.used(&self.slot)
     }
 
     fn book(&mut self, size: u64) -> bool {
@@ -366,12 +366,12 @@ pub(crate) fn state() -> MutexGuard<'static, State> {
         let devices: Vec<Device> = specs
             .into_iter()
             .map(|spec| Device {
-                shared: SharedDevice::open(Some(&dir), &spec.uuid),
+                shared: Card::open(Some(&dir), &spec.uuid),
                 spec,
                 used: 0,
                 pool: Pool::default(),
                 busy_until: 0,
-                slot: None,
+                slot: Claim::default(),
             })
             .collect();
         let visible = visible_devices(&devices);

@@ -151,6 +151,61 @@ fn processes_share_the_card_memory_and_a_killed_one_is_reclaimed() {
     assert!(!b.lines[3].contains(&pid), "{:?}", b.lines[3]);
 }
 
+/// `cmd` run as pid 1 of a new pid namespace (as a container's first
+/// process), or None when this user may not make one.
+fn in_pid_namespace(cmd: &std::process::Command) -> Option<std::process::Command> {
+    let probe = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", "true"])
+        .output()
+        .ok()?;
+    if !probe.status.success() {
+        return None;
+    }
+    let mut c = std::process::Command::new("unshare");
+    c.args(["--pid", "--fork", "--kill-child"])
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    Some(c)
+}
+
+#[test]
+fn processes_in_different_pid_namespaces_share_the_card() {
+    // Two containers' first processes are both pid 1: the card must still
+    // tell them apart, and free the memory of the one that dies.
+    let s = Scratch::new("shared-pidns");
+    let hold = probe_cmd(&s, &[], &["init", "alloc", "3g", "ready", "hold"], false);
+    let Some(mut hold) = in_pid_namespace(&hold) else {
+        eprintln!("SKIP: `unshare --pid` is not permitted here (needs root)");
+        return;
+    };
+    let mut a = hold.spawn().unwrap();
+    assert_eq!(read_ready(&mut a), vec!["init 0", "alloc 0 0"]);
+    let run = |args: &[&str]| {
+        let c = probe_cmd(&s, &[], args, false);
+        Lines::from_output(&in_pid_namespace(&c).unwrap().output().unwrap())
+    };
+    let b = run(&["init", "alloc", "2g", "meminfo", "alloc", "1g"]);
+    assert_eq!(b.rcs(), vec![0, OOM, 0, 0], "{:?}", b.lines);
+    assert_eq!(b.field::<u64>(2, 2), 1 << 30, "free beside the other pid 1");
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let b = run(&["init", "alloc", "2g", "meminfo"]);
+    assert_eq!(b.rcs(), vec![0, 0, 0], "{:?}", b.lines);
+    assert_eq!(
+        b.field::<u64>(2, 2),
+        2 << 30,
+        "the dead pid 1's memory is free"
+    );
+}
+
 #[test]
 fn kernels_of_processes_serialise_on_the_card() {
     let s = Scratch::new("shared-time");
