@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Build (once) the real control-plane binaries the e2e tests run against:
-# kube-apiserver, kube-scheduler, etcd and kwok, from the pinned Go wrapper
-# modules under tests/e2e/k8s-build/. See tests/e2e/README.md.
+# Build (once) the real Kubernetes binaries the e2e tests run against:
+# kube-apiserver, kube-scheduler, etcd and kwok for the control plane, and
+# kubelet, containerd, its runc shim and ctr for the real node, from the
+# pinned Go wrapper modules under tests/e2e/k8s-build/. See tests/e2e/README.md.
 #
 #   BIN=$(tests/e2e/build-k8s.sh | tail -1)   # build what is missing, print dir
 #   tests/e2e/build-k8s.sh --check            # exit 0 iff all cached and runnable
@@ -19,12 +20,13 @@ K8S_VERSION=v1.34.2
 K8S_BUILD_DATE=2025-11-11T19:00:37Z # publication time of k8s.io/kubernetes@v1.34.2
 ETCD_VERSION=v3.6.5
 KWOK_VERSION=v0.7.0
+CONTAINERD_VERSION=v2.4.2
 
-BINARIES=(kube-apiserver kube-scheduler etcd kwok)
+BINARIES=(kube-apiserver kube-scheduler etcd kwok kubelet containerd containerd-shim-runc-v2 ctr)
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 MOD_ROOT="$SCRIPT_DIR/k8s-build"
-KEY="k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}"
+KEY="k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_containerd-${CONTAINERD_VERSION}"
 CACHE_ROOT="${HAMI_K8S_BIN_DIR:-$HOME/.cache/hami-rs/k8s-bin}"
 OUT_DIR="$CACHE_ROOT/$KEY"
 
@@ -38,7 +40,8 @@ usage() {
 # Text that `<binary> --version` must print for the binary to count as good.
 expected_version() {
   case "$1" in
-    kube-apiserver | kube-scheduler) echo "Kubernetes ${K8S_VERSION}" ;;
+    kube-apiserver | kube-scheduler | kubelet) echo "Kubernetes ${K8S_VERSION}" ;;
+    containerd | containerd-shim-runc-v2 | ctr) echo "${CONTAINERD_VERSION}" ;;
     etcd) echo "etcd Version: ${ETCD_VERSION#v}" ;;
     kwok) echo "${KWOK_VERSION#v}" ;;
     *) die "unknown binary $1" ;;
@@ -47,8 +50,10 @@ expected_version() {
 
 # version_ok <path> <name>: the binary runs and reports the pinned version.
 version_ok() {
-  local out
-  out=$("$1" --version 2>&1) || return 1
+  local out flag=--version
+  # The shim parses Go's flag package: one dash.
+  [[ "$2" == containerd-shim-runc-v2 ]] && flag=-v
+  out=$("$1" "$flag" 2>&1) || return 1
   [[ "$out" == *"$(expected_version "$2")"* ]]
 }
 
@@ -104,6 +109,8 @@ grep -qE "^require go\.etcd\.io/etcd/server/v3 ${ETCD_VERSION}\$" "$MOD_ROOT/etc
   die "$MOD_ROOT/etcd/go.mod does not require go.etcd.io/etcd/server/v3 ${ETCD_VERSION}"
 grep -qE "^require sigs\.k8s\.io/kwok ${KWOK_VERSION}\$" "$MOD_ROOT/kwok/go.mod" ||
   die "$MOD_ROOT/kwok/go.mod does not require sigs.k8s.io/kwok ${KWOK_VERSION}"
+grep -qE "^require github\.com/containerd/containerd/v2 ${CONTAINERD_VERSION}\$" "$MOD_ROOT/containerd/go.mod" ||
+  die "$MOD_ROOT/containerd/go.mod does not require github.com/containerd/containerd/v2 ${CONTAINERD_VERSION}"
 
 mkdir -p "$OUT_DIR"
 
@@ -154,9 +161,9 @@ k8s_version_ldflags() {
   echo "$flags"
 }
 
-# build_one <binary> <module dir> <package> <version> <minutes> <ldflags>
+# build_one <binary> <module dir> <package> <version> <minutes> <ldflags> [build tags]
 build_one() {
-  local name=$1 moddir=$2 pkg=$3 version=$4 minutes=$5 ldflags=$6 start
+  local name=$1 moddir=$2 pkg=$3 version=$4 minutes=$5 ldflags=$6 tags=${7:-} start
   if [[ -x "$OUT_DIR/$name" ]]; then
     log "cached: $name $version"
     return 0
@@ -165,7 +172,7 @@ build_one() {
   start=$SECONDS
   (
     cd "$MOD_ROOT/$moddir"
-    CGO_ENABLED=0 exec "${GO_BUILD[@]}" -ldflags "$ldflags" -o "$TMP_DIR/$name" "$pkg"
+    CGO_ENABLED=0 exec "${GO_BUILD[@]}" -tags "$tags" -ldflags "$ldflags" -o "$TMP_DIR/$name" "$pkg"
   ) >&2 &
   BUILD_PID=$!
   wait "$BUILD_PID" || die "go build of $name failed"
@@ -188,6 +195,14 @@ build_one kwok kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION" 2 \
   "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}"
 build_one kube-apiserver kubernetes k8s.io/kubernetes/cmd/kube-apiserver "$K8S_VERSION" 5 "$K8S_LDFLAGS"
 build_one kube-scheduler kubernetes k8s.io/kubernetes/cmd/kube-scheduler "$K8S_VERSION" "$sched_minutes" "$K8S_LDFLAGS"
+# The real node (tests/e2e/README.md, "real node"). The storage drivers need
+# cgo or kernel features the node does not use.
+build_one kubelet kubernetes k8s.io/kubernetes/cmd/kubelet "$K8S_VERSION" 7 "$K8S_LDFLAGS"
+CTRD_LDFLAGS="-s -w -X github.com/containerd/containerd/v2/version.Version=${CONTAINERD_VERSION}"
+CTRD_TAGS="no_btrfs no_devmapper no_zfs"
+for cmd in containerd containerd-shim-runc-v2 ctr; do
+  build_one "$cmd" containerd "github.com/containerd/containerd/v2/cmd/$cmd" "$CONTAINERD_VERSION" 3 "$CTRD_LDFLAGS" "$CTRD_TAGS"
+done
 
 all_present || die "some binaries are still missing from $OUT_DIR"
 log "all binaries ready in $OUT_DIR ($((SECONDS - total_start)) s)"
