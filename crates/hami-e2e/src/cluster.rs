@@ -182,7 +182,7 @@ fn start_shared(scheduler_bin: &str, extra_args: &[&str], ha: bool) -> Option<&'
 /// connections, so a component's own client traffic cannot take the port
 /// between this check and the component's bind (seen once in CI as
 /// "Address already in use"). Ports are never handed out twice.
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
     let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
     let mut seed = [0u8; 2];
@@ -213,13 +213,13 @@ fn random_hex(bytes: usize) -> anyhow::Result<String> {
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<PathBuf> {
     let p = dir.join(name);
     fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
     Ok(p)
 }
 
-fn log_file(dir: &Path, name: &str) -> anyhow::Result<(Stdio, Stdio)> {
+pub(crate) fn log_file(dir: &Path, name: &str) -> anyhow::Result<(Stdio, Stdio)> {
     let f = fs::File::create(dir.join(format!("{name}.log")))?;
     Ok((Stdio::from(f.try_clone()?), Stdio::from(f)))
 }
@@ -312,7 +312,7 @@ fn kube_scheduler_args(config: &Path, kubeconfig: &Path, port: u16) -> Vec<Strin
 }
 
 /// Last lines of a component's log, for failure messages.
-pub fn tail(dir: &Path, name: &str, lines: usize) -> String {
+pub(crate) fn tail(dir: &Path, name: &str, lines: usize) -> String {
     let text = fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
@@ -440,7 +440,12 @@ impl Cluster {
         let tokens = write(
             dir,
             "tokens.csv",
-            &format!("{admin_token},admin,admin,\"system:masters\"\n"),
+            &format!(
+                "{admin_token},admin,admin,\"system:masters\"\n{},system:node:{},{},\"system:nodes\"\n",
+                crate::realnode::KUBELET_TOKEN,
+                crate::realnode::REAL_NODE,
+                crate::realnode::REAL_NODE,
+            ),
         )?;
         let kubeconfig = write(
             dir,
@@ -492,7 +497,10 @@ impl Cluster {
                 s("--requestheader-username-headers=X-Remote-User"),
                 s("--requestheader-group-headers=X-Remote-Group"),
                 s("--requestheader-extra-headers-prefix=X-Remote-Extra-"),
-                s("--authorization-mode=RBAC"),
+                // Node: the real node's kubelet acts as itself.
+                s("--authorization-mode=Node,RBAC"),
+                // The real node's name does not resolve; its IP does.
+                s("--kubelet-preferred-address-types=InternalIP"),
                 s("--service-account-issuer=https://kubernetes.default.svc.cluster.local"),
                 format!("--service-account-key-file={}", sa_pub.display()),
                 format!("--service-account-signing-key-file={}", sa_key.display()),
@@ -606,6 +614,11 @@ impl Cluster {
         wait_http(kwok_port, "/healthz", "kwok", Duration::from_secs(30))?;
         *cluster._others.lock().unwrap_or_else(|e| e.into_inner()) = others;
         Ok(cluster)
+    }
+
+    /// Where the Kubernetes binaries are.
+    pub fn k8s_bin(&self) -> &Path {
+        &self.k8s_bin
     }
 
     /// A fresh client (one per test: clients are bound to the runtime that

@@ -20,16 +20,31 @@ static SUPERVISOR: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
 static CLEANUP: Mutex<Cleanup> = Mutex::new(Cleanup {
     pids: Vec::new(),
     dirs: Vec::new(),
+    keep: Vec::new(),
+    first: Vec::new(),
     registered: false,
 });
+
+type Hook = Box<dyn FnOnce() + Send>;
 
 struct Cleanup {
     pids: Vec<u32>,
     dirs: Vec<PathBuf>,
+    /// Dirs (or dirs below them) that must not be removed.
+    keep: Vec<PathBuf>,
+    /// Run before the children are stopped, last registered first.
+    first: Vec<Hook>,
     registered: bool,
 }
 
 extern "C" fn at_exit() {
+    let hooks = match CLEANUP.lock() {
+        Ok(mut c) => std::mem::take(&mut c.first),
+        Err(_) => return,
+    };
+    for h in hooks.into_iter().rev() {
+        h();
+    }
     let Ok(mut c) = CLEANUP.lock() else { return };
     let pids = std::mem::take(&mut c.pids);
     for &pid in pids.iter().rev() {
@@ -56,10 +71,27 @@ extern "C" fn at_exit() {
         }
     }
     if std::env::var_os("HAMI_E2E_KEEP").is_none() {
+        let keep = std::mem::take(&mut c.keep);
         for d in c.dirs.drain(..) {
-            let _ = std::fs::remove_dir_all(d);
+            if !keep.iter().any(|k| k.starts_with(&d)) {
+                let _ = std::fs::remove_dir_all(d);
+            }
         }
     }
+}
+
+/// Runs `hook` when the test binary exits, before its children are
+/// stopped and its dirs removed (for teardown that needs them alive).
+pub fn at_exit_first(hook: Hook) {
+    let mut c = CLEANUP.lock().unwrap_or_else(|e| e.into_inner());
+    register_at_exit(&mut c);
+    c.first.push(hook);
+}
+
+/// Never removes `dir` nor a registered dir above it at exit.
+pub fn keep_dir(dir: &std::path::Path) {
+    let mut c = CLEANUP.lock().unwrap_or_else(|e| e.into_inner());
+    c.keep.push(dir.to_path_buf());
 }
 
 fn register_at_exit(c: &mut Cleanup) {

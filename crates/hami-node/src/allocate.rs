@@ -47,6 +47,50 @@ pub const LIMITS_DIR_NAME: &str = "limits";
 /// HAMi's lock dir, mounted into every GPU container.
 pub const VGPU_LOCK_DIR: &str = "/tmp/vgpulock";
 
+/// Where a container's dynamic loader finds the driver's libraries (the
+/// multiarch dir of glibc-based images, where the NVIDIA container toolkit
+/// puts them too).
+pub const CONTAINER_LIB_DIR: &str = "/usr/lib/x86_64-linux-gnu";
+/// File name, in a container's limits dir, of its simulated cards.
+pub const SIM_DEVICES_FILE_NAME: &str = "sim-gpu-devices";
+/// Where sim-gpu looks in a container (sim-gpu's `config::CONTAINER_ROOT`).
+pub const SIM_CONTAINER_ROOT: &str = "/run/sim-gpu";
+
+/// With `--sim`: hami-node plays the NVIDIA container toolkit for
+/// sim-gpu's driver, so any glibc image runs CUDA programs against the
+/// simulated cards. Each GPU container gets the library as `libcuda.so.1`
+/// and `libnvidia-ml.so.1`, a device file of only its own cards (as the
+/// toolkit exposes only the allocated GPUs, whatever the process's
+/// environment) and the host's shared card state. Test and demo support.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimDriver {
+    /// Host path of `libsim_gpu.so`.
+    pub library: PathBuf,
+    /// The node's device file text (`<memory> <sms> <uuid> <name>` lines).
+    pub devices: String,
+    /// Host dir of the cards' shared state (`SIM_GPU_STATE_DIR`).
+    pub state_dir: PathBuf,
+}
+
+impl SimDriver {
+    /// The device file of a container: the node's lines for `uuids`, in
+    /// that order (the container's CUDA ordinals).
+    pub fn devices_for(&self, uuids: &[&str]) -> String {
+        let mut out = String::new();
+        for u in uuids {
+            if let Some(line) = self
+                .devices
+                .lines()
+                .find(|l| l.split_whitespace().nth(2) == Some(u))
+            {
+                out.push_str(line.trim());
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
 /// What Allocate needs to know about the node.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -64,6 +108,8 @@ pub struct Settings {
     /// Whether a container's `CUDA_DISABLE_CONTROL=true` drops the
     /// `/etc/ld.so.preload` mount (HAMi: always).
     pub allow_disable_control: bool,
+    /// sim-gpu's driver, injected into GPU containers (`--sim`).
+    pub sim: Option<SimDriver>,
 }
 
 impl Settings {
@@ -77,6 +123,7 @@ impl Settings {
             log_level: Some(cfg.lib_cuda_log_level),
             disable_core_limit: cfg.disable_core_limit,
             allow_disable_control: true,
+            sim: None,
         }
     }
 
@@ -200,6 +247,9 @@ pub struct Served {
     pub limits_dir: PathBuf,
     /// The limits file to write into `limits_dir`.
     pub limits: Limits,
+    /// With `--sim`: the container's device file, to write into
+    /// `limits_dir` as [`SIM_DEVICES_FILE_NAME`].
+    pub sim_devices: Option<String>,
     pub response: ContainerAllocateResponse,
 }
 
@@ -280,6 +330,17 @@ fn disables_control(c: &Container) -> bool {
         .any(|e| e.name == DISABLE_CONTROL && e.value.as_deref().is_some_and(go_true))
 }
 
+/// The container's cards, each once, in the order of its devices.
+fn card_uuids(devices: &ContainerDevices) -> Vec<&str> {
+    let mut uuids: Vec<&str> = Vec::new();
+    for d in devices {
+        if !uuids.contains(&d.uuid.as_str()) {
+            uuids.push(&d.uuid);
+        }
+    }
+    uuids
+}
+
 /// The response for one container: what HAMi's device plugin returns in
 /// hami-core mode, plus `HAMI_LIMITS_FILE`.
 pub fn container_response(
@@ -291,13 +352,10 @@ pub fn container_response(
 ) -> ContainerAllocateResponse {
     let vgpu = settings.vgpu_dir();
     let mut envs = HashMap::new();
-    let mut uuids: Vec<&str> = Vec::new();
-    for d in devices {
-        if !uuids.contains(&d.uuid.as_str()) {
-            uuids.push(&d.uuid);
-        }
-    }
-    envs.insert(NVIDIA_VISIBLE_DEVICES.to_string(), uuids.join(","));
+    envs.insert(
+        NVIDIA_VISIBLE_DEVICES.to_string(),
+        card_uuids(devices).join(","),
+    );
     for (i, d) in devices.iter().enumerate() {
         envs.insert(format!("{MEMORY_LIMIT_PREFIX}{i}"), format!("{}m", d.mem));
     }
@@ -366,6 +424,27 @@ pub fn container_response(
             container_path: "/etc/ld.so.preload".to_string(),
             host_path: path(&vgpu.join("ld.so.preload")),
             read_only: true,
+        });
+    }
+    if let Some(sim) = &settings.sim {
+        let lib_dir = Path::new(CONTAINER_LIB_DIR);
+        for name in ["libcuda.so.1", "libnvidia-ml.so.1"] {
+            mounts.push(Mount {
+                container_path: path(&lib_dir.join(name)),
+                host_path: path(&sim.library),
+                read_only: true,
+            });
+        }
+        let root = Path::new(SIM_CONTAINER_ROOT);
+        mounts.push(Mount {
+            container_path: path(&root.join("devices")),
+            host_path: path(&limits_on_host.join(SIM_DEVICES_FILE_NAME)),
+            read_only: true,
+        });
+        mounts.push(Mount {
+            container_path: path(&root.join("state")),
+            host_path: path(&sim.state_dir),
+            read_only: false,
         });
     }
     ContainerAllocateResponse {
@@ -439,7 +518,11 @@ pub fn plan(
             });
         }
         let response = container_response(settings, uid, container, &devices, &cache_id());
+        let sim_devices = settings.sim.as_ref().map(|sim| {
+            sim.devices_for(&card_uuids(&devices))
+        });
         served.push(Served {
+            sim_devices,
             container: container.name.clone(),
             entry,
             host_dir: settings.container_dir(uid, &container.name),

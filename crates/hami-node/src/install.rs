@@ -100,7 +100,7 @@ pub fn install(source: &Path, vgpu_dir: &Path, version: &str) -> Result<Installe
         Err(e) => return Err(at(&dest)(e)),
     }
     let tmp = vgpu_dir.join(format!("{TEMP_PREFIX}{}", std::process::id()));
-    if let Err(e) = write_synced(&tmp, &bytes) {
+    if let Err(e) = write_synced(&tmp, &bytes, 0o755) {
         let _ = std::fs::remove_file(&tmp);
         return Err(at(&tmp)(e));
     }
@@ -118,17 +118,47 @@ pub fn install(source: &Path, vgpu_dir: &Path, version: &str) -> Result<Installe
     })
 }
 
-/// A new file (mode 0755) holding `bytes`, synced to disk.
-fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// A new file of `mode` holding `bytes`, synced to disk.
+fn write_synced(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o755)
+        .mode(mode)
         .open(path)?;
     f.write_all(bytes)?;
-    f.set_permissions(std::fs::Permissions::from_mode(0o755))?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
     f.sync_all()
+}
+
+/// Name of the preload list Allocate mounts as a container's
+/// `/etc/ld.so.preload`.
+pub const PRELOAD_NAME: &str = "ld.so.preload";
+
+/// Writes `<vgpu_dir>/ld.so.preload`, naming the library where Allocate
+/// mounts it in every container (`<vgpu_dir>/libvgpu.so`, the same path
+/// as on the host, HAMi's layout), unless it already says so. Temp file,
+/// sync, rename: a container never mounts half a list. Returns whether it
+/// was written.
+pub fn write_preload(vgpu_dir: &Path) -> Result<bool, InstallError> {
+    let at = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| InstallError::Target { path, source }
+    };
+    let dest = vgpu_dir.join(PRELOAD_NAME);
+    let want = format!("{}\n", vgpu_dir.join(LIBRARY_NAME).display());
+    if std::fs::read_to_string(&dest).is_ok_and(|have| have == want) {
+        return Ok(false);
+    }
+    std::fs::create_dir_all(vgpu_dir).map_err(at(vgpu_dir))?;
+    let tmp = vgpu_dir.join(format!(".{PRELOAD_NAME}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    if let Err(e) = write_synced(&tmp, want.as_bytes(), 0o644) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(at(&tmp)(e));
+    }
+    std::fs::rename(&tmp, &dest).map_err(at(&dest))?;
+    Ok(true)
 }
 
 /// Removes the temporary files an interrupted install left in `dir`.
@@ -189,6 +219,19 @@ mod tests {
             versioned_name("0.1.0", b"abc"),
             "libvgpu.so.0.1.0-ba7816bf8f01"
         );
+    }
+
+    #[test]
+    fn the_preload_list_names_the_mounted_library_and_is_written_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let vgpu = dir.path().join("hook/vgpu");
+        assert!(write_preload(&vgpu).unwrap());
+        let text = std::fs::read_to_string(vgpu.join(PRELOAD_NAME)).unwrap();
+        assert_eq!(text, format!("{}\n", vgpu.join("libvgpu.so").display()));
+        assert!(!write_preload(&vgpu).unwrap(), "rewritten with nothing changed");
+        std::fs::write(vgpu.join(PRELOAD_NAME), "/elsewhere.so\n").unwrap();
+        assert!(write_preload(&vgpu).unwrap());
+        assert_one_file_in(&vgpu);
     }
 
     #[test]

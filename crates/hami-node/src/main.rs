@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use hami_api::device::decode_devices;
 use hami_api::{DeviceConfig, NvidiaConfig};
-use hami_node::allocate::Settings;
+use hami_node::allocate::{Settings, SimDriver};
 use hami_node::discovery::{self, CardSettings, Discovery, Fixed, Scan};
 use hami_node::install;
 use hami_node::pending::KubeStore;
@@ -146,10 +146,57 @@ fn main() -> anyhow::Result<()> {
             std::env::set_var("SIM_GPU_CONFIG", file);
         }
     }
+    if sim_mode(&args) && std::env::var_os(SIM_STATE_ENV).is_none_or(|v| v.is_empty()) {
+        // The cards' state must be where the containers' mount finds it.
+        // SAFETY: as above.
+        unsafe { std::env::set_var(SIM_STATE_ENV, args.hook_path.join("vgpu/sim-gpu-state")) };
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
         .block_on(run(args))
+}
+
+/// sim-gpu's state dir variable.
+const SIM_STATE_ENV: &str = "SIM_GPU_STATE_DIR";
+
+fn sim_mode(args: &Args) -> bool {
+    args.sim || args.sim_devices.is_some()
+}
+
+/// With `--sim` (or `--sim-devices`): what Allocate injects into GPU
+/// containers, from the library NVML is loaded from (`--nvml-lib` names
+/// sim-gpu's then) and sim-gpu's own settings.
+fn sim_driver(args: &Args) -> anyhow::Result<Option<SimDriver>> {
+    if !sim_mode(args) {
+        return Ok(None);
+    }
+    let exe = std::env::current_exe().ok();
+    let library = discovery::nvml_lib(args.nvml_lib.as_deref(), true, exe.as_deref());
+    if !library.is_absolute() {
+        tracing::warn!(
+            "sim-gpu's library was found by name ({}), so containers do not get it: put libsim_gpu.so next to hami-node",
+            library.display()
+        );
+        return Ok(None);
+    }
+    let devices = match (
+        std::env::var("SIM_GPU_DEVICES"),
+        std::env::var_os("SIM_GPU_CONFIG"),
+    ) {
+        (Ok(inline), _) => inline.replace(';', "\n"),
+        (_, Some(file)) => std::fs::read_to_string(&file)
+            .with_context(|| format!("reading sim-gpu's device file {}", file.to_string_lossy()))?,
+        _ => String::new(),
+    };
+    let state_dir = PathBuf::from(std::env::var_os(SIM_STATE_ENV).unwrap_or_default());
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("creating sim-gpu's state dir {}", state_dir.display()))?;
+    Ok(Some(SimDriver {
+        library,
+        devices,
+        state_dir,
+    }))
 }
 
 /// The card source: `--cards-file`, else NVML.
@@ -213,8 +260,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Settings::library_path(&args.hook_path, version, versioned.exists())
         }
     };
+    if install::write_preload(&settings.vgpu_dir())? {
+        tracing::info!(
+            "wrote {}",
+            settings.vgpu_dir().join(install::PRELOAD_NAME).display()
+        );
+    }
     let client = hami_kube::client::connect(args.kubeconfig.as_deref()).await?;
     settings.allow_disable_control = args.allow_disable_control;
+    settings.sim = sim_driver(&args)?;
     let store = Arc::new(KubeStore::new(
         client.clone(),
         &args.node_name,
