@@ -316,7 +316,7 @@ pub fn run(args: &RunArgs) -> Result<Outcome> {
     // Every path handed to the command is absolute: it may change directory.
     let dir = absolute(dir)?;
     let cache = dir.join("vgpu.cache");
-    let limits_file = dir.join("hami-limits");
+    let limits_file = dir.join(hami_shm::limits::FILE_NAME);
 
     // The region holds the limits from the start, so processes that do not
     // inherit the environment are held to them too.

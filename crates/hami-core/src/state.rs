@@ -111,9 +111,35 @@ pub(crate) fn global() -> &'static Global {
     GLOBAL.get_or_init(init_global)
 }
 
+/// The file `name` in the directory this library was loaded from, when
+/// it exists: the node agent mounts the library and the limits file side
+/// by side (`<hook>/vgpu/`), so a process started without the container's
+/// environment finds its limits whatever the hook path.
+fn beside_this_library(name: &str) -> Option<std::path::PathBuf> {
+    // SAFETY: a zeroed Dl_info is valid; dladdr fills it for an address
+    // inside this library (this function's own).
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    let found = unsafe { libc::dladdr(beside_this_library as *const libc::c_void, &mut info) };
+    if found == 0 || info.dli_fname.is_null() {
+        return None;
+    }
+    // SAFETY: dli_fname is a NUL-terminated path owned by the loader.
+    let me = unsafe { std::ffi::CStr::from_ptr(info.dli_fname) };
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = std::path::Path::new(std::ffi::OsStr::from_bytes(me.to_bytes()))
+        .parent()?
+        .join(name);
+    path.is_file().then_some(path)
+}
+
 fn init_global() -> Global {
     let mut warnings = Vec::new();
-    let env = InterposerEnv::from_process(&mut warnings);
+    let mut env = InterposerEnv::from_process(&mut warnings);
+    if std::env::var_os(hami_shm::env::LIMITS_FILE).is_none()
+        && let Some(p) = beside_this_library(hami_shm::limits::FILE_NAME)
+    {
+        env.limits_file = p;
+    }
     log::LEVEL.store(env.log_level, Relaxed);
     for w in &warnings {
         hlog!(WARN, "{w}");

@@ -65,16 +65,15 @@ impl Layer {
                 cur.push('/');
             }
             cur.push_str(part);
-            self.entries
-                .entry(cur.clone())
-                .or_insert(Entry::Dir(0o755));
+            self.entries.entry(cur.clone()).or_insert(Entry::Dir(0o755));
         }
     }
 
     /// The host's static busybox with the usual applets, and the dirs a
     /// container runtime expects (`tmp` 1777, `proc`, `sys`, `dev`, `etc`).
     pub fn busybox() -> anyhow::Result<Layer> {
-        let mut l = Layer::new().file("/bin/busybox", Path::new(crate::realnode::BUSYBOX), 0o755)?;
+        let mut l =
+            Layer::new().file("/bin/busybox", Path::new(crate::realnode::BUSYBOX), 0o755)?;
         for a in crate::realnode::APPLETS {
             l = l.link(&format!("/bin/{a}"), "busybox");
         }
@@ -199,7 +198,11 @@ pub fn shared_libraries(files: &[&Path]) -> anyhow::Result<Vec<PathBuf>> {
             if text.contains("not a dynamic executable") {
                 continue;
             }
-            bail!("ldd {}: {}", f.display(), String::from_utf8_lossy(&o.stderr));
+            bail!(
+                "ldd {}: {}",
+                f.display(),
+                String::from_utf8_lossy(&o.stderr)
+            );
         }
         for line in text.lines() {
             // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)` or

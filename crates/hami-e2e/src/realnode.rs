@@ -48,8 +48,8 @@ pub(crate) const BUSYBOX: &str = "/bin/busybox";
 const MACHINE_LOCK: &str = "/run/hami-e2e-real-node.lock";
 /// Applets linked in the busybox image.
 pub(crate) const APPLETS: &[&str] = &[
-    "sh", "sleep", "cat", "echo", "env", "ls", "true", "false", "test", "grep", "kill", "ps",
-    "wc", "head", "id", "mount",
+    "sh", "sleep", "cat", "echo", "env", "ls", "true", "false", "test", "grep", "kill", "ps", "wc",
+    "head", "id", "mount",
 ];
 
 /// The real node of this test binary.
@@ -156,9 +156,7 @@ fn node_ip() -> anyhow::Result<String> {
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!(
             "{cmd:?} failed: {}{}",
@@ -180,7 +178,9 @@ impl RealNode {
         use std::os::fd::AsRawFd as _;
         // SAFETY: flock on an open fd.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            bail!("another test binary runs a real node on this machine ({MACHINE_LOCK} is locked)");
+            bail!(
+                "another test binary runs a real node on this machine ({MACHINE_LOCK} is locked)"
+            );
         }
         // Held until the process exits.
         std::mem::forget(lock);
@@ -198,7 +198,15 @@ impl RealNode {
     }
 
     fn start_in(cluster: &'static Cluster, root: &Path) -> anyhow::Result<RealNode> {
-        for d in ["etc", "run", "bin", "images", "cni/net.d", "cni/ipam", "pod-logs"] {
+        for d in [
+            "etc",
+            "run",
+            "bin",
+            "images",
+            "cni/net.d",
+            "cni/ipam",
+            "pod-logs",
+        ] {
             fs::create_dir_all(root.join(d))?;
         }
         let created_var_lib_kubelet = !Path::new("/var/lib/kubelet").exists();
@@ -415,7 +423,10 @@ syncFrequency: 5s
 
     /// Starts the kubelet (again, after [`RealNode::kill_kubelet`]).
     pub fn start_kubelet(&self) -> anyhow::Result<()> {
-        let mut n = self.kubelet_starts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut n = self
+            .kubelet_starts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         *n += 1;
         let log = if *n == 1 {
             "kubelet".to_string()
@@ -447,7 +458,10 @@ syncFrequency: 5s
 
     /// The kubelet's log (all its runs), for failure messages.
     pub fn kubelet_log_tail(&self, lines: usize) -> String {
-        let n = *self.kubelet_starts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = *self
+            .kubelet_starts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let last = if n <= 1 {
             "kubelet".to_string()
         } else {
@@ -661,7 +675,11 @@ fn teardown(root: &Path, var_lib_kubelet: bool, var_log_containers: bool) {
 
 /// The kubelet's pod cgroups, bottom-up, in every hierarchy.
 fn remove_cgroups() {
-    for h in fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+    for h in fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let top = h.path().join("kubepods");
         if top.is_dir() {
             let _ = Command::new("find")
@@ -691,7 +709,10 @@ fn sweep_dead_nodes() {
         if alive || !root.is_dir() {
             continue;
         }
-        eprintln!("real node: sweeping {} left by dead pid {pid}", root.display());
+        eprintln!(
+            "real node: sweeping {} left by dead pid {pid}",
+            root.display()
+        );
         teardown(&root, false, false);
         if mounts_under(&root).is_empty() {
             let _ = fs::remove_dir_all(e.path());

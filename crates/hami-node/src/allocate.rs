@@ -39,7 +39,7 @@ pub const LIMITS_FILE: &str = shm_env::LIMITS_FILE;
 /// Container env with which a container opts out of the interposer.
 pub const DISABLE_CONTROL: &str = shm_env::DISABLE_CONTROL;
 /// File name of the limits file in the container's limits dir.
-pub const LIMITS_FILE_NAME: &str = "hami-limits";
+pub const LIMITS_FILE_NAME: &str = hami_shm::limits::FILE_NAME;
 /// Name of the read-only limits dir under `<hook>/vgpu`: on the host the
 /// parent of every container's limits dir, in the container the mount
 /// point of its own.
@@ -518,9 +518,10 @@ pub fn plan(
             });
         }
         let response = container_response(settings, uid, container, &devices, &cache_id());
-        let sim_devices = settings.sim.as_ref().map(|sim| {
-            sim.devices_for(&card_uuids(&devices))
-        });
+        let sim_devices = settings
+            .sim
+            .as_ref()
+            .map(|sim| sim.devices_for(&card_uuids(&devices)));
         served.push(Served {
             sim_devices,
             container: container.name.clone(),

@@ -228,7 +228,10 @@ mod tests {
         assert!(write_preload(&vgpu).unwrap());
         let text = std::fs::read_to_string(vgpu.join(PRELOAD_NAME)).unwrap();
         assert_eq!(text, format!("{}\n", vgpu.join("libvgpu.so").display()));
-        assert!(!write_preload(&vgpu).unwrap(), "rewritten with nothing changed");
+        assert!(
+            !write_preload(&vgpu).unwrap(),
+            "rewritten with nothing changed"
+        );
         std::fs::write(vgpu.join(PRELOAD_NAME), "/elsewhere.so\n").unwrap();
         assert!(write_preload(&vgpu).unwrap());
         assert_one_file_in(&vgpu);

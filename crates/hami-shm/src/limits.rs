@@ -24,6 +24,10 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
+/// The limits file's name where the node agent puts it: beside the
+/// interposer library in `<hook>/vgpu/` (the default path's name too).
+pub const FILE_NAME: &str = "hami-limits";
+
 /// First line written by [`encode`].
 pub const HEADER: &str = "# hami-rs limits v1";
 
