@@ -154,24 +154,39 @@ fn start_shared(scheduler_bin: &str, extra_args: &[&str], ha: bool) -> Option<&'
         if ha {
             own_host_names()?;
         }
-        // Startup blocks; run it on its own thread so it does not matter
-        // which runtime (if any) the first test uses.
         let scheduler_bin = PathBuf::from(scheduler_bin);
-        let started = std::thread::spawn(move || Cluster::start(&bin, &scheduler_bin, extra, ha))
-            .join()
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("cluster startup panicked")));
-        match started {
-            Ok(c) => Ok(c),
-            Err(e) => panic!("the e2e control plane did not start: {e:#}"),
-        }
+        Ok(start_blocking("the e2e control plane", move || {
+            Cluster::start(&bin, &scheduler_bin, extra, ha)
+        }))
     });
+    available(r, "e2e")
+}
+
+/// Runs a blocking startup on its own thread (so it does not matter which
+/// runtime, if any, the first test uses); panics naming `what` if it fails.
+pub(crate) fn start_blocking<T: Send + 'static>(
+    what: &str,
+    start: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> T {
+    let started = std::thread::spawn(start)
+        .join()
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("startup panicked")));
+    match started {
+        Ok(v) => v,
+        Err(e) => panic!("{what} did not start: {e:#}"),
+    }
+}
+
+/// A shared test fixture, or why there is none: `None` after printing the
+/// reason (the test skips), or a panic when HAMI_E2E_REQUIRE=1.
+pub(crate) fn available<T>(r: &'static Result<T, String>, what: &str) -> Option<&'static T> {
     match r {
-        Ok(c) => Some(c),
+        Ok(v) => Some(v),
         Err(reason) => {
             if std::env::var("HAMI_E2E_REQUIRE").is_ok_and(|v| v == "1") {
                 panic!("HAMI_E2E_REQUIRE=1 but: {reason}");
             }
-            eprintln!("SKIP e2e: {reason}");
+            eprintln!("SKIP {what}: {reason}");
             None
         }
     }

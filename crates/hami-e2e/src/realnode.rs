@@ -25,7 +25,7 @@ use anyhow::{Context, bail};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams};
 
-use crate::cluster::{Cluster, free_port, log_file, tail, write};
+use crate::cluster::{Cluster, available, free_port, log_file, start_blocking, tail, write};
 use crate::procs;
 
 /// Name of the real node.
@@ -106,24 +106,11 @@ impl Cluster {
             if let Some(reason) = missing() {
                 return Err(reason);
             }
-            let started = std::thread::spawn(move || RealNode::start(self))
-                .join()
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("real node startup panicked")));
-            match started {
-                Ok(n) => Ok(n),
-                Err(e) => panic!("the e2e real node did not start: {e:#}"),
-            }
+            Ok(start_blocking("the e2e real node", move || {
+                RealNode::start(self)
+            }))
         });
-        match r {
-            Ok(n) => Some(n),
-            Err(reason) => {
-                if std::env::var("HAMI_E2E_REQUIRE").is_ok_and(|v| v == "1") {
-                    panic!("HAMI_E2E_REQUIRE=1 but: {reason}");
-                }
-                eprintln!("SKIP real node: {reason}");
-                None
-            }
-        }
+        available(r, "real node")
     }
 }
 

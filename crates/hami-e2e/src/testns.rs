@@ -225,6 +225,17 @@ impl TestNs {
         .await
     }
 
+    /// The node's lock annotation (`hami.io/mutex.lock`), if set.
+    pub async fn node_lock(&self, node: &str) -> Option<String> {
+        Api::<Node>::all(self.client.clone())
+            .get(node)
+            .await
+            .unwrap_or_else(|e| panic!("get node {node}: {e}"))
+            .metadata
+            .annotations
+            .and_then(|a| a.get(ann::NODE_LOCK).cloned())
+    }
+
     /// The pod's annotation, if set.
     pub fn annotation(pod: &Pod, key: &str) -> Option<String> {
         pod.metadata

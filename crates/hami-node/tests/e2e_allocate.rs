@@ -81,16 +81,6 @@ async fn lock_node(ns: &TestNs, node: &str, pod: &str) -> String {
     value
 }
 
-async fn node_lock(ns: &TestNs, node: &str) -> Option<String> {
-    Api::<Node>::all(ns.client.clone())
-        .get(node)
-        .await
-        .unwrap()
-        .metadata
-        .annotations
-        .and_then(|a| a.get(ann::NODE_LOCK).cloned())
-}
-
 /// Creates a pod bound to `node` carrying what hami-scheduler's bind
 /// writes (annotations, and the vgpu-node label).
 async fn bound_pod(ns: &TestNs, name: &str, node: &str, devices: &str) -> Pod {
@@ -209,7 +199,7 @@ async fn allocate_serves_the_bound_pod_then_refuses_when_none_waits() {
     assert_eq!(a[ann::NVIDIA_DEVICES_TO_ALLOCATE], ";");
     assert_eq!(a[ann::BIND_PHASE], "success");
     assert_eq!(a[ann::NVIDIA_DEVICES_ALLOCATED], devices, "allocated stays");
-    assert_eq!(node_lock(&ns, &node).await, None, "lock {lock} released");
+    assert_eq!(ns.node_lock(&node).await, None, "lock {lock} released");
 
     // Nothing waits any more: an error that says why, and nothing changes.
     let err = within("Allocate", client.allocate(request(&[format!("{card}-5")])))
@@ -227,7 +217,7 @@ async fn allocate_serves_the_bound_pod_then_refuses_when_none_waits() {
         unchanged.metadata.resource_version, after.metadata.resource_version,
         "the pod was not written"
     );
-    assert_eq!(node_lock(&ns, &node).await, None);
+    assert_eq!(ns.node_lock(&node).await, None);
     assert!(
         ns.events_for("train")
             .await
@@ -266,7 +256,7 @@ async fn a_failed_allocate_marks_the_pod_failed_releases_the_lock_and_says_why()
         "GPU-elsewhere,NVIDIA,1000,10:;",
         "nothing was allocated"
     );
-    assert_eq!(node_lock(&ns, &node).await, None, "lock released");
+    assert_eq!(ns.node_lock(&node).await, None, "lock released");
     let event = ns
         .wait_event("stray", ALLOCATE_FAILED, Duration::from_secs(30))
         .await;
@@ -304,7 +294,7 @@ async fn a_two_container_pod_keeps_the_lock_until_its_last_container() {
         format!(";{b},NVIDIA,2000,20:;")
     );
     assert_eq!(mid[ann::BIND_PHASE], "allocating");
-    assert_eq!(node_lock(&ns, &node).await.as_deref(), Some(lock.as_str()));
+    assert_eq!(ns.node_lock(&node).await.as_deref(), Some(lock.as_str()));
 
     // The second: done, lock released.
     let r = within("Allocate", client.allocate(request(&[format!("{b}-0")])))
@@ -324,5 +314,5 @@ async fn a_two_container_pod_keeps_the_lock_until_its_last_container() {
     let end = annotations(&ns.get_pod("pair").await);
     assert_eq!(end[ann::NVIDIA_DEVICES_TO_ALLOCATE], ";;");
     assert_eq!(end[ann::BIND_PHASE], "success");
-    assert_eq!(node_lock(&ns, &node).await, None);
+    assert_eq!(ns.node_lock(&node).await, None);
 }

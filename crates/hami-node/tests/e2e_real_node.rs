@@ -286,16 +286,9 @@ async fn a_pod_through_webhook_scheduler_kubelet_and_allocate_runs_limited() {
         TestNs::annotation(&pod, ann::BIND_PHASE).as_deref(),
         Some("success")
     );
-    let node = Api::<Node>::all(ns.client.clone())
-        .get(&s.node.name)
-        .await
-        .unwrap();
-    assert!(
-        !node
-            .metadata
-            .annotations
-            .unwrap_or_default()
-            .contains_key(ann::NODE_LOCK),
+    assert_eq!(
+        ns.node_lock(&s.node.name).await,
+        None,
         "the node lock is released"
     );
 }
@@ -477,18 +470,6 @@ async fn bound_as_hamis_scheduler_would(s: &Setup, ns: &TestNs, name: &str, card
     ns.create_pod(pod).await.expect("creating the bound pod");
 }
 
-async fn node_lock(ns: &TestNs, node: &str) -> Option<String> {
-    Api::<Node>::all(ns.client.clone())
-        .get(node)
-        .await
-        .unwrap()
-        .metadata
-        .annotations
-        .unwrap_or_default()
-        .get(ann::NODE_LOCK)
-        .cloned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_bound_with_hamis_annotations_alone_allocates_and_one_naming_no_card_fails() {
     let Some(s) = setup() else { return };
@@ -509,7 +490,7 @@ async fn a_pod_bound_with_hamis_annotations_alone_allocates_and_one_naming_no_ca
         TestNs::annotation(&pod, ann::BIND_PHASE).as_deref(),
         Some("success")
     );
-    assert_eq!(node_lock(&ns, &s.node.name).await, None, "lock released");
+    assert_eq!(ns.node_lock(&s.node.name).await, None, "lock released");
 
     // A card this node does not have: Allocate fails the pod, says why,
     // and releases the lock.
@@ -531,7 +512,7 @@ async fn a_pod_bound_with_hamis_annotations_alone_allocates_and_one_naming_no_ca
         "an event names the card: {:?}",
         ns.events_for("no-card").await
     );
-    assert_eq!(node_lock(&ns, &s.node.name).await, None, "lock released");
+    assert_eq!(ns.node_lock(&s.node.name).await, None, "lock released");
 }
 
 /// One test at a time on the node: some stop the kubelet or hami-node or
@@ -547,7 +528,6 @@ async fn kubelet_and_hami_node_restarts_lose_nothing() {
     let _node = serial().await;
     wait_node_serves(s).await;
     let ns = s.cluster.namespace("real-restart").await;
-    let nodes: Api<Node> = Api::all(ns.client.clone());
     let limits = json!({"nvidia.com/gpu": 1, "nvidia.com/gpumem": 1000});
     let probe = ["/bin/cuda-probe", "init", "alloc", "1001m"];
 
@@ -615,12 +595,9 @@ async fn kubelet_and_hami_node_restarts_lose_nothing() {
     let (pod, log) = wait_finished(s, &ns, "after-agent").await;
     assert_eq!(phase(&pod), "Succeeded", "{log}");
     assert_eq!(line(&log, "alloc", 0)[1], "2", "limited: {log}");
-    let n = nodes.get(&s.node.name).await.unwrap();
-    assert!(
-        !n.metadata
-            .annotations
-            .unwrap_or_default()
-            .contains_key(ann::NODE_LOCK),
+    assert_eq!(
+        ns.node_lock(&s.node.name).await,
+        None,
         "no lock left behind"
     );
 }
