@@ -8,6 +8,7 @@
 
 pub mod allocation;
 pub mod annotations;
+pub mod build_info;
 pub mod config;
 pub mod device;
 pub mod error;

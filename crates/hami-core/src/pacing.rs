@@ -371,6 +371,10 @@ fn paced(stream: usize, ptds: bool, launch: impl FnOnce() -> CUresult) -> CUresu
     let g = global();
     g.note_launch();
     priority_gate(g);
+    // For the node monitor's seconds-since-last-kernel, paced or not.
+    if let Some(slot) = g.region.slots.get(process().slot) {
+        slot.last_launch_ns.store(monotonic_ns(), Relaxed);
+    }
     if !g.pacing_any() {
         return launch();
     }
@@ -458,7 +462,6 @@ fn paced_slow(
         });
         if let Some(slot) = g.region.slots.get(p.slot) {
             slot.launches[dev].fetch_add(1, Relaxed);
-            slot.last_launch_ns.store(monotonic_ns(), Relaxed);
         }
     } else {
         m.free_events.push(a);

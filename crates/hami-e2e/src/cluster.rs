@@ -323,6 +323,8 @@ fn kube_scheduler_args(config: &Path, kubeconfig: &Path, port: u16) -> Vec<Strin
         format!("--authorization-kubeconfig={}", kubeconfig.display()),
         "--bind-address=127.0.0.1".to_string(),
         format!("--secure-port={port}"),
+        // Logs why each pod did not fit ("no fit"), for failure messages.
+        "--v=2".to_string(),
     ]
 }
 
@@ -830,6 +832,15 @@ impl Cluster {
     /// The last lines of hami-scheduler's log (all runs).
     pub fn scheduler_log_tail(&self, lines: usize) -> String {
         tail(&self.dir, "hami-scheduler", lines)
+    }
+
+    /// The last `lines` lines of a component's log (`hami-scheduler`,
+    /// `kube-scheduler`, ...) that contain `needle`, for failure messages.
+    pub fn log_lines_with(&self, component: &str, needle: &str, lines: usize) -> String {
+        let text =
+            fs::read_to_string(self.dir.join(format!("{component}.log"))).unwrap_or_default();
+        let hits: Vec<&str> = text.lines().filter(|l| l.contains(needle)).collect();
+        hits[hits.len().saturating_sub(lines)..].join("\n")
     }
 
     async fn register_webhook(&self) -> anyhow::Result<()> {

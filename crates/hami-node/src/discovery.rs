@@ -298,6 +298,11 @@ impl Discovery {
     pub fn settings(&self) -> &CardSettings {
         &self.settings
     }
+
+    /// The loaded NVML (for the node monitor's host metrics).
+    pub fn nvml(&self) -> &'static Nvml {
+        self.nvml
+    }
 }
 
 impl Scan for Discovery {

@@ -15,15 +15,20 @@
 //! * [`pending`]: the Kubernetes side of Allocate (find the pod, patch it,
 //!   release the node lock, write events);
 //! * [`plugin`]: the `DevicePlugin` gRPC service and its unix socket server;
-//! * [`register`]: the `Registration` client.
+//! * [`register`]: the `Registration` client;
+//! * [`monitor`]: per-container usage from the shared regions, dead
+//!   processes' slots, dirs of pods that are gone;
+//! * [`monitor_http`]: the monitor's loop, its pod watch and its metrics
+//!   listener.
 //!
-//! The node monitor, MIG and topology scores are still to come
-//! (docs/node.md).
+//! MIG and topology scores are still to come (docs/node.md).
 
 pub mod allocate;
 pub mod devices;
 pub mod discovery;
 pub mod install;
+pub mod monitor;
+pub mod monitor_http;
 pub mod pending;
 pub mod plugin;
 pub mod register;

@@ -16,6 +16,8 @@ use hami_api::{DeviceConfig, NvidiaConfig};
 use hami_node::allocate::{Settings, SimDriver};
 use hami_node::discovery::{self, CardSettings, Discovery, Fixed, Scan};
 use hami_node::install;
+use hami_node::monitor::{HostGpus, Monitor, NvmlGpus};
+use hami_node::monitor_http;
 use hami_node::pending::KubeStore;
 use hami_node::plugin::{self, Plugin};
 use hami_node::register::register;
@@ -26,7 +28,7 @@ use tokio::sync::watch;
 #[command(
     name = "hami-node",
     version,
-    about = "hami-rs node agent: card discovery, node registration, kubelet device plugin"
+    about = "hami-rs node agent: card discovery, node registration, kubelet device plugin, node monitor"
 )]
 struct Args {
     /// This node's name.
@@ -96,6 +98,32 @@ struct Args {
     /// `/etc/ld.so.preload` mount (HAMi: always).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     allow_disable_control: bool,
+    /// Where the node monitor serves `/metrics` (HAMi's vgpu-monitor port;
+    /// its chart exposes it as NodePort 31992); `off` runs no monitor.
+    #[arg(long, default_value = "0.0.0.0:9394", value_parser = parse_listen)]
+    monitor_address: Listen,
+    /// How often the monitor reads the containers' regions.
+    #[arg(long, default_value = "5s", value_parser = parse_period)]
+    monitor_period: Duration,
+    /// How long the dirs of a pod the API server no longer lists on this
+    /// node are kept before the monitor removes them.
+    #[arg(long, default_value = "60s", value_parser = parse_period)]
+    monitor_cleanup_grace: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Listen {
+    Off,
+    At(std::net::SocketAddr),
+}
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if s == "off" {
+        return Ok(Listen::Off);
+    }
+    s.parse()
+        .map(Listen::At)
+        .map_err(|e| format!("{s:?} is neither `off` nor an address like 0.0.0.0:9394: {e}"))
 }
 
 fn parse_period(s: &str) -> Result<Duration, String> {
@@ -199,15 +227,19 @@ fn sim_driver(args: &Args) -> anyhow::Result<Option<SimDriver>> {
     }))
 }
 
-/// The card source: `--cards-file`, else NVML.
-fn scanner(args: &Args, settings: CardSettings) -> anyhow::Result<Box<dyn Scan>> {
+type SharedHostGpus = Arc<dyn HostGpus>;
+
+/// The card source: `--cards-file`, else NVML (which also gives the
+/// monitor's host metrics).
+fn scanner(
+    args: &Args,
+    settings: CardSettings,
+) -> anyhow::Result<(Box<dyn Scan>, Option<SharedHostGpus>)> {
     if let Some(path) = &args.cards_file {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        return Ok(Box::new(Fixed(decode_devices(
-            &path.display().to_string(),
-            &text,
-        )?)));
+        let cards = decode_devices(&path.display().to_string(), &text)?;
+        return Ok((Box::new(Fixed(cards)), None));
     }
     let exe = std::env::current_exe().ok();
     let lib = discovery::nvml_lib(
@@ -217,7 +249,8 @@ fn scanner(args: &Args, settings: CardSettings) -> anyhow::Result<Box<dyn Scan>>
     );
     let d = Discovery::open(lib.as_os_str(), settings)?;
     tracing::info!("NVML loaded from {}", lib.display());
-    Ok(Box::new(d))
+    let host: Arc<dyn HostGpus> = Arc::new(NvmlGpus(d.nvml()));
+    Ok((Box::new(d), Some(host)))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -225,7 +258,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let node = discovery::node_settings(cluster, args.node_config.as_deref(), &args.node_name)?;
     let cfg = node.config;
     let node_numa = node.numa_topology;
-    let mut scanner = scanner(&args, node.cards)?;
+    let (mut scanner, host_gpus) = scanner(&args, node.cards)?;
     let cards = scanner.scan()?;
     tracing::info!(cards = cards.len(), "found the node's cards");
     let resource = args
@@ -291,6 +324,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    if let Listen::At(addr) = args.monitor_address {
+        let shared = monitor_http::Shared::default();
+        let (bound, server) = monitor_http::serve(addr, shared.clone()).await?;
+        let (pods, watch) = monitor_http::pod_store(client.clone(), &args.node_name);
+        tokio::spawn(watch);
+        let monitor = Monitor::new(&settings.vgpu_dir(), args.monitor_cleanup_grace);
+        tokio::spawn(monitor_http::run(
+            monitor,
+            pods,
+            host_gpus,
+            args.monitor_period,
+            shared,
+        ));
+        tokio::spawn(server);
+        tracing::info!("node monitor listening on {bound}");
+    }
     let registration = Registration::new(client.clone(), &args.node_name, cards_tx)
         .with_period(args.rescan_period);
     let registration = tokio::spawn(registration.run(scanner, stopped(stopping.clone())));

@@ -92,6 +92,7 @@ async fn binary_registers_serves_its_cards_registers_again_after_a_kubelet_resta
             .arg(format!("--kubeconfig={}", kubeconfig.display()))
             .arg(format!("--hook-path={}", dir.path().join("hook").display()))
             .arg(format!("--lib-source={}", lib.display()))
+            .arg("--monitor-address=127.0.0.1:0")
             .stdin(Stdio::null())
             .spawn()
             .expect("starting hami-node"),

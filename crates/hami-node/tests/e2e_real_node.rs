@@ -83,6 +83,18 @@ impl Setup {
         *self.hami_node.lock().unwrap() = Some(hami_e2e::spawn_child(cmd).unwrap());
     }
 
+    /// The running hami-node's monitor address, from its log.
+    async fn monitor_address(&self) -> String {
+        wait_for(WAIT, "hami-node's monitor listening", || async {
+            let log = self.hami_node_log();
+            log.lines()
+                .rev()
+                .find_map(|l| l.split("node monitor listening on ").nth(1))
+                .map(|a| a.trim().to_string())
+        })
+        .await
+    }
+
     fn hami_node_log(&self) -> String {
         let n = *self.hami_node_starts.lock().unwrap();
         std::fs::read_to_string(self.node.root.join(format!("hami-node-{n}.log")))
@@ -118,6 +130,9 @@ fn setup() -> Option<&'static Setup> {
                 format!("--hook-path={}", s(&node.root.join("hook"))),
                 format!("--lib-source={}", s(&a.vgpu)),
                 "--rescan-period=2s".to_string(),
+                "--monitor-address=127.0.0.1:0".to_string(),
+                "--monitor-period=500ms".to_string(),
+                "--monitor-cleanup-grace=2s".to_string(),
             ];
             let setup = Setup {
                 cluster,
@@ -600,4 +615,176 @@ async fn kubelet_and_hami_node_restarts_lose_nothing() {
         None,
         "no lock left behind"
     );
+}
+
+/// `GET path` from the monitor, the body.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut c = std::net::TcpStream::connect(addr).expect("connecting to the monitor");
+    write!(c, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    c.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    body.to_string()
+}
+
+/// The value of `metric` for the pod's container `main`, device index 0.
+fn container_series(metrics: &str, metric: &str, ns: &str, pod: &str) -> Option<f64> {
+    let prefix = format!(
+        "{metric}{{namespace=\"{ns}\",pod=\"{pod}\",container=\"main\",vdevice_index=\"0\",device_uuid=\"GPU-"
+    );
+    metrics
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_monitor_shows_each_pods_usage_frees_a_killed_process_and_forgets_the_pod() {
+    let Some(s) = setup() else { return };
+    let _node = serial().await;
+    wait_node_serves(s).await;
+    let addr = s.monitor_address().await;
+    let ns = s.cluster.namespace("real-monitor").await;
+    // The container's own process uses no CUDA: what the exec'd process
+    // leaves behind is nobody's once it is killed.
+    let pod = probe_pod(
+        &ns,
+        "mon",
+        // A cores limit: the pacer measures kernel time only when it paces.
+        json!({"nvidia.com/gpu": 1, "nvidia.com/gpumem": 3000, "nvidia.com/gpucores": 50}),
+        &["/bin/sleep", "3600"],
+    );
+    ns.create_pod(pod).await.expect("creating the pod");
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    let pod = wait_for(WAIT, "pod mon running", || async {
+        let p = pods.get("mon").await.ok()?;
+        (phase(&p) == "Running").then_some(p)
+    })
+    .await;
+    let id = container_id(&pod);
+    let uid = pod.metadata.uid.clone().unwrap();
+    s.node
+        .ctr(&[
+            "tasks",
+            "exec",
+            "--detach",
+            "--exec-id",
+            "hog",
+            &id,
+            "/bin/cuda-probe",
+            "init",
+            "alloc",
+            "1000m",
+            "busy",
+            "4000",
+            "1000",
+            "hold",
+        ])
+        .expect("exec in the container");
+    let get = || http_get(&addr, "/metrics");
+    let mib = |v: f64| (v / 1048576.0).round() as u64;
+    // Memory and limit, with the pod's namespace, name and container.
+    wait_for(WAIT, "the monitor showing 1000 of 3000 MiB", || async {
+        let m = get();
+        let used = container_series(&m, "hami_vgpu_memory_used_bytes", &ns.name, "mon")?;
+        let limit = container_series(&m, "hami_vgpu_memory_limit_bytes", &ns.name, "mon")?;
+        (mib(used) == 1000 && mib(limit) == 3000).then_some(())
+    })
+    .await;
+    // Kernels running: a share of the card and a recent last kernel.
+    let (util, last) = wait_for(WAIT, "the monitor showing the kernels", || async {
+        let m = get();
+        let util = container_series(
+            &m,
+            "hami_container_device_utilization_ratio",
+            &ns.name,
+            "mon",
+        )?;
+        let last = container_series(
+            &m,
+            "hami_container_last_kernel_elapsed_seconds",
+            &ns.name,
+            "mon",
+        )?;
+        (util > 0.0).then_some((util, last))
+    })
+    .await;
+    assert!(
+        util <= 100.0 && last < 10.0,
+        "utilization {util}, last kernel {last} s ago"
+    );
+    let m = get();
+    assert!(
+        m.contains("hami_host_gpu_memory_used_bytes{device_index=\"0\",device_uuid=\"GPU-e2e00000"),
+        "no host metrics:\n{m}"
+    );
+
+    // SIGKILL: its 1000 MiB stop counting, and its slot is freed in the
+    // region file (nobody maps it any more).
+    s.node
+        .ctr(&[
+            "tasks",
+            "kill",
+            "--exec-id",
+            "hog",
+            "--signal",
+            "SIGKILL",
+            &id,
+        ])
+        .expect("killing the exec'd process");
+    wait_for(WAIT, "the killed process's memory freed", || async {
+        let used = container_series(&get(), "hami_vgpu_memory_used_bytes", &ns.name, "mon")?;
+        (mib(used) == 0).then_some(())
+    })
+    .await;
+    let dir = s
+        .node
+        .root
+        .join("hook/vgpu/containers")
+        .join(format!("{uid}_main"));
+    let region = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "cache"))
+        .unwrap_or_else(|| panic!("no region in {}", dir.display()));
+    wait_for(WAIT, "the dead slot freed in the region file", || async {
+        let c =
+            hami_shm::copy::RegionCopy::decode(&hami_shm::copy::read_file(&region).ok()?).ok()?;
+        c.slots.is_empty().then_some(())
+    })
+    .await;
+
+    // The pod ends: its series go at the next scan, its dirs after the grace.
+    pods.delete("mon", &Default::default())
+        .await
+        .expect("deleting the pod");
+    wait_for(WAIT, "pod mon gone", || async {
+        pods.get_opt("mon").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    // Within a few scans (500 ms each) of the pod's end.
+    let series = format!("namespace=\"{}\",pod=\"mon\"", ns.name);
+    wait_for(
+        Duration::from_secs(5),
+        "the pod's series dropped",
+        || async { (!get().contains(&series)).then_some(()) },
+    )
+    .await;
+    wait_for(WAIT, "the pod's dirs removed", || async {
+        (!dir.exists()
+            && !s
+                .node
+                .root
+                .join("hook/vgpu/limits")
+                .join(format!("{uid}_main"))
+                .exists())
+        .then_some(())
+    })
+    .await;
 }

@@ -335,6 +335,7 @@ async fn hami_node_binary_registers_with_sim_and_cleans_up_on_sigterm() {
             .arg("--device-plugin-path")
             .arg(&plugins)
             .args(["--rescan-period", "1s"])
+            .arg("--monitor-address=127.0.0.1:0")
             .env_remove("HAMI_NVML_LIB")
             .env_remove("LD_LIBRARY_PATH")
             .env("SIM_GPU_STATE_DIR", dir.path().join("sim-gpu"))

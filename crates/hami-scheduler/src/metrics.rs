@@ -57,40 +57,6 @@ fn bytes(mib: u64) -> f64 {
     mib as f64 * 1024.0 * 1024.0
 }
 
-/// `GOOS/GOARCH` as HAMi's `platform` label spells it.
-fn platform() -> String {
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    };
-    format!("{}/{arch}", std::env::consts::OS)
-}
-
-/// HAMi's build-info labels. `revision` and `build_date` come from
-/// `HAMI_BUILD_REVISION` and `HAMI_BUILD_DATE` at compile time when the
-/// build sets them; `go_version` is `none`, this is not a Go build.
-fn build_labels() -> Labels {
-    vec![
-        ("version", env!("CARGO_PKG_VERSION").to_string()),
-        (
-            "revision",
-            option_env!("HAMI_BUILD_REVISION")
-                .unwrap_or("unknown")
-                .to_string(),
-        ),
-        (
-            "build_date",
-            option_env!("HAMI_BUILD_DATE")
-                .unwrap_or("unknown")
-                .to_string(),
-        ),
-        ("go_version", "none".to_string()),
-        ("compiler", "rustc".to_string()),
-        ("platform", platform()),
-    ]
-}
-
 impl Metrics {
     /// Renders every metric in the Prometheus text format.
     pub fn render(&self, snapshot: &Snapshot) -> String {
@@ -176,7 +142,9 @@ impl Metrics {
                 }
             }
         }
-        build.get_or_create(&build_labels()).set(1.0);
+        build
+            .get_or_create(&hami_api::build_info::labels())
+            .set(1.0);
         reg.register(
             "hami_gpu_memory_limit_bytes",
             "Device memory of the GPU as registered, in bytes",

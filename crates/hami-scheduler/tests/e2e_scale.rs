@@ -200,13 +200,27 @@ async fn five_hundred_pods_fifty_nodes_restart_midway_no_overcommit() {
         pending += 1;
         let req = engine.prepare(p).expect("valid").expect("a GPU pod");
         let d = engine.filter(&snapshot, &req, None, Mode::Fast);
-        assert_eq!(
-            d.node,
-            None,
-            "{} is pending but fits {:?}",
-            p.metadata.name.as_deref().unwrap_or_default(),
-            d.node
-        );
+        if d.node.is_some() {
+            let name = p.metadata.name.as_deref().unwrap_or_default();
+            let condition = p
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|cs| cs.iter().find(|c| c.type_ == "PodScheduled"))
+                .map(|c| {
+                    format!(
+                        "{:?} {:?} at {:?}",
+                        c.reason, c.message, c.last_transition_time
+                    )
+                });
+            panic!(
+                "{name} is pending but fits {:?}\ncondition: {condition:?}\nannotations: {:?}\nhami-scheduler:\n{}\nkube-scheduler:\n{}",
+                d.node,
+                p.metadata.annotations,
+                cluster.log_lines_with("hami-scheduler", name, 30),
+                cluster.log_lines_with("kube-scheduler", name, 30),
+            );
+        }
     }
     assert_eq!(pending + n_bound, 500);
     assert!(

@@ -10,6 +10,9 @@
 //!   a versioned `repr(C)` layout with per-process slots that are only ever
 //!   updated with atomics, so a process killed at any instant leaves nothing
 //!   locked, and its usage is reclaimed once its PID is gone.
+//! * [`copy`]: a region read as a copy of its file's bytes and slots of dead
+//!   processes freed without mapping it, for the node monitor (a file a
+//!   container can truncate must never be mapped by the node agent).
 //! * [`upstream`]: a read-only view of upstream HAMi-core's v1 cache file
 //!   (magic 19920718), for node monitors during a migration.
 //!
@@ -19,6 +22,7 @@
 //! malformed input (every parser returns an error or a warning), and never
 //! spawn threads.
 
+pub mod copy;
 pub mod env;
 pub mod limits;
 pub mod region;
