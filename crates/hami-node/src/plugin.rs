@@ -131,6 +131,7 @@ impl Plugin {
         &self,
         request: proto::AllocateRequest,
     ) -> Result<proto::AllocateResponse, Status> {
+        let started = std::time::Instant::now();
         let _one_at_a_time = self.allocating.lock().await;
         let pod = self.store.find_pending().await.map_err(|e| match e {
             StoreError::NoPendingPod { .. } => Status::failed_precondition(e.to_string()),
@@ -166,6 +167,7 @@ impl Plugin {
             pod = %allocate::pod_key(&pod),
             containers = ?plan.served.iter().map(|s| s.container.as_str()).collect::<Vec<_>>(),
             done = plan.all_done(),
+            elapsed_us = started.elapsed().as_micros() as u64,
             "allocated"
         );
         Ok(proto::AllocateResponse {
