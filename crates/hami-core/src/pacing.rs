@@ -61,7 +61,7 @@
 //! `GPU_CORE_UTILIZATION_POLICY=disable` turns pacing off; `default` and
 //! `force` both pace whenever the quota is below 100. `CUDA_TASK_PRIORITY=1`
 //! (the default) processes also hold their launches while the shared region's
-//! suspend flag is set by the node agent (each held launch logs
+//! suspend flag is set or the node agent's hold lease runs (each held launch logs
 //! `launch held: low priority suspended ...` at info level,
 //! `LIBCUDA_LOG_LEVEL=3`, before it starts waiting); priority-0 processes
 //! record their last launch time there, for the node agent to see.
@@ -348,7 +348,7 @@ fn priority_gate(g: &Global) {
             .store(monotonic_ns(), Relaxed);
         return;
     }
-    if g.region.low_priority_suspended() {
+    if g.region.low_priority_held(monotonic_ns()) {
         hold_while_suspended(g);
     }
 }
@@ -359,7 +359,7 @@ fn hold_while_suspended(g: &Global) {
         crate::log::INFO,
         "launch held: low priority suspended by the node agent"
     );
-    while g.region.low_priority_suspended() {
+    while g.region.low_priority_held(monotonic_ns()) {
         sleep_ns(1_000_000);
     }
 }

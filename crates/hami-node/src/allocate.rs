@@ -51,6 +51,11 @@ pub const VGPU_LOCK_DIR: &str = "/tmp/vgpulock";
 /// multiarch dir of glibc-based images, where the NVIDIA container toolkit
 /// puts them too).
 pub const CONTAINER_LIB_DIR: &str = "/usr/lib/x86_64-linux-gnu";
+/// File name, in a container's limits dir, of the UUIDs of its cards, one
+/// per line in its device order: written by Allocate on the host, so the
+/// node monitor knows a container's cards from a file the container cannot
+/// write.
+pub const CARDS_FILE_NAME: &str = "cards";
 /// File name, in a container's limits dir, of its simulated cards.
 pub const SIM_DEVICES_FILE_NAME: &str = "sim-gpu-devices";
 /// Where sim-gpu looks in a container (sim-gpu's `config::CONTAINER_ROOT`).

@@ -19,7 +19,9 @@
 //! * [`monitor`]: per-container usage from the shared regions, dead
 //!   processes' slots, dirs of pods that are gone;
 //! * [`monitor_http`]: the monitor's loop, its pod watch and its metrics
-//!   listener.
+//!   listener;
+//! * [`priority`]: holds low-priority containers while a high-priority
+//!   one is busy on the same card.
 //!
 //! MIG and topology scores are still to come (docs/node.md).
 
@@ -31,6 +33,7 @@ pub mod monitor;
 pub mod monitor_http;
 pub mod pending;
 pub mod plugin;
+pub mod priority;
 pub mod register;
 pub mod registration;
 

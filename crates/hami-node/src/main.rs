@@ -20,6 +20,7 @@ use hami_node::monitor::{HostGpus, Monitor, NvmlGpus};
 use hami_node::monitor_http;
 use hami_node::pending::KubeStore;
 use hami_node::plugin::{self, Plugin};
+use hami_node::priority::Relay;
 use hami_node::register::register;
 use hami_node::registration::Registration;
 use tokio::sync::watch;
@@ -109,6 +110,11 @@ struct Args {
     /// node are kept before the monitor removes them.
     #[arg(long, default_value = "60s", value_parser = parse_period)]
     monitor_cleanup_grace: Duration,
+    /// Low-priority containers (`CUDA_TASK_PRIORITY` other than 0) resume
+    /// once the high-priority containers on their card have launched
+    /// nothing for this long (needs the monitor).
+    #[arg(long, default_value = "100ms", value_parser = parse_period)]
+    priority_idle: Duration,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -332,12 +338,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let (pods, watch) = monitor_http::pod_store(client.clone(), &args.node_name);
         tokio::spawn(watch);
         let monitor = Monitor::new(&settings.vgpu_dir(), args.monitor_cleanup_grace);
+        let (plans, relay_plans) = std::sync::mpsc::channel();
+        let relay = Relay::new(args.priority_idle);
+        std::thread::Builder::new()
+            .name("priority-relay".into())
+            .spawn(move || relay.run(relay_plans))
+            .context("starting the priority relay")?;
         tokio::spawn(monitor_http::run(
             monitor,
             pods,
             host_gpus,
             args.monitor_period,
             shared,
+            Some(plans),
         ));
         tokio::spawn(server);
         tracing::info!("node monitor listening on {bound}");

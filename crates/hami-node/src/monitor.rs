@@ -136,6 +136,9 @@ pub struct Scan {
     pub freed_slots: usize,
     /// Dirs removed (paths).
     pub removed: Vec<PathBuf>,
+    /// Every region of ours with its cards and priorities, for the
+    /// priority relay ([`crate::priority`]).
+    pub priority: Vec<crate::priority::PriorityRegion>,
 }
 
 /// The monitor's state between scans.
@@ -301,6 +304,18 @@ impl Monitor {
                                 }
                             }
                         }
+                        // The cards Allocate gave the container (a file it
+                        // cannot write), not the UUIDs its region claims.
+                        let cards = self.cards_of(name);
+                        if !cards.is_empty() {
+                            out.priority.push(crate::priority::PriorityRegion {
+                                path: path.clone(),
+                                cards,
+                                high: c.high_priority_launch_ns != 0
+                                    || alive.iter().any(|s| s.priority == 0),
+                                low: alive.is_empty() || alive.iter().any(|s| s.priority != 0),
+                            });
+                        }
                         self.ours(path, c, &alive, now_ns, &mut seen_busy)
                     }
                     Read::Upstream(u) => upstream_devices(u),
@@ -342,6 +357,22 @@ impl Monitor {
             out.removed = self.remove_gone(pods, &dirs, mappers.as_ref());
         }
         out
+    }
+
+    /// The card UUIDs Allocate wrote for the container dir `name`.
+    fn cards_of(&self, name: &str) -> Vec<String> {
+        let file = self
+            .vgpu_dir
+            .join("limits")
+            .join(name)
+            .join(crate::allocate::CARDS_FILE_NAME);
+        std::fs::read_to_string(file)
+            .unwrap_or_default()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()
     }
 
     /// Per device index of one of our regions: usage of the live slots,
@@ -619,7 +650,9 @@ mod tests {
     fn container(vgpu: &Path, dir: &str) -> (SharedRegion, PathBuf) {
         let d = vgpu.join("containers").join(dir);
         std::fs::create_dir_all(&d).unwrap();
-        std::fs::create_dir_all(vgpu.join("limits").join(dir)).unwrap();
+        let limits = vgpu.join("limits").join(dir);
+        std::fs::create_dir_all(&limits).unwrap();
+        std::fs::write(limits.join(crate::allocate::CARDS_FILE_NAME), "GPU-aaaa\n").unwrap();
         let path = d.join("0b3c.cache");
         let r = SharedRegion::open(&path).unwrap();
         r.set_uuid(0, "GPU-aaaa");
@@ -672,6 +705,10 @@ mod tests {
         // The dead slot's 900 MiB do not count; ours does.
         assert_eq!(c.used_bytes, 100 << 20);
         assert_eq!(c.limit_bytes, 3000 << 20);
+        // The relay's view: one card, a low-priority process alive.
+        assert_eq!(s.priority.len(), 1);
+        assert_eq!(s.priority[0].cards, vec!["GPU-aaaa".to_string()]);
+        assert!(s.priority[0].low && !s.priority[0].high);
         // Someone (us) maps the file: its dead slot is left to the interposers.
         assert_eq!(s.freed_slots, 0);
         assert_eq!(r.processes().len(), 2);

@@ -154,6 +154,7 @@ pub async fn run(
     host: Option<Arc<dyn HostGpus>>,
     period: Duration,
     shared: Shared,
+    priority: Option<std::sync::mpsc::Sender<Vec<crate::priority::PriorityRegion>>>,
 ) {
     let mut monitor = Some(monitor);
     let mut tick = tokio::time::interval(period);
@@ -175,6 +176,9 @@ pub async fn run(
         .await
         .expect("a monitor scan panicked");
         monitor = Some(m);
+        if let Some(tx) = &priority {
+            let _ = tx.send(scan.priority);
+        }
         let mut p = shared.write().expect("not poisoned");
         p.containers = scan.containers;
         p.host = cards;

@@ -201,6 +201,9 @@ impl Plugin {
             hami_shm::limits::write(&file, &s.limits).map_err(|e| ctx("writing", &file, e))?;
             std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o444))
                 .map_err(|e| ctx("chmod", &file, e))?;
+            let cards: String = s.devices.iter().map(|d| format!("{}\n", d.uuid)).collect();
+            let file = s.limits_dir.join(allocate::CARDS_FILE_NAME);
+            std::fs::write(&file, cards).map_err(|e| ctx("writing", &file, e))?;
             if let Some(devices) = &s.sim_devices {
                 let file = s.limits_dir.join(allocate::SIM_DEVICES_FILE_NAME);
                 std::fs::write(&file, devices).map_err(|e| ctx("writing", &file, e))?;

@@ -197,6 +197,90 @@ async fn two_pods_at_30_and_60_percent_of_one_card_never_exceed_their_quotas() {
     assert!(ok, "{report}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_high_priority_pod_holds_the_low_priority_one_on_its_card_within_10_ms() {
+    let Some(s) = setup() else { return };
+    let _node = serial().await;
+    wait_node_serves(s).await;
+    let ns = s.cluster.namespace("real-priority").await;
+    let card = CARDS[3].split_whitespace().nth(2).unwrap();
+    let limits = json!({"nvidia.com/gpu": 1, "nvidia.com/gpumem": 1000});
+    let mut low = probe_pod(
+        &ns,
+        "low",
+        limits.clone(),
+        &["/bin/cuda-probe", "init", "busy", "6000", "1000"],
+    );
+    low["metadata"]["annotations"] = json!({ann::NVIDIA_USE_GPUUUID: card});
+    ns.create_pod(low)
+        .await
+        .expect("creating the low-priority pod");
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    wait_for(WAIT, "pod low running", || async {
+        (phase(&pods.get("low").await.ok()?) == "Running").then_some(())
+    })
+    .await;
+    // The high-priority process allocates first (its slot says priority 0),
+    // then waits past a monitor scan (500 ms) before its kernels start.
+    let mut high = probe_pod(
+        &ns,
+        "high",
+        limits,
+        &[
+            "/bin/cuda-probe",
+            "init",
+            "alloc",
+            "10m",
+            "sleep",
+            "1500",
+            "busy",
+            "1500",
+            "1000",
+        ],
+    );
+    high["metadata"]["annotations"] = json!({ann::NVIDIA_USE_GPUUUID: card});
+    high["spec"]["containers"][0]["env"] = json!([{"name": "CUDA_TASK_PRIORITY", "value": "0"}]);
+    ns.create_pod(high)
+        .await
+        .expect("creating the high-priority pod");
+    let (high_pod, high_log) = wait_finished(s, &ns, "high").await;
+    let (low_pod, low_log) = wait_finished(s, &ns, "low").await;
+    assert_eq!(phase(&high_pod), "Succeeded", "{high_log}");
+    assert_eq!(phase(&low_pod), "Succeeded", "{low_log}");
+    for p in [&high_pod, &low_pod] {
+        assert_eq!(TestNs::allocation(p).0[0][0].uuid, card, "both on one card");
+    }
+    let h = line(&high_log, "busy", 0);
+    let l = line(&low_log, "busy", 0);
+    let num = |v: &str| v.parse::<u64>().unwrap();
+    let (high_start, high_end) = (num(h[4]), num(h[5]));
+    let (low_end, gap_start, gap_end) = (num(l[5]), num(l[7]), num(l[8]));
+    assert!(
+        low_end > high_end,
+        "the high-priority run must fall inside the low one's: {high_log}\n{low_log}"
+    );
+    let ms = |ns: i128| ns as f64 / 1e6;
+    // The low-priority process's longest wait between two launches is the
+    // hold: its last launch before it is at most 10 ms after the first
+    // high-priority launch (it may be before: the probe launches in bursts
+    // of 8 and then waits for the card), and it ends about --priority-idle
+    // (100 ms) after the last high-priority launch.
+    let paused_after = ms(gap_start as i128 - high_start as i128);
+    let resumed_after = ms(gap_end as i128 - high_end as i128);
+    let report = format!(
+        "held {paused_after:.1} ms after the first high-priority launch, for {:.0} ms; resumed {resumed_after:.1} ms after the last",
+        ms((gap_end - gap_start) as i128)
+    );
+    eprintln!("{report}");
+    assert!(paused_after <= 10.0, "{report}");
+    assert!(gap_end - gap_start >= high_end - high_start, "{report}");
+    assert!((90.0..=200.0).contains(&resumed_after), "{report}");
+    assert!(
+        s.hami_node_log().contains("holding low-priority launches"),
+        "{report}"
+    );
+}
+
 /// The containerd id of the pod's first container.
 fn container_id(p: &Pod) -> String {
     p.status

@@ -19,14 +19,13 @@ use std::path::Path;
 /// HAMi-core's, which is smaller); anything larger is refused unread.
 pub const MAX_FILE: usize = 4 << 20;
 
-/// Reads a region file (ours or upstream's) whole, refusing symbolic links,
-/// non-regular files (a FIFO never blocks the reader) and files over
-/// [`MAX_FILE`] bytes.
-pub fn read_file(path: &Path) -> Result<Vec<u8>, RegionError> {
-    use std::io::Read as _;
+/// Opens a file for reading (and writing), refusing symbolic links and
+/// non-regular files (`O_NONBLOCK`: a FIFO never blocks the opener).
+fn open_plain(path: &Path, write: bool) -> Result<(std::fs::File, u64), RegionError> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = std::fs::OpenOptions::new()
+    let f = std::fs::OpenOptions::new()
         .read(true)
+        .write(write)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
         .map_err(|e| match e.raw_os_error() {
@@ -37,17 +36,59 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>, RegionError> {
     if !meta.is_file() {
         return Err(RegionError::NotRegular);
     }
-    if meta.len() > MAX_FILE as u64 {
+    Ok((f, meta.len()))
+}
+
+/// Reads a region file (ours or upstream's) whole, refusing symbolic links,
+/// non-regular files and files over [`MAX_FILE`] bytes.
+pub fn read_file(path: &Path) -> Result<Vec<u8>, RegionError> {
+    use std::io::Read as _;
+    let (mut f, len) = open_plain(path, false)?;
+    if len > MAX_FILE as u64 {
         return Err(RegionError::Incompatible {
             magic: 0,
             version: 0,
-            size: meta.len(),
+            size: len,
         });
     }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    let mut bytes = Vec::with_capacity(len as usize);
     // The file may shrink or grow meanwhile: never read past the cap.
     f.by_ref().take(MAX_FILE as u64).read_to_end(&mut bytes)?;
     Ok(bytes)
+}
+
+/// Opens one of our region files (exactly [`REGION_SIZE`] bytes) to read
+/// and write single fields with `pread`/`pwrite`, never mapped.
+pub fn open_region_file(path: &Path) -> Result<std::fs::File, RegionError> {
+    let (f, len) = open_plain(path, true)?;
+    if len != REGION_SIZE as u64 {
+        return Err(RegionError::Incompatible {
+            magic: 0,
+            version: 0,
+            size: len,
+        });
+    }
+    Ok(f)
+}
+
+/// The header's CLOCK_MONOTONIC ns of the last priority-0 launch; 0 when
+/// none, or when the file was cut short meanwhile.
+pub fn read_high_priority_launch(f: &std::fs::File) -> u64 {
+    use std::os::unix::fs::FileExt as _;
+    let mut b = [0u8; 8];
+    match f.read_exact_at(&mut b, offset_of!(Header, high_priority_launch_ns) as u64) {
+        Ok(()) => u64::from_le_bytes(b),
+        Err(_) => 0,
+    }
+}
+
+/// Sets the header's low-priority hold lease (CLOCK_MONOTONIC ns).
+pub fn write_hold_until(f: &std::fs::File, until_ns: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt as _;
+    f.write_all_at(
+        &until_ns.to_le_bytes(),
+        offset_of!(Header, low_priority_hold_until_ns) as u64,
+    )
 }
 
 /// One occupied process slot of a copy.
@@ -81,6 +122,8 @@ pub struct DeviceCopy {
 /// A decoded copy of one of our regions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegionCopy {
+    /// CLOCK_MONOTONIC ns of the last launch by a priority-0 process, 0 none.
+    pub high_priority_launch_ns: u64,
     pub devices: Vec<DeviceCopy>,
     /// Occupied slots (PID > 0); slots being reclaimed are left out.
     pub slots: Vec<SlotCopy>,
@@ -159,7 +202,11 @@ impl RegionCopy {
                 })
             })
             .collect();
-        Ok(RegionCopy { devices, slots })
+        Ok(RegionCopy {
+            high_priority_launch_ns: u64_at(b, offset_of!(Header, high_priority_launch_ns)),
+            devices,
+            slots,
+        })
     }
 }
 
@@ -171,27 +218,8 @@ impl RegionCopy {
 /// these plain writes. A process that maps the file later finds the slots
 /// free (PID 0 is written last).
 pub fn clear_slots(path: &Path, slots: &[(usize, i32)]) -> Result<usize, RegionError> {
-    use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => RegionError::Symlink,
-            _ => RegionError::Io(e),
-        })?;
-    let meta = f.metadata()?;
-    if !meta.is_file() {
-        return Err(RegionError::NotRegular);
-    }
-    if meta.len() != REGION_SIZE as u64 {
-        return Err(RegionError::Incompatible {
-            magic: 0,
-            version: 0,
-            size: meta.len(),
-        });
-    }
+    use std::os::unix::fs::FileExt as _;
+    let f = open_region_file(path)?;
     let mut freed = 0;
     for &(slot, pid) in slots {
         if slot >= MAX_SLOTS {
@@ -226,6 +254,7 @@ pub fn used_by(slots: &[&SlotCopy], dev: usize) -> u64 {
 mod tests {
     use super::*;
     use crate::region::SharedRegion;
+    use std::sync::atomic::Ordering::SeqCst;
 
     fn region_file() -> (tempfile::TempDir, std::path::PathBuf, SharedRegion) {
         let dir = tempfile::tempdir().unwrap();
@@ -269,6 +298,22 @@ mod tests {
         assert_eq!(r.processes().len(), 1);
         // The freed slot can be claimed again.
         assert!(r.claim_slot(12, 0, 0).is_some());
+    }
+
+    #[test]
+    fn the_priority_fields_are_read_and_written_without_mapping() {
+        let (_d, path, r) = region_file();
+        let f = open_region_file(&path).unwrap();
+        assert_eq!(read_high_priority_launch(&f), 0);
+        r.header.high_priority_launch_ns.store(1234, SeqCst);
+        assert_eq!(read_high_priority_launch(&f), 1234);
+        let now = crate::region::monotonic_ns();
+        write_hold_until(&f, now + 1_000_000_000).unwrap();
+        assert!(r.low_priority_held(now));
+        write_hold_until(&f, 0).unwrap();
+        assert!(!r.low_priority_held(now));
+        let c = RegionCopy::decode(&read_file(&path).unwrap()).unwrap();
+        assert_eq!(c.high_priority_launch_ns, 1234);
     }
 
     #[test]

@@ -73,7 +73,12 @@ pub struct Header {
     pub high_priority_launch_ns: AtomicU64,
     /// CLOCK_MONOTONIC ns when the region was first initialised.
     pub created_ns: AtomicU64,
-    pub reserved: [AtomicU64; 10],
+    /// CLOCK_MONOTONIC ns until which low-priority processes hold their
+    /// launches: a lease the node agent renews while a high-priority
+    /// container on the same card is busy, so a dead agent pauses nobody
+    /// for longer than one lease.
+    pub low_priority_hold_until_ns: AtomicU64,
+    pub reserved: [AtomicU64; 9],
 }
 
 /// Per visible device (192 bytes).
@@ -157,6 +162,7 @@ pub struct Region {
 
 const _: () = {
     assert!(std::mem::size_of::<Header>() == 128);
+    assert!(std::mem::offset_of!(Header, low_priority_hold_until_ns) == 48);
     assert!(std::mem::size_of::<DeviceEntry>() == 192);
     assert!(std::mem::offset_of!(DeviceEntry, uuid_key) == 136);
     assert!(std::mem::size_of::<ProcSlot>() == 448);
@@ -834,9 +840,12 @@ impl SharedRegion {
         self.devices.get(dev).map(text_of).unwrap_or_default()
     }
 
-    /// Whether low-priority processes are told to hold their launches.
-    pub fn low_priority_suspended(&self) -> bool {
+    /// Whether low-priority processes are told to hold their launches at
+    /// CLOCK_MONOTONIC `now_ns`: the suspend flag, or the node agent's hold
+    /// lease running.
+    pub fn low_priority_held(&self, now_ns: u64) -> bool {
         self.header.flags.load(Acquire) & FLAG_SUSPEND_LOW_PRIORITY != 0
+            || self.header.low_priority_hold_until_ns.load(Acquire) > now_ns
     }
 
     /// Node agent: suspend or resume the container's low-priority launches.
@@ -853,9 +862,9 @@ impl SharedRegion {
     }
 
     /// Whether a priority-0 process of this container launched work in the
-    /// last `window_ns`. The node agent suspends the low-priority containers
-    /// sharing a card (`set_low_priority_suspended`) while any container on
-    /// it answers yes, and resumes them when none does.
+    /// last `window_ns`. The node agent holds the low-priority containers
+    /// sharing a card (renewing their `low_priority_hold_until_ns` lease)
+    /// while any container on it answers yes.
     pub fn high_priority_active(&self, window_ns: u64) -> bool {
         let last = self.header.high_priority_launch_ns.load(Relaxed);
         last != 0 && monotonic_ns().saturating_sub(last) <= window_ns
@@ -1117,10 +1126,17 @@ mod tests {
         assert!(r.high_priority_active(1_000_000_000));
         std::thread::sleep(std::time::Duration::from_millis(5));
         assert!(!r.high_priority_active(1_000_000));
+        let now = monotonic_ns();
         r.set_low_priority_suspended(true);
-        assert!(r.low_priority_suspended());
+        assert!(r.low_priority_held(now));
         r.set_low_priority_suspended(false);
-        assert!(!r.low_priority_suspended());
+        assert!(!r.low_priority_held(now));
+        // The agent's lease holds until it runs out.
+        r.header
+            .low_priority_hold_until_ns
+            .store(now + 1_000, SeqCst);
+        assert!(r.low_priority_held(now));
+        assert!(!r.low_priority_held(now + 1_000));
     }
 
     #[test]

@@ -478,6 +478,9 @@ fn main() {
                     (cmd == "busy" && t0.elapsed().as_millis() < a as u128)
                         || (cmd != "busy" && n < a)
                 };
+                // The longest wait between two launches (CLOCK_MONOTONIC
+                // start and end), e.g. a launch held by the priority gate.
+                let (mut prev, mut gap) = (mono0, (0u64, 0u64));
                 while go(n) {
                     rc = match cmd {
                         "launch-ex" => {
@@ -584,6 +587,11 @@ fn main() {
                     if rc != 0 {
                         break;
                     }
+                    let now = hami_shm::region::monotonic_ns();
+                    if n > 0 && now - prev > gap.1 - gap.0 {
+                        gap = (prev, now);
+                    }
+                    prev = now;
                     n += 1;
                     // A steady stream, like a training loop: wait for the
                     // device every 8 launches so work never piles up.
@@ -598,7 +606,10 @@ fn main() {
                 let (elapsed, mono1) = (t0.elapsed().as_nanos(), hami_shm::region::monotonic_ns());
                 stop.store(true, std::sync::atomic::Ordering::Relaxed);
                 let late = meter.join().unwrap_or(0);
-                line = format!("{cmd} {rc} {n} {elapsed} {mono0} {mono1} {late}");
+                line = format!(
+                    "{cmd} {rc} {n} {elapsed} {mono0} {mono1} {late} {} {}",
+                    gap.0, gap.1
+                );
             }
             "pool-keep" | "trim" => {
                 // pool-keep: the default pool keeps freed memory (threshold
