@@ -326,7 +326,19 @@ impl Monitor {
                 if pod.ended || pod.terminated.contains(container) {
                     continue;
                 }
+                // A region names its cards itself (the container writes it):
+                // only cards Allocate gave the container get series, when
+                // Allocate's list is there (HAMi's plugin writes none).
+                let given = self.cards_of(name);
                 for (i, d) in devices {
+                    if !given.is_empty() && !given.contains(&d.device_uuid) {
+                        tracing::debug!(
+                            dir = name,
+                            uuid = d.device_uuid,
+                            "a region names a card the container was not given"
+                        );
+                        continue;
+                    }
                     let s = series
                         .entry((name.clone(), i, d.device_uuid.clone()))
                         .or_insert_with(|| ContainerDevice {
@@ -705,6 +717,11 @@ mod tests {
         // The dead slot's 900 MiB do not count; ours does.
         assert_eq!(c.used_bytes, 100 << 20);
         assert_eq!(c.limit_bytes, 3000 << 20);
+        // A card the container was not given gets no series.
+        r.set_uuid(1, "GPU-elsewhere");
+        r.add_used(r.processes()[0].slot, 1, 1 << 20);
+        let s = m.scan(Some(&pods), t0);
+        assert_eq!(s.containers.len(), 1, "{s:?}");
         // The relay's view: one card, a low-priority process alive.
         assert_eq!(s.priority.len(), 1);
         assert_eq!(s.priority[0].cards, vec!["GPU-aaaa".to_string()]);
