@@ -17,7 +17,7 @@ use hami_api::annotations as ann;
 use hami_e2e::{TestNs, wait_for};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, LogParams};
-use real_node::{CARDS, Setup, WAIT, phase, probe_pod, wait_node_serves};
+use real_node::{CARDS, Setup, WAIT, phase, probe_pod, wait_node_serves, wait_running};
 use serde_json::json;
 
 static SETUP: OnceLock<Option<Setup>> = OnceLock::new();
@@ -215,11 +215,7 @@ async fn a_high_priority_pod_holds_the_low_priority_one_on_its_card_within_10_ms
     ns.create_pod(low)
         .await
         .expect("creating the low-priority pod");
-    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
-    wait_for(WAIT, "pod low running", || async {
-        (phase(&pods.get("low").await.ok()?) == "Running").then_some(())
-    })
-    .await;
+    wait_running(&ns, "low").await;
     // The high-priority process allocates first (its slot says priority 0),
     // then waits past a monitor scan (500 ms) before its kernels start.
     let mut high = probe_pod(
@@ -305,12 +301,7 @@ async fn a_process_execd_without_the_pods_environment_is_held_to_the_limit() {
         &["/bin/sleep", "3600"],
     );
     ns.create_pod(pod).await.expect("creating the pod");
-    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
-    let pod = wait_for(WAIT, "pod exec running", || async {
-        let p = pods.get("exec").await.ok()?;
-        (phase(&p) == "Running").then_some(p)
-    })
-    .await;
+    let pod = wait_running(&ns, "exec").await;
     let id = container_id(&pod);
     // The runtime's exec, with an empty environment: no
     // CUDA_DEVICE_MEMORY_LIMIT_0, no NVIDIA_VISIBLE_DEVICES, no PATH.
@@ -497,12 +488,7 @@ async fn kubelet_and_hami_node_restarts_lose_nothing() {
         ],
     );
     ns.create_pod(running).await.unwrap();
-    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
-    wait_for(WAIT, "pod across-agent running", || async {
-        let p = pods.get("across-agent").await.ok()?;
-        (phase(&p) == "Running").then_some(())
-    })
-    .await;
+    wait_running(&ns, "across-agent").await;
     if let Some(mut c) = s.hami_node.lock().unwrap().take() {
         hami_e2e::kill_child(&mut c);
     }
@@ -574,12 +560,8 @@ async fn the_monitor_shows_each_pods_usage_frees_a_killed_process_and_forgets_th
         &["/bin/sleep", "3600"],
     );
     ns.create_pod(pod).await.expect("creating the pod");
+    let pod = wait_running(&ns, "mon").await;
     let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
-    let pod = wait_for(WAIT, "pod mon running", || async {
-        let p = pods.get("mon").await.ok()?;
-        (phase(&p) == "Running").then_some(p)
-    })
-    .await;
     let id = container_id(&pod);
     let uid = pod.metadata.uid.clone().unwrap();
     s.node

@@ -197,3 +197,13 @@ pub fn phase(p: &Pod) -> String {
         .and_then(|s| s.phase.clone())
         .unwrap_or_default()
 }
+
+/// Waits until the pod `name` of `ns` is Running; returns it.
+pub async fn wait_running(ns: &TestNs, name: &str) -> Pod {
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    wait_for(WAIT, &format!("pod {name} running"), || async {
+        let p = pods.get(name).await.ok()?;
+        (phase(&p) == "Running").then_some(p)
+    })
+    .await
+}
