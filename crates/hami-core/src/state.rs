@@ -140,6 +140,15 @@ fn init_global() -> Global {
     {
         env.limits_file = p;
     }
+    // The node agent's limits file names the container's region: a process
+    // started without the container's environment (`env -i`, ssh) joins
+    // the container's accounting instead of counting alone.
+    if let Some(p) = std::fs::read_to_string(&env.limits_file)
+        .ok()
+        .and_then(|t| hami_shm::limits::shared_cache(&t))
+    {
+        env.shared_cache = p;
+    }
     log::LEVEL.store(env.log_level, Relaxed);
     for w in &warnings {
         hlog!(WARN, "{w}");

@@ -28,7 +28,9 @@ use hami_api::DeviceMode;
 use hami_api::NvidiaConfig;
 use hami_api::device::nvidia_device_type;
 use hami_api::node_config::{FilterDevices, NodeConfig, NodeConfigFile};
+use hami_api::topology::DevicePairScore;
 use nvml_wrapper::bitmasks::event::EventTypes;
+use nvml_wrapper::enum_wrappers::device::TopologyLevel;
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::{EventSet, Nvml};
 
@@ -138,6 +140,34 @@ pub fn cards(raw: &[RawCard], s: &CardSettings) -> Vec<DeviceInfo> {
 pub trait Scan: Send {
     /// The node's cards now, with their health.
     fn scan(&mut self) -> anyhow::Result<Vec<DeviceInfo>>;
+
+    /// Link scores between the cards (`hami.io/node-nvidia-score`), when
+    /// this source knows them and topology scoring is on.
+    fn pair_scores(&mut self) -> Option<Vec<DevicePairScore>> {
+        None
+    }
+}
+
+/// NVML's `NVML_NVLINK_MAX_LINKS`: the link indices a card may have.
+const NVLINK_MAX_LINKS: u32 = 18;
+
+/// HAMi's score of a link between two cards: 100 per active NVLink
+/// between them, else by the closest common PCIe ancestor (same board 60,
+/// one switch 50, several switches 40, a host bridge 30, the same CPU 20,
+/// across CPUs 10).
+pub fn link_score(level: Option<TopologyLevel>, nvlinks: u32) -> i64 {
+    if nvlinks > 0 {
+        return 100 * i64::from(nvlinks);
+    }
+    match level {
+        Some(TopologyLevel::Internal) => 60,
+        Some(TopologyLevel::Single) => 50,
+        Some(TopologyLevel::Multiple) => 40,
+        Some(TopologyLevel::HostBridge) => 30,
+        Some(TopologyLevel::Node) => 20,
+        Some(TopologyLevel::System) => 10,
+        None => 0,
+    }
 }
 
 /// A fixed card list (`--cards-file`).
@@ -170,6 +200,8 @@ pub struct Discovery {
     settings: CardSettings,
     /// The last scan's cards.
     last: Vec<DeviceInfo>,
+    /// Whether to compute link scores between the cards.
+    topology_score: bool,
 }
 
 impl Discovery {
@@ -195,6 +227,7 @@ impl Discovery {
             failed: BTreeSet::new(),
             settings,
             last: Vec::new(),
+            topology_score: false,
         })
     }
 
@@ -299,6 +332,27 @@ impl Discovery {
         &self.settings
     }
 
+    /// Computes link scores between the cards at every scan
+    /// (`hami.io/node-nvidia-score`).
+    pub fn with_topology_score(mut self, on: bool) -> Discovery {
+        self.topology_score = on;
+        self
+    }
+
+    /// Active NVLinks from `a` to the card whose PCI bus id is `b_bus`
+    /// (0 where NVML has no NVLink queries).
+    fn nvlinks(a: &nvml_wrapper::Device, b_bus: &str) -> u32 {
+        (0..NVLINK_MAX_LINKS)
+            .filter(|&l| {
+                let link = a.link_wrapper_for(l);
+                link.is_active().unwrap_or(false)
+                    && link
+                        .remote_pci_info()
+                        .is_ok_and(|p| p.bus_id.eq_ignore_ascii_case(b_bus))
+            })
+            .count() as u32
+    }
+
     /// The loaded NVML (for the node monitor's host metrics).
     pub fn nvml(&self) -> &'static Nvml {
         self.nvml
@@ -311,6 +365,42 @@ impl Scan for Discovery {
         let now = keep_lost(&self.last, cards(&raw, &self.settings));
         self.last = now.clone();
         Ok(now)
+    }
+
+    fn pair_scores(&mut self) -> Option<Vec<DevicePairScore>> {
+        if !self.topology_score {
+            return None;
+        }
+        // The cards the last scan registered (filtered ones left out).
+        let registered: BTreeSet<&str> = self.last.iter().map(|c| c.id.as_str()).collect();
+        let n = self.nvml.device_count().ok()?;
+        // (index, UUID, PCI bus id) of each registered card.
+        let cards: Vec<(u32, String, String)> = (0..n)
+            .filter_map(|i| {
+                let d = self.nvml.device_by_index(i).ok()?;
+                let uuid = d.uuid().ok()?;
+                let bus = d.pci_info().map(|p| p.bus_id).unwrap_or_default();
+                registered.contains(uuid.as_str()).then_some((i, uuid, bus))
+            })
+            .collect();
+        let mut out = Vec::new();
+        for (ia, ua, _) in &cards {
+            let a = self.nvml.device_by_index(*ia).ok()?;
+            let mut score = std::collections::BTreeMap::new();
+            for (ib, ub, bus_b) in &cards {
+                if ia == ib {
+                    continue;
+                }
+                let b = self.nvml.device_by_index(*ib).ok()?;
+                let level = a.topology_common_ancestor(b).ok();
+                score.insert(ub.clone(), link_score(level, Self::nvlinks(&a, bus_b)));
+            }
+            out.push(DevicePairScore {
+                uuid: ua.clone(),
+                score,
+            });
+        }
+        Some(out)
     }
 }
 
@@ -440,6 +530,19 @@ pub fn node_settings(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn link_scores_are_hamis() {
+        assert_eq!(link_score(Some(TopologyLevel::System), 0), 10);
+        assert_eq!(link_score(Some(TopologyLevel::Node), 0), 20);
+        assert_eq!(link_score(Some(TopologyLevel::HostBridge), 0), 30);
+        assert_eq!(link_score(Some(TopologyLevel::Multiple), 0), 40);
+        assert_eq!(link_score(Some(TopologyLevel::Single), 0), 50);
+        assert_eq!(link_score(Some(TopologyLevel::Internal), 0), 60);
+        assert_eq!(link_score(None, 0), 0);
+        // NVLinks win over any PCIe path.
+        assert_eq!(link_score(Some(TopologyLevel::System), 4), 400);
+    }
 
     fn raw(index: u32, uuid: &str, name: &str, gib: u64, numa: u32) -> RawCard {
         RawCard {

@@ -87,6 +87,11 @@ struct Args {
     /// `<hook>/vgpu/libvgpu.so`.
     #[arg(long)]
     lib_source: Option<PathBuf>,
+    /// Write the link scores between the cards (NVLinks, PCIe distance)
+    /// into `hami.io/node-nvidia-score`, for the scheduler's topology-aware
+    /// placement.
+    #[arg(long)]
+    topology_score: bool,
     /// Report each card's NUMA node to the kubelet's topology manager.
     #[arg(long)]
     numa_topology: bool,
@@ -255,7 +260,7 @@ fn scanner(
         args.sim || args.sim_devices.is_some(),
         exe.as_deref(),
     );
-    let d = Discovery::open(lib.as_os_str(), settings)?;
+    let d = Discovery::open(lib.as_os_str(), settings)?.with_topology_score(args.topology_score);
     tracing::info!("NVML loaded from {}", lib.display());
     let host: Arc<dyn HostGpus> = Arc::new(NvmlGpus(d.nvml()));
     Ok((Box::new(d), Some(host)))

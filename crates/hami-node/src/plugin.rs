@@ -198,7 +198,14 @@ impl Plugin {
             fresh(&s.host_dir, 0o777)?;
             fresh(&s.limits_dir, 0o755)?;
             let file = s.limits_dir.join(allocate::LIMITS_FILE_NAME);
-            hami_shm::limits::write(&file, &s.limits).map_err(|e| ctx("writing", &file, e))?;
+            // The region path the container's processes see, for those
+            // started without the container's environment.
+            let region = s.response.envs.get(allocate::SHARED_CACHE).map(Path::new);
+            match region {
+                Some(r) => hami_shm::limits::write_for_container(&file, &s.limits, r),
+                None => hami_shm::limits::write(&file, &s.limits),
+            }
+            .map_err(|e| ctx("writing", &file, e))?;
             std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o444))
                 .map_err(|e| ctx("chmod", &file, e))?;
             let cards: String = s.devices.iter().map(|d| format!("{}\n", d.uuid)).collect();

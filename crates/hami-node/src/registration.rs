@@ -2,7 +2,9 @@
 //! `hami.io/node-nvidia-register` (JSON form), the answer to the
 //! scheduler's handshake in `hami.io/node-handshake`, a rescan every
 //! period that patches only on change, and the annotations removed on a
-//! clean shutdown so the scheduler drops the node at once.
+//! clean shutdown so the scheduler drops the node at once. With topology
+//! scoring on, the cards' link scores go into `hami.io/node-nvidia-score`
+//! the same way (written on change, again when removed, removed at the end).
 //!
 //! * Every register patch also writes `Reported <now>` into the
 //!   handshake, as HAMi's plugin did before its register rework.
@@ -20,6 +22,7 @@ use hami_api::DeviceInfo;
 use hami_api::annotations as ann;
 use hami_api::device::encode_devices_json;
 use hami_api::node::Handshake;
+use hami_api::topology::encode_pair_scores;
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
 use k8s_openapi::api::core::v1::Node;
@@ -66,6 +69,8 @@ pub struct Registration {
     progress: watch::Sender<Progress>,
     /// The register value last written, if the write succeeded.
     written: Option<String>,
+    /// The pair-score value last written (topology scoring on).
+    written_scores: Option<String>,
     /// The node's resourceVersion after our last patch: older events
     /// are not looked at.
     patched_rv: Option<u64>,
@@ -86,6 +91,7 @@ impl Registration {
             cards,
             progress: watch::Sender::new(Progress::default()),
             written: None,
+            written_scores: None,
             patched_rv: None,
         }
     }
@@ -157,6 +163,12 @@ impl Registration {
                 } else {
                     tracing::debug!("rescan: no change");
                 }
+                if let Some(scores) = scanner.pair_scores() {
+                    let value = encode_pair_scores(&scores);
+                    if self.written_scores.as_deref() != Some(value.as_str()) {
+                        self.write_scores(value).await;
+                    }
+                }
             }
             Err(e) => tracing::warn!("scanning the node's cards: {e:#}"),
         }
@@ -185,8 +197,26 @@ impl Registration {
         }
     }
 
+    async fn write_scores(&mut self, value: String) {
+        let patch = json!({"metadata": {"annotations": {ann::NODE_NVIDIA_SCORE: value}}});
+        match self.patch(patch).await {
+            Ok(()) => {
+                tracing::info!("wrote {}", ann::NODE_NVIDIA_SCORE);
+                self.written_scores = Some(value);
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "writing {} on node {}: {e}",
+                    ann::NODE_NVIDIA_SCORE,
+                    self.node
+                );
+                self.written_scores = None;
+            }
+        }
+    }
+
     /// A node event: answer a `Requesting_` handshake; write the register
-    /// annotation again when it is not what was written.
+    /// (and pair-score) annotation again when it is not what was written.
     async fn node_changed(&mut self, node: &Node) {
         let rv = node
             .metadata
@@ -209,6 +239,11 @@ impl Registration {
             );
             self.write_register(written).await;
             return;
+        }
+        if let Some(scores) = self.written_scores.clone()
+            && a.get(ann::NODE_NVIDIA_SCORE) != Some(&scores)
+        {
+            self.write_scores(scores).await;
         }
         // `Requesting_<t>`, the scheduler's `Deleted_...`, a bad value or
         // none: say Reported (HAMi's plugin overwrites whatever is there).
@@ -245,10 +280,14 @@ impl Registration {
     /// Removes the register and handshake annotations (a clean shutdown:
     /// the scheduler drops the node's devices at once).
     async fn remove(&mut self) {
-        let patch = json!({"metadata": {"annotations": {
+        let mut annotations = json!({
             ann::NODE_NVIDIA_REGISTER: null,
             ann::NODE_HANDSHAKE: null,
-        }}});
+        });
+        if self.written_scores.is_some() {
+            annotations[ann::NODE_NVIDIA_SCORE] = serde_json::Value::Null;
+        }
+        let patch = json!({"metadata": {"annotations": annotations}});
         match tokio::time::timeout(Duration::from_secs(5), self.patch(patch)).await {
             Ok(Ok(())) => tracing::info!(
                 "removed {} and {} from node {}",

@@ -294,17 +294,29 @@ async fn a_process_execd_without_the_pods_environment_is_held_to_the_limit() {
     let _node = serial().await;
     wait_node_serves(s).await;
     let ns = s.cluster.namespace("real-exec").await;
+    // The container's own process holds 1,000 of its 2,000 MiB.
     let pod = probe_pod(
         &ns,
         "exec",
         json!({"nvidia.com/gpu": 1, "nvidia.com/gpumem": 2000}),
-        &["/bin/sleep", "3600"],
+        &["/bin/cuda-probe", "init", "alloc", "1000m", "hold"],
     );
     ns.create_pod(pod).await.expect("creating the pod");
     let pod = wait_running(&ns, "exec").await;
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    wait_for(WAIT, "the container's 1,000 MiB allocated", || async {
+        let log = pods.logs("exec", &LogParams::default()).await.ok()?;
+        log.lines()
+            .any(|l| l == "alloc 0" || l.starts_with("alloc 0 "))
+            .then_some(())
+    })
+    .await;
     let id = container_id(&pod);
     // The runtime's exec, with an empty environment: no
-    // CUDA_DEVICE_MEMORY_LIMIT_0, no NVIDIA_VISIBLE_DEVICES, no PATH.
+    // CUDA_DEVICE_MEMORY_LIMIT_0, no CUDA_DEVICE_MEMORY_SHARED_CACHE, no
+    // NVIDIA_VISIBLE_DEVICES, no PATH. It finds the limits file beside the
+    // interposer, and through it the container's region: the 1,000 MiB
+    // already held count against it.
     let out = s
         .node
         .ctr(&[
@@ -318,15 +330,19 @@ async fn a_process_execd_without_the_pods_environment_is_held_to_the_limit() {
             "/bin/cuda-probe",
             "init",
             "alloc",
-            "2001m",
+            "1001m",
             "alloc",
-            "1999m",
+            "999m",
             "nvml-mem",
             "0",
         ])
         .expect("exec in the container");
-    assert_eq!(line(&out, "alloc", 0)[1], "2", "2,001 MiB is over: {out}");
-    assert_eq!(line(&out, "alloc", 1)[1], "0", "1,999 MiB fits: {out}");
+    assert_eq!(
+        line(&out, "alloc", 0)[1],
+        "2",
+        "1,001 MiB more is over the container's 2,000: {out}"
+    );
+    assert_eq!(line(&out, "alloc", 1)[1], "0", "999 MiB more fits: {out}");
     assert_eq!(
         line(&out, "nvml-mem", 0)[2],
         (2000u64 << 20).to_string(),

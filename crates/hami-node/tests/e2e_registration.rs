@@ -23,6 +23,7 @@ use hami_api::DeviceInfo;
 use hami_api::annotations as ann;
 use hami_api::device::decode_devices;
 use hami_api::node::Handshake;
+use hami_api::topology::{decode_pair_scores, pair_score};
 use hami_e2e::TestNs;
 use hami_node::discovery::{CardSettings, Discovery, Scan};
 use hami_node::registration::{Progress, Registration};
@@ -168,6 +169,10 @@ impl Scan for Injected {
         }
         Ok(cards)
     }
+
+    fn pair_scores(&mut self) -> Option<Vec<hami_api::topology::DevicePairScore>> {
+        self.inner.pair_scores()
+    }
 }
 
 async fn progress_reaches(
@@ -195,7 +200,9 @@ fn registration_loop_registers_answers_rescans_and_removes() {
             let node = plain_node(&ns, "reg").await;
             let unhealthy = Arc::new(Mutex::new(Vec::new()));
             let scan = Injected {
-                inner: Discovery::open(sim::lib().as_os_str(), CardSettings::default()).unwrap(),
+                inner: Discovery::open(sim::lib().as_os_str(), CardSettings::default())
+                    .unwrap()
+                    .with_topology_score(true),
                 unhealthy: unhealthy.clone(),
             };
             let (cards_tx, mut cards_rx) = watch::channel(Vec::new());
@@ -258,7 +265,24 @@ fn registration_loop_registers_answers_rescans_and_removes() {
             .await
             .unwrap();
 
-            // Someone removes both annotations: both are written again.
+            // The link scores, from sim-gpu's topology (cards 0 and 1 share
+            // a PCIe switch, so do 2 and 3; the pairs are on two CPUs).
+            let scores = hami_e2e::wait_for(WAIT, "the pair scores", || async {
+                annotations(&get_node(&ns, &node).await)
+                    .get(ann::NODE_NVIDIA_SCORE)
+                    .cloned()
+            })
+            .await;
+            let scores = decode_pair_scores(ann::NODE_NVIDIA_SCORE, &scores).unwrap();
+            assert_eq!(scores.len(), CARDS.len(), "{scores:?}");
+            for (i, (_, a, _)) in CARDS.iter().enumerate() {
+                for (j, (_, b, _)) in CARDS.iter().enumerate().filter(|(j, _)| *j != i) {
+                    let want = if i / 2 == j / 2 { 50 } else { 10 };
+                    assert_eq!(pair_score(&scores, a, b), want, "{a} - {b}: {scores:?}");
+                }
+            }
+
+            // Someone removes the annotations: they are written again.
             let before = progress.borrow().clone();
             Api::<Node>::all(ns.client.clone())
                 .patch(
@@ -266,6 +290,7 @@ fn registration_loop_registers_answers_rescans_and_removes() {
                     &PatchParams::default(),
                     &Patch::Merge(json!({"metadata": {"annotations": {
                         ann::NODE_NVIDIA_REGISTER: null, ann::NODE_HANDSHAKE: null,
+                        ann::NODE_NVIDIA_SCORE: null,
                     }}})),
                 )
                 .await
@@ -276,10 +301,10 @@ fn registration_loop_registers_answers_rescans_and_removes() {
                 |p| p.register_patches > before.register_patches,
             )
             .await;
-            let n = hami_e2e::wait_for(WAIT, "Reported again", || async {
+            let n = hami_e2e::wait_for(WAIT, "Reported and scored again", || async {
                 let n = get_node(&ns, &node).await;
-                annotations(&n)
-                    .contains_key(ann::NODE_HANDSHAKE)
+                let a = annotations(&n);
+                (a.contains_key(ann::NODE_HANDSHAKE) && a.contains_key(ann::NODE_NVIDIA_SCORE))
                     .then_some(n)
             })
             .await;
@@ -292,6 +317,7 @@ fn registration_loop_registers_answers_rescans_and_removes() {
             let a = annotations(&get_node(&ns, &node).await);
             assert!(!a.contains_key(ann::NODE_NVIDIA_REGISTER), "{a:?}");
             assert!(!a.contains_key(ann::NODE_HANDSHAKE), "{a:?}");
+            assert!(!a.contains_key(ann::NODE_NVIDIA_SCORE), "{a:?}");
             delete_node(&ns, &node).await;
         });
 }

@@ -9,7 +9,13 @@
 //! CUDA_DEVICE_MEMORY_LIMIT_0=3000m
 //! CUDA_DEVICE_SM_LIMIT_0=30
 //! CUDA_TASK_PRIORITY=1
+//! CUDA_DEVICE_MEMORY_SHARED_CACHE=/usr/local/vgpu/0b3c.cache
 //! ```
+//!
+//! `CUDA_DEVICE_MEMORY_SHARED_CACHE`, written by the node agent, names the
+//! container's shared region, so a process started without the
+//! container's environment joins the container's accounting instead of
+//! counting alone ([`shared_cache`]).
 //!
 //! Blank lines and lines starting with `#` are ignored; so are unknown keys
 //! (with a warning), so newer writers stay readable by older readers. A value
@@ -18,7 +24,7 @@
 //! sees half a file.
 
 use crate::MAX_DEVICES;
-use crate::env::{Limits, MEMORY_LIMIT, SM_LIMIT, TASK_PRIORITY};
+use crate::env::{Limits, MEMORY_LIMIT, SHARED_CACHE, SM_LIMIT, TASK_PRIORITY};
 use crate::size::format_size;
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -60,7 +66,7 @@ pub fn decode(text: &str, warnings: &mut Vec<String>) -> Limits {
 }
 
 fn is_known_key(k: &str) -> bool {
-    if k == MEMORY_LIMIT || k == SM_LIMIT || k == TASK_PRIORITY {
+    if k == MEMORY_LIMIT || k == SM_LIMIT || k == TASK_PRIORITY || k == SHARED_CACHE {
         return true;
     }
     [MEMORY_LIMIT, SM_LIMIT].iter().any(|base| {
@@ -93,6 +99,18 @@ pub fn encode(limits: &Limits) -> String {
     out
 }
 
+/// The shared region a limits file names (its last
+/// `CUDA_DEVICE_MEMORY_SHARED_CACHE` line), if any.
+pub fn shared_cache(text: &str) -> Option<std::path::PathBuf> {
+    text.lines()
+        .rev()
+        .filter_map(|l| l.trim().split_once('='))
+        .filter(|(k, _)| k.trim() == SHARED_CACHE)
+        .map(|(_, v)| v.trim())
+        .find(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+}
+
 /// Reads a limits file; `Ok(None)` when it does not exist.
 pub fn read(path: &Path, warnings: &mut Vec<String>) -> std::io::Result<Option<Limits>> {
     match std::fs::read_to_string(path) {
@@ -104,8 +122,24 @@ pub fn read(path: &Path, warnings: &mut Vec<String>) -> std::io::Result<Option<L
 
 /// Replaces the limits file atomically (write a sibling, then rename).
 pub fn write(path: &Path, limits: &Limits) -> std::io::Result<()> {
+    write_text(path, &encode(limits))
+}
+
+/// [`write`] for a container: also names its shared region
+/// (`shared_cache`, the path the container sees).
+pub fn write_for_container(
+    path: &Path,
+    limits: &Limits,
+    shared_cache: &Path,
+) -> std::io::Result<()> {
+    let mut text = encode(limits);
+    let _ = writeln!(text, "{SHARED_CACHE}={}", shared_cache.display());
+    write_text(path, &text)
+}
+
+fn write_text(path: &Path, text: &str) -> std::io::Result<()> {
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    std::fs::write(&tmp, encode(limits))?;
+    std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)
 }
 
@@ -151,6 +185,14 @@ mod tests {
         let mut w = Vec::new();
         assert_eq!(read(&path, &mut w).unwrap(), Some(l));
         assert_eq!(read(&dir.join("absent"), &mut w).unwrap(), None);
+        // A container's file also names its region, without a warning.
+        let region = Path::new("/usr/local/vgpu/0b3c.cache");
+        write_for_container(&path, &l, region).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(shared_cache(&text).as_deref(), Some(region));
+        assert_eq!(read(&path, &mut w).unwrap(), Some(l));
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(shared_cache("CUDA_DEVICE_SM_LIMIT=3\n"), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
