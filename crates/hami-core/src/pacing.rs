@@ -58,8 +58,10 @@
 //! Launches into a stream that is capturing a graph are passed straight
 //! through (they do not run now; the graph is paced when it is launched).
 //!
-//! `GPU_CORE_UTILIZATION_POLICY=disable` turns pacing off; `default` and
-//! `force` both pace whenever the quota is below 100. `CUDA_TASK_PRIORITY=1`
+//! `GPU_CORE_UTILIZATION_POLICY=disable` turns pacing off; `force` paces
+//! whenever the quota is below 100; `default` too, except while the node
+//! agent says the container is alone on its cards (the region's
+//! `FLAG_ALONE`): then launches are still measured but never held back. `CUDA_TASK_PRIORITY=1`
 //! (the default) processes also hold their launches while the shared region's
 //! suspend flag is set or the node agent's hold lease runs (each held launch logs
 //! `launch held: low priority suspended ...` at info level,
@@ -401,24 +403,27 @@ fn paced_slow(
         m.estimate_ns
     };
 
-    let clock = &g.region.devices[dev].pacing_clock_ns;
-    let cost = estimate * 100 / quota as u64;
-    let now = monotonic_ns();
-    let mut c = clock.load(Acquire);
-    let start = loop {
-        // A fresh clock starts now: no credit for the time before the first launch.
-        let s = if c == 0 {
-            now
-        } else {
-            c.max(now.saturating_sub(BURST_NS))
+    // Alone on its cards under the default policy: measured, not held.
+    if !g.alone_unpaced() {
+        let clock = &g.region.devices[dev].pacing_clock_ns;
+        let cost = estimate * 100 / quota as u64;
+        let now = monotonic_ns();
+        let mut c = clock.load(Acquire);
+        let start = loop {
+            // A fresh clock starts now: no credit for the time before the first launch.
+            let s = if c == 0 {
+                now
+            } else {
+                c.max(now.saturating_sub(BURST_NS))
+            };
+            match clock.compare_exchange_weak(c, s + cost, AcqRel, Acquire) {
+                Ok(_) => break s,
+                Err(actual) => c = actual,
+            }
         };
-        match clock.compare_exchange_weak(c, s + cost, AcqRel, Acquire) {
-            Ok(_) => break s,
-            Err(actual) => c = actual,
+        if start > now {
+            sleep_ns(start - now);
         }
-    };
-    if start > now {
-        sleep_ns(start - now);
     }
 
     // The lock guards the bookkeeping only: the driver's launch is called

@@ -216,6 +216,14 @@ impl Global {
         self.region.sm_limit(dev).unwrap_or(100)
     }
 
+    /// `GPU_CORE_UTILIZATION_POLICY=default` and the node agent says the
+    /// container is alone on its cards: nobody to share with, so launches
+    /// are measured (for the monitor) but never held back.
+    #[inline]
+    pub fn alone_unpaced(&self) -> bool {
+        self.env.core_policy == CorePolicy::Default && self.region.alone()
+    }
+
     /// Whether any device needs pacing; cheap (one atomic load when the
     /// limits have not changed).
     #[inline]

@@ -93,6 +93,41 @@ fn unlimited_is_not_paced() {
 }
 
 #[test]
+fn a_container_alone_on_its_card_is_not_paced_under_the_default_policy() {
+    let _serial = serial();
+    let s = Scratch::new("pace-alone");
+    let region = hami_shm::region::SharedRegion::open(&s.region()).unwrap();
+    // What the node agent does when no other container has the card.
+    region.header.flags.fetch_or(
+        hami_shm::region::FLAG_ALONE,
+        std::sync::atomic::Ordering::SeqCst,
+    );
+    let (got, _) = share(
+        &s,
+        &[("CUDA_DEVICE_SM_LIMIT", "30")],
+        "busy",
+        "1000",
+        "1000",
+    );
+    assert!(
+        got > 50.0,
+        "alone under policy=default still paced: {got:.1}%"
+    );
+    // `force` paces whatever the agent says.
+    let (got, starved) = share(
+        &s,
+        &[
+            ("CUDA_DEVICE_SM_LIMIT", "30"),
+            ("GPU_CORE_UTILIZATION_POLICY", "force"),
+        ],
+        "busy",
+        "2000",
+        "1000",
+    );
+    assert_paced(got, 30.0, starved, "alone under policy=force");
+}
+
+#[test]
 fn launches_into_a_capturing_stream_are_not_paced() {
     let _serial = serial();
     let s = Scratch::new("pace-capture");

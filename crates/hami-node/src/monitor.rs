@@ -20,7 +20,12 @@
 //! 3. Series are kept for containers whose pod the API server lists on
 //!    this node, not ended, and whose container has not terminated: a pod
 //!    that ends drops out at the next scan.
-//! 4. Dirs (in `containers/` and `limits/`) of pods the API server no longer
+//! 4. A container that is the only running one on each of its cards (the
+//!    `cards` files Allocate writes) gets the region's alone flag, which
+//!    `GPU_CORE_UTILIZATION_POLICY=default` reads as "need not be paced";
+//!    the flag goes at the first scan after another container gets one of
+//!    its cards.
+//! 5. Dirs (in `containers/` and `limits/`) of pods the API server no longer
 //!    lists on this node are removed once they have been missing for the
 //!    grace period and no process maps a region in them.
 
@@ -30,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use hami_shm::copy::{self, RegionCopy, SlotCopy};
-use hami_shm::region::RegionError;
+use hami_shm::region::{FLAG_ALONE, RegionError};
 
 /// A pod as the monitor needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +49,12 @@ pub struct PodView {
 }
 
 impl PodView {
+    /// Whether `container` of this pod may still run (the pod has not
+    /// ended, the container has not terminated).
+    pub fn runs(&self, container: &str) -> bool {
+        !self.ended && !self.terminated.contains(container)
+    }
+
     pub fn from_pod(pod: &k8s_openapi::api::core::v1::Pod) -> Option<(String, PodView)> {
         let uid = pod.metadata.uid.clone()?;
         let status = pod.status.as_ref();
@@ -263,6 +274,7 @@ impl Monitor {
             None
         };
 
+        let sharing = pods.map(|p| self.containers_per_card(p));
         let mut seen_busy = HashSet::new();
         let mut series: BTreeMap<(String, usize, String), ContainerDevice> = BTreeMap::new();
         for Dir { name, regions } in &dirs {
@@ -307,6 +319,16 @@ impl Monitor {
                         // The cards Allocate gave the container (a file it
                         // cannot write), not the UUIDs its region claims.
                         let cards = self.cards_of(name);
+                        if let Some(sharing) = &sharing {
+                            let alone = !cards.is_empty()
+                                && pods
+                                    .and_then(|p| p.get(uid))
+                                    .is_some_and(|p| p.runs(container))
+                                && cards.iter().all(|c| sharing.get(c).copied() == Some(1));
+                            if alone != (c.flags & FLAG_ALONE != 0) {
+                                set_alone(path, alone);
+                            }
+                        }
                         if !cards.is_empty() {
                             out.priority.push(crate::priority::PriorityRegion {
                                 path: path.clone(),
@@ -323,7 +345,7 @@ impl Monitor {
                 let Some(pod) = pods.and_then(|p| p.get(uid)) else {
                     continue;
                 };
-                if pod.ended || pod.terminated.contains(container) {
+                if !pod.runs(container) {
                     continue;
                 }
                 // A region names its cards itself (the container writes it):
@@ -369,6 +391,26 @@ impl Monitor {
             out.removed = self.remove_gone(pods, &dirs, mappers.as_ref());
         }
         out
+    }
+
+    /// How many running containers Allocate gave each card (from the
+    /// `cards` files of the limits dirs whose pod runs here).
+    fn containers_per_card(&self, pods: &HashMap<String, PodView>) -> HashMap<String, usize> {
+        let mut n = HashMap::new();
+        for dir in read_dir_sorted(&self.vgpu_dir.join("limits")) {
+            let Some(name) = dir.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            let Some((uid, container)) = parse_dir_name(name) else {
+                continue;
+            };
+            if pods.get(uid).is_some_and(|p| p.runs(container)) {
+                for card in self.cards_of(name) {
+                    *n.entry(card).or_insert(0) += 1;
+                }
+            }
+        }
+        n
     }
 
     /// The card UUIDs Allocate wrote for the container dir `name`.
@@ -491,6 +533,22 @@ impl Monitor {
             self.missing_since.remove(&name);
         }
         removed
+    }
+}
+
+/// Sets or clears the region's alone flag (see [`FLAG_ALONE`]).
+fn set_alone(path: &Path, alone: bool) {
+    let r = copy::open_region_file(path)
+        .map_err(std::io::Error::other)
+        .and_then(|f| copy::set_flag(&f, FLAG_ALONE, alone));
+    match r {
+        Ok(()) if alone => {
+            tracing::info!(region = %path.display(), "the container is alone on its cards: not paced under GPU_CORE_UTILIZATION_POLICY=default")
+        }
+        Ok(()) => {
+            tracing::info!(region = %path.display(), "the container shares a card: paced again")
+        }
+        Err(e) => tracing::warn!(region = %path.display(), "setting the alone flag: {e}"),
     }
 }
 
@@ -717,6 +775,21 @@ mod tests {
         // The dead slot's 900 MiB do not count; ours does.
         assert_eq!(c.used_bytes, 100 << 20);
         assert_eq!(c.limit_bytes, 3000 << 20);
+        // Alone on its card: flagged, so `default` does not pace it.
+        assert!(r.alone());
+        // Another running container gets the card: paced again.
+        let other = tmp.path().join("limits/uid-9_side");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(other.join(crate::allocate::CARDS_FILE_NAME), "GPU-aaaa\n").unwrap();
+        let mut two = pods.clone();
+        two.insert("uid-9".into(), pod("team", "side"));
+        m.scan(Some(&two), t0);
+        assert!(!r.alone());
+        // It ends: alone again.
+        two.get_mut("uid-9").unwrap().ended = true;
+        m.scan(Some(&two), t0);
+        assert!(r.alone());
+        std::fs::remove_dir_all(&other).unwrap();
         // A card the container was not given gets no series.
         r.set_uuid(1, "GPU-elsewhere");
         r.add_used(r.processes()[0].slot, 1, 1 << 20);

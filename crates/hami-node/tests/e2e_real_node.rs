@@ -162,7 +162,18 @@ async fn two_pods_at_30_and_60_percent_of_one_card_never_exceed_their_quotas() {
             &ns,
             name,
             json!({"nvidia.com/gpu": 1, "nvidia.com/gpumem": 1000, "nvidia.com/gpucores": cores}),
-            &["/bin/cuda-probe", "init", "busy", "4000", "1000"],
+            // Kernels after 3 s: by then both pods hold the card and the
+            // monitor has seen it (under the default core policy a pod alone
+            // on its card is not held back).
+            &[
+                "/bin/cuda-probe",
+                "init",
+                "sleep",
+                "3000",
+                "busy",
+                "4000",
+                "1000",
+            ],
         );
         pod["metadata"]["annotations"] = json!({ann::NVIDIA_USE_GPUUUID: card});
         ns.create_pod(pod).await.expect("creating the pod");
@@ -273,6 +284,58 @@ async fn a_high_priority_pod_holds_the_low_priority_one_on_its_card_within_10_ms
     assert!((90.0..=200.0).contains(&resumed_after), "{report}");
     assert!(
         s.hami_node_log().contains("holding low-priority launches"),
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_the_default_core_policy_only_a_shared_card_is_paced() {
+    let Some(s) = setup() else { return };
+    let _node = serial().await;
+    wait_node_serves(s).await;
+    let ns = s.cluster.namespace("real-policy").await;
+    let pinned = |name: &str, card: &str, command: &[&str]| {
+        let mut pod = probe_pod(
+            &ns,
+            name,
+            json!({"nvidia.com/gpu": 1, "nvidia.com/gpumem": 1000, "nvidia.com/gpucores": 30}),
+            command,
+        );
+        pod["metadata"]["annotations"] = json!({ann::NVIDIA_USE_GPUUUID: card});
+        pod
+    };
+    let (lone_card, shared_card) = (
+        CARDS[0].split_whitespace().nth(2).unwrap(),
+        CARDS[2].split_whitespace().nth(2).unwrap(),
+    );
+    // Alone on its card: 30 % cores, not paced once the monitor (500 ms
+    // scans) says so.
+    let busy = ["/bin/cuda-probe", "init", "busy", "3000", "1000"];
+    ns.create_pod(pinned("alone", lone_card, &busy))
+        .await
+        .unwrap();
+    // Beside a running container that holds the same card: paced.
+    ns.create_pod(pinned("holder", shared_card, &["/bin/sleep", "3600"]))
+        .await
+        .unwrap();
+    wait_running(&ns, "holder").await;
+    ns.create_pod(pinned("shared", shared_card, &busy))
+        .await
+        .unwrap();
+    let (alone, alone_log) = wait_finished(s, &ns, "alone").await;
+    let (shared, shared_log) = wait_finished(s, &ns, "shared").await;
+    assert_eq!(phase(&alone), "Succeeded", "{alone_log}");
+    assert_eq!(phase(&shared), "Succeeded", "{shared_log}");
+    let (got_alone, _) = busy_share(&alone_log);
+    let (got_shared, _) = busy_share(&shared_log);
+    let report =
+        format!("alone: {got_alone:.1}% of the card, shared: {got_shared:.1}% (quota 30%)");
+    eprintln!("{report}");
+    assert!(got_alone > 50.0, "{report}");
+    assert!(got_shared <= 35.0, "{report}");
+    assert!(
+        s.hami_node_log()
+            .contains("the container is alone on its cards"),
         "{report}"
     );
 }
@@ -571,7 +634,8 @@ async fn the_monitor_shows_each_pods_usage_frees_a_killed_process_and_forgets_th
     let pod = probe_pod(
         &ns,
         "mon",
-        // A cores limit: the pacer measures kernel time only when it paces.
+        // A cores limit: the pacer measures kernel time only when there is
+        // a quota (alone on its card, it measures but does not hold back).
         json!({"nvidia.com/gpu": 1, "nvidia.com/gpumem": 3000, "nvidia.com/gpucores": 50}),
         &["/bin/sleep", "3600"],
     );

@@ -82,6 +82,21 @@ pub fn read_high_priority_launch(f: &std::fs::File) -> u64 {
     }
 }
 
+/// Sets (`on`) or clears a header `FLAG_*` bit. The node agent is the
+/// flags' only writer; processes only read them.
+pub fn set_flag(f: &std::fs::File, flag: u32, on: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt as _;
+    let off = offset_of!(Header, flags) as u64;
+    let mut b = [0u8; 4];
+    f.read_exact_at(&mut b, off)?;
+    let old = u32::from_le_bytes(b);
+    let new = if on { old | flag } else { old & !flag };
+    if new != old {
+        f.write_all_at(&new.to_le_bytes(), off)?;
+    }
+    Ok(())
+}
+
 /// Sets the header's low-priority hold lease (CLOCK_MONOTONIC ns).
 pub fn write_hold_until(f: &std::fs::File, until_ns: u64) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt as _;
@@ -122,6 +137,8 @@ pub struct DeviceCopy {
 /// A decoded copy of one of our regions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegionCopy {
+    /// The header's `FLAG_*` bits.
+    pub flags: u32,
     /// CLOCK_MONOTONIC ns of the last launch by a priority-0 process, 0 none.
     pub high_priority_launch_ns: u64,
     pub devices: Vec<DeviceCopy>,
@@ -203,6 +220,7 @@ impl RegionCopy {
             })
             .collect();
         Ok(RegionCopy {
+            flags: u32_at(b, offset_of!(Header, flags)),
             high_priority_launch_ns: u64_at(b, offset_of!(Header, high_priority_launch_ns)),
             devices,
             slots,
@@ -312,8 +330,13 @@ mod tests {
         assert!(r.low_priority_held(now));
         write_hold_until(&f, 0).unwrap();
         assert!(!r.low_priority_held(now));
+        set_flag(&f, crate::region::FLAG_ALONE, true).unwrap();
+        assert!(r.alone());
         let c = RegionCopy::decode(&read_file(&path).unwrap()).unwrap();
         assert_eq!(c.high_priority_launch_ns, 1234);
+        assert_eq!(c.flags, crate::region::FLAG_ALONE);
+        set_flag(&f, crate::region::FLAG_ALONE, false).unwrap();
+        assert!(!r.alone());
     }
 
     #[test]

@@ -52,6 +52,10 @@ pub const REGION_SIZE: usize = std::mem::size_of::<Region>();
 /// Header flag: low-priority processes must not launch work (set by the
 /// node agent while a high-priority container on the same card is busy).
 pub const FLAG_SUSPEND_LOW_PRIORITY: u32 = 1;
+/// Header flag: the container is the only one on each of its cards (set by
+/// the node agent); under `GPU_CORE_UTILIZATION_POLICY=default` it need not
+/// be paced. The agent clears it when another container gets one of them.
+pub const FLAG_ALONE: u32 = 2;
 /// Device flag: `memory_limit` has been set (0 then means "no limit").
 const DEV_MEM_SET: u32 = 1;
 /// Device flag: `sm_limit` has been set.
@@ -846,6 +850,11 @@ impl SharedRegion {
     pub fn low_priority_held(&self, now_ns: u64) -> bool {
         self.header.flags.load(Acquire) & FLAG_SUSPEND_LOW_PRIORITY != 0
             || self.header.low_priority_hold_until_ns.load(Acquire) > now_ns
+    }
+
+    /// Whether the node agent says the container is alone on its cards.
+    pub fn alone(&self) -> bool {
+        self.header.flags.load(Acquire) & FLAG_ALONE != 0
     }
 
     /// Node agent: suspend or resume the container's low-priority launches.
