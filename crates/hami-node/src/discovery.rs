@@ -98,6 +98,9 @@ pub struct RawCard {
     pub memory_bytes: Option<u64>,
     pub numa: Option<u32>,
     pub healthy: bool,
+    /// MIG mode is on: the card is split into instances by the driver, and
+    /// hami-core mode (the only one yet) cannot share it.
+    pub mig: bool,
 }
 
 /// The register records of `raw` under `s`, filtered cards left out.
@@ -131,7 +134,9 @@ pub fn cards(raw: &[RawCard], s: &CardSettings) -> Vec<DeviceInfo> {
             numa: c.numa.map_or(0, |n| i32::try_from(n).unwrap_or(0)),
             mode: Some(s.mode),
             mig_profiles: None,
-            health: c.healthy,
+            // hami-core mode shares whole cards; a card in MIG mode is
+            // registered (so operators see it) but never offered.
+            health: c.healthy && !c.mig,
         })
         .collect()
 }
@@ -202,6 +207,8 @@ pub struct Discovery {
     last: Vec<DeviceInfo>,
     /// Whether to compute link scores between the cards.
     topology_score: bool,
+    /// Cards whose MIG mode was already reported.
+    mig_warned: BTreeSet<String>,
 }
 
 impl Discovery {
@@ -228,6 +235,7 @@ impl Discovery {
             settings,
             last: Vec::new(),
             topology_score: false,
+            mig_warned: BTreeSet::new(),
         })
     }
 
@@ -316,6 +324,13 @@ impl Discovery {
                 .ok()
                 .or_else(|| d.pci_info().ok().and_then(|p| sysfs_numa_node(&p.bus_id)));
             let healthy = readable && !self.failed.contains(&uuid);
+            let mig = d.mig_mode().is_ok_and(|m| m.current == 1);
+            if mig && self.mig_warned.insert(uuid.clone()) {
+                tracing::warn!(
+                    uuid,
+                    "the card is in MIG mode: hami-core mode cannot share it, so it is registered unhealthy (turn MIG off on it, or leave it to another device plugin)"
+                );
+            }
             out.push(RawCard {
                 index: d.index().unwrap_or(i),
                 uuid,
@@ -323,6 +338,7 @@ impl Discovery {
                 memory_bytes,
                 numa,
                 healthy,
+                mig,
             });
         }
         Ok(out)
@@ -552,6 +568,7 @@ mod tests {
             memory_bytes: Some(gib << 30),
             numa: Some(numa),
             healthy: true,
+            mig: false,
         }
     }
 

@@ -55,6 +55,20 @@ fn discovery_reads_the_simulated_cards() {
 }
 
 #[test]
+fn a_card_in_mig_mode_is_registered_unhealthy() {
+    if sim::in_child("a_card_in_mig_mode_is_registered_unhealthy") {
+        return;
+    }
+    // SAFETY: the child runs this one test on one thread.
+    unsafe { std::env::set_var("SIM_GPU_MIG", CARDS[1].1) };
+    let mut d = open(CardSettings::default());
+    let cards = d.scan().unwrap();
+    let health: Vec<bool> = cards.iter().map(|c| c.health).collect();
+    assert_eq!(health, [true, false, true, true], "{cards:?}");
+    assert_eq!(cards[1].id, CARDS[1].1);
+}
+
+#[test]
 fn node_config_overrides_and_filters_the_cards() {
     if sim::in_child("node_config_overrides_and_filters_the_cards") {
         return;

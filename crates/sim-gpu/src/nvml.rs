@@ -833,7 +833,15 @@ not_supported! {
     nvmlDeviceGetNvLinkUtilizationCounter(h: usize, link: c_uint, counter: c_uint, rx: *mut c_ulonglong, tx: *mut c_ulonglong);
 }
 
-// ---- MIG: capable of nothing, mode disabled. ----
+// ---- MIG: no instances; the mode is off unless `SIM_GPU_MIG` lists the
+// card's UUID (comma-separated), to test what a MIG-mode card does to its
+// clients. ----
+
+fn mig_enabled(i: usize) -> bool {
+    let uuid = state().devices[i].spec.uuid.clone();
+    std::env::var("SIM_GPU_MIG")
+        .is_ok_and(|v| v.split(',').any(|u| u.trim().eq_ignore_ascii_case(&uuid)))
+}
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetMigMode(
@@ -841,13 +849,17 @@ pub unsafe extern "C" fn nvmlDeviceGetMigMode(
     current: *mut c_uint,
     pending: *mut c_uint,
 ) -> NvmlReturn {
-    if dev(h).is_err() || current.is_null() || pending.is_null() {
+    let Ok(i) = dev(h) else {
+        return INVALID_ARGUMENT;
+    };
+    if current.is_null() || pending.is_null() {
         return INVALID_ARGUMENT;
     }
-    // SAFETY: checked non-null; `NVML_DEVICE_MIG_DISABLE`.
+    let mode = c_uint::from(mig_enabled(i));
+    // SAFETY: checked non-null; 0 `NVML_DEVICE_MIG_DISABLE`, 1 `_ENABLE`.
     unsafe {
-        *current = 0;
-        *pending = 0;
+        *current = mode;
+        *pending = mode;
     }
     SUCCESS
 }
