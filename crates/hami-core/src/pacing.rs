@@ -51,7 +51,9 @@
 //! ([`hami_shm::region::SharedRegion::charge_interval`]): the container pays
 //! for the union of its kernels' intervals, which on a card running one
 //! kernel at a time is the device time it used. Waits behind *other*
-//! containers are still charged (we over-charge and stay below the quota).
+//! containers are not in that log; the node agent corrects for them with
+//! the device's charge scale (`DeviceEntry::charge_scale_ppm`): the part of
+//! its measured time a container is charged.
 //! Until the first measurement arrives `d_est` is 0: those launches are
 //! charged when their measurements are harvested.
 //!
@@ -255,7 +257,11 @@ impl Measuring {
             // SAFETY: our own events, both complete.
             if unsafe { elapsed(&mut ms, done.start, done.end) } == CUDA_SUCCESS {
                 let span = (ms.max(0.0) as f64 * 1e6) as u64;
-                let own = own_time(g, dev, elapsed, &done, span);
+                let measured = own_time(g, dev, elapsed, &done, span);
+                // What the container is charged: its measured time, less
+                // the share the node agent found to be waits behind other
+                // containers on the card.
+                let own = measured * g.region.charge_scale_ppm(dev) / 1_000_000;
                 let clock = &g.region.devices[dev].pacing_clock_ns;
                 let q = quota.max(1) as u64;
                 if own >= done.charged {
@@ -270,7 +276,7 @@ impl Measuring {
                     (self.estimate_ns * 7 + own) / 8
                 };
                 self.measured += 1;
-                g.region.add_busy(p.slot, dev, own);
+                g.region.add_busy(p.slot, dev, measured);
             }
             self.free_events.push(done.start);
             self.free_events.push(done.end);

@@ -163,6 +163,8 @@ pub struct Monitor {
     busy: HashMap<(PathBuf, usize), (u64, u64)>,
     /// Dir name -> when its pod was first found missing.
     missing_since: HashMap<String, Instant>,
+    /// NVML's utilization of each card (percent), for the charge scale.
+    card_utilization: HashMap<String, f64>,
 }
 
 /// A region read in a scan.
@@ -214,7 +216,17 @@ impl Monitor {
             host_pids,
             busy: HashMap::new(),
             missing_since: HashMap::new(),
+            card_utilization: HashMap::new(),
         }
+    }
+
+    /// The cards' utilization as NVML reports it (percent, by UUID), for
+    /// the next scan's charge scales.
+    pub fn set_card_utilization(&mut self, cards: &[HostCard]) {
+        self.card_utilization = cards
+            .iter()
+            .map(|c| (c.uuid.clone(), c.utilization))
+            .collect();
     }
 
     /// One scan at CLOCK_MONOTONIC `now_ns`. `pods` maps pod UIDs to the
@@ -275,6 +287,9 @@ impl Monitor {
         };
 
         let sharing = pods.map(|p| self.containers_per_card(p));
+        // (region, device index, card, measured utilization, charge scale)
+        // of every device of ours, for the charge scales.
+        let mut measured: Vec<(PathBuf, usize, String, f64, u64)> = Vec::new();
         let mut seen_busy = HashSet::new();
         let mut series: BTreeMap<(String, usize, String), ContainerDevice> = BTreeMap::new();
         for Dir { name, regions } in &dirs {
@@ -338,7 +353,17 @@ impl Monitor {
                                 low: alive.is_empty() || alive.iter().any(|s| s.priority != 0),
                             });
                         }
-                        self.ours(path, c, &alive, now_ns, &mut seen_busy)
+                        let devices = self.ours(path, c, &alive, now_ns, &mut seen_busy);
+                        for (i, d) in &devices {
+                            measured.push((
+                                path.clone(),
+                                *i,
+                                d.device_uuid.clone(),
+                                d.utilization,
+                                c.devices[*i].charge_scale_ppm,
+                            ));
+                        }
+                        devices
                     }
                     Read::Upstream(u) => upstream_devices(u),
                 };
@@ -385,12 +410,54 @@ impl Monitor {
             }
         }
         self.busy.retain(|k, _| seen_busy.contains(k));
+        self.scale_charges(&measured);
         out.containers = series.into_values().collect();
 
         if let Some(pods) = pods {
             out.removed = self.remove_gone(pods, &dirs, mappers.as_ref());
         }
         out
+    }
+
+    /// Sets each container's charge scale on each card: when the busy time
+    /// the containers sharing a card measured adds up to more than NVML
+    /// says the card was busy, the difference is time they spent waiting
+    /// behind one another; split evenly among the busy containers, each is
+    /// charged what it measured less its part; else all of it. Without
+    /// NVML's numbers, nothing changes.
+    fn scale_charges(&self, measured: &[(PathBuf, usize, String, f64, u64)]) {
+        if self.card_utilization.is_empty() {
+            return;
+        }
+        let mut sums: HashMap<&str, (f64, usize)> = HashMap::new();
+        for (_, _, card, util, _) in measured {
+            let e = sums.entry(card.as_str()).or_insert((0.0, 0));
+            e.0 += util;
+            e.1 += usize::from(*util > 0.0);
+        }
+        for (path, dev, card, util, now_ppm) in measured {
+            let (sum, busy) = sums[card.as_str()];
+            let ppm = match self.card_utilization.get(card) {
+                Some(&card_util) if busy >= 2 && *util > 0.0 && sum > card_util + 2.0 => {
+                    // The excess, split evenly: each busy container waited
+                    // about as long behind the others.
+                    let waited = (sum - card_util) / busy as f64;
+                    (((util - waited) / util).clamp(0.3, 1.0) * 1e6) as u64
+                }
+                _ => 1_000_000,
+            };
+            let now_ppm = if *now_ppm == 0 { 1_000_000 } else { *now_ppm };
+            if now_ppm.abs_diff(ppm) < 10_000 {
+                continue;
+            }
+            let r = copy::open_region_file(path)
+                .map_err(std::io::Error::other)
+                .and_then(|f| copy::write_charge_scale(&f, *dev, ppm));
+            match r {
+                Ok(()) => tracing::debug!(region = %path.display(), card, ppm, "charge scale"),
+                Err(e) => tracing::warn!(region = %path.display(), "setting the charge scale: {e}"),
+            }
+        }
     }
 
     /// How many running containers Allocate gave each card (from the
@@ -818,6 +885,43 @@ mod tests {
             .insert("main".into());
         assert!(m.scan(Some(&term), t0 + 3).containers.is_empty());
         assert!(m.scan(None, t0 + 4).containers.is_empty());
+    }
+
+    #[test]
+    fn containers_sharing_a_card_are_charged_less_their_waits() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, _) = container(tmp.path(), "uid-a_main");
+        let (b, _) = container(tmp.path(), "uid-b_main");
+        let pods: HashMap<String, PodView> = [
+            ("uid-a".to_string(), pod("t", "a")),
+            ("uid-b".to_string(), pod("t", "b")),
+        ]
+        .into();
+        let mut m = Monitor::new(tmp.path(), Duration::from_secs(60));
+        let card = |utilization: f64| HostCard {
+            index: 0,
+            uuid: "GPU-aaaa".into(),
+            device_type: "sim".into(),
+            used_bytes: 0,
+            utilization,
+        };
+        let t0 = hami_shm::region::monotonic_ns();
+        m.set_card_utilization(&[card(75.0)]);
+        m.scan(Some(&pods), t0);
+        // Over one second A measured 300 ms of kernels and B 600 ms, but
+        // the card was busy 750 ms: 150 ms were waits, 75 ms each.
+        a.add_busy(a.processes()[0].slot, 0, 300_000_000);
+        b.add_busy(b.processes()[0].slot, 0, 600_000_000);
+        m.scan(Some(&pods), t0 + 1_000_000_000);
+        assert_eq!(a.charge_scale_ppm(0), 750_000);
+        assert_eq!(b.charge_scale_ppm(0), 875_000);
+        // The card as busy as they measured: charged in full again.
+        a.add_busy(a.processes()[0].slot, 0, 300_000_000);
+        b.add_busy(b.processes()[0].slot, 0, 600_000_000);
+        m.set_card_utilization(&[card(90.0)]);
+        m.scan(Some(&pods), t0 + 2_000_000_000);
+        assert_eq!(a.charge_scale_ppm(0), 1_000_000);
+        assert_eq!(b.charge_scale_ppm(0), 1_000_000);
     }
 
     #[test]

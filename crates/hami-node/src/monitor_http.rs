@@ -169,8 +169,9 @@ pub async fn run(
             .expect("the monitor is put back after each scan");
         let host = host.clone();
         let (m, scan, cards) = tokio::task::spawn_blocking(move || {
-            let scan = m.scan(view.as_ref(), hami_shm::region::monotonic_ns());
             let cards = host.map(|h| h.cards()).unwrap_or_default();
+            m.set_card_utilization(&cards);
+            let scan = m.scan(view.as_ref(), hami_shm::region::monotonic_ns());
             (m, scan, cards)
         })
         .await

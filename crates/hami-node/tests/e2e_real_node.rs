@@ -151,7 +151,7 @@ fn busy_share(log: &str) -> (f64, f64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_pods_at_30_and_60_percent_of_one_card_never_exceed_their_quotas() {
+async fn two_pods_at_30_and_60_percent_of_one_card_get_their_shares_within_5_points() {
     let Some(s) = setup() else { return };
     let _node = serial().await;
     wait_node_serves(s).await;
@@ -193,16 +193,15 @@ async fn two_pods_at_30_and_60_percent_of_one_card_never_exceed_their_quotas() {
             "both pods on one card"
         );
         let (got, starved) = busy_share(log);
-        // Isolation: neither pod goes over its quota (5 points of
-        // measurement slack, as hami-core's pacing tests). Below it is
-        // where they are today (about 7 points under, each): a wait behind
-        // the other container's kernels is charged to the waiter (see
-        // hami-core's pacing.rs); the issue's ±5 is not met yet.
+        // Within 5 points of the quota (as hami-core's pacing tests; a probe
+        // starved of CPU may fall short by `quota x starved` more): the
+        // monitor scales what each container is charged by how much of
+        // what it measured was waiting behind the other one.
         report.push_str(&format!(
             "{name}: {got:.1}% of the card, quota {want}% (CPU-starved {:.1}% of the run)\n",
             100.0 * starved
         ));
-        ok &= got <= want + 5.0 && got > want / 2.0;
+        ok &= got <= want + 5.0 && got >= want - 5.0 - want * starved;
     }
     eprint!("{report}");
     assert!(ok, "{report}");

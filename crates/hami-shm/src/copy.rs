@@ -97,6 +97,17 @@ pub fn set_flag(f: &std::fs::File, flag: u32, on: bool) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Sets device `dev`'s charge scale (parts per million; see
+/// [`DeviceEntry::charge_scale_ppm`]).
+pub fn write_charge_scale(f: &std::fs::File, dev: usize, ppm: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt as _;
+    if dev >= MAX_DEVICES {
+        return Ok(());
+    }
+    let off = DEVICES + dev * DEVICE + offset_of!(DeviceEntry, charge_scale_ppm);
+    f.write_all_at(&ppm.to_le_bytes(), off as u64)
+}
+
 /// Sets the header's low-priority hold lease (CLOCK_MONOTONIC ns).
 pub fn write_hold_until(f: &std::fs::File, until_ns: u64) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt as _;
@@ -132,6 +143,8 @@ pub struct DeviceCopy {
     pub memory_limit: Option<u64>,
     /// Kernel busy time of processes that are gone.
     pub retired_busy_ns: u64,
+    /// The pacer's charge scale (0: unscaled).
+    pub charge_scale_ppm: u64,
 }
 
 /// A decoded copy of one of our regions.
@@ -195,6 +208,7 @@ impl RegionCopy {
                     memory_limit: (flags & DEV_MEM_SET != 0)
                         .then(|| u64_at(b, base + offset_of!(DeviceEntry, memory_limit))),
                     retired_busy_ns: u64_at(b, base + offset_of!(DeviceEntry, retired_busy_ns)),
+                    charge_scale_ppm: u64_at(b, base + offset_of!(DeviceEntry, charge_scale_ppm)),
                 }
             })
             .collect();
@@ -337,6 +351,10 @@ mod tests {
         assert_eq!(c.flags, crate::region::FLAG_ALONE);
         set_flag(&f, crate::region::FLAG_ALONE, false).unwrap();
         assert!(!r.alone());
+        assert_eq!(r.charge_scale_ppm(2), 1_000_000);
+        write_charge_scale(&f, 2, 800_000).unwrap();
+        assert_eq!(r.charge_scale_ppm(2), 800_000);
+        assert_eq!(r.charge_scale_ppm(1), 1_000_000);
     }
 
     #[test]

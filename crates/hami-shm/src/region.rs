@@ -107,7 +107,12 @@ pub struct DeviceEntry {
     /// compare-and-swap, so two processes never give one index to two
     /// cards (the text in `uuid` is written after the claim).
     pub uuid_key: AtomicU64,
-    pub reserved: [AtomicU64; 6],
+    /// What the pacer charges per ns it measured, in parts per million
+    /// (0: 1,000,000). The node agent lowers it while containers sharing
+    /// the card measure more busy time between them than the card had:
+    /// each one's measured intervals include waits behind the others.
+    pub charge_scale_ppm: AtomicU64,
+    pub reserved: [AtomicU64; 5],
 }
 
 /// Per process (448 bytes).
@@ -169,6 +174,7 @@ const _: () = {
     assert!(std::mem::offset_of!(Header, low_priority_hold_until_ns) == 48);
     assert!(std::mem::size_of::<DeviceEntry>() == 192);
     assert!(std::mem::offset_of!(DeviceEntry, uuid_key) == 136);
+    assert!(std::mem::offset_of!(DeviceEntry, charge_scale_ppm) == 144);
     assert!(std::mem::size_of::<ProcSlot>() == 448);
     assert!(std::mem::offset_of!(Region, devices) == 128);
     assert!(std::mem::offset_of!(Region, slots) == 3200);
@@ -711,6 +717,19 @@ impl SharedRegion {
             .map(|s| s.busy_ns[dev].load(Relaxed))
             .sum();
         live + self.devices[dev].retired_busy_ns.load(Relaxed)
+    }
+
+    /// Parts per million of measured device time the pacer charges on
+    /// `dev` (see [`DeviceEntry::charge_scale_ppm`]).
+    pub fn charge_scale_ppm(&self, dev: usize) -> u64 {
+        match self
+            .devices
+            .get(dev)
+            .map(|d| d.charge_scale_ppm.load(Relaxed))
+        {
+            None | Some(0) => 1_000_000,
+            Some(p) => p.min(1_000_000),
+        }
     }
 
     /// Memory limit of `dev` in bytes (0 = none), `None` if never set.
