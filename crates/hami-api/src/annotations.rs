@@ -10,6 +10,10 @@ pub const NODE_NVIDIA_SCORE: &str = "hami.io/node-nvidia-score";
 pub const DEVICE_CORDON: &str = "hami.io/device-cordon";
 /// Node: the bind lock, `<RFC3339>,<namespace>,<pod>`.
 pub const NODE_LOCK: &str = "hami.io/mutex.lock";
+/// Node (hami-rs only): when hami-scheduler last freed cards on the node
+/// with no other event (RFC 3339); changing it makes kube-scheduler try
+/// unschedulable pods again.
+pub const NODE_CARDS_FREED: &str = "hami.io/node-cards-freed";
 
 /// Pod: the node the scheduler chose (also written as a label).
 pub const VGPU_NODE: &str = "hami.io/vgpu-node";

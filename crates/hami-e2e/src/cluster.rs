@@ -829,16 +829,24 @@ impl Cluster {
         .await
     }
 
-    /// The last lines of hami-scheduler's log (all runs).
+    /// The last lines of hami-scheduler's first run's log.
     pub fn scheduler_log_tail(&self, lines: usize) -> String {
         tail(&self.dir, "hami-scheduler", lines)
     }
 
     /// The last `lines` lines of a component's log (`hami-scheduler`,
-    /// `kube-scheduler`, ...) that contain `needle`, for failure messages.
+    /// `kube-scheduler`, ...; every run of it: `hami-scheduler.log`, then
+    /// `hami-scheduler-2.log`, ...) that contain `needle`, for failure
+    /// messages.
     pub fn log_lines_with(&self, component: &str, needle: &str, lines: usize) -> String {
-        let text =
+        let mut text =
             fs::read_to_string(self.dir.join(format!("{component}.log"))).unwrap_or_default();
+        for run in 2.. {
+            match fs::read_to_string(self.dir.join(format!("{component}-{run}.log"))) {
+                Ok(t) => text.push_str(&t),
+                Err(_) => break,
+            }
+        }
         let hits: Vec<&str> = text.lines().filter(|l| l.contains(needle)).collect();
         hits[hits.len().saturating_sub(lines)..].join("\n")
     }

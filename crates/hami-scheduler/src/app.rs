@@ -51,6 +51,8 @@ pub struct App {
     /// Binds running now, by pod: a Bind retried while the first still
     /// runs waits for that one's outcome instead of binding twice.
     pub bind_flights: BindFlights,
+    /// Marks nodes whose cards were freed with no event of their own.
+    pub requeue: crate::requeue::Requeue,
 }
 
 /// The outcome of one bind, shared with retries of it.

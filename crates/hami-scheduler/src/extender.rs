@@ -158,6 +158,11 @@ async fn filter_inner(app: &App, args: ExtenderArgs) -> ExtenderFilterResult {
             app.lock_busy_after,
         )
     };
+    if let Some(freed) = &outcome.freed
+        && app.leadership.is_leader()
+    {
+        app.requeue.cards_freed(&app.client, freed, now);
+    }
     match outcome.node {
         Some(node) => {
             tracing::debug!(pod = req.key, node, "filter");

@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod extender;
 pub mod metrics;
+pub mod requeue;
 pub mod run;
 pub mod state;
 pub mod tls;

@@ -120,6 +120,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
         bind_slots: Arc::new(tokio::sync::Semaphore::new(s.max_concurrent_binds)),
         failed: Default::default(),
         bind_flights: Default::default(),
+        requeue: Default::default(),
     };
 
     let nodes_synced = Arc::new(AtomicBool::new(false));
@@ -349,8 +350,15 @@ async fn resync(app: App, s: Settings) {
             let stuck = c.stuck_allocating(now, timeout);
             (answers, expired, stuck)
         };
-        for key in expired {
-            tracing::info!(pod = key, "released a Filter decision no bind followed");
+        for (key, node) in expired {
+            tracing::info!(
+                pod = key,
+                node,
+                "released a Filter decision no bind followed"
+            );
+            if app.leadership.is_leader() {
+                app.requeue.cards_freed(&app.client, &node, now);
+            }
         }
         write_handshakes(&app, answers);
         if !app.leadership.is_leader() {

@@ -39,6 +39,11 @@ pub struct FilterOutcome {
     pub node: Option<String>,
     /// Rejected node -> reason in HAMi's words.
     pub failed: BTreeMap<String, String>,
+    /// A node whose cards this Filter freed with no Kubernetes event to
+    /// follow: the pod's earlier decision was there and nothing fits now.
+    /// Pods kube-scheduler found unschedulable meanwhile wait for an event
+    /// before they are tried again ([`crate::requeue`]).
+    pub freed: Option<String>,
 }
 
 impl FilterOutcome {
@@ -50,6 +55,7 @@ impl FilterOutcome {
             return FilterOutcome {
                 node: Some(node),
                 failed: BTreeMap::new(),
+                freed: None,
             };
         }
         FilterOutcome {
@@ -58,6 +64,7 @@ impl FilterOutcome {
                 .iter()
                 .map(|n| (n.clone(), why.clone()))
                 .collect(),
+            freed: None,
         }
     }
 }
@@ -411,7 +418,7 @@ impl Cluster {
             return FilterOutcome::pinned(node, candidates, why);
         }
         // An earlier decision for this pod no longer counts.
-        self.reservations.remove(&req.key);
+        let earlier = self.reservations.remove(&req.key).map(|r| r.node);
         self.snapshot.remove_pod(&req.key);
         let decision = match busy {
             Some(rule) => engine.filter_avoiding_busy(
@@ -434,8 +441,10 @@ impl Cluster {
                 .iter()
                 .map(|(n, b)| (n.to_string(), b.reason())),
         );
+        let node = decision.node.map(str::to_string);
         let outcome = FilterOutcome {
-            node: decision.node.map(str::to_string),
+            freed: earlier.filter(|_| node.is_none()),
+            node,
             failed,
         };
         if let Some(node) = &outcome.node {
@@ -530,14 +539,19 @@ impl Cluster {
 
     /// Releases decisions Filter made that no bind followed within `ttl`
     /// (kube-scheduler chose no node, or the pod went elsewhere).
-    pub fn expire_reservations(&mut self, now: Timestamp, ttl: SignedDuration) -> Vec<String> {
-        let old: Vec<String> = self
+    /// Returns `(pod, node)` of each.
+    pub fn expire_reservations(
+        &mut self,
+        now: Timestamp,
+        ttl: SignedDuration,
+    ) -> Vec<(String, String)> {
+        let old: Vec<(String, String)> = self
             .reservations
             .iter()
             .filter(|(_, r)| !r.binding && now.duration_since(r.at) > ttl)
-            .map(|(k, _)| k.clone())
+            .map(|(k, r)| (k.clone(), r.node.clone()))
             .collect();
-        for k in &old {
+        for (k, _) in &old {
             self.release(k);
         }
         old
@@ -710,7 +724,7 @@ mod tests {
         );
         assert_eq!(
             c.expire_reservations(now + SignedDuration::from_secs(121), ttl),
-            vec!["ns/a".to_string()]
+            vec![("ns/a".to_string(), "n1".to_string())]
         );
         assert_eq!(free_mem(&c, "n1"), 2000);
         // A reservation whose bind started is left to the bind.
@@ -721,6 +735,25 @@ mod tests {
             c.expire_reservations(now + SignedDuration::from_mins(10), ttl)
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn a_filter_that_drops_an_earlier_decision_and_finds_nothing_says_what_it_freed() {
+        let (engine, mut c, now) = reporting_nodes(&["n1"]);
+        let a = pod("a", "ua", "600");
+        let req = engine.prepare(&a).unwrap().unwrap();
+        let first = c.filter(&engine, &req, Some("ua"), &names(&["n1"]), now);
+        assert_eq!((first.node.as_deref(), first.freed), (Some("n1"), None));
+        // Filtered again, with no candidate that fits: the decision on n1
+        // is gone, and the outcome names n1 (no pod event will say so).
+        let again = c.filter(&engine, &req, Some("ua"), &names(&["n9"]), now);
+        assert_eq!(again.node, None);
+        assert_eq!(again.freed.as_deref(), Some("n1"));
+        assert_eq!(free_mem(&c, "n1"), 2000);
+        // A new decision elsewhere frees nothing worth saying: its bind is
+        // an event.
+        let third = c.filter(&engine, &req, Some("ua"), &names(&["n1"]), now);
+        assert_eq!((third.node.as_deref(), third.freed), (Some("n1"), None));
     }
 
     #[test]

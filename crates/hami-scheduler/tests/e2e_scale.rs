@@ -213,12 +213,13 @@ async fn five_hundred_pods_fifty_nodes_restart_midway_no_overcommit() {
                         c.reason, c.message, c.last_transition_time
                     )
                 });
+            let node = d.node.as_deref().unwrap_or_default();
             panic!(
-                "{name} is pending but fits {:?}\ncondition: {condition:?}\nannotations: {:?}\nhami-scheduler:\n{}\nkube-scheduler:\n{}",
-                d.node,
+                "{name} is pending but fits {node}\ncondition: {condition:?}\nannotations: {:?}\nhami-scheduler on the pod:\n{}\nhami-scheduler on the node:\n{}\nkube-scheduler:\n{}",
                 p.metadata.annotations,
                 cluster.log_lines_with("hami-scheduler", name, 30),
-                cluster.log_lines_with("kube-scheduler", name, 30),
+                cluster.log_lines_with("hami-scheduler", node, 30),
+                cluster.log_lines_with("kube-scheduler", name, 5),
             );
         }
     }

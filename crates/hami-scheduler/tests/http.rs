@@ -65,6 +65,7 @@ fn app() -> App {
         bind_slots: Arc::new(tokio::sync::Semaphore::new(8)),
         failed: Default::default(),
         bind_flights: Default::default(),
+        requeue: Default::default(),
     }
 }
 
