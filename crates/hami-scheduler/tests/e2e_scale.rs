@@ -213,7 +213,7 @@ async fn five_hundred_pods_fifty_nodes_restart_midway_no_overcommit() {
                         c.reason, c.message, c.last_transition_time
                     )
                 });
-            let node = d.node.as_deref().unwrap_or_default();
+            let node = d.node.unwrap_or_default();
             panic!(
                 "{name} is pending but fits {node}\ncondition: {condition:?}\nannotations: {:?}\nhami-scheduler on the pod:\n{}\nhami-scheduler on the node:\n{}\nkube-scheduler:\n{}",
                 p.metadata.annotations,
