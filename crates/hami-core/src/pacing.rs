@@ -356,7 +356,7 @@ fn priority_gate(g: &Global) {
             .store(monotonic_ns(), Relaxed);
         return;
     }
-    if g.region.low_priority_held(monotonic_ns()) {
+    if g.region.low_priority_held_now() {
         hold_while_suspended(g);
     }
 }
@@ -367,7 +367,7 @@ fn hold_while_suspended(g: &Global) {
         crate::log::INFO,
         "launch held: low priority suspended by the node agent"
     );
-    while g.region.low_priority_held(monotonic_ns()) {
+    while g.region.low_priority_held_now() {
         sleep_ns(1_000_000);
     }
 }
@@ -379,9 +379,13 @@ fn paced(stream: usize, ptds: bool, launch: impl FnOnce() -> CUresult) -> CUresu
     let g = global();
     g.note_launch();
     priority_gate(g);
-    // For the node monitor's seconds-since-last-kernel, paced or not.
+    // For the node monitor's seconds-since-last-kernel, paced or not: the
+    // coarse clock, written only when it moved (one cheap read per launch).
     if let Some(slot) = g.region.slots.get(process().slot) {
-        slot.last_launch_ns.store(monotonic_ns(), Relaxed);
+        let now = hami_shm::region::coarse_monotonic_ns();
+        if slot.last_launch_ns.load(Relaxed) != now {
+            slot.last_launch_ns.store(now, Relaxed);
+        }
     }
     if !g.pacing_any() {
         return launch();

@@ -84,13 +84,9 @@ impl PodView {
     }
 }
 
-/// One container device's usage: a series of every per-container metric.
+/// What a region says about one of its device indexes.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ContainerDevice {
-    pub namespace: String,
-    pub pod: String,
-    pub container: String,
-    pub vdevice_index: usize,
+pub struct DeviceUsage {
     pub device_uuid: String,
     /// Bytes held by live processes.
     pub used_bytes: u64,
@@ -101,6 +97,29 @@ pub struct ContainerDevice {
     pub utilization: f64,
     /// Seconds since the container's last kernel launch; `None` never.
     pub last_kernel_secs: Option<f64>,
+}
+
+impl DeviceUsage {
+    /// Adds another region's usage of the same device of the container.
+    fn add(&mut self, o: &DeviceUsage) {
+        self.used_bytes += o.used_bytes;
+        self.limit_bytes = self.limit_bytes.max(o.limit_bytes);
+        self.utilization = (self.utilization + o.utilization).min(100.0);
+        self.last_kernel_secs = match (self.last_kernel_secs, o.last_kernel_secs) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
+/// One container device: a series of every per-container metric.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerDevice {
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+    pub vdevice_index: usize,
+    pub usage: DeviceUsage,
 }
 
 /// A card as NVML sees it.
@@ -176,7 +195,16 @@ enum Read {
 /// A container dir in a scan: its name, and the regions read in it.
 struct Dir {
     name: String,
-    regions: Vec<(PathBuf, Read)>,
+    regions: Vec<RegionRead>,
+}
+
+/// A region file read in a scan.
+struct RegionRead {
+    path: PathBuf,
+    read: Read,
+    /// Per slot of an own region: its `host_pid` leads to its very process
+    /// (so it is alive without a walk over `/proc`).
+    confirmed: Vec<bool>,
 }
 
 /// `(inode, file name)`: how a region file is recognised in `/proc/*/maps`
@@ -253,7 +281,21 @@ impl Monitor {
                     continue;
                 }
                 match read_region(&file) {
-                    Ok(r) => regions.push((file, r)),
+                    Ok(read) => {
+                        let confirmed = match &read {
+                            Read::Ours(c) if self.host_pids => c
+                                .slots
+                                .iter()
+                                .map(|s| host_pid_confirms(&self.proc_root, s))
+                                .collect(),
+                            _ => Vec::new(),
+                        };
+                        regions.push(RegionRead {
+                            path: file,
+                            read,
+                            confirmed,
+                        });
+                    }
                     Err(e) => tracing::debug!(file = %file.display(), "not a region: {e}"),
                 }
             }
@@ -267,26 +309,22 @@ impl Monitor {
         };
         let needs_walk = self.host_pids
             && dirs.iter().any(|d| {
-                missing(&d.name)
-                    || d.regions.iter().any(|(_, r)| match r {
-                        Read::Ours(c) => c
-                            .slots
-                            .iter()
-                            .any(|s| !host_pid_confirms(&self.proc_root, s)),
-                        Read::Upstream(_) => false,
-                    })
+                missing(&d.name) || d.regions.iter().any(|r| r.confirmed.contains(&false))
             });
         let mappers = if needs_walk {
             let wanted: HashSet<FileKey> = dirs
                 .iter()
-                .flat_map(|d| d.regions.iter().filter_map(|(p, _)| file_key(p)))
+                .flat_map(|d| d.regions.iter().filter_map(|r| file_key(&r.path)))
                 .collect();
             Some(map_walk(&self.proc_root, &wanted))
         } else {
             None
         };
 
-        let sharing = pods.map(|p| self.containers_per_card(p));
+        // The cards Allocate gave each container (files it cannot write),
+        // read once per scan.
+        let given = self.cards_by_dir();
+        let sharing = pods.map(|p| containers_per_card(&given, p));
         // (region, device index, card, measured utilization, charge scale)
         // of every device of ours, for the charge scales.
         let mut measured: Vec<(PathBuf, usize, String, f64, u64)> = Vec::new();
@@ -294,7 +332,13 @@ impl Monitor {
         let mut series: BTreeMap<(String, usize, String), ContainerDevice> = BTreeMap::new();
         for Dir { name, regions } in &dirs {
             let (uid, container) = parse_dir_name(name).expect("filtered above");
-            for (path, read) in regions {
+            let cards = given.get(name).map_or(&[][..], Vec::as_slice);
+            for RegionRead {
+                path,
+                read,
+                confirmed,
+            } in regions
+            {
                 let key = file_key(path);
                 let procs = mappers
                     .as_ref()
@@ -304,9 +348,10 @@ impl Monitor {
                         let alive: Vec<&SlotCopy> = c
                             .slots
                             .iter()
-                            .filter(|s| {
+                            .zip(confirmed.iter().chain(std::iter::repeat(&false)))
+                            .filter(|(s, confirmed)| {
                                 !self.host_pids
-                                    || host_pid_confirms(&self.proc_root, s)
+                                    || **confirmed
                                     || procs.as_ref().is_none_or(|ps| {
                                         ps.iter().any(|&(pid, start)| {
                                             pid == s.pid
@@ -314,6 +359,7 @@ impl Monitor {
                                         })
                                     })
                             })
+                            .map(|(s, _)| s)
                             .collect();
                         // Nobody maps the file: free the dead slots in it.
                         if procs.as_ref().is_some_and(Vec::is_empty) && !c.slots.is_empty() {
@@ -331,9 +377,6 @@ impl Monitor {
                                 }
                             }
                         }
-                        // The cards Allocate gave the container (a file it
-                        // cannot write), not the UUIDs its region claims.
-                        let cards = self.cards_of(name);
                         if let Some(sharing) = &sharing {
                             let alone = !cards.is_empty()
                                 && pods
@@ -347,7 +390,7 @@ impl Monitor {
                         if !cards.is_empty() {
                             out.priority.push(crate::priority::PriorityRegion {
                                 path: path.clone(),
-                                cards,
+                                cards: cards.to_vec(),
                                 high: c.high_priority_launch_ns != 0
                                     || alive.iter().any(|s| s.priority == 0),
                                 low: alive.is_empty() || alive.iter().any(|s| s.priority != 0),
@@ -376,9 +419,8 @@ impl Monitor {
                 // A region names its cards itself (the container writes it):
                 // only cards Allocate gave the container get series, when
                 // Allocate's list is there (HAMi's plugin writes none).
-                let given = self.cards_of(name);
                 for (i, d) in devices {
-                    if !given.is_empty() && !given.contains(&d.device_uuid) {
+                    if !cards.is_empty() && !cards.contains(&d.device_uuid) {
                         tracing::debug!(
                             dir = name,
                             uuid = d.device_uuid,
@@ -386,26 +428,20 @@ impl Monitor {
                         );
                         continue;
                     }
-                    let s = series
-                        .entry((name.clone(), i, d.device_uuid.clone()))
-                        .or_insert_with(|| ContainerDevice {
-                            namespace: pod.namespace.clone(),
-                            pod: pod.name.clone(),
-                            container: container.to_string(),
-                            vdevice_index: i,
-                            device_uuid: d.device_uuid.clone(),
-                            used_bytes: 0,
-                            limit_bytes: 0,
-                            utilization: 0.0,
-                            last_kernel_secs: None,
-                        });
-                    s.used_bytes += d.used_bytes;
-                    s.limit_bytes = s.limit_bytes.max(d.limit_bytes);
-                    s.utilization = (s.utilization + d.utilization).min(100.0);
-                    s.last_kernel_secs = match (s.last_kernel_secs, d.last_kernel_secs) {
-                        (Some(a), Some(b)) => Some(a.min(b)),
-                        (a, b) => a.or(b),
-                    };
+                    match series.entry((name.clone(), i, d.device_uuid.clone())) {
+                        std::collections::btree_map::Entry::Occupied(mut e) => {
+                            e.get_mut().usage.add(&d)
+                        }
+                        std::collections::btree_map::Entry::Vacant(e) => {
+                            e.insert(ContainerDevice {
+                                namespace: pod.namespace.clone(),
+                                pod: pod.name.clone(),
+                                container: container.to_string(),
+                                vdevice_index: i,
+                                usage: d,
+                            });
+                        }
+                    }
                 }
             }
         }
@@ -460,39 +496,24 @@ impl Monitor {
         }
     }
 
-    /// How many running containers Allocate gave each card (from the
-    /// `cards` files of the limits dirs whose pod runs here).
-    fn containers_per_card(&self, pods: &HashMap<String, PodView>) -> HashMap<String, usize> {
-        let mut n = HashMap::new();
-        for dir in read_dir_sorted(&self.vgpu_dir.join("limits")) {
-            let Some(name) = dir.file_name().and_then(|n| n.to_str()) else {
-                continue;
-            };
-            let Some((uid, container)) = parse_dir_name(name) else {
-                continue;
-            };
-            if pods.get(uid).is_some_and(|p| p.runs(container)) {
-                for card in self.cards_of(name) {
-                    *n.entry(card).or_insert(0) += 1;
-                }
-            }
-        }
-        n
-    }
-
-    /// The card UUIDs Allocate wrote for the container dir `name`.
-    fn cards_of(&self, name: &str) -> Vec<String> {
-        let file = self
-            .vgpu_dir
-            .join("limits")
-            .join(name)
-            .join(crate::allocate::CARDS_FILE_NAME);
-        std::fs::read_to_string(file)
-            .unwrap_or_default()
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(str::to_string)
+    /// The card UUIDs Allocate wrote for each container dir (the `cards`
+    /// file of its limits dir), by dir name; dirs without one are left out.
+    fn cards_by_dir(&self) -> HashMap<String, Vec<String>> {
+        read_dir_sorted(&self.vgpu_dir.join("limits"))
+            .into_iter()
+            .filter_map(|dir| {
+                let name = dir.file_name()?.to_str()?.to_string();
+                parse_dir_name(&name)?;
+                let text =
+                    std::fs::read_to_string(dir.join(crate::allocate::CARDS_FILE_NAME)).ok()?;
+                let cards = text
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_string)
+                    .collect();
+                Some((name, cards))
+            })
             .collect()
     }
 
@@ -505,7 +526,7 @@ impl Monitor {
         alive: &[&SlotCopy],
         now_ns: u64,
         seen: &mut HashSet<(PathBuf, usize)>,
-    ) -> Vec<(usize, ContainerDevice)> {
+    ) -> Vec<(usize, DeviceUsage)> {
         let mut v = Vec::new();
         for (i, d) in c.devices.iter().enumerate() {
             if d.uuid.is_empty() {
@@ -523,11 +544,7 @@ impl Monitor {
             let last = alive.iter().map(|s| s.last_launch_ns).max().unwrap_or(0);
             v.push((
                 i,
-                ContainerDevice {
-                    namespace: String::new(),
-                    pod: String::new(),
-                    container: String::new(),
-                    vdevice_index: i,
+                DeviceUsage {
                     device_uuid: d.uuid.clone(),
                     used_bytes: copy::used_by(alive, i),
                     limit_bytes: d.memory_limit.unwrap_or(0),
@@ -573,9 +590,9 @@ impl Monitor {
                 .iter()
                 .filter(|d| d.name == name)
                 .flat_map(|d| d.regions.iter())
-                .any(|(p, _)| {
+                .any(|r| {
                     !self.host_pids
-                        || file_key(p).is_none_or(|k| {
+                        || file_key(&r.path).is_none_or(|k| {
                             mappers.is_none_or(|m| m.get(&k).is_some_and(|v| !v.is_empty()))
                         })
                 });
@@ -603,6 +620,26 @@ impl Monitor {
     }
 }
 
+/// How many running containers Allocate gave each card, from the cards
+/// by container dir and the pods that run here.
+fn containers_per_card(
+    given: &HashMap<String, Vec<String>>,
+    pods: &HashMap<String, PodView>,
+) -> HashMap<String, usize> {
+    let mut n = HashMap::new();
+    for (name, cards) in given {
+        let Some((uid, container)) = parse_dir_name(name) else {
+            continue;
+        };
+        if pods.get(uid).is_some_and(|p| p.runs(container)) {
+            for card in cards {
+                *n.entry(card.clone()).or_insert(0) += 1;
+            }
+        }
+    }
+    n
+}
+
 /// Sets or clears the region's alone flag (see [`FLAG_ALONE`]).
 fn set_alone(path: &Path, alone: bool) {
     let r = copy::open_region_file(path)
@@ -619,7 +656,7 @@ fn set_alone(path: &Path, alone: bool) {
     }
 }
 
-fn upstream_devices(u: &hami_shm::upstream::UpstreamRegion) -> Vec<(usize, ContainerDevice)> {
+fn upstream_devices(u: &hami_shm::upstream::UpstreamRegion) -> Vec<(usize, DeviceUsage)> {
     let now = jiff::Timestamp::now().as_second().max(0) as u64;
     u.uuids
         .iter()
@@ -633,11 +670,7 @@ fn upstream_devices(u: &hami_shm::upstream::UpstreamRegion) -> Vec<(usize, Conta
                 .sum();
             (
                 i,
-                ContainerDevice {
-                    namespace: String::new(),
-                    pod: String::new(),
-                    container: String::new(),
-                    vdevice_index: i,
+                DeviceUsage {
                     device_uuid: id.clone(),
                     used_bytes: u.device_used(i),
                     limit_bytes: u.limit.get(i).copied().unwrap_or(0),
@@ -838,10 +871,13 @@ mod tests {
             (c.namespace.as_str(), c.pod.as_str(), c.container.as_str()),
             ("team", "train", "main")
         );
-        assert_eq!((c.vdevice_index, c.device_uuid.as_str()), (0, "GPU-aaaa"));
+        assert_eq!(
+            (c.vdevice_index, c.usage.device_uuid.as_str()),
+            (0, "GPU-aaaa")
+        );
         // The dead slot's 900 MiB do not count; ours does.
-        assert_eq!(c.used_bytes, 100 << 20);
-        assert_eq!(c.limit_bytes, 3000 << 20);
+        assert_eq!(c.usage.used_bytes, 100 << 20);
+        assert_eq!(c.usage.limit_bytes, 3000 << 20);
         // Alone on its card: flagged, so `default` does not pace it.
         assert!(r.alone());
         // Another running container gets the card: paced again.
@@ -873,7 +909,10 @@ mod tests {
         let slot = r.processes()[0].slot;
         r.add_busy(slot, 0, 250_000_000);
         let s = m.scan(Some(&pods), t0 + 1_000_000_000);
-        assert!((s.containers[0].utilization - 25.0).abs() < 1e-9, "{s:?}");
+        assert!(
+            (s.containers[0].usage.utilization - 25.0).abs() < 1e-9,
+            "{s:?}"
+        );
         // An ended pod has no series; an unknown one neither.
         let mut ended = pods.clone();
         ended.get_mut("uid-1").unwrap().ended = true;
@@ -934,7 +973,7 @@ mod tests {
         let s = m.scan(Some(&pods), 1);
         // Our own slot counts as dead too: we no longer map the file.
         assert_eq!(s.freed_slots, 2, "{s:?}");
-        assert_eq!(s.containers[0].used_bytes, 0);
+        assert_eq!(s.containers[0].usage.used_bytes, 0);
         let c = RegionCopy::decode(&copy::read_file(&path).unwrap()).unwrap();
         assert!(c.slots.is_empty());
     }

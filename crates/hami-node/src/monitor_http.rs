@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use futures::StreamExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::{WatchStreamExt as _, reflector, watcher};
 use prometheus_client::encoding::text::encode;
@@ -59,13 +59,14 @@ pub fn render(p: &Published) -> String {
             ("pod", d.pod.clone()),
             ("container", d.container.clone()),
             ("vdevice_index", d.vdevice_index.to_string()),
-            ("device_uuid", d.device_uuid.clone()),
+            ("device_uuid", d.usage.device_uuid.clone()),
         ];
-        vmem_used.get_or_create(&l).set(d.used_bytes as f64);
-        vmem_limit.get_or_create(&l).set(d.limit_bytes as f64);
-        ctr_mem.get_or_create(&l).set(d.used_bytes as f64);
-        ctr_util.get_or_create(&l).set(d.utilization);
-        if let Some(s) = d.last_kernel_secs {
+        let u = &d.usage;
+        vmem_used.get_or_create(&l).set(u.used_bytes as f64);
+        vmem_limit.get_or_create(&l).set(u.limit_bytes as f64);
+        ctr_mem.get_or_create(&l).set(u.used_bytes as f64);
+        ctr_util.get_or_create(&l).set(u.utilization);
+        if let Some(s) = u.last_kernel_secs {
             ctr_last.get_or_create(&l).set(s);
         }
     }
@@ -224,11 +225,10 @@ pub async fn serve(
     Ok((bound, server))
 }
 
-use futures::FutureExt as _;
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::monitor::DeviceUsage;
 
     #[test]
     fn renders_hamis_names_and_labels() {
@@ -238,11 +238,13 @@ mod tests {
                 pod: "train".into(),
                 container: "main".into(),
                 vdevice_index: 0,
-                device_uuid: "GPU-a".into(),
-                used_bytes: 1 << 20,
-                limit_bytes: 3 << 20,
-                utilization: 12.5,
-                last_kernel_secs: Some(2.0),
+                usage: DeviceUsage {
+                    device_uuid: "GPU-a".into(),
+                    used_bytes: 1 << 20,
+                    limit_bytes: 3 << 20,
+                    utilization: 12.5,
+                    last_kernel_secs: Some(2.0),
+                },
             }],
             host: vec![HostCard {
                 index: 0,

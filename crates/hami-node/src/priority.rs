@@ -53,6 +53,9 @@ pub const LEASE_NS: u64 = 50_000_000;
 pub struct Relay {
     idle_ns: u64,
     entries: HashMap<PathBuf, Entry>,
+    /// Some card has both a high- and a low-priority region (as of the
+    /// last [`Relay::update`]).
+    shared_card: bool,
 }
 
 /// A low-priority region held or released at a tick.
@@ -67,6 +70,7 @@ impl Relay {
         Relay {
             idle_ns: idle.as_nanos() as u64,
             entries: HashMap::new(),
+            shared_card: false,
         }
     }
 
@@ -93,30 +97,31 @@ impl Relay {
                 Err(e) => tracing::debug!(file = %r.path.display(), "priority relay: {e}"),
             }
         }
+        let cards = |high: bool| -> BTreeSet<&String> {
+            self.entries
+                .values()
+                .filter(|e| if high { e.region.high } else { e.region.low })
+                .flat_map(|e| &e.region.cards)
+                .collect()
+        };
+        self.shared_card = !cards(true).is_disjoint(&cards(false));
     }
 
     /// Whether ticks can change anything: a card has both a high- and a
     /// low-priority region, or a lease is still out.
     pub fn active(&self) -> bool {
-        self.entries.values().any(|e| e.held_until != 0)
-            || self.entries.values().any(|h| {
-                h.region.high
-                    && self.entries.values().any(|l| {
-                        l.region.low && l.region.cards.iter().any(|c| h.region.cards.contains(c))
-                    })
-            })
+        self.shared_card || self.entries.values().any(|e| e.held_until != 0)
     }
 
     /// One pass at CLOCK_MONOTONIC `now_ns`.
     pub fn tick(&mut self, now_ns: u64) -> Vec<Change> {
-        let mut busy: BTreeSet<&str> = BTreeSet::new();
+        let mut busy: BTreeSet<String> = BTreeSet::new();
         for e in self.entries.values().filter(|e| e.region.high) {
             let last = copy::read_high_priority_launch(&e.file);
             if last != 0 && now_ns.saturating_sub(last) <= self.idle_ns {
-                busy.extend(e.region.cards.iter().map(String::as_str));
+                busy.extend(e.region.cards.iter().cloned());
             }
         }
-        let busy: BTreeSet<String> = busy.into_iter().map(str::to_string).collect();
         let mut changes = Vec::new();
         for e in self.entries.values_mut() {
             let want = e.region.low && e.region.cards.iter().any(|c| busy.contains(c));

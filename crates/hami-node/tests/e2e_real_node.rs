@@ -69,10 +69,9 @@ fn line<'a>(log: &'a str, command: &str, n: usize) -> Vec<&'a str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_through_webhook_scheduler_kubelet_and_allocate_runs_limited() {
-    let Some(s) = setup() else { return };
-    let _node = serial().await;
-    wait_node_serves(s).await;
-    let ns = s.cluster.namespace("real-limited").await;
+    let Some((s, _node, ns)) = scenario("real-limited").await else {
+        return;
+    };
     let pod = probe_pod(
         &ns,
         "limited",
@@ -152,10 +151,9 @@ fn busy_share(log: &str) -> (f64, f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_pods_at_30_and_60_percent_of_one_card_get_their_shares_within_5_points() {
-    let Some(s) = setup() else { return };
-    let _node = serial().await;
-    wait_node_serves(s).await;
-    let ns = s.cluster.namespace("real-cores").await;
+    let Some((s, _node, ns)) = scenario("real-cores").await else {
+        return;
+    };
     let card = CARDS[1].split_whitespace().nth(2).unwrap();
     for (name, cores) in [("cores-30", 30), ("cores-60", 60)] {
         let mut pod = probe_pod(
@@ -209,10 +207,9 @@ async fn two_pods_at_30_and_60_percent_of_one_card_get_their_shares_within_5_poi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_high_priority_pod_holds_the_low_priority_one_on_its_card_within_10_ms() {
-    let Some(s) = setup() else { return };
-    let _node = serial().await;
-    wait_node_serves(s).await;
-    let ns = s.cluster.namespace("real-priority").await;
+    let Some((s, _node, ns)) = scenario("real-priority").await else {
+        return;
+    };
     let card = CARDS[3].split_whitespace().nth(2).unwrap();
     let limits = json!({"nvidia.com/gpu": 1, "nvidia.com/gpumem": 1000});
     let mut low = probe_pod(
@@ -289,10 +286,9 @@ async fn a_high_priority_pod_holds_the_low_priority_one_on_its_card_within_10_ms
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_the_default_core_policy_only_a_shared_card_is_paced() {
-    let Some(s) = setup() else { return };
-    let _node = serial().await;
-    wait_node_serves(s).await;
-    let ns = s.cluster.namespace("real-policy").await;
+    let Some((s, _node, ns)) = scenario("real-policy").await else {
+        return;
+    };
     let pinned = |name: &str, card: &str, command: &[&str]| {
         let mut pod = probe_pod(
             &ns,
@@ -352,10 +348,9 @@ fn container_id(p: &Pod) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_execd_without_the_pods_environment_is_held_to_the_limit() {
-    let Some(s) = setup() else { return };
-    let _node = serial().await;
-    wait_node_serves(s).await;
-    let ns = s.cluster.namespace("real-exec").await;
+    let Some((s, _node, ns)) = scenario("real-exec").await else {
+        return;
+    };
     // The container's own process holds 1,000 of its 2,000 MiB.
     let pod = probe_pod(
         &ns,
@@ -469,10 +464,9 @@ async fn bound_as_hamis_scheduler_would(s: &Setup, ns: &TestNs, name: &str, card
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_bound_with_hamis_annotations_alone_allocates_and_one_naming_no_card_fails() {
-    let Some(s) = setup() else { return };
-    let _node = serial().await;
-    wait_node_serves(s).await;
-    let ns = s.cluster.namespace("real-interop").await;
+    let Some((s, _node, ns)) = scenario("real-interop").await else {
+        return;
+    };
     let card = CARDS[2].split_whitespace().nth(2).unwrap();
     bound_as_hamis_scheduler_would(s, &ns, "interop", card, 1500).await;
     let (pod, log) = wait_finished(s, &ns, "interop").await;
@@ -512,6 +506,19 @@ async fn a_pod_bound_with_hamis_annotations_alone_allocates_and_one_naming_no_ca
     assert_eq!(ns.node_lock(&s.node.name).await, None, "lock released");
 }
 
+/// The real node ready for one scenario: the setup, the node to this test
+/// alone (held until the guard drops), its cards served, and a fresh
+/// namespace named after `ns`; None when the harness skips.
+async fn scenario(
+    ns: &str,
+) -> Option<(&'static Setup, tokio::sync::MutexGuard<'static, ()>, TestNs)> {
+    let s = setup()?;
+    let guard = serial().await;
+    wait_node_serves(s).await;
+    let ns = s.cluster.namespace(ns).await;
+    Some((s, guard, ns))
+}
+
 /// One test at a time on the node: some stop the kubelet or hami-node or
 /// hold the node lock, and shares of device time are measured.
 async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
@@ -521,10 +528,9 @@ async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubelet_and_hami_node_restarts_lose_nothing() {
-    let Some(s) = setup() else { return };
-    let _node = serial().await;
-    wait_node_serves(s).await;
-    let ns = s.cluster.namespace("real-restart").await;
+    let Some((s, _node, ns)) = scenario("real-restart").await else {
+        return;
+    };
     let limits = json!({"nvidia.com/gpu": 1, "nvidia.com/gpumem": 1000});
     let probe = ["/bin/cuda-probe", "init", "alloc", "1001m"];
 
@@ -623,11 +629,10 @@ fn container_series(metrics: &str, metric: &str, ns: &str, pod: &str) -> Option<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_monitor_shows_each_pods_usage_frees_a_killed_process_and_forgets_the_pod() {
-    let Some(s) = setup() else { return };
-    let _node = serial().await;
-    wait_node_serves(s).await;
+    let Some((s, _node, ns)) = scenario("real-monitor").await else {
+        return;
+    };
     let addr = s.monitor_address().await;
-    let ns = s.cluster.namespace("real-monitor").await;
     // The container's own process uses no CUDA: what the exec'd process
     // leaves behind is nobody's once it is killed.
     let pod = probe_pod(

@@ -867,8 +867,21 @@ impl SharedRegion {
     /// CLOCK_MONOTONIC `now_ns`: the suspend flag, or the node agent's hold
     /// lease running.
     pub fn low_priority_held(&self, now_ns: u64) -> bool {
-        self.header.flags.load(Acquire) & FLAG_SUSPEND_LOW_PRIORITY != 0
-            || self.header.low_priority_hold_until_ns.load(Acquire) > now_ns
+        self.held_at(|| now_ns)
+    }
+
+    /// [`SharedRegion::low_priority_held`] now; reads the clock only while
+    /// a lease is out (this runs before every launch).
+    pub fn low_priority_held_now(&self) -> bool {
+        self.held_at(monotonic_ns)
+    }
+
+    fn held_at(&self, now_ns: impl FnOnce() -> u64) -> bool {
+        if self.header.flags.load(Acquire) & FLAG_SUSPEND_LOW_PRIORITY != 0 {
+            return true;
+        }
+        let until = self.header.low_priority_hold_until_ns.load(Acquire);
+        until != 0 && until > now_ns()
     }
 
     /// Whether the node agent says the container is alone on its cards.
@@ -961,12 +974,23 @@ pub fn uuid_key(uuid: &str) -> u64 {
 
 /// CLOCK_MONOTONIC in nanoseconds (shared by all processes of a host).
 pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// CLOCK_MONOTONIC_COARSE in nanoseconds: the same clock at the kernel
+/// tick's resolution (a few ms), cheaper to read; for times only looked at
+/// in seconds.
+pub fn coarse_monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC_COARSE)
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: valid pointer; CLOCK_MONOTONIC always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    // SAFETY: valid pointer; both monotonic clocks always exist on Linux.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
