@@ -14,6 +14,9 @@ pub const NODE_LOCK: &str = "hami.io/mutex.lock";
 /// with no other event (RFC 3339); changing it makes kube-scheduler try
 /// unschedulable pods again.
 pub const NODE_CARDS_FREED: &str = "hami.io/node-cards-freed";
+/// Node (hami-rs only): how the node agent ties a container to its cards
+/// ([`crate::node::AllocationMode`]); absent means HAMi's node lock.
+pub const NODE_ALLOCATION_MODE: &str = "hami.io/node-allocation-mode";
 
 /// Pod: the node the scheduler chose (also written as a label).
 pub const VGPU_NODE: &str = "hami.io/vgpu-node";

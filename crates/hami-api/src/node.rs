@@ -109,6 +109,60 @@ impl NodeLock {
     }
 }
 
+/// How a node's agent learns which container got which cards, written by
+/// the agent as `hami.io/node-allocation-mode`. Only [`AllocationMode::Lock`]
+/// needs the scheduler to bind one pod at a time per node: HAMi's device
+/// plugin finds the pod being allocated through the node lock, because the
+/// kubelet's Allocate names device IDs and not the pod. The other modes
+/// name the pod themselves, so binds to such nodes take no lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllocationMode {
+    /// HAMi's protocol: the node lock held from bind until Allocate
+    /// (no annotation; HAMi's device plugin writes none).
+    Lock,
+    /// The runtime's NRI hands the agent each container with its pod.
+    Nri,
+    /// The kubelet's PreStartContainer, with its PodResources API naming
+    /// the container that received the device IDs.
+    PodResources,
+}
+
+impl AllocationMode {
+    /// The annotation value (`lock`, `nri`, `pod-resources`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AllocationMode::Lock => "lock",
+            AllocationMode::Nri => "nri",
+            AllocationMode::PodResources => "pod-resources",
+        }
+    }
+
+    /// Parses an annotation or flag value.
+    pub fn parse(value: &str) -> Option<AllocationMode> {
+        [
+            AllocationMode::Lock,
+            AllocationMode::Nri,
+            AllocationMode::PodResources,
+        ]
+        .into_iter()
+        .find(|m| m.as_str() == value.trim())
+    }
+
+    /// The mode a node's annotation value announces. No value, or one this
+    /// version does not know (a newer agent), means the lock: taking it is
+    /// always safe, skipping it is safe only when the agent says so.
+    pub fn of_node(value: Option<&str>) -> AllocationMode {
+        value
+            .and_then(AllocationMode::parse)
+            .unwrap_or(AllocationMode::Lock)
+    }
+
+    /// Whether binds to such a node skip the node lock.
+    pub fn lock_free(self) -> bool {
+        self != AllocationMode::Lock
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +181,27 @@ mod tests {
             Handshake::Reported("Reported 2024-05-06 07:08:09".into())
         );
         assert!(Handshake::decode("k", "Requesting_yesterday").is_err());
+    }
+
+    #[test]
+    fn allocation_mode_defaults_to_the_lock() {
+        assert_eq!(AllocationMode::of_node(None), AllocationMode::Lock);
+        assert_eq!(AllocationMode::of_node(Some("nri")), AllocationMode::Nri);
+        assert_eq!(
+            AllocationMode::of_node(Some("pod-resources")),
+            AllocationMode::PodResources
+        );
+        // Unknown values (a newer agent, a typo) keep the safe protocol.
+        assert_eq!(AllocationMode::of_node(Some("magic")), AllocationMode::Lock);
+        assert!(!AllocationMode::of_node(Some("")).lock_free());
+        assert!(AllocationMode::Nri.lock_free() && AllocationMode::PodResources.lock_free());
+        for m in [
+            AllocationMode::Lock,
+            AllocationMode::Nri,
+            AllocationMode::PodResources,
+        ] {
+            assert_eq!(AllocationMode::parse(m.as_str()), Some(m));
+        }
     }
 
     #[test]

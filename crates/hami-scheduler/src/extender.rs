@@ -384,8 +384,14 @@ async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String>
             }
         }
     };
+    // A node whose agent names the pod itself (NRI, PodResources) needs no
+    // lock: the reservation keeps concurrent decisions exact, and the
+    // annotations travel in the Binding.
+    let lock_free = app.cluster().allocation_mode(node).lock_free();
     let mut gate_ms = 0;
-    let locked = {
+    let locked = if lock_free {
+        Ok(None)
+    } else {
         let gate = app.node_gates.gate(node);
         let wait = app.lock_policy.wait;
         match tokio::time::timeout(wait, gate.gate.lock()).await {
@@ -402,6 +408,7 @@ async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String>
                     &app.lock_policy,
                 )
                 .await
+                .map(Some)
             }
             Err(_) => Err(hami_kube::Error::Locked {
                 node: node.clone(),
@@ -423,14 +430,16 @@ async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String>
     };
     // Under the lock, look again: leadership may have moved while this bind
     // waited, and a new leader may have given part of these cards away.
-    let changed = match not_leading(app).await {
+    // (Without a lock nothing waited: leadership was confirmed above.)
+    let changed = match lock_value {
+        Some(_) => match not_leading(app).await {
+            None => app.cluster().overbooked(node, &devices),
+            why => why,
+        },
         None => app.cluster().overbooked(node, &devices),
-        why => why,
     };
     if let Some(why) = changed {
-        if let Err(e) = lock::release_held(&app.client, node, &lock_value).await {
-            tracing::warn!(error = %e, "releasing the node lock of an abandoned bind");
-        }
+        release_lock(app, node, lock_value.as_deref(), "of an abandoned bind").await;
         app.cluster().release(&key);
         let msg = format!("node {node} cannot take pod {key} now: {why}");
         binding_failed(app, &pod, &msg).await;
@@ -487,9 +496,7 @@ async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String>
                 return Ok(());
             }
             elsewhere => {
-                if let Err(e2) = lock::release_held(&app.client, node, &lock_value).await {
-                    tracing::warn!(error = %e2, "releasing the node lock after a failed bind");
-                }
+                release_lock(app, node, lock_value.as_deref(), "after a failed bind").await;
                 app.cluster().release(&key);
                 let msg = match elsewhere {
                     Some((other, _)) => format!("{msg} (the pod is bound to node {other})"),
@@ -522,6 +529,7 @@ async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String>
     tracing::info!(
         pod = key,
         node,
+        lock_free,
         gate_ms,
         lock_ms,
         binding_ms,
@@ -529,6 +537,16 @@ async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String>
         "bound"
     );
     Ok(())
+}
+
+/// Releases the node lock this bind holds, if it took one; a failure is
+/// logged (the lock expires by itself).
+async fn release_lock(app: &App, node: &str, held: Option<&str>, when: &str) {
+    if let Some(value) = held
+        && let Err(e) = lock::release_held(&app.client, node, value).await
+    {
+        tracing::warn!(error = %e, "releasing the node lock {when}");
+    }
 }
 
 async fn binding_failed(app: &App, pod: &Pod, message: &str) {

@@ -139,6 +139,18 @@ impl Cluster {
             .map(|e| hami_kube::lock::CachedLock::of(&e.node))
     }
 
+    /// How `node`'s agent allocates, as its annotation says (the lock when
+    /// the node is not known).
+    pub fn allocation_mode(&self, node: &str) -> hami_api::node::AllocationMode {
+        let value = self
+            .nodes
+            .get(node)
+            .and_then(|e| e.node.metadata.annotations.as_ref())
+            .and_then(|a| a.get(ann::NODE_ALLOCATION_MODE))
+            .map(String::as_str);
+        hami_api::node::AllocationMode::of_node(value)
+    }
+
     pub fn reservation(&self, key: &str) -> Option<&Reservation> {
         self.reservations.get(key)
     }
@@ -870,6 +882,31 @@ mod tests {
             .insert(ann::NODE_LOCK.into(), lock.into());
         c.upsert_node(engine, n1, now);
         c.upsert_node(engine, node("n2", "Reported x", "20"), now);
+    }
+
+    #[test]
+    fn a_node_allocates_by_lock_unless_its_agent_says_otherwise() {
+        use hami_api::node::AllocationMode;
+        let (engine, mut c, now) = reporting_nodes(&["plain"]);
+        let mut nri = node("nri", "Reported x", "20");
+        nri.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(ann::NODE_ALLOCATION_MODE.into(), "nri".into());
+        c.upsert_node(&engine, nri.clone(), now);
+        assert_eq!(c.allocation_mode("plain"), AllocationMode::Lock);
+        assert_eq!(c.allocation_mode("nri"), AllocationMode::Nri);
+        assert_eq!(c.allocation_mode("unknown"), AllocationMode::Lock);
+        // The agent going back to HAMi's protocol (annotation removed) is
+        // seen at the next node event.
+        nri.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .remove(ann::NODE_ALLOCATION_MODE);
+        c.upsert_node(&engine, nri, now);
+        assert_eq!(c.allocation_mode("nri"), AllocationMode::Lock);
     }
 
     #[test]

@@ -358,3 +358,148 @@ async fn a_pod_of_another_scheduler_is_neither_reserved_nor_bound() {
     .await;
     assert_eq!(node_of(&mine), node);
 }
+
+/// Every value of the lock annotation a node's watch showed, recorded
+/// until the watch is dropped.
+struct LockWatch {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    caught_up: std::sync::Arc<tokio::sync::Notify>,
+    client: kube::Client,
+    node: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// A node annotation the test writes to learn that its watch has seen
+/// everything before it.
+const MARKER: &str = "test.hami.io/marker";
+
+impl LockWatch {
+    /// Starts watching `node`; returns once the watch has listed it.
+    async fn start(client: kube::Client, node: &str) -> LockWatch {
+        use futures::StreamExt as _;
+        use kube::runtime::watcher;
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (ready, listed) = tokio::sync::oneshot::channel::<()>();
+        let cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
+        let recorder = seen.clone();
+        let caught_up = std::sync::Arc::new(tokio::sync::Notify::new());
+        let notify = caught_up.clone();
+        let watch_client = client.clone();
+        let task = tokio::spawn(async move {
+            let mut ready = Some(ready);
+            let mut events = std::pin::pin!(watcher(Api::<Node>::all(watch_client), cfg));
+            while let Some(e) = events.next().await {
+                let n = match e {
+                    Ok(watcher::Event::Apply(n) | watcher::Event::InitApply(n)) => n,
+                    Ok(watcher::Event::InitDone) => {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(());
+                        }
+                        continue;
+                    }
+                    _ => continue,
+                };
+                let a = n.metadata.annotations.unwrap_or_default();
+                if let Some(v) = a.get(ann::NODE_LOCK) {
+                    recorder.lock().unwrap().push(v.clone());
+                }
+                if a.contains_key(MARKER) {
+                    notify.notify_one();
+                }
+            }
+        });
+        listed.await.expect("the node watch listed");
+        LockWatch {
+            seen,
+            caught_up,
+            client,
+            node: node.to_string(),
+            task,
+        }
+    }
+
+    /// Writes the marker and waits for the watch to show it, so every
+    /// change before it has been recorded; then stops.
+    async fn stop(self) -> Vec<String> {
+        Api::<Node>::all(self.client.clone())
+            .patch(
+                &self.node,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"annotations": {MARKER: "done"}}})),
+            )
+            .await
+            .expect("marking the node");
+        tokio::time::timeout(BIND, self.caught_up.notified())
+            .await
+            .expect("the watch shows the marker");
+        self.task.abort();
+        std::mem::take(&mut *self.seen.lock().unwrap())
+    }
+}
+
+/// A mixed cluster: a node whose agent announces a lock-free allocation
+/// mode gets its pods bound without HAMi's node lock (the lock never
+/// appears on it, and its binds do not wait for one another), while a
+/// node in HAMi's lock mode beside it still gets the lock for every bind.
+#[tokio::test]
+async fn lock_free_nodes_bind_without_the_lock_beside_lock_nodes() {
+    let Some(cluster) = hami_e2e::cluster(env!("CARGO_BIN_EXE_hami-scheduler")) else {
+        return;
+    };
+    let mut ns = cluster.namespace("mixed").await;
+    let locked = ns
+        .add_node(&GpuNode::new("locked", 1, 16384, "NVIDIA-Tesla T4"))
+        .await;
+    let mut spec = GpuNode::new("free", 1, 16384, "NVIDIA-Tesla T4");
+    // No kwok: nothing runs the pods, so nothing would ever release a lock
+    // on this node; every bind after the first would wait for one.
+    spec.kwok = false;
+    let free = ns.add_node(&spec).await;
+    Api::<Node>::all(ns.client.clone())
+        .patch(
+            &free,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {
+                ann::NODE_ALLOCATION_MODE: "pod-resources"}}})),
+        )
+        .await
+        .expect("annotating the lock-free node");
+    let free_locks = LockWatch::start(ns.client.clone(), &free).await;
+    let locked_locks = LockWatch::start(ns.client.clone(), &locked).await;
+
+    let mut names = Vec::new();
+    for (node, n) in [(&free, 4), (&locked, 2)] {
+        let card = GpuNode::uuid(node, 0);
+        for i in 0..n {
+            let name = format!("{}-{i}", if node == &free { "free" } else { "locked" });
+            ns.create_pod(ns.gpu_pod(
+                &name,
+                json!({"nvidia.com/gpu": "1", "nvidia.com/gpumem": "1000"}),
+                json!({ann::NVIDIA_USE_GPUUUID: card}),
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("creating {name}: {e}"));
+            names.push((name, node.clone(), card.clone()));
+        }
+    }
+    for (name, node, card) in &names {
+        let pod = ns.wait_bound(name, BIND).await;
+        assert_eq!(&node_of(&pod), node, "{name}");
+        assert_eq!(uuids(&pod), vec![vec![card.clone()]], "{name}");
+        assert_eq!(
+            TestNs::annotation(&pod, ann::BIND_PHASE).as_deref(),
+            Some("allocating"),
+            "{name}: the agent's protocol starts as HAMi's"
+        );
+    }
+    // Every bind of both nodes has happened: the watches saw all they would.
+    let (free_seen, locked_seen) = (free_locks.stop().await, locked_locks.stop().await);
+    assert!(
+        free_seen.is_empty(),
+        "the lock-free node was locked: {free_seen:?}"
+    );
+    assert!(
+        !locked_seen.is_empty(),
+        "the lock-mode node never showed HAMi's lock"
+    );
+}
