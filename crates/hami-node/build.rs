@@ -1,10 +1,15 @@
-//! Compiles the kubelet device plugin API (v1beta1) with protox: no protoc
-//! needed on the build machine.
+//! Compiles the kubelet device plugin API (v1beta1) and PodResources API
+//! (v1) with protox: no protoc needed on the build machine.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto = "proto/deviceplugin_v1beta1.proto";
-    println!("cargo:rerun-if-changed={proto}");
-    let fds = protox::compile([proto], ["proto"])?;
+    let protos = [
+        "proto/deviceplugin_v1beta1.proto",
+        "proto/podresources_v1.proto",
+    ];
+    for p in protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    let fds = protox::compile(protos, ["proto"])?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

@@ -59,6 +59,12 @@ pub(crate) struct Global {
     limits_stamp: AtomicU64,
     limits_writable_warned: AtomicBool,
     launches: AtomicU64,
+    /// The node agent mounted a limits dir for this container (so its
+    /// limits file is due), and the file is not there: device memory is
+    /// refused until it is (fail closed).
+    limits_missing: AtomicBool,
+    limits_missing_warned: AtomicBool,
+    limits_required: bool,
 }
 
 pub(crate) struct Process {
@@ -116,38 +122,63 @@ pub(crate) fn global() -> &'static Global {
 /// by side (`<hook>/vgpu/`), so a process started without the container's
 /// environment finds its limits whatever the hook path.
 fn beside_this_library(name: &str) -> Option<std::path::PathBuf> {
+    let path = this_library_dir()?.join(name);
+    path.is_file().then_some(path)
+}
+
+/// The directory this library was loaded from.
+fn this_library_dir() -> Option<std::path::PathBuf> {
     // SAFETY: a zeroed Dl_info is valid; dladdr fills it for an address
     // inside this library (this function's own).
     let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
-    let found = unsafe { libc::dladdr(beside_this_library as *const libc::c_void, &mut info) };
+    let found = unsafe { libc::dladdr(this_library_dir as *const libc::c_void, &mut info) };
     if found == 0 || info.dli_fname.is_null() {
         return None;
     }
     // SAFETY: dli_fname is a NUL-terminated path owned by the loader.
     let me = unsafe { std::ffi::CStr::from_ptr(info.dli_fname) };
     use std::os::unix::ffi::OsStrExt as _;
-    let path = std::path::Path::new(std::ffi::OsStr::from_bytes(me.to_bytes()))
-        .parent()?
-        .join(name);
-    path.is_file().then_some(path)
+    std::path::Path::new(std::ffi::OsStr::from_bytes(me.to_bytes()))
+        .parent()
+        .map(std::path::Path::to_path_buf)
 }
+
+/// The dir beside this library where the node agent mounts a container's
+/// limits dir (`<hook>/vgpu/limits`), when it exists.
+fn limits_dir_beside_this_library() -> Option<std::path::PathBuf> {
+    let dir = this_library_dir()?.join(LIMITS_DIR_NAME);
+    dir.is_dir().then_some(dir)
+}
+
+/// Name of the limits dir the node agent mounts beside the library.
+const LIMITS_DIR_NAME: &str = "limits";
 
 fn init_global() -> Global {
     let mut warnings = Vec::new();
     let mut env = InterposerEnv::from_process(&mut warnings);
-    if std::env::var_os(hami_shm::env::LIMITS_FILE).is_none()
-        && let Some(p) = beside_this_library(hami_shm::limits::FILE_NAME)
-    {
-        env.limits_file = p;
+    let limits_dir = limits_dir_beside_this_library();
+    if std::env::var_os(hami_shm::env::LIMITS_FILE).is_none() {
+        // Where the agent puts the file: beside the library (HAMi's
+        // layout), else in the limits dir it mounted there.
+        if let Some(p) = beside_this_library(hami_shm::limits::FILE_NAME) {
+            env.limits_file = p;
+        } else if let Some(d) = &limits_dir {
+            env.limits_file = d.join(hami_shm::limits::FILE_NAME);
+        }
     }
     // The node agent's limits file names the container's region: a process
     // started without the container's environment (`env -i`, ssh) joins
     // the container's accounting instead of counting alone.
-    if let Some(p) = std::fs::read_to_string(&env.limits_file)
-        .ok()
-        .and_then(|t| hami_shm::limits::shared_cache(&t))
-    {
-        env.shared_cache = p;
+    // It also lists the container's cards in device order, which wins over
+    // the environment's list (every card of the node, when the agent
+    // allocates without the node lock).
+    if let Ok(text) = std::fs::read_to_string(&env.limits_file) {
+        if let Some(p) = hami_shm::limits::shared_cache(&text) {
+            env.shared_cache = p;
+        }
+        if let Some(cards) = hami_shm::limits::visible_devices(&text) {
+            env.nvidia_visible_devices = Some(cards);
+        }
     }
     log::LEVEL.store(env.log_level, Relaxed);
     for w in &warnings {
@@ -188,6 +219,9 @@ fn init_global() -> Global {
         limits_stamp: AtomicU64::new(0),
         limits_writable_warned: AtomicBool::new(false),
         launches: AtomicU64::new(0),
+        limits_missing: AtomicBool::new(false),
+        limits_missing_warned: AtomicBool::new(false),
+        limits_required: limits_dir.is_some(),
     };
     g.reload_limits_file(true);
     // SAFETY: registering a handler that only stores an atomic.
@@ -260,6 +294,28 @@ impl Global {
         self.reload_limits_file(false);
     }
 
+    /// Whether device memory is refused because the limits the node agent
+    /// owes this container never arrived (re-checked every 250 ms).
+    pub fn limits_missing(&self) -> bool {
+        if !self.limits_required {
+            return false;
+        }
+        self.poll_limits_file();
+        let missing = self.limits_missing.load(Relaxed);
+        if missing && !self.limits_missing_warned.swap(true, Relaxed) {
+            self.warn_limits_missing();
+        }
+        missing
+    }
+
+    fn warn_limits_missing(&self) {
+        hlog!(
+            ERROR,
+            "no limits file at {}: the node agent mounted this container's limits dir but never wrote its limits (no PreStartContainer or NRI event reached it); device memory is refused until it does",
+            self.env.limits_file.display()
+        );
+    }
+
     /// The limits file is trusted (it overrides the environment): one the
     /// container itself can write lets it raise its own limits. Logged once
     /// per process; the node agent should mount it read-only.
@@ -293,8 +349,15 @@ impl Global {
     fn reload_limits_file(&self, first: bool) {
         use std::os::unix::fs::MetadataExt;
         let Ok(md) = std::fs::metadata(&self.env.limits_file) else {
+            if self.limits_required {
+                self.limits_missing.store(true, Relaxed);
+                if first {
+                    self.warn_limits_missing();
+                }
+            }
             return;
         };
+        self.limits_missing.store(false, Relaxed);
         let stamp = (md.mtime() as u64)
             .wrapping_mul(1_000_000_007)
             .wrapping_add(md.mtime_nsec() as u64)
@@ -397,6 +460,9 @@ impl Process {
 
     /// Admits `bytes` on `dev` for the container, or says why not.
     pub fn admit(&self, g: &Global, dev: usize, bytes: u64) -> Result<(), OverLimit> {
+        if g.limits_missing() {
+            return Err(OverLimit { used: 0, limit: 0 });
+        }
         g.poll_limits_file();
         let limit = g.memory_limit(dev);
         if self.slot == usize::MAX && limit == 0 {

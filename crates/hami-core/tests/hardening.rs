@@ -313,3 +313,48 @@ fn a_writable_limits_file_is_warned_about() {
         out.stderr
     );
 }
+
+/// Fail closed: where the node agent mounted a limits dir beside the
+/// library (`<hook>/vgpu/limits`) but never wrote the limits file in it
+/// (allocation without the node lock, and neither PreStartContainer nor
+/// NRI reached the container), device memory is refused with a reason;
+/// once the file is there, its limits apply.
+#[test]
+fn without_the_limits_the_agent_owes_no_device_memory_is_given() {
+    let s = Scratch::new("limits-owed");
+    let vgpu = s.dir.join("vgpu");
+    let limits_dir = vgpu.join("limits");
+    std::fs::create_dir_all(&limits_dir).unwrap();
+    let lib = vgpu.join("libvgpu.so");
+    std::fs::copy(&common::artifacts().vgpu, &lib).unwrap();
+    let file = limits_dir.join("hami-limits");
+    let env = [
+        ("LD_PRELOAD", lib.to_str().unwrap()),
+        ("HAMI_LIMITS_FILE", file.to_str().unwrap()),
+    ];
+    let out = probe(&s, &env, &["init", "alloc", "100m"]);
+    assert_eq!(out.rcs(), vec![0, OOM], "{}", out.stderr);
+    assert!(
+        out.stderr.contains("never wrote its limits"),
+        "{}",
+        out.stderr
+    );
+    // Without the variable (a process started with `env -i`), the same.
+    let out = probe(&s, &env[..1], &["init", "alloc", "100m"]);
+    assert_eq!(out.rcs(), vec![0, OOM], "{}", out.stderr);
+
+    let mut l = hami_shm::env::Limits::default();
+    l.memory[0] = Some(500 * MIB);
+    hami_shm::limits::write(&file, &l).unwrap();
+    let out = probe(&s, &env, &["init", "alloc", "100m", "alloc", "500m"]);
+    assert_eq!(out.rcs(), vec![0, 0, OOM], "{}", out.stderr);
+    assert!(!out.stderr.contains("never wrote its limits"));
+    // Without a limits dir beside the library (HAMi's layout, `hami run`)
+    // a missing file changes nothing.
+    let out = probe(
+        &Scratch::new("limits-none"),
+        &[],
+        &["init", "alloc", "100m"],
+    );
+    assert_eq!(out.rcs(), vec![0, 0], "{}", out.stderr);
+}

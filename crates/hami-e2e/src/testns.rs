@@ -37,6 +37,9 @@ pub struct GpuNode {
     /// Whether kwok runs the node (and starts its pods); a node without
     /// kwok has no kubelet, so its pods stay Pending after binding.
     pub kwok: bool,
+    /// `hami.io/node-allocation-mode`, as the node agent announces it
+    /// (none: HAMi's node lock).
+    pub allocation_mode: Option<String>,
 }
 
 impl GpuNode {
@@ -51,6 +54,7 @@ impl GpuNode {
             handshake: None,
             allocatable: None,
             kwok: true,
+            allocation_mode: None,
         }
     }
 
@@ -86,16 +90,20 @@ impl GpuNode {
         let resources = json!({
             "cpu": "128", "memory": "1Ti", "pods": "500", "nvidia.com/gpu": gpus,
         });
+        let mut annotations = json!({
+            "kwok.x-k8s.io/node": if self.kwok { "fake" } else { "none" },
+            ann::NODE_NVIDIA_REGISTER: encode_devices_json(&devices),
+            ann::NODE_HANDSHAKE: handshake,
+        });
+        if let Some(mode) = &self.allocation_mode {
+            annotations[ann::NODE_ALLOCATION_MODE] = json!(mode);
+        }
         json!({
             "apiVersion": "v1", "kind": "Node",
             "metadata": {
                 "name": node_name,
                 "labels": {TEST_LABEL: test, "type": "kwok", "kubernetes.io/hostname": node_name},
-                "annotations": {
-                    "kwok.x-k8s.io/node": if self.kwok { "fake" } else { "none" },
-                    ann::NODE_NVIDIA_REGISTER: encode_devices_json(&devices),
-                    ann::NODE_HANDSHAKE: handshake,
-                },
+                "annotations": annotations,
             },
             "status": {"allocatable": resources, "capacity": resources},
         })

@@ -316,6 +316,18 @@ fn container_at(pod: &Pod, i: usize) -> Option<&Container> {
     }
 }
 
+/// The annotation entry of the container named `name`: init containers
+/// first, then the regular ones.
+pub fn container_index(pod: &Pod, name: &str) -> Option<usize> {
+    let spec = pod.spec.as_ref()?;
+    spec.init_containers
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .chain(spec.containers.iter())
+        .position(|c| c.name == name)
+}
+
 fn container_count(pod: &Pod) -> usize {
     pod.spec.as_ref().map_or(0, |s| {
         s.init_containers.as_ref().map_or(0, Vec::len) + s.containers.len()
@@ -336,7 +348,7 @@ fn disables_control(c: &Container) -> bool {
 }
 
 /// The container's cards, each once, in the order of its devices.
-fn card_uuids(devices: &ContainerDevices) -> Vec<&str> {
+pub fn card_uuids(devices: &ContainerDevices) -> Vec<&str> {
     let mut uuids: Vec<&str> = Vec::new();
     for d in devices {
         if !uuids.contains(&d.uuid.as_str()) {
@@ -355,8 +367,7 @@ pub fn container_response(
     devices: &ContainerDevices,
     cache_id: &str,
 ) -> ContainerAllocateResponse {
-    let vgpu = settings.vgpu_dir();
-    let mut envs = HashMap::new();
+    let mut envs = common_env(settings, cache_id);
     envs.insert(
         NVIDIA_VISIBLE_DEVICES.to_string(),
         card_uuids(devices).join(","),
@@ -367,6 +378,27 @@ pub fn container_response(
     if let Some(first) = devices.first() {
         envs.insert(SM_LIMIT.to_string(), first.cores.to_string());
     }
+    let limits_on_host = settings.limits_dir(pod_uid, &container.name);
+    let mounts = common_mounts(
+        settings,
+        &settings.container_dir(pod_uid, &container.name),
+        &limits_on_host,
+        MountStyle::Files,
+        !(settings.allow_disable_control && disables_control(container)),
+    );
+    ContainerAllocateResponse {
+        envs,
+        mounts,
+        ..Default::default()
+    }
+}
+
+/// The environment every GPU container gets, whatever its cards: the
+/// shared region `<vgpu>/<cache_id>.cache`, the limits file's path and the
+/// node's settings.
+pub(crate) fn common_env(settings: &Settings, cache_id: &str) -> HashMap<String, String> {
+    let vgpu = settings.vgpu_dir();
+    let mut envs = HashMap::new();
     envs.insert(
         SHARED_CACHE.to_string(),
         vgpu.join(format!("{cache_id}.cache")).display().to_string(),
@@ -381,15 +413,39 @@ pub fn container_response(
         envs.insert(CORE_POLICY.to_string(), "disable".to_string());
     }
     // The limits file lives in a dir the container mounts read-only.
-    let limits_in_container = vgpu.join(LIMITS_DIR_NAME);
     envs.insert(
         LIMITS_FILE.to_string(),
-        limits_in_container
+        vgpu.join(LIMITS_DIR_NAME)
             .join(LIMITS_FILE_NAME)
             .display()
             .to_string(),
     );
-    let limits_on_host = settings.limits_dir(pod_uid, &container.name);
+    envs
+}
+
+/// How files of the limits dir reach the container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MountStyle {
+    /// The limits dir exists when Allocate answers: its files are also
+    /// mounted one by one where HAMi's layout and sim-gpu expect them.
+    Files,
+    /// The limits dir is filled only later (PreStartContainer): dirs only,
+    /// since a file mount whose source is missing fails the container.
+    DirsOnly,
+}
+
+/// The mounts of a GPU container whose per-container dir and limits dir
+/// are `container_dir` and `limits_dir` on the host; `/etc/ld.so.preload`
+/// when `preload`.
+pub(crate) fn common_mounts(
+    settings: &Settings,
+    container_dir: &Path,
+    limits_dir: &Path,
+    style: MountStyle,
+    preload: bool,
+) -> Vec<Mount> {
+    let vgpu = settings.vgpu_dir();
+    let limits_in_container = vgpu.join(LIMITS_DIR_NAME);
     let path = |p: &Path| p.display().to_string();
     let mut mounts = vec![
         Mount {
@@ -399,32 +455,35 @@ pub fn container_response(
         },
         Mount {
             container_path: path(&vgpu),
-            host_path: path(&settings.container_dir(pod_uid, &container.name)),
+            host_path: path(container_dir),
             read_only: false,
         },
         // Nested in the read-write dir above (runtimes mount the shorter
         // path first): the limits dir, read-only, where HAMI_LIMITS_FILE
-        // points ...
+        // points.
         Mount {
             container_path: path(&limits_in_container),
-            host_path: path(&limits_on_host),
+            host_path: path(limits_dir),
             read_only: true,
-        },
-        // ... and the file itself, read-only, at `<hook>/vgpu/hami-limits`,
-        // where the interposer looks without HAMI_LIMITS_FILE (a process
-        // started without the container's environment).
-        Mount {
-            container_path: path(&vgpu.join(LIMITS_FILE_NAME)),
-            host_path: path(&limits_on_host.join(LIMITS_FILE_NAME)),
-            read_only: true,
-        },
-        Mount {
-            container_path: VGPU_LOCK_DIR.to_string(),
-            host_path: VGPU_LOCK_DIR.to_string(),
-            read_only: false,
         },
     ];
-    if !(settings.allow_disable_control && disables_control(container)) {
+    if style == MountStyle::Files {
+        // The file itself, read-only, at `<hook>/vgpu/hami-limits`, where
+        // the interposer looks without HAMI_LIMITS_FILE (a process started
+        // without the container's environment; it also looks in
+        // `<hook>/vgpu/limits/`).
+        mounts.push(Mount {
+            container_path: path(&vgpu.join(LIMITS_FILE_NAME)),
+            host_path: path(&limits_dir.join(LIMITS_FILE_NAME)),
+            read_only: true,
+        });
+    }
+    mounts.push(Mount {
+        container_path: VGPU_LOCK_DIR.to_string(),
+        host_path: VGPU_LOCK_DIR.to_string(),
+        read_only: false,
+    });
+    if preload {
         mounts.push(Mount {
             container_path: "/etc/ld.so.preload".to_string(),
             host_path: path(&vgpu.join("ld.so.preload")),
@@ -441,10 +500,19 @@ pub fn container_response(
             });
         }
         let root = Path::new(SIM_CONTAINER_ROOT);
-        mounts.push(Mount {
-            container_path: path(&root.join("devices")),
-            host_path: path(&limits_on_host.join(SIM_DEVICES_FILE_NAME)),
-            read_only: true,
+        mounts.push(match style {
+            MountStyle::Files => Mount {
+                container_path: path(&root.join("devices")),
+                host_path: path(&limits_dir.join(SIM_DEVICES_FILE_NAME)),
+                read_only: true,
+            },
+            // sim-gpu reads `<root>/limits/sim-gpu-devices` when
+            // `<root>/devices` is missing.
+            MountStyle::DirsOnly => Mount {
+                container_path: path(&root.join(LIMITS_DIR_NAME)),
+                host_path: path(limits_dir),
+                read_only: true,
+            },
         });
         mounts.push(Mount {
             container_path: path(&root.join("state")),
@@ -452,11 +520,7 @@ pub fn container_response(
             read_only: false,
         });
     }
-    ContainerAllocateResponse {
-        envs,
-        mounts,
-        ..Default::default()
-    }
+    mounts
 }
 
 /// The limits file of a container: per device index its memory (MiB) and

@@ -12,6 +12,9 @@
 //! * [`devices`]: the virtual devices advertised for the node's cards;
 //! * [`allocate`]: the pure part of Allocate (pod + request -> container
 //!   responses and the annotation left to allocate);
+//! * [`lockfree`]: allocation without the node lock (PreStartContainer
+//!   and the kubelet's PodResources API);
+//! * [`pod_resources`]: the PodResources client;
 //! * [`pending`]: the Kubernetes side of Allocate (find the pod, patch it,
 //!   release the node lock, write events);
 //! * [`plugin`]: the `DevicePlugin` gRPC service and its unix socket server;
@@ -29,10 +32,12 @@ pub mod allocate;
 pub mod devices;
 pub mod discovery;
 pub mod install;
+pub mod lockfree;
 pub mod monitor;
 pub mod monitor_http;
 pub mod pending;
 pub mod plugin;
+pub mod pod_resources;
 pub mod priority;
 pub mod register;
 pub mod registration;
@@ -41,6 +46,12 @@ pub mod registration;
 pub mod proto {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("v1beta1");
+}
+
+/// The kubelet's PodResources API, package `v1` (only what hami-node reads).
+pub mod proto_podresources {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("v1");
 }
 
 /// The API version a plugin registers with.

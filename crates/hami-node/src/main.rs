@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use hami_api::device::decode_devices;
+use hami_api::node::AllocationMode;
 use hami_api::{DeviceConfig, NvidiaConfig};
 use hami_node::allocate::{Settings, SimDriver};
 use hami_node::discovery::{self, CardSettings, Discovery, Fixed, Scan};
@@ -120,6 +121,25 @@ struct Args {
     /// nothing for this long (needs the monitor).
     #[arg(long, default_value = "100ms", value_parser = parse_period)]
     priority_idle: Duration,
+    /// How a container is tied to its cards: `pod-resources` (the
+    /// kubelet's PreStartContainer and PodResources API; binds take no
+    /// node lock) or `lock` (HAMi's protocol: one bind per node at a time,
+    /// Allocate finds the pod through the node lock).
+    #[arg(long, default_value = "pod-resources", value_parser = parse_mode)]
+    allocation_mode: AllocationMode,
+    /// The kubelet's PodResources socket (`pod-resources` mode).
+    #[arg(long, default_value = hami_node::pod_resources::DEFAULT_SOCKET)]
+    pod_resources_socket: PathBuf,
+}
+
+fn parse_mode(s: &str) -> Result<AllocationMode, String> {
+    match AllocationMode::parse(s) {
+        Some(AllocationMode::Nri) => {
+            Err("`nri` is not available yet; use `pod-resources` or `lock`".into())
+        }
+        Some(m) => Ok(m),
+        None => Err(format!("{s:?} is not `pod-resources` or `lock`")),
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -323,10 +343,40 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let numa_topology = args.numa_topology || node_numa == Some(true);
     // Registration owns the sender: each rescan sends the cards when they changed.
     let (cards_tx, cards_rx) = watch::channel(cards);
+    let owners: Option<Arc<dyn hami_node::pod_resources::DeviceOwners>> = match args.allocation_mode
+    {
+        AllocationMode::PodResources => {
+            if !args.pod_resources_socket.exists() {
+                tracing::warn!(
+                    "the kubelet's PodResources socket {} does not exist (yet): containers cannot start until it does (--pod-resources-socket; --allocation-mode lock does without it)",
+                    args.pod_resources_socket.display()
+                );
+            }
+            Some(Arc::new(hami_node::pod_resources::PodResources::new(
+                &args.pod_resources_socket,
+            )))
+        }
+        _ => None,
+    };
+    tracing::info!(mode = args.allocation_mode.as_str(), "allocation mode");
+    let plugin_resource = resource.clone();
+    let registration = Registration::new(client.clone(), &args.node_name, cards_tx)
+        .with_period(args.rescan_period)
+        .with_allocation_mode(args.allocation_mode);
+    let node_lock = registration.node_lock();
     let make_plugin = || {
-        Plugin::new(cards_rx.clone(), store.clone(), settings.clone())
+        let p = Plugin::new(cards_rx.clone(), store.clone(), settings.clone())
             .with_numa_topology(numa_topology)
-            .with_preferred_allocation(args.preferred_allocation)
+            .with_preferred_allocation(args.preferred_allocation);
+        match &owners {
+            Some(o) => p.with_pod_resources(
+                o.clone(),
+                &args.node_name,
+                &plugin_resource,
+                node_lock.clone(),
+            ),
+            None => p,
+        }
     };
 
     let (stop_all, stopping) = watch::channel(false);
@@ -360,8 +410,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tokio::spawn(server);
         tracing::info!("node monitor listening on {bound}");
     }
-    let registration = Registration::new(client.clone(), &args.node_name, cards_tx)
-        .with_period(args.rescan_period);
     let registration = tokio::spawn(registration.run(scanner, stopped(stopping.clone())));
     let result = serve(
         Sockets {

@@ -62,6 +62,27 @@ pub trait PodStore: Send + Sync + 'static {
     /// released, a Warning event with `reason`. Best effort: problems are
     /// logged, the caller reports `reason` anyway.
     fn fail<'a>(&'a self, pod: &'a Pod, reason: &'a str) -> BoxFuture<'a, ()>;
+    /// The pod `namespace/name` as the API server has it now, if it exists
+    /// (allocation without the lock: the kubelet named it).
+    fn get<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Pod>, StoreError>>;
+    /// Records, without a node lock of our own, that a container got its
+    /// limits: the to-allocate annotation becomes `remaining`; when `done`,
+    /// `bind-phase=success`, and the node lock released if `release_lock`
+    /// (a scheduler speaking HAMi's protocol locked the node for this pod).
+    fn started<'a>(
+        &'a self,
+        pod: &'a Pod,
+        remaining: &'a PodDevices,
+        done: bool,
+        release_lock: bool,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// A Warning event on the pod (a container start refused); the bind
+    /// phase stays, since the kubelet retries the start.
+    fn warn<'a>(&'a self, pod: &'a Pod, reason: &'a str) -> BoxFuture<'a, ()>;
 }
 
 fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
@@ -212,6 +233,35 @@ impl KubeStore {
         Ok(())
     }
 
+    async fn record(
+        &self,
+        pod: &Pod,
+        remaining: &PodDevices,
+        done: bool,
+    ) -> Result<(), StoreError> {
+        let mut set = vec![(ann::NVIDIA_DEVICES_TO_ALLOCATE, remaining.encode())];
+        if done {
+            set.push((ann::BIND_PHASE, "success".to_string()));
+        }
+        self.patch(pod, &set).await
+    }
+
+    async fn event(&self, pod: &Pod, reason: &str) {
+        if let Err(e) = self
+            .events
+            .pod_event(
+                pod,
+                Severity::Warning,
+                ALLOCATE_FAILED,
+                reason,
+                self.clock.as_ref(),
+            )
+            .await
+        {
+            tracing::error!(pod = %pod_key(pod), "writing the {ALLOCATE_FAILED} event: {e}");
+        }
+    }
+
     async fn release(&self, pod: &Pod) -> Result<(), StoreError> {
         hami_kube::lock::release(
             &self.client,
@@ -236,11 +286,7 @@ impl PodStore for KubeStore {
         done: bool,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            let mut set = vec![(ann::NVIDIA_DEVICES_TO_ALLOCATE, remaining.encode())];
-            if done {
-                set.push((ann::BIND_PHASE, "success".to_string()));
-            }
-            self.patch(pod, &set).await?;
+            self.record(pod, remaining, done).await?;
             if done && let Err(e) = self.release(pod).await {
                 // The pod has its devices; a lock left behind expires or
                 // is taken over (its holder is past Allocate).
@@ -263,19 +309,49 @@ impl PodStore for KubeStore {
             if let Err(e) = self.release(pod).await {
                 tracing::error!(pod = %key, "releasing the node lock of {}: {e}", self.node);
             }
-            if let Err(e) = self
-                .events
-                .pod_event(
-                    pod,
-                    Severity::Warning,
-                    ALLOCATE_FAILED,
-                    reason,
-                    self.clock.as_ref(),
-                )
+            self.event(pod, reason).await;
+        })
+    }
+
+    fn get<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Pod>, StoreError>> {
+        Box::pin(async move {
+            Api::<Pod>::namespaced(self.client.clone(), namespace)
+                .get_opt(name)
                 .await
+                .map_err(|source| StoreError::Api {
+                    what: format!("get pod {namespace}/{name}"),
+                    source,
+                })
+        })
+    }
+
+    fn started<'a>(
+        &'a self,
+        pod: &'a Pod,
+        remaining: &'a PodDevices,
+        done: bool,
+        release_lock: bool,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.record(pod, remaining, done).await?;
+            if done
+                && release_lock
+                && let Err(e) = self.release(pod).await
             {
-                tracing::error!(pod = %key, "writing the {ALLOCATE_FAILED} event: {e}");
+                tracing::warn!(pod = %pod_key(pod), "allocated, but releasing the node lock failed: {e}");
             }
+            Ok(())
+        })
+    }
+
+    fn warn<'a>(&'a self, pod: &'a Pod, reason: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            tracing::warn!(pod = %pod_key(pod), "container start refused: {reason}");
+            self.event(pod, reason).await;
         })
     }
 }

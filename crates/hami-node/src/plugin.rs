@@ -11,9 +11,11 @@ use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::{UnixListenerStream, WatchStream};
 use tonic::{Request, Response, Status};
 
-use crate::allocate::{self, Plan, Settings};
+use crate::allocate::{self, Plan, Served, Settings};
 use crate::devices::{plugin_devices, preferred_ids};
+use crate::lockfree::{self, PreStartError};
 use crate::pending::{PodStore, StoreError};
+use crate::pod_resources::{DeviceOwners, OwnerError};
 use crate::proto;
 use crate::proto::device_plugin_server::{DevicePlugin, DevicePluginServer};
 
@@ -29,6 +31,33 @@ pub struct Plugin {
     allocating: Mutex<()>,
     /// Where the host side of the vgpu lock dir is made, if anywhere.
     lock_dir: Option<PathBuf>,
+    /// Allocation without the node lock, when set.
+    lock_free: Option<LockFree>,
+}
+
+/// What allocation without the node lock needs: who received which
+/// device IDs, this node's name and the resource served.
+struct LockFree {
+    owners: Arc<dyn DeviceOwners>,
+    node: String,
+    resource: String,
+    /// The node's lock annotation, as the node watch shows it.
+    node_lock: watch::Receiver<Option<String>>,
+}
+
+impl LockFree {
+    /// Whether the node lock names `pod` (a scheduler speaking HAMi's
+    /// protocol bound it and waits for the lock to go).
+    fn lock_held_by(&self, pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+        self.node_lock
+            .borrow()
+            .as_deref()
+            .and_then(|v| hami_api::node::NodeLock::decode(v).ok())
+            .is_some_and(|l| {
+                Some(l.namespace.as_str()) == pod.metadata.namespace.as_deref()
+                    && Some(l.pod.as_str()) == pod.metadata.name.as_deref()
+            })
+    }
 }
 
 impl Plugin {
@@ -48,7 +77,31 @@ impl Plugin {
             preferred_allocation: true,
             allocating: Mutex::new(()),
             lock_dir: Some(PathBuf::from(allocate::VGPU_LOCK_DIR)),
+            lock_free: None,
         }
+    }
+
+    /// Allocate without the node lock ([`lockfree`]): Allocate answers
+    /// from the device IDs alone, and PreStartContainer (then required)
+    /// asks `owners` which container of `node` received the IDs of
+    /// `resource` and writes that container's limits. `node_lock` follows
+    /// the node's lock annotation: a pod that a scheduler speaking HAMi's
+    /// protocol locked the node for gets the lock released once its last
+    /// container has its limits.
+    pub fn with_pod_resources(
+        mut self,
+        owners: Arc<dyn DeviceOwners>,
+        node: &str,
+        resource: &str,
+        node_lock: watch::Receiver<Option<String>>,
+    ) -> Plugin {
+        self.lock_free = Some(LockFree {
+            owners,
+            node: node.to_string(),
+            resource: resource.to_string(),
+            node_lock,
+        });
+        self
     }
 
     /// Advertise each card's NUMA node to the kubelet's topology manager.
@@ -74,8 +127,11 @@ impl Plugin {
     /// The options this plugin registers with and reports.
     pub fn options(&self) -> proto::DevicePluginOptions {
         proto::DevicePluginOptions {
-            pre_start_required: false,
-            get_preferred_allocation_available: self.preferred_allocation,
+            pre_start_required: self.lock_free.is_some(),
+            // Without the lock the pod is not known before PreStart: no
+            // preference to give.
+            get_preferred_allocation_available: self.preferred_allocation
+                && self.lock_free.is_none(),
         }
     }
 
@@ -127,10 +183,114 @@ impl Plugin {
             .await
     }
 
+    /// Allocate without the lock: one answer per container request from
+    /// its device IDs; a previous owner's links of the same IDs go.
+    fn allocate_lock_free(
+        &self,
+        request: &proto::AllocateRequest,
+    ) -> Result<proto::AllocateResponse, Status> {
+        let cards = self.cards.borrow().clone();
+        let mut out = proto::AllocateResponse::default();
+        for creq in &request.container_requests {
+            let links =
+                lockfree::AllocLinks::new(&self.settings, &lockfree::alloc_key(&creq.devices_ids));
+            lockfree::unlink(&links).map_err(|e| {
+                Status::internal(format!("removing {}: {e}", links.limits.display()))
+            })?;
+            out.container_responses.push(lockfree::allocate_response(
+                &self.settings,
+                &cards,
+                &creq.devices_ids,
+            ));
+        }
+        self.prepare_lock_dir();
+        tracing::info!(
+            containers = request.container_requests.len(),
+            "allocated (limits follow at PreStartContainer)"
+        );
+        Ok(out)
+    }
+
+    /// PreStartContainer without the lock: the container the kubelet says
+    /// received `ids` gets its dirs and limits file, and the paths its
+    /// Allocate answer mounts point at them.
+    async fn prestart(&self, lf: &LockFree, ids: Vec<String>) -> Result<(), Status> {
+        let started = std::time::Instant::now();
+        let owner = lf
+            .owners
+            .owner(&lf.resource, &ids)
+            .await
+            .map_err(|e| match e {
+                OwnerError::Unavailable { .. } => Status::unavailable(e.to_string()),
+                OwnerError::NotFound(_) => Status::failed_precondition(e.to_string()),
+            })?;
+        let pod = self
+            .store
+            .get(&owner.namespace, &owner.pod)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .ok_or_else(|| {
+                Status::failed_precondition(
+                    PreStartError::PodGone {
+                        owner: owner.clone(),
+                    }
+                    .to_string(),
+                )
+            })?;
+        let cards = self.cards.borrow().clone();
+        let plan =
+            match lockfree::prestart_plan(&pod, &owner, &lf.node, &ids, &cards, &self.settings) {
+                Ok(p) => p,
+                Err(e) => {
+                    // Nothing here changes by itself: the bind has failed
+                    // (as HAMi's Allocate marks it), once.
+                    let reason = e.to_string();
+                    let failed_already = pod
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(hami_api::annotations::BIND_PHASE))
+                        .is_some_and(|p| p == "failed");
+                    if !failed_already {
+                        self.store.fail(&pod, &reason).await;
+                    }
+                    return Err(Status::failed_precondition(reason));
+                }
+            };
+        let linked = self.prepare_served(&plan.served).and_then(|()| {
+            lockfree::point(&plan.links.dir, &plan.served.host_dir)?;
+            lockfree::point(&plan.links.limits, &plan.served.limits_dir)
+        });
+        if let Err(e) = linked {
+            let reason = format!("pod {owner}: {e}");
+            self.store.warn(&pod, &reason).await;
+            return Err(Status::internal(reason));
+        }
+        if let Some(remaining) = &plan.remaining {
+            self.store
+                .started(&pod, remaining, plan.all_done(), lf.lock_held_by(&pod))
+                .await
+                .map_err(|e| {
+                    Status::unavailable(format!("pod {owner}: recording the allocation: {e}"))
+                })?;
+        }
+        tracing::info!(
+            pod = %allocate::pod_key(&pod),
+            container = %owner.container,
+            done = plan.all_done(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "limits written before the container starts"
+        );
+        Ok(())
+    }
+
     async fn run_allocate(
         &self,
         request: proto::AllocateRequest,
     ) -> Result<proto::AllocateResponse, Status> {
+        if self.lock_free.is_some() {
+            return self.allocate_lock_free(&request);
+        }
         let started = std::time::Instant::now();
         let _one_at_a_time = self.allocating.lock().await;
         let pod = self.store.find_pending().await.map_err(|e| match e {
@@ -180,6 +340,15 @@ impl Plugin {
     /// known here), and a fresh limits dir (0755, the container mounts it
     /// read-only) holding the limits file (0444).
     fn prepare(&self, plan: &Plan) -> std::io::Result<()> {
+        for s in &plan.served {
+            self.prepare_served(s)?;
+        }
+        self.prepare_lock_dir();
+        Ok(())
+    }
+
+    /// The host side of one served container (see [`Plugin::prepare`]).
+    fn prepare_served(&self, s: &Served) -> std::io::Result<()> {
         use std::os::unix::fs::PermissionsExt as _;
         let ctx = |what: &str, p: &Path, e: std::io::Error| {
             std::io::Error::new(e.kind(), format!("{what} {}: {e}", p.display()))
@@ -194,7 +363,7 @@ impl Plugin {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
                 .map_err(|e| ctx("chmod", dir, e))
         };
-        for s in &plan.served {
+        {
             fresh(&s.host_dir, 0o777)?;
             fresh(&s.limits_dir, 0o755)?;
             let file = s.limits_dir.join(allocate::LIMITS_FILE_NAME);
@@ -202,7 +371,12 @@ impl Plugin {
             // started without the container's environment.
             let region = s.response.envs.get(allocate::SHARED_CACHE).map(Path::new);
             match region {
-                Some(r) => hami_shm::limits::write_for_container(&file, &s.limits, r),
+                Some(r) => hami_shm::limits::write_for_container(
+                    &file,
+                    &s.limits,
+                    r,
+                    &allocate::card_uuids(&s.devices),
+                ),
                 None => hami_shm::limits::write(&file, &s.limits),
             }
             .map_err(|e| ctx("writing", &file, e))?;
@@ -216,6 +390,11 @@ impl Plugin {
                 std::fs::write(&file, devices).map_err(|e| ctx("writing", &file, e))?;
             }
         }
+        Ok(())
+    }
+
+    fn prepare_lock_dir(&self) {
+        use std::os::unix::fs::PermissionsExt as _;
         if let Some(lock) = &self.lock_dir {
             // Best effort, as HAMi: the mount fails visibly if it is missing.
             let made = std::fs::create_dir_all(lock).and_then(|()| {
@@ -225,7 +404,6 @@ impl Plugin {
                 tracing::warn!("preparing {}: {e}", lock.display());
             }
         }
-        Ok(())
     }
 }
 
@@ -316,8 +494,11 @@ impl DevicePlugin for Plugin {
 
     async fn pre_start_container(
         &self,
-        _: Request<proto::PreStartContainerRequest>,
+        request: Request<proto::PreStartContainerRequest>,
     ) -> Result<Response<proto::PreStartContainerResponse>, Status> {
+        if let Some(lf) = &self.lock_free {
+            self.prestart(lf, request.into_inner().devices_ids).await?;
+        }
         Ok(Response::new(proto::PreStartContainerResponse {}))
     }
 }

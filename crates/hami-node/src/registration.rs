@@ -21,7 +21,7 @@ use std::time::Duration;
 use hami_api::DeviceInfo;
 use hami_api::annotations as ann;
 use hami_api::device::encode_devices_json;
-use hami_api::node::Handshake;
+use hami_api::node::{AllocationMode, Handshake};
 use hami_api::topology::encode_pair_scores;
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
@@ -74,6 +74,11 @@ pub struct Registration {
     /// The node's resourceVersion after our last patch: older events
     /// are not looked at.
     patched_rv: Option<u64>,
+    /// Announced in `hami.io/node-allocation-mode` with the register
+    /// annotation (none for HAMi's lock).
+    allocation_mode: AllocationMode,
+    /// The node's lock annotation as the watch last showed it.
+    node_lock: watch::Sender<Option<String>>,
 }
 
 impl Registration {
@@ -93,7 +98,31 @@ impl Registration {
             written: None,
             written_scores: None,
             patched_rv: None,
+            allocation_mode: AllocationMode::Lock,
+            node_lock: watch::Sender::new(None),
         }
+    }
+
+    /// The node's lock annotation (`hami.io/mutex.lock`) as the node watch
+    /// shows it: without the lock of its own, the plugin still releases a
+    /// lock that a scheduler speaking HAMi's protocol took for a pod.
+    pub fn node_lock(&self) -> watch::Receiver<Option<String>> {
+        self.node_lock.subscribe()
+    }
+
+    /// Announce how the plugin allocates (written with the register
+    /// annotation, removed with it).
+    pub fn with_allocation_mode(mut self, mode: AllocationMode) -> Registration {
+        self.allocation_mode = mode;
+        self
+    }
+
+    /// The mode annotation's value: none for the lock, so a node of ours
+    /// in lock mode looks like one of HAMi's.
+    fn mode_value(&self) -> Option<&'static str> {
+        self.allocation_mode
+            .lock_free()
+            .then(|| self.allocation_mode.as_str())
     }
 
     /// Rescan every `period` (HAMi: 30 s).
@@ -179,6 +208,7 @@ impl Registration {
         let patch = json!({"metadata": {"annotations": {
             ann::NODE_NVIDIA_REGISTER: value,
             ann::NODE_HANDSHAKE: reported(Timestamp::now()),
+            ann::NODE_ALLOCATION_MODE: self.mode_value(),
         }}});
         match self.patch(patch).await {
             Ok(()) => {
@@ -230,12 +260,22 @@ impl Registration {
         }
         let empty = BTreeMap::new();
         let a = node.metadata.annotations.as_ref().unwrap_or(&empty);
+        self.node_lock.send_if_modified(|held| {
+            let now = a.get(ann::NODE_LOCK);
+            let changed = held.as_ref() != now;
+            if changed {
+                *held = now.cloned();
+            }
+            changed
+        });
         if let Some(written) = self.written.clone()
-            && a.get(ann::NODE_NVIDIA_REGISTER) != Some(&written)
+            && (a.get(ann::NODE_NVIDIA_REGISTER) != Some(&written)
+                || a.get(ann::NODE_ALLOCATION_MODE).map(String::as_str) != self.mode_value())
         {
             tracing::info!(
-                "{} is not what was written: writing it again",
-                ann::NODE_NVIDIA_REGISTER
+                "{} or {} is not what was written: writing them again",
+                ann::NODE_NVIDIA_REGISTER,
+                ann::NODE_ALLOCATION_MODE
             );
             self.write_register(written).await;
             return;
@@ -283,6 +323,7 @@ impl Registration {
         let mut annotations = json!({
             ann::NODE_NVIDIA_REGISTER: null,
             ann::NODE_HANDSHAKE: null,
+            ann::NODE_ALLOCATION_MODE: null,
         });
         if self.written_scores.is_some() {
             annotations[ann::NODE_NVIDIA_SCORE] = serde_json::Value::Null;

@@ -103,8 +103,10 @@ async fn binary_registers_serves_its_cards_registers_again_after_a_kubelet_resta
     assert_eq!(req.resource_name, "nvidia.com/gpu");
     assert_eq!(req.endpoint, "nvidia-gpu.sock");
     let options = req.options.expect("options");
-    assert!(options.get_preferred_allocation_available);
-    assert!(!options.pre_start_required);
+    // The default allocation mode (pod-resources) needs PreStartContainer
+    // and has no preference to give before it.
+    assert!(!options.get_preferred_allocation_available);
+    assert!(options.pre_start_required);
     let socket = plugins.join(&req.endpoint);
     assert_lists_the_cards(&socket).await;
     // The library was installed before the plugin registered.

@@ -483,27 +483,39 @@ async fn a_pod_bound_with_hamis_annotations_alone_allocates_and_one_naming_no_ca
     );
     assert_eq!(ns.node_lock(&s.node.name).await, None, "lock released");
 
-    // A card this node does not have: Allocate fails the pod, says why,
-    // and releases the lock.
+    // A card this node does not have: without the lock, Allocate does not
+    // know the pod; its container's start fails at PreStartContainer, the
+    // bind is marked failed with an event naming the card, the lock goes,
+    // and the container never runs.
     bound_as_hamis_scheduler_would(s, &ns, "no-card", "GPU-not-on-this-node", 1000).await;
-    let (pod, _) = wait_finished(s, &ns, "no-card").await;
-    assert_eq!(phase(&pod), "Failed");
-    assert_eq!(
-        TestNs::annotation(&pod, ann::BIND_PHASE).as_deref(),
-        Some("failed")
-    );
-    let why = ns
-        .events_for("no-card")
+    let why = wait_for(WAIT, "an event naming the card", || async {
+        ns.events_for("no-card")
+            .await
+            .into_iter()
+            .filter_map(|e| e.message)
+            .find(|m| m.contains("GPU-not-on-this-node"))
+    })
+    .await;
+    assert!(why.contains("pod real-interop"), "{why}");
+    let pod = wait_for(WAIT, "bind-phase failed", || async {
+        let p = ns.get_pod("no-card").await;
+        (TestNs::annotation(&p, ann::BIND_PHASE).as_deref() == Some("failed")).then_some(p)
+    })
+    .await;
+    let started = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.container_id.is_some()));
+    assert!(!started, "the container was created: {:?}", pod.status);
+    wait_for(WAIT, "the node lock released", || async {
+        ns.node_lock(&s.node.name).await.is_none().then_some(())
+    })
+    .await;
+    Api::<Pod>::namespaced(ns.client.clone(), &ns.name)
+        .delete("no-card", &Default::default())
         .await
-        .into_iter()
-        .filter_map(|e| e.message)
-        .find(|m| m.contains("GPU-not-on-this-node"));
-    assert!(
-        why.is_some(),
-        "an event names the card: {:?}",
-        ns.events_for("no-card").await
-    );
-    assert_eq!(ns.node_lock(&s.node.name).await, None, "lock released");
+        .expect("deleting the pod that cannot start");
 }
 
 /// The real node ready for one scenario: the setup, the node to this test

@@ -107,6 +107,40 @@ impl PodStore for MemoryStore {
         s.failures.push(reason.to_string());
         Box::pin(async {})
     }
+
+    fn get<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Pod>, StoreError>> {
+        let found = self.0.lock().unwrap().pod.clone().filter(|p| {
+            p.metadata.namespace.as_deref() == Some(namespace)
+                && p.metadata.name.as_deref() == Some(name)
+        });
+        Box::pin(async move { Ok(found) })
+    }
+
+    fn started<'a>(
+        &'a self,
+        _pod: &'a Pod,
+        remaining: &'a PodDevices,
+        done: bool,
+        release_lock: bool,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.set(ann::NVIDIA_DEVICES_TO_ALLOCATE, remaining.encode());
+        if done {
+            self.set(ann::BIND_PHASE, "success".into());
+            if release_lock {
+                self.0.lock().unwrap().lock_held = false;
+            }
+        }
+        Box::pin(async { Ok(()) })
+    }
+
+    fn warn<'a>(&'a self, _pod: &'a Pod, reason: &'a str) -> BoxFuture<'a, ()> {
+        self.0.lock().unwrap().failures.push(reason.to_string());
+        Box::pin(async {})
+    }
 }
 
 fn card(id: &str, index: u32) -> DeviceInfo {
@@ -409,4 +443,204 @@ async fn registers_lists_watches_health_and_allocates_over_unix_sockets() {
     let _ = stop_tx.send(());
     within("the plugin to stop", server).await.unwrap().unwrap();
     peer.abort();
+}
+
+/// The kubelet's PodResources service, played by the test over its real
+/// gRPC protocol: answers List with what the test put in.
+#[derive(Clone, Default)]
+struct FakePodResources(Arc<Mutex<hami_node::proto_podresources::ListPodResourcesResponse>>);
+
+impl FakePodResources {
+    fn set(&self, entries: &[(&str, &str, &str, &[&str])]) {
+        use hami_node::proto_podresources::{ContainerDevices, ContainerResources, PodResources};
+        *self.0.lock().unwrap() = hami_node::proto_podresources::ListPodResourcesResponse {
+            pod_resources: entries
+                .iter()
+                .map(|(ns, pod, c, ids)| PodResources {
+                    name: pod.to_string(),
+                    namespace: ns.to_string(),
+                    containers: vec![ContainerResources {
+                        name: c.to_string(),
+                        devices: vec![ContainerDevices {
+                            resource_name: "nvidia.com/gpu".into(),
+                            device_ids: ids.iter().map(|s| s.to_string()).collect(),
+                        }],
+                    }],
+                })
+                .collect(),
+        };
+    }
+}
+
+#[tonic::async_trait]
+impl hami_node::proto_podresources::pod_resources_lister_server::PodResourcesLister
+    for FakePodResources
+{
+    async fn list(
+        &self,
+        _: tonic::Request<hami_node::proto_podresources::ListPodResourcesRequest>,
+    ) -> Result<
+        tonic::Response<hami_node::proto_podresources::ListPodResourcesResponse>,
+        tonic::Status,
+    > {
+        Ok(tonic::Response::new(self.0.lock().unwrap().clone()))
+    }
+
+    async fn get(
+        &self,
+        _: tonic::Request<hami_node::proto_podresources::GetPodResourcesRequest>,
+    ) -> Result<
+        tonic::Response<hami_node::proto_podresources::GetPodResourcesResponse>,
+        tonic::Status,
+    > {
+        Err(tonic::Status::unimplemented(
+            "the kubelet's Get is behind a feature gate",
+        ))
+    }
+}
+
+/// Allocation without the node lock over the real protocols: Allocate
+/// answers from the device IDs alone (no pod looked up), PreStartContainer
+/// asks the PodResources service who received the IDs and writes that
+/// container's limits where Allocate's mounts point; IDs nobody holds, or
+/// a count that disagrees with the scheduler's, fail the start with the
+/// pod named.
+#[tokio::test]
+async fn without_the_lock_prestart_writes_the_limits_of_the_container_the_kubelet_names() {
+    use hami_node::lockfree::{AllocLinks, alloc_key};
+    let dir = tempfile::tempdir().unwrap();
+    let hook = dir.path().join("hook");
+
+    let pr_socket = dir.path().join("pod-resources.sock");
+    let fake = FakePodResources::default();
+    let pr_server = {
+        let listener = tokio::net::UnixListener::bind(&pr_socket).unwrap();
+        let svc = hami_node::proto_podresources::pod_resources_lister_server::PodResourcesListerServer::new(fake.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+        )
+    };
+
+    let (_cards_tx, cards_rx) = watch::channel(vec![card("GPU-a", 0), card("GPU-b", 1)]);
+    let store = MemoryStore::default();
+    let mut settings = Settings::from_config(&hook, &hami_api::NvidiaConfig::default());
+    settings.library = Settings::library_path(&hook, "0.1.0", false);
+    let plugin = Plugin::new(cards_rx, Arc::new(store.clone()), settings.clone())
+        .with_lock_dir(None)
+        .with_pod_resources(
+            Arc::new(hami_node::pod_resources::PodResources::new(&pr_socket)),
+            NODE,
+            "nvidia.com/gpu",
+            // A scheduler speaking HAMi's protocol locked the node for the pod.
+            watch::channel(Some("2026-11-30T10:00:00Z,team,train".to_string())).1,
+        );
+    let options = plugin.options();
+    assert!(options.pre_start_required);
+    assert!(!options.get_preferred_allocation_available);
+    let socket = dir.path().join("hami-test.sock");
+    let listener = plugin::bind(&socket).unwrap();
+    let server = tokio::spawn(plugin.serve(listener, std::future::pending()));
+    let mut client = DevicePluginClient::new(unix_channel(&socket).await.unwrap());
+
+    // Allocate: no pod in the store, and none needed.
+    let ids = vec!["GPU-a-0".to_string()];
+    let links = AllocLinks::new(&settings, &alloc_key(&ids));
+    let r = within("Allocate", client.allocate(allocate_request(&["GPU-a-0"])))
+        .await
+        .unwrap()
+        .into_inner();
+    let mounts = &r.container_responses[0].mounts;
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m.host_path == links.limits.display().to_string()
+                && m.container_path.ends_with("/vgpu/limits")
+                && m.read_only),
+        "{mounts:?}"
+    );
+    assert!(store.0.lock().unwrap().failures.is_empty());
+
+    // PreStartContainer: the kubelet says team/train main has GPU-a-0.
+    store.put(bound_pod("GPU-a,NVIDIA,1000,10:;"));
+    fake.set(&[("team", "train", "main", &["GPU-a-0"])]);
+    within(
+        "PreStartContainer",
+        client.pre_start_container(proto::PreStartContainerRequest {
+            devices_ids: ids.clone(),
+        }),
+    )
+    .await
+    .expect("the owner's limits are written");
+    let limits = std::fs::read_to_string(links.limits.join("hami-limits")).unwrap();
+    assert!(
+        limits.contains("CUDA_DEVICE_MEMORY_LIMIT_0=1000m"),
+        "{limits}"
+    );
+    assert_eq!(
+        std::fs::read_link(&links.limits).unwrap(),
+        settings.limits_dir("0b1c2d3e", "main")
+    );
+    assert_eq!(
+        std::fs::read_to_string(links.limits.join("cards")).unwrap(),
+        "GPU-a\n"
+    );
+    assert!(links.dir.is_dir());
+    assert_eq!(
+        store.annotation(ann::BIND_PHASE).as_deref(),
+        Some("success")
+    );
+    assert_eq!(
+        store.annotation(ann::NVIDIA_DEVICES_TO_ALLOCATE).as_deref(),
+        Some(";")
+    );
+    assert!(
+        !store.0.lock().unwrap().lock_held,
+        "the lock taken for the pod is released"
+    );
+
+    // IDs nobody holds: the start fails, nothing is written.
+    let err = within(
+        "PreStartContainer",
+        client.pre_start_container(proto::PreStartContainerRequest {
+            devices_ids: vec!["GPU-b-0".into()],
+        }),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(
+        err.message(),
+        "no container holds devices [\"GPU-b-0\"] in the kubelet's PodResources"
+    );
+
+    // The kubelet gave two IDs where the scheduler gave one card.
+    fake.set(&[("team", "train", "main", &["GPU-a-0", "GPU-a-1"])]);
+    let err = within(
+        "PreStartContainer",
+        client.pre_start_container(proto::PreStartContainerRequest {
+            devices_ids: vec!["GPU-a-0".into(), "GPU-a-1".into()],
+        }),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(
+        err.message(),
+        "pod team/train container main: hami.io/vgpu-devices-allocated gives 1 devices but the kubelet gave 2 ([\"GPU-a-0\", \"GPU-a-1\"])"
+    );
+    assert_eq!(
+        store.0.lock().unwrap().failures,
+        [err.message().to_string()]
+    );
+
+    // A new Allocate of the same IDs drops the previous owner's links.
+    within("Allocate", client.allocate(allocate_request(&["GPU-a-0"])))
+        .await
+        .unwrap();
+    assert!(std::fs::symlink_metadata(&links.limits).is_err());
+
+    server.abort();
+    pr_server.abort();
 }

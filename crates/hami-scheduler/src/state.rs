@@ -180,6 +180,23 @@ impl Cluster {
         self.node_inventory.upsert(&name);
         let verdict = handshake::judge(&node, now, &engine.nvidia.config.resource_count_name);
         self.apply_node(engine, &name, &node, verdict.healthy);
+        let mode = hami_api::node::AllocationMode::of_node(
+            node.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ann::NODE_ALLOCATION_MODE))
+                .map(String::as_str),
+        );
+        if self.nodes.contains_key(&name) && self.allocation_mode(&name) != mode
+            || !self.nodes.contains_key(&name) && mode.lock_free()
+        {
+            tracing::info!(
+                node = name,
+                mode = mode.as_str(),
+                lock = !mode.lock_free(),
+                "node allocation mode"
+            );
+        }
         self.nodes.insert(
             name,
             NodeEntry {

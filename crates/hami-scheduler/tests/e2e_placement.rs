@@ -454,16 +454,8 @@ async fn lock_free_nodes_bind_without_the_lock_beside_lock_nodes() {
     // No kwok: nothing runs the pods, so nothing would ever release a lock
     // on this node; every bind after the first would wait for one.
     spec.kwok = false;
+    spec.allocation_mode = Some("pod-resources".into());
     let free = ns.add_node(&spec).await;
-    Api::<Node>::all(ns.client.clone())
-        .patch(
-            &free,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {
-                ann::NODE_ALLOCATION_MODE: "pod-resources"}}})),
-        )
-        .await
-        .expect("annotating the lock-free node");
     let free_locks = LockWatch::start(ns.client.clone(), &free).await;
     let locked_locks = LockWatch::start(ns.client.clone(), &locked).await;
 

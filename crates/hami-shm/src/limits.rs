@@ -15,7 +15,10 @@
 //! `CUDA_DEVICE_MEMORY_SHARED_CACHE`, written by the node agent, names the
 //! container's shared region, so a process started without the
 //! container's environment joins the container's accounting instead of
-//! counting alone ([`shared_cache`]).
+//! counting alone ([`shared_cache`]). `NVIDIA_VISIBLE_DEVICES`, also
+//! written by the node agent, lists the container's cards in device order
+//! ([`visible_devices`]): it wins over the environment's, which names every
+//! card of the node when the agent allocates without the node lock.
 //!
 //! Blank lines and lines starting with `#` are ignored; so are unknown keys
 //! (with a warning), so newer writers stay readable by older readers. A value
@@ -24,7 +27,9 @@
 //! sees half a file.
 
 use crate::MAX_DEVICES;
-use crate::env::{Limits, MEMORY_LIMIT, SHARED_CACHE, SM_LIMIT, TASK_PRIORITY};
+use crate::env::{
+    Limits, MEMORY_LIMIT, NVIDIA_VISIBLE_DEVICES, SHARED_CACHE, SM_LIMIT, TASK_PRIORITY,
+};
 use crate::size::format_size;
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -66,7 +71,12 @@ pub fn decode(text: &str, warnings: &mut Vec<String>) -> Limits {
 }
 
 fn is_known_key(k: &str) -> bool {
-    if k == MEMORY_LIMIT || k == SM_LIMIT || k == TASK_PRIORITY || k == SHARED_CACHE {
+    if k == MEMORY_LIMIT
+        || k == SM_LIMIT
+        || k == TASK_PRIORITY
+        || k == SHARED_CACHE
+        || k == NVIDIA_VISIBLE_DEVICES
+    {
         return true;
     }
     [MEMORY_LIMIT, SM_LIMIT].iter().any(|base| {
@@ -99,16 +109,26 @@ pub fn encode(limits: &Limits) -> String {
     out
 }
 
-/// The shared region a limits file names (its last
-/// `CUDA_DEVICE_MEMORY_SHARED_CACHE` line), if any.
-pub fn shared_cache(text: &str) -> Option<std::path::PathBuf> {
+/// The last non-empty value of `key` in a limits file's text.
+fn last_value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     text.lines()
         .rev()
         .filter_map(|l| l.trim().split_once('='))
-        .filter(|(k, _)| k.trim() == SHARED_CACHE)
+        .filter(|(k, _)| k.trim() == key)
         .map(|(_, v)| v.trim())
         .find(|v| !v.is_empty())
-        .map(std::path::PathBuf::from)
+}
+
+/// The shared region a limits file names (its last
+/// `CUDA_DEVICE_MEMORY_SHARED_CACHE` line), if any.
+pub fn shared_cache(text: &str) -> Option<std::path::PathBuf> {
+    last_value(text, SHARED_CACHE).map(std::path::PathBuf::from)
+}
+
+/// The container's cards in device order, as the limits file lists them
+/// (its last `NVIDIA_VISIBLE_DEVICES` line), if any.
+pub fn visible_devices(text: &str) -> Option<String> {
+    last_value(text, NVIDIA_VISIBLE_DEVICES).map(str::to_owned)
 }
 
 /// Reads a limits file; `Ok(None)` when it does not exist.
@@ -131,9 +151,13 @@ pub fn write_for_container(
     path: &Path,
     limits: &Limits,
     shared_cache: &Path,
+    cards: &[&str],
 ) -> std::io::Result<()> {
     let mut text = encode(limits);
     let _ = writeln!(text, "{SHARED_CACHE}={}", shared_cache.display());
+    if !cards.is_empty() {
+        let _ = writeln!(text, "{NVIDIA_VISIBLE_DEVICES}={}", cards.join(","));
+    }
     write_text(path, &text)
 }
 
@@ -185,11 +209,13 @@ mod tests {
         let mut w = Vec::new();
         assert_eq!(read(&path, &mut w).unwrap(), Some(l));
         assert_eq!(read(&dir.join("absent"), &mut w).unwrap(), None);
-        // A container's file also names its region, without a warning.
+        // A container's file also names its region and cards, without a
+        // warning.
         let region = Path::new("/usr/local/vgpu/0b3c.cache");
-        write_for_container(&path, &l, region).unwrap();
+        write_for_container(&path, &l, region, &["GPU-b", "GPU-a"]).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(shared_cache(&text).as_deref(), Some(region));
+        assert_eq!(visible_devices(&text).as_deref(), Some("GPU-b,GPU-a"));
         assert_eq!(read(&path, &mut w).unwrap(), Some(l));
         assert!(w.is_empty(), "{w:?}");
         assert_eq!(shared_cache("CUDA_DEVICE_SM_LIMIT=3\n"), None);

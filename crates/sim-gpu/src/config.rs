@@ -7,7 +7,9 @@
 //! [`CONTAINER_DEVICES`] when it exists (what `hami-node --sim` mounts into
 //! a container: only the cards allocated to it, as the NVIDIA container
 //! runtime exposes only those, and whatever the process's environment),
-//! else one 16 GiB, 80-SM device.
+//! else [`CONTAINER_LIMITS_DEVICES`] (the same file where `hami-node`
+//! writes it only when the container starts, without the node lock), else
+//! one 16 GiB, 80-SM device.
 //!
 //! ```text
 //! # memory sms uuid name
@@ -21,6 +23,10 @@
 pub const CONTAINER_ROOT: &str = "/run/sim-gpu";
 /// The device file of [`CONTAINER_ROOT`].
 pub const CONTAINER_DEVICES: &str = "/run/sim-gpu/devices";
+/// The device file in the container's limits dir, mounted at
+/// `<root>/limits` by `hami-node --sim` when it allocates without the node
+/// lock.
+pub const CONTAINER_LIMITS_DEVICES: &str = "/run/sim-gpu/limits/sim-gpu-devices";
 /// The state directory of [`CONTAINER_ROOT`].
 pub const CONTAINER_STATE: &str = "/run/sim-gpu/state";
 
@@ -107,7 +113,9 @@ pub fn from_env() -> Vec<DeviceSpec> {
                 None
             }
         },
-        _ => std::fs::read_to_string(CONTAINER_DEVICES).ok(),
+        _ => std::fs::read_to_string(CONTAINER_DEVICES)
+            .or_else(|_| std::fs::read_to_string(CONTAINER_LIMITS_DEVICES))
+            .ok(),
     };
     let parsed = text.map(|t| parse(&t)).transpose().unwrap_or_else(|e| {
         eprintln!("[sim-gpu] {e}; using the default device");

@@ -12,6 +12,11 @@
 //! `bind-phase=allocating` it writes `bind-phase=success` and releases the
 //! node lock, as a device plugin's Allocate does. `--no-plugin` leaves that
 //! out; the lock is then freed only when kwok reports the pod Running.
+//! `--lock-free` announces an allocation mode without the lock on every
+//! node (`hami.io/node-allocation-mode: nri`, as hami-node does where the
+//! runtime has NRI): binds take no node lock, and the stand-in writes only
+//! `bind-phase=success`, as hami-node's NRI plugin does when it creates the
+//! container.
 //! `--baseline` creates plain pods (no GPU resources) that the default
 //! scheduler places without hami: the control plane's own ceiling.
 
@@ -34,6 +39,7 @@ struct Opts {
     policy: String,
     timeout: Duration,
     plugin: bool,
+    lock_free: bool,
     baseline: bool,
 }
 
@@ -46,6 +52,7 @@ fn parse() -> Result<Opts, String> {
         policy: "binpack".into(),
         timeout: Duration::from_secs(1800),
         plugin: true,
+        lock_free: false,
         baseline: false,
     };
     let mut args = std::env::args().skip(1);
@@ -58,13 +65,14 @@ fn parse() -> Result<Opts, String> {
             "--pods" => o.pods = v()?.parse().map_err(|e| format!("--pods: {e}"))?,
             "--node-policy" => o.policy = v()?,
             "--no-plugin" => o.plugin = false,
+            "--lock-free" => o.lock_free = true,
             "--baseline" => o.baseline = true,
             "--timeout-secs" => {
                 o.timeout =
                     Duration::from_secs(v()?.parse().map_err(|e| format!("--timeout-secs: {e}"))?)
             }
             "-h" | "--help" => {
-                return Err("usage: hami-load [--scheduler PATH] [--nodes N] [--gpus G] [--pods P] [--node-policy binpack|spread] [--timeout-secs S] [--no-plugin] [--baseline]".into());
+                return Err("usage: hami-load [--scheduler PATH] [--nodes N] [--gpus G] [--pods P] [--node-policy binpack|spread] [--timeout-secs S] [--no-plugin] [--lock-free] [--baseline]".into());
             }
             other => return Err(format!("unknown argument {other}")),
         }
@@ -77,6 +85,7 @@ async fn device_plugin(
     client: kube::Client,
     namespace: String,
     nodes: usize,
+    lock_free: bool,
     latencies: std::sync::Arc<std::sync::Mutex<Vec<f64>>>,
 ) {
     let api: Api<Pod> = Api::namespaced(client.clone(), &namespace);
@@ -124,6 +133,9 @@ async fn device_plugin(
                 }
             }
             for attempt in 0..5u64 {
+                if lock_free {
+                    break;
+                }
                 match hami_kube::lock::release(&client, &node, &ns, &name).await {
                     Ok(()) => break,
                     Err(e) if attempt == 4 => eprintln!("plugin: unlock {node}: {e}"),
@@ -267,7 +279,11 @@ async fn main() {
     let mut ns = cluster.namespace("load").await;
     let t = Instant::now();
     let specs: Vec<GpuNode> = (0..o.nodes)
-        .map(|i| GpuNode::new(&format!("n{i:04}"), o.gpus, 81920, "NVIDIA A100-SXM4-80GB"))
+        .map(|i| {
+            let mut n = GpuNode::new(&format!("n{i:04}"), o.gpus, 81920, "NVIDIA A100-SXM4-80GB");
+            n.allocation_mode = o.lock_free.then(|| "nri".to_string());
+            n
+        })
         .collect();
     for s in &specs {
         ns.add_node(s).await;
@@ -284,6 +300,7 @@ async fn main() {
             ns.client.clone(),
             ns.name.clone(),
             o.nodes,
+            o.lock_free,
             allocate_latency.clone(),
         ))
     });
@@ -367,7 +384,11 @@ async fn main() {
     for (what, samples) in [
         ("bound -> Running (kwok)", &running_lag),
         (
-            "allocating seen -> lock released (plugin)",
+            if o.lock_free {
+                "allocating seen -> bind-phase success (plugin)"
+            } else {
+                "allocating seen -> lock released (plugin)"
+            },
             &allocate_latency,
         ),
     ] {
@@ -389,7 +410,7 @@ async fn main() {
     let b = buckets(&metrics, "hami_scheduler_bind_duration_seconds");
     let ms = |v: Option<f64>| v.map_or("-".to_string(), |s| format!("{:.2}", s * 1000.0));
     println!(
-        "| nodes x GPUs | pods | node policy | bound | seconds | pods/s | filter p50 ms | filter p99 ms | bind p50 ms | bind p99 ms | filter calls | bind calls |"
+        "| nodes x GPUs | pods | path | bound | seconds | pods/s | filter p50 ms | filter p99 ms | bind p50 ms | bind p99 ms | filter calls | bind calls |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     println!(
@@ -397,7 +418,19 @@ async fn main() {
         o.nodes,
         o.gpus,
         o.pods,
-        o.policy,
+        if o.baseline {
+            "plain pods (baseline)".to_string()
+        } else {
+            format!(
+                "{}, {}",
+                o.policy,
+                if o.lock_free {
+                    "lock-free"
+                } else {
+                    "node lock"
+                }
+            )
+        },
         bound,
         secs,
         bound as f64 / secs.max(1e-9),

@@ -133,6 +133,7 @@ impl Setup {
             "--monitor-address=127.0.0.1:0".to_string(),
             "--monitor-period=500ms".to_string(),
             "--monitor-cleanup-grace=2s".to_string(),
+            format!("--pod-resources-socket={}", s(&node.pod_resources_socket)),
         ];
         let setup = Setup {
             cluster,
