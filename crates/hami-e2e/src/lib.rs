@@ -18,6 +18,7 @@
 pub mod certs;
 mod cluster;
 pub mod image;
+mod lockwatch;
 mod procs;
 mod realnode;
 mod testns;
@@ -25,6 +26,7 @@ mod testns;
 pub use cluster::{
     Cluster, HA_LEASE, HA_MAIN_HOST, Replica, cluster, cluster_ha, cluster_with, control_plane,
 };
+pub use lockwatch::LockWatch;
 pub use procs::{kill as kill_child, spawn as spawn_child};
 pub use realnode::{BUSYBOX_IMAGE, DEVICE_PLUGIN_DIR, PAUSE_IMAGE, REAL_NODE, RealNode};
 pub use testns::{GpuNode, TestNs, wait_for};

@@ -216,18 +216,24 @@ impl KubeStore {
             })
     }
 
-    async fn patch(&self, pod: &Pod, set: &[(&str, String)]) -> Result<(), StoreError> {
-        let annotations: BTreeMap<String, Option<String>> = set
-            .iter()
-            .map(|(k, v)| (k.to_string(), Some(v.clone())))
-            .collect();
+    async fn patch(
+        &self,
+        pod: &Pod,
+        set: &[(&str, String)],
+        labels: &[(&str, String)],
+    ) -> Result<(), StoreError> {
+        let some = |kv: &[(&str, String)]| -> BTreeMap<String, Option<String>> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), Some(v.clone())))
+                .collect()
+        };
         hami_kube::pod::patch_metadata(
             &self.client,
             pod.metadata.namespace.as_deref().unwrap_or("default"),
             pod.metadata.name.as_deref().unwrap_or_default(),
             pod.metadata.uid.as_deref(),
-            &annotations,
-            &BTreeMap::new(),
+            &some(set),
+            &some(labels),
         )
         .await?;
         Ok(())
@@ -238,12 +244,13 @@ impl KubeStore {
         pod: &Pod,
         remaining: &PodDevices,
         done: bool,
+        labels: &[(&str, String)],
     ) -> Result<(), StoreError> {
         let mut set = vec![(ann::NVIDIA_DEVICES_TO_ALLOCATE, remaining.encode())];
         if done {
             set.push((ann::BIND_PHASE, "success".to_string()));
         }
-        self.patch(pod, &set).await
+        self.patch(pod, &set, labels).await
     }
 
     async fn event(&self, pod: &Pod, reason: &str) {
@@ -286,7 +293,7 @@ impl PodStore for KubeStore {
         done: bool,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            self.record(pod, remaining, done).await?;
+            self.record(pod, remaining, done, &[]).await?;
             if done && let Err(e) = self.release(pod).await {
                 // The pod has its devices; a lock left behind expires or
                 // is taken over (its holder is past Allocate).
@@ -301,7 +308,7 @@ impl PodStore for KubeStore {
             let key = pod_key(pod);
             tracing::warn!(pod = %key, "Allocate failed: {reason}");
             if let Err(e) = self
-                .patch(pod, &[(ann::BIND_PHASE, "failed".to_string())])
+                .patch(pod, &[(ann::BIND_PHASE, "failed".to_string())], &[])
                 .await
             {
                 tracing::error!(pod = %key, "setting {}=failed: {e}", ann::BIND_PHASE);
@@ -337,7 +344,11 @@ impl PodStore for KubeStore {
         release_lock: bool,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            self.record(pod, remaining, done).await?;
+            // The node's label too (HAMi's scheduler writes it at bind;
+            // hami-scheduler leaves it to this one write for nodes that
+            // allocate without the lock).
+            self.record(pod, remaining, done, &[(ann::VGPU_NODE, self.node.clone())])
+                .await?;
             if done
                 && release_lock
                 && let Err(e) = self.release(pod).await

@@ -17,7 +17,9 @@ use hami_api::annotations as ann;
 use hami_e2e::{TestNs, wait_for};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, LogParams};
-use real_node::{CARDS, Setup, WAIT, phase, probe_pod, wait_node_serves, wait_running};
+use real_node::{
+    CARDS, Setup, WAIT, line, phase, probe_pod, wait_finished, wait_node_serves, wait_running,
+};
 use serde_json::json;
 
 static SETUP: OnceLock<Option<Setup>> = OnceLock::new();
@@ -25,46 +27,6 @@ static SETUP: OnceLock<Option<Setup>> = OnceLock::new();
 /// The real node with 10 slots per card (HAMi's default split).
 fn setup() -> Option<&'static Setup> {
     SETUP.get_or_init(|| Setup::start(10)).as_ref()
-}
-
-/// Waits until the pod has ended; returns it and its log.
-async fn wait_finished(s: &Setup, ns: &TestNs, name: &str) -> (Pod, String) {
-    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
-    let pod = wait_for(WAIT, &format!("pod {name} to finish"), || async {
-        let p = pods.get(name).await.ok()?;
-        matches!(phase(&p).as_str(), "Succeeded" | "Failed").then_some(p)
-    })
-    .await;
-    let started = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.container_id.is_some()));
-    if !started {
-        // Rejected at admission (e.g. Allocate failed): no log to read.
-        return (pod, String::new());
-    }
-    let log = pods
-        .logs(name, &LogParams::default())
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "log of {name}: {e}\nkubelet:\n{}",
-                s.node.kubelet_log_tail(30)
-            )
-        });
-    (pod, log)
-}
-
-/// The `<command> <rc> ...` line of the probe's output for `command`
-/// (the n-th such line).
-fn line<'a>(log: &'a str, command: &str, n: usize) -> Vec<&'a str> {
-    log.lines()
-        .filter(|l| l.split_whitespace().next() == Some(command))
-        .nth(n)
-        .unwrap_or_else(|| panic!("no {command} line #{n} in:\n{log}"))
-        .split_whitespace()
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

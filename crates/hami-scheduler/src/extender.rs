@@ -508,21 +508,24 @@ async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String>
         }
     }
     // HAMi also labels the pod with its node. The pod is bound whatever
-    // happens here, so a failure is only logged.
+    // happens here, so a failure is only logged. A lock-free node's agent
+    // writes the label with its own patch when the container starts: one
+    // write per pod fewer.
     let labels: BTreeMap<String, Option<String>> = [(
         hami_api::annotations::VGPU_NODE.to_string(),
         Some(node.clone()),
     )]
     .into();
-    if let Err(e) = podio::patch_metadata(
-        &app.client,
-        ns,
-        name,
-        uid.as_deref(),
-        &BTreeMap::new(),
-        &labels,
-    )
-    .await
+    if !lock_free
+        && let Err(e) = podio::patch_metadata(
+            &app.client,
+            ns,
+            name,
+            uid.as_deref(),
+            &BTreeMap::new(),
+            &labels,
+        )
+        .await
     {
         tracing::warn!(pod = key, error = %e, "labelling a bound pod with its node");
     }

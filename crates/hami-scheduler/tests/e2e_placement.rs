@@ -359,84 +359,6 @@ async fn a_pod_of_another_scheduler_is_neither_reserved_nor_bound() {
     assert_eq!(node_of(&mine), node);
 }
 
-/// Every value of the lock annotation a node's watch showed, recorded
-/// until the watch is dropped.
-struct LockWatch {
-    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    caught_up: std::sync::Arc<tokio::sync::Notify>,
-    client: kube::Client,
-    node: String,
-    task: tokio::task::JoinHandle<()>,
-}
-
-/// A node annotation the test writes to learn that its watch has seen
-/// everything before it.
-const MARKER: &str = "test.hami.io/marker";
-
-impl LockWatch {
-    /// Starts watching `node`; returns once the watch has listed it.
-    async fn start(client: kube::Client, node: &str) -> LockWatch {
-        use futures::StreamExt as _;
-        use kube::runtime::watcher;
-        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (ready, listed) = tokio::sync::oneshot::channel::<()>();
-        let cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
-        let recorder = seen.clone();
-        let caught_up = std::sync::Arc::new(tokio::sync::Notify::new());
-        let notify = caught_up.clone();
-        let watch_client = client.clone();
-        let task = tokio::spawn(async move {
-            let mut ready = Some(ready);
-            let mut events = std::pin::pin!(watcher(Api::<Node>::all(watch_client), cfg));
-            while let Some(e) = events.next().await {
-                let n = match e {
-                    Ok(watcher::Event::Apply(n) | watcher::Event::InitApply(n)) => n,
-                    Ok(watcher::Event::InitDone) => {
-                        if let Some(r) = ready.take() {
-                            let _ = r.send(());
-                        }
-                        continue;
-                    }
-                    _ => continue,
-                };
-                let a = n.metadata.annotations.unwrap_or_default();
-                if let Some(v) = a.get(ann::NODE_LOCK) {
-                    recorder.lock().unwrap().push(v.clone());
-                }
-                if a.contains_key(MARKER) {
-                    notify.notify_one();
-                }
-            }
-        });
-        listed.await.expect("the node watch listed");
-        LockWatch {
-            seen,
-            caught_up,
-            client,
-            node: node.to_string(),
-            task,
-        }
-    }
-
-    /// Writes the marker and waits for the watch to show it, so every
-    /// change before it has been recorded; then stops.
-    async fn stop(self) -> Vec<String> {
-        Api::<Node>::all(self.client.clone())
-            .patch(
-                &self.node,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"metadata": {"annotations": {MARKER: "done"}}})),
-            )
-            .await
-            .expect("marking the node");
-        tokio::time::timeout(BIND, self.caught_up.notified())
-            .await
-            .expect("the watch shows the marker");
-        self.task.abort();
-        std::mem::take(&mut *self.seen.lock().unwrap())
-    }
-}
-
 /// A mixed cluster: a node whose agent announces a lock-free allocation
 /// mode gets its pods bound without HAMi's node lock (the lock never
 /// appears on it, and its binds do not wait for one another), while a
@@ -456,8 +378,8 @@ async fn lock_free_nodes_bind_without_the_lock_beside_lock_nodes() {
     spec.kwok = false;
     spec.allocation_mode = Some("pod-resources".into());
     let free = ns.add_node(&spec).await;
-    let free_locks = LockWatch::start(ns.client.clone(), &free).await;
-    let locked_locks = LockWatch::start(ns.client.clone(), &locked).await;
+    let free_locks = hami_e2e::LockWatch::start(ns.client.clone(), &free).await;
+    let locked_locks = hami_e2e::LockWatch::start(ns.client.clone(), &locked).await;
 
     let mut names = Vec::new();
     for (node, n) in [(&free, 4), (&locked, 2)] {
@@ -485,7 +407,7 @@ async fn lock_free_nodes_bind_without_the_lock_beside_lock_nodes() {
         );
     }
     // Every bind of both nodes has happened: the watches saw all they would.
-    let (free_seen, locked_seen) = (free_locks.stop().await, locked_locks.stop().await);
+    let (free_seen, locked_seen) = (free_locks.stop(BIND).await, locked_locks.stop(BIND).await);
     assert!(
         free_seen.is_empty(),
         "the lock-free node was locked: {free_seen:?}"

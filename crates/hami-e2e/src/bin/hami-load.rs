@@ -121,7 +121,16 @@ async fn device_plugin(
             let Ok(_slot) = slots.acquire().await else {
                 return;
             };
-            let patch = json!({"metadata": {"annotations": {"hami.io/bind-phase": "success"}}});
+            // Lock-free, hami-node's one patch also writes the node label
+            // (hami-scheduler then does not).
+            let patch = if lock_free {
+                json!({"metadata": {
+                    "annotations": {"hami.io/bind-phase": "success"},
+                    "labels": {"hami.io/vgpu-node": node},
+                }})
+            } else {
+                json!({"metadata": {"annotations": {"hami.io/bind-phase": "success"}}})
+            };
             for attempt in 0..5u64 {
                 let r = api
                     .patch(&name, &Default::default(), &kube::api::Patch::Merge(&patch))

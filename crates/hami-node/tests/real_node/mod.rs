@@ -14,7 +14,7 @@ use std::time::Duration;
 use hami_api::annotations as ann;
 use hami_e2e::{Cluster, RealNode, TestNs, wait_for};
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::Api;
+use kube::api::{Api, LogParams};
 use serde_json::{Value, json};
 
 pub const WAIT: Duration = Duration::from_secs(60);
@@ -102,6 +102,11 @@ impl Setup {
     /// The shared cluster, its real node with the test image, and hami-node
     /// serving it with `split` slots per card; None when the harness skips.
     pub fn start(split: u64) -> Option<Setup> {
+        Setup::start_with(split, &[])
+    }
+
+    /// [`Setup::start`] with more hami-node flags.
+    pub fn start_with(split: u64, extra: &[&str]) -> Option<Setup> {
         let cluster = hami_e2e::cluster(workspace_bin("hami-scheduler").to_str()?)?;
         let node = cluster.real_node()?;
         let a = common::artifacts();
@@ -121,7 +126,7 @@ impl Setup {
         )
         .unwrap();
         let s = |v: &Path| v.display().to_string();
-        let args = vec![
+        let args: Vec<String> = [
             format!("--node-name={}", node.name),
             format!("--kubeconfig={}", s(&cluster.kubeconfig)),
             format!("--sim-devices={}", s(&devices)),
@@ -134,7 +139,10 @@ impl Setup {
             "--monitor-period=500ms".to_string(),
             "--monitor-cleanup-grace=2s".to_string(),
             format!("--pod-resources-socket={}", s(&node.pod_resources_socket)),
-        ];
+        ]
+        .into_iter()
+        .chain(extra.iter().map(|a| a.to_string()))
+        .collect();
         let setup = Setup {
             cluster,
             node,
@@ -207,4 +215,44 @@ pub async fn wait_running(ns: &TestNs, name: &str) -> Pod {
         (phase(&p) == "Running").then_some(p)
     })
     .await
+}
+
+/// Waits until the pod has ended; returns it and its log.
+pub async fn wait_finished(s: &Setup, ns: &TestNs, name: &str) -> (Pod, String) {
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    let pod = wait_for(WAIT, &format!("pod {name} to finish"), || async {
+        let p = pods.get(name).await.ok()?;
+        matches!(phase(&p).as_str(), "Succeeded" | "Failed").then_some(p)
+    })
+    .await;
+    let started = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.container_id.is_some()));
+    if !started {
+        // Rejected at admission (e.g. Allocate failed): no log to read.
+        return (pod, String::new());
+    }
+    let log = pods
+        .logs(name, &LogParams::default())
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "log of {name}: {e}\nkubelet:\n{}",
+                s.node.kubelet_log_tail(30)
+            )
+        });
+    (pod, log)
+}
+
+/// The `<command> <rc> ...` line of the probe's output for `command`
+/// (the n-th such line).
+pub fn line<'a>(log: &'a str, command: &str, n: usize) -> Vec<&'a str> {
+    log.lines()
+        .filter(|l| l.split_whitespace().next() == Some(command))
+        .nth(n)
+        .unwrap_or_else(|| panic!("no {command} line #{n} in:\n{log}"))
+        .split_whitespace()
+        .collect()
 }
