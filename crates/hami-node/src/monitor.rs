@@ -616,8 +616,29 @@ impl Monitor {
             }
             self.missing_since.remove(&name);
         }
+        removed.extend(remove_dangling_links(
+            &self.vgpu_dir.join(crate::lockfree::ALLOC_DIR_NAME),
+        ));
         removed
     }
+}
+
+/// Removes the per-allocation links (allocation without the node lock)
+/// whose container dirs are gone; dirs a runtime made there are left to
+/// the next Allocate of their key, which replaces them.
+fn remove_dangling_links(alloc: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    for p in read_dir_sorted(alloc) {
+        let dangling =
+            std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) && !p.exists();
+        if dangling {
+            match std::fs::remove_file(&p) {
+                Ok(()) => removed.push(p),
+                Err(e) => tracing::warn!(link = %p.display(), "removing a dangling link: {e}"),
+            }
+        }
+    }
+    removed
 }
 
 /// How many running containers Allocate gave each card, from the cards
@@ -991,11 +1012,23 @@ mod tests {
         let s = m.scan(Some(&none), 2);
         assert_eq!(s.removed, vec![tmp.path().join("limits/uid-4_side")]);
         assert!(tmp.path().join("containers/uid-3_main").exists());
+        // Its links (allocation without the lock) go with its dirs; a
+        // link to a live dir and a dir the runtime made stay.
+        let alloc = tmp.path().join("alloc");
+        std::fs::create_dir_all(alloc.join("k2.limits")).unwrap();
+        std::os::unix::fs::symlink(
+            tmp.path().join("limits/uid-3_main"),
+            alloc.join("k1.limits"),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("containers"), alloc.join("k3.dir")).unwrap();
         drop(r);
         let s = m.scan(Some(&none), 3);
-        assert_eq!(s.removed.len(), 2, "{s:?}");
+        assert_eq!(s.removed.len(), 3, "{s:?}");
         assert!(!tmp.path().join("containers/uid-3_main").exists());
         assert!(!tmp.path().join("limits/uid-3_main").exists());
+        assert!(std::fs::symlink_metadata(alloc.join("k1.limits")).is_err());
+        assert!(alloc.join("k2.limits").is_dir() && alloc.join("k3.dir").exists());
         // A grace period: first seen missing now, kept.
         std::fs::create_dir_all(tmp.path().join("limits/uid-5_x")).unwrap();
         let mut m = Monitor::new(tmp.path(), Duration::from_secs(3600));

@@ -586,7 +586,11 @@ impl Cluster {
         old
     }
 
-    /// Pods still Pending in `bind-phase=allocating` longer than `timeout`.
+    /// Pods still Pending in `bind-phase=allocating` longer than `timeout`
+    /// on nodes in HAMi's lock mode. On a node that allocates without the
+    /// lock, `allocating` lasts until the container starts (after its image
+    /// is pulled, however long that takes) and nothing waits on it: such a
+    /// pod holds its cards while it exists, as the kubelet will start it.
     pub fn stuck_allocating(&self, now: Timestamp, timeout: SignedDuration) -> Vec<StuckPod> {
         let mut v: Vec<StuckPod> = self
             .pods
@@ -596,6 +600,10 @@ impl Cluster {
                     && matches!(p.phase.as_deref(), None | Some("Pending"))
                     && p.bind_time
                         .is_some_and(|t| now.as_second() - t > timeout.as_secs())
+                    && !p
+                        .node
+                        .as_deref()
+                        .is_some_and(|n| self.allocation_mode(n).lock_free())
             })
             .filter_map(|(k, p)| {
                 let (ns, name) = k.split_once('/')?;
@@ -872,6 +880,18 @@ mod tests {
             c.stuck_allocating(now - SignedDuration::from_secs(100), timeout)
                 .is_empty()
         );
+        // The same pod on a node that allocates without the lock is not
+        // stuck: it starts once its image is pulled, whenever that is.
+        let mut free = node("n1", "Reported x", "20");
+        free.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(ann::NODE_ALLOCATION_MODE.into(), "pod-resources".into());
+        c.upsert_node(&engine, free, now);
+        assert!(c.stuck_allocating(now, timeout).is_empty());
+        c.upsert_node(&engine, node("n1", "Reported x", "20"), now);
+        assert_eq!(c.stuck_allocating(now, timeout).len(), 1);
         c.give_up("ns/p");
         assert_eq!(free_mem(&c, "n1"), 2000);
         // The watch then shows bind-phase=failed: still nothing held...

@@ -159,6 +159,53 @@ async fn device_plugin(
     }
 }
 
+/// CPU seconds used so far by each process this one started (and by this
+/// one), keyed by command name: where the machine's time goes in a run.
+fn cpu_by_component() -> std::collections::BTreeMap<String, f64> {
+    let me = std::process::id();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut parent: std::collections::HashMap<u32, (u32, String, f64)> = Default::default();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ... utime(14) stime(15)`; comm may hold spaces.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = stat[open + 1..close].to_string();
+        let rest: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let field = |i: usize| {
+            rest.get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        let ppid = field(1) as u32;
+        parent.insert(pid, (ppid, comm, (field(11) + field(12)) / hz));
+    }
+    let mut out = std::collections::BTreeMap::new();
+    for (&pid, (_, comm, cpu)) in &parent {
+        let mut p = pid;
+        let mine = loop {
+            if p == me {
+                break true;
+            }
+            match parent.get(&p) {
+                Some((pp, _, _)) if *pp != 0 && *pp != p => p = *pp,
+                _ => break false,
+            }
+        };
+        if mine {
+            *out.entry(comm.clone()).or_insert(0.0) += cpu;
+        }
+    }
+    out
+}
+
 /// Prints what the API server was asked, per verb and resource, from its
 /// `apiserver_request_total` counter: where the load of a run went.
 async fn api_server_requests(client: &kube::Client, pods: usize) {
@@ -343,6 +390,7 @@ async fn main() {
             }
         }
     });
+    let cpu_before = cpu_by_component();
     let start = Instant::now();
     let policy = o.policy.clone();
     let baseline = o.baseline;
@@ -385,6 +433,20 @@ async fn main() {
             break;
         }
     }
+    let cpu_after = cpu_by_component();
+    let window = last.duration_since(start).as_secs_f64().max(1e-9);
+    eprintln!(
+        "CPU seconds from the first create to the end of the wait (cores busy = seconds / run):"
+    );
+    let mut used: Vec<(String, f64)> = cpu_after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - cpu_before.get(k).copied().unwrap_or(0.0)))
+        .filter(|(_, v)| *v > 0.05)
+        .collect();
+    used.sort_by(|a, b| b.1.total_cmp(&a.1));
+    for (comm, secs) in used {
+        eprintln!("  {comm:<16} {secs:8.1} s  {:5.2} cores", secs / window);
+    }
     tokio::time::sleep(Duration::from_secs(2)).await;
     watcher_task.abort();
     if let Some(t) = plugin_task {
@@ -417,6 +479,19 @@ async fn main() {
     let metrics = cluster.scheduler_get("/metrics").await.unwrap_or_default();
     let f = buckets(&metrics, "hami_scheduler_filter_duration_seconds");
     let b = buckets(&metrics, "hami_scheduler_bind_duration_seconds");
+    // kube-scheduler gives up on a bind after its extender httpTimeout
+    // (30 s here); the histogram's last bucket below that is 26.2 s.
+    let total_binds = b.last().map_or(0.0, |x| x.1);
+    let (le, under) = b
+        .iter()
+        .rev()
+        .find(|(le, _)| *le < 30.0)
+        .copied()
+        .unwrap_or((0.0, 0.0));
+    eprintln!(
+        "binds longer than {le:.1} s (kube-scheduler's timeout is 30 s): {}",
+        total_binds - under
+    );
     let ms = |v: Option<f64>| v.map_or("-".to_string(), |s| format!("{:.2}", s * 1000.0));
     println!(
         "| nodes x GPUs | pods | path | bound | seconds | pods/s | filter p50 ms | filter p99 ms | bind p50 ms | bind p99 ms | filter calls | bind calls |"
