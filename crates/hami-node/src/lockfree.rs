@@ -34,6 +34,7 @@ use crate::allocate::{
     self, MountStyle, NVIDIA_VISIBLE_DEVICES, Served, Settings, common_env, common_mounts,
     container_limits,
 };
+use crate::pending::annotation;
 use crate::proto::ContainerAllocateResponse;
 use crate::proto_podresources::ListPodResourcesResponse;
 
@@ -271,14 +272,6 @@ impl PreStart {
     }
 }
 
-fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
-    pod.metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(key))
-        .map(String::as_str)
-}
-
 /// PreStartContainer for the container `owner` names, which received `ids`:
 /// its cards and limits from the pod's `hami.io/vgpu-devices-allocated`
 /// (written by hami-scheduler in the Binding; tenants cannot write it),
@@ -489,6 +482,11 @@ mod tests {
         }
     }
 
+    /// PreStartContainer's plan for container `c` of `p` on node n1.
+    fn plan_for(p: &Pod, c: &str, i: &[&str]) -> PreStart {
+        prestart_plan(p, &owner(c), "n1", &ids(i), &cards(), &settings()).unwrap()
+    }
+
     #[test]
     fn the_key_depends_on_the_set_of_ids_only() {
         let k = alloc_key(&ids(&["GPU-a-1", "GPU-b-3"]));
@@ -571,15 +569,7 @@ mod tests {
             ";GPU-a,NVIDIA,1000,30:;GPU-b,NVIDIA,2000,0:;",
             ";GPU-a,NVIDIA,1000,30:;GPU-b,NVIDIA,2000,0:;",
         );
-        let ps = prestart_plan(
-            &p,
-            &owner("side"),
-            "n1",
-            &ids(&["GPU-b-4"]),
-            &cards(),
-            &settings(),
-        )
-        .unwrap();
+        let ps = plan_for(&p, "side", &["GPU-b-4"]);
         assert_eq!(ps.served.entry, 2);
         assert_eq!(ps.served.devices[0].uuid, "GPU-b");
         assert_eq!(ps.served.limits.memory_limit(0), 2000 << 20);
@@ -594,27 +584,11 @@ mod tests {
         assert!(!ps.all_done());
         // The last container: the pod is done.
         let p = pod("n1", ";GPU-a,NVIDIA,1000,30:;;", ";GPU-a,NVIDIA,1000,30:;;");
-        let ps = prestart_plan(
-            &p,
-            &owner("main"),
-            "n1",
-            &ids(&["GPU-a-0"]),
-            &cards(),
-            &settings(),
-        )
-        .unwrap();
+        let ps = plan_for(&p, "main", &["GPU-a-0"]);
         assert!(ps.all_done());
         // A restarted container: its entry is empty already, nothing to record.
         let p = pod("n1", ";GPU-a,NVIDIA,1000,30:;;", ";;;");
-        let ps = prestart_plan(
-            &p,
-            &owner("main"),
-            "n1",
-            &ids(&["GPU-a-0"]),
-            &cards(),
-            &settings(),
-        )
-        .unwrap();
+        let ps = plan_for(&p, "main", &["GPU-a-0"]);
         assert_eq!(ps.remaining, None);
         assert_eq!(ps.served.limits.memory_limit(0), 1000 << 20);
     }

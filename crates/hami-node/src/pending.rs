@@ -85,7 +85,8 @@ pub trait PodStore: Send + Sync + 'static {
     fn warn<'a>(&'a self, pod: &'a Pod, reason: &'a str) -> BoxFuture<'a, ()>;
 }
 
-fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
+/// The pod's annotation `key`, if set.
+pub(crate) fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
     pod.metadata
         .annotations
         .as_ref()

@@ -245,12 +245,9 @@ impl Plugin {
                     // Nothing here changes by itself: the bind has failed
                     // (as HAMi's Allocate marks it), once.
                     let reason = e.to_string();
-                    let failed_already = pod
-                        .metadata
-                        .annotations
-                        .as_ref()
-                        .and_then(|a| a.get(hami_api::annotations::BIND_PHASE))
-                        .is_some_and(|p| p == "failed");
+                    let failed_already =
+                        crate::pending::annotation(&pod, hami_api::annotations::BIND_PHASE)
+                            == Some("failed");
                     if !failed_already {
                         self.store.fail(&pod, &reason).await;
                     }
