@@ -15,6 +15,8 @@
 //! * [`lockfree`]: allocation without the node lock (PreStartContainer
 //!   and the kubelet's PodResources API);
 //! * [`pod_resources`]: the PodResources client;
+//! * [`nri`]: the NRI plugin's protocol side (multiplexer, registration,
+//!   Configure, Synchronize, CreateContainer);
 //! * [`pending`]: the Kubernetes side of Allocate (find the pod, patch it,
 //!   release the node lock, write events);
 //! * [`plugin`]: the `DevicePlugin` gRPC service and its unix socket server;
@@ -35,6 +37,7 @@ pub mod install;
 pub mod lockfree;
 pub mod monitor;
 pub mod monitor_http;
+pub mod nri;
 pub mod pending;
 pub mod plugin;
 pub mod pod_resources;
@@ -52,6 +55,13 @@ pub mod proto {
 pub mod proto_podresources {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("v1");
+}
+
+/// NRI's messages, package `nri.pkg.api.v1alpha1` (only what hami-node
+/// reads or writes; the services are called by name over ttrpc).
+pub mod proto_nri {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("nri.pkg.api.v1alpha1");
 }
 
 /// The API version a plugin registers with.

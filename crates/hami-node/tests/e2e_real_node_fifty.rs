@@ -3,8 +3,11 @@
 //! together onto the real node all run with their own limits (each one
 //! checked inside its container), while the node's lock annotation never
 //! appears (a watch of the node sees every change); kwok nodes in HAMi's
-//! lock mode in the same run still get the lock for their binds. Its own
-//! test binary: the node here has 25 slots per card (100 in all).
+//! lock mode in the same run still get the lock for their binds. And the
+//! NRI plugin's protocol against the node's real containerd: registered,
+//! it is called at each container's creation with the pod (its
+//! annotations included) and its env adjustment reaches the container.
+//! Its own test binary: the node here has 25 slots per card (100 in all).
 //! Skips (printing why) where the real-node harness cannot run.
 
 mod real_node;
@@ -18,12 +21,19 @@ use serde_json::json;
 
 const PODS: usize = 50;
 
+static SETUP: std::sync::OnceLock<Option<Setup>> = std::sync::OnceLock::new();
+
+/// The real node with 25 slots per card, shared by this binary's tests.
+fn setup() -> Option<&'static Setup> {
+    SETUP.get_or_init(|| Setup::start(25)).as_ref()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_pods_at_once_run_with_their_own_limits_and_the_node_is_never_locked() {
-    let Some(s) = Setup::start(25) else {
+    let Some(s) = setup() else {
         return;
     };
-    wait_node_serves(&s).await;
+    wait_node_serves(s).await;
     let mut ns = s.cluster.namespace("real-fifty").await;
     // A node in HAMi's lock mode (no allocation-mode annotation), run by kwok.
     let kwok = ns
@@ -74,7 +84,7 @@ async fn fifty_pods_at_once_run_with_their_own_limits_and_the_node_is_never_lock
 
     for i in 0..PODS {
         let name = format!("p{i:02}");
-        let (pod, log) = wait_finished(&s, &ns, &name).await;
+        let (pod, log) = wait_finished(s, &ns, &name).await;
         let context = || format!("{name}: {log}\nhami-node:\n{}", s.hami_node_log());
         assert_eq!(phase(&pod), "Succeeded", "{}", context());
         // HAMi's node label, written by hami-node with its one patch.
@@ -128,4 +138,111 @@ async fn fifty_pods_at_once_run_with_their_own_limits_and_the_node_is_never_lock
         !kwok_seen.is_empty(),
         "the kwok node in lock mode never showed HAMi's lock"
     );
+}
+
+/// What containerd's NRI hands a plugin, recorded; containers of pods in
+/// `namespace` get `HAMI_NRI_TEST=<pod uid>:<container>` added.
+struct Tagger {
+    namespace: String,
+    seen: std::sync::Mutex<Vec<(String, String, Option<String>)>>,
+}
+
+impl hami_node::nri::Handler for Tagger {
+    fn synchronize<'a>(
+        &'a self,
+        _: &'a [hami_node::proto_nri::PodSandbox],
+        _: &'a [hami_node::proto_nri::Container],
+    ) -> hami_node::pending::BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+
+    fn create_container<'a>(
+        &'a self,
+        pod: &'a hami_node::proto_nri::PodSandbox,
+        container: &'a hami_node::proto_nri::Container,
+    ) -> hami_node::pending::BoxFuture<'a, Result<hami_node::proto_nri::ContainerAdjustment, String>>
+    {
+        let mut adjust = hami_node::proto_nri::ContainerAdjustment::default();
+        if pod.namespace == self.namespace {
+            self.seen.lock().unwrap().push((
+                pod.name.clone(),
+                container.name.clone(),
+                pod.annotations.get("test.hami.io/marker").cloned(),
+            ));
+            adjust.env.push(hami_node::proto_nri::KeyValue {
+                key: "HAMI_NRI_TEST".into(),
+                value: format!("{}:{}", pod.uid, container.name),
+            });
+        }
+        Box::pin(async move { Ok(adjust) })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nri_protocol_works_with_the_nodes_containerd() {
+    let Some(s) = setup() else {
+        return;
+    };
+    wait_node_serves(s).await;
+    let ns = s.cluster.namespace("real-nri").await;
+    let tagger = std::sync::Arc::new(Tagger {
+        namespace: ns.name.clone(),
+        seen: Default::default(),
+    });
+    let (registered, is_registered) = tokio::sync::oneshot::channel();
+    let plugin = {
+        let socket = s.node.nri_socket.clone();
+        let tagger = tagger.clone();
+        tokio::spawn(async move {
+            hami_node::nri::serve_once(
+                &socket,
+                &hami_node::nri::Identity {
+                    name: "hami-e2e".into(),
+                    index: "50".into(),
+                },
+                tagger,
+                Some(registered),
+            )
+            .await
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(30), is_registered)
+        .await
+        .expect("containerd configured the plugin within 30 s")
+        .expect("the plugin registered");
+
+    let mut pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "tagged", "namespace": ns.name,
+                     "annotations": {"test.hami.io/marker": "seen"}},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": hami_e2e::REAL_NODE},
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "main", "image": hami_e2e::BUSYBOX_IMAGE,
+                "imagePullPolicy": "Never",
+                "command": ["sh", "-c", "echo NRI=$HAMI_NRI_TEST"],
+            }],
+        },
+    });
+    pod["metadata"]["labels"] = json!({"hami.io/webhook": "ignore"});
+    let created = ns.create_pod(pod).await.expect("creating the pod");
+    let (done, log) = wait_finished(s, &ns, "tagged").await;
+    assert_eq!(phase(&done), "Succeeded", "{log}");
+    let uid = created.metadata.uid.unwrap_or_default();
+    assert!(
+        log.contains(&format!("NRI={uid}:main")),
+        "the plugin's env reached the container: {log:?}"
+    );
+    assert_eq!(
+        *tagger.seen.lock().unwrap(),
+        vec![(
+            "tagged".to_string(),
+            "main".to_string(),
+            Some("seen".to_string())
+        )],
+        "called once for the container, with the pod's annotations"
+    );
+    plugin.abort();
 }
