@@ -272,18 +272,25 @@ impl PreStart {
     }
 }
 
-/// PreStartContainer for the container `owner` names, which received `ids`:
-/// its cards and limits from the pod's `hami.io/vgpu-devices-allocated`
-/// (written by hami-scheduler in the Binding; tenants cannot write it),
-/// checked against this node and the kubelet's count.
-pub fn prestart_plan(
+/// What a pod's allocation gives one of its containers on this node.
+struct Given {
+    uid: String,
+    entry: usize,
+    devices: hami_api::allocation::ContainerDevices,
+    /// `to-allocate` with this entry emptied, when that changes it.
+    remaining: Option<PodDevices>,
+}
+
+/// The container `owner` names, from the pod's
+/// `hami.io/vgpu-devices-allocated` (written by hami-scheduler in the
+/// Binding; tenants cannot write it), checked against this node. `None`
+/// when the allocation gives that container no device.
+fn given(
     pod: &Pod,
     owner: &Owner,
     node: &str,
-    ids: &[String],
     cards: &[DeviceInfo],
-    settings: &Settings,
-) -> Result<PreStart, PreStartError> {
+) -> Result<Option<Given>, PreStartError> {
     let owner_err = || owner.clone();
     let bound_to = pod
         .spec
@@ -316,21 +323,12 @@ pub fn prestart_plan(
             detail: e.to_string(),
         }
     })?;
-    let entry = allocate::container_index(pod, &owner.container)
-        .ok_or_else(|| PreStartError::NoEntry { owner: owner_err() })?;
-    let devices = allocated
-        .0
-        .get(entry)
-        .filter(|d| !d.is_empty())
-        .cloned()
-        .ok_or_else(|| PreStartError::NoEntry { owner: owner_err() })?;
-    if devices.len() != ids.len() {
-        return Err(PreStartError::CountMismatch {
-            owner: owner_err(),
-            annotated: devices.len(),
-            ids: ids.to_vec(),
-        });
-    }
+    let Some(entry) = allocate::container_index(pod, &owner.container) else {
+        return Ok(None);
+    };
+    let Some(devices) = allocated.0.get(entry).filter(|d| !d.is_empty()).cloned() else {
+        return Ok(None);
+    };
     if let Some(d) = devices
         .iter()
         .find(|d| !cards.iter().any(|c| c.id == d.uuid))
@@ -352,23 +350,113 @@ pub fn prestart_plan(
             e.clear();
             Some(left)
         });
-    let response = allocate_response(settings, cards, ids);
-    let uuids: Vec<&str> = allocate::card_uuids(&devices);
-    let served = Served {
-        container: owner.container.clone(),
+    Ok(Some(Given {
+        uid: uid.to_string(),
         entry,
-        host_dir: settings.container_dir(uid, &owner.container),
-        limits_dir: settings.limits_dir(uid, &owner.container),
-        limits: container_limits(&devices),
-        sim_devices: settings.sim.as_ref().map(|sim| sim.devices_for(&uuids)),
         devices,
-        response,
-    };
+        remaining,
+    }))
+}
+
+impl Given {
+    /// The container's host side with `response` as its answer.
+    fn served(
+        self,
+        settings: &Settings,
+        container: &str,
+        response: ContainerAllocateResponse,
+    ) -> (Served, Option<PodDevices>) {
+        let uuids: Vec<&str> = allocate::card_uuids(&self.devices);
+        let served = Served {
+            container: container.to_string(),
+            entry: self.entry,
+            host_dir: settings.container_dir(&self.uid, container),
+            limits_dir: settings.limits_dir(&self.uid, container),
+            limits: container_limits(&self.devices),
+            sim_devices: settings.sim.as_ref().map(|sim| sim.devices_for(&uuids)),
+            devices: self.devices,
+            response,
+        };
+        (served, self.remaining)
+    }
+}
+
+/// PreStartContainer for the container `owner` names, which received
+/// `ids`: its cards and limits from the pod's allocation, checked against
+/// this node and the kubelet's count.
+pub fn prestart_plan(
+    pod: &Pod,
+    owner: &Owner,
+    node: &str,
+    ids: &[String],
+    cards: &[DeviceInfo],
+    settings: &Settings,
+) -> Result<PreStart, PreStartError> {
+    let given = given(pod, owner, node, cards)?.ok_or_else(|| PreStartError::NoEntry {
+        owner: owner.clone(),
+    })?;
+    if given.devices.len() != ids.len() {
+        return Err(PreStartError::CountMismatch {
+            owner: owner.clone(),
+            annotated: given.devices.len(),
+            ids: ids.to_vec(),
+        });
+    }
+    let (served, remaining) = given.served(
+        settings,
+        &owner.container,
+        allocate_response(settings, cards, ids),
+    );
     Ok(PreStart {
         served,
         links: AllocLinks::new(settings, &alloc_key(ids)),
         remaining,
     })
+}
+
+/// What NRI's CreateContainer does for one container (`--allocation-mode
+/// nri`): the container's dirs and limits as Allocate writes them under
+/// the lock, and HAMi's full answer (its cards only in
+/// `NVIDIA_VISIBLE_DEVICES`, its limits, its mounts) to apply as the
+/// runtime's adjustment. `None` when the allocation gives the container no
+/// device (a sidecar, a pod of another scheduler).
+pub fn nri_plan(
+    pod: &Pod,
+    owner: &Owner,
+    node: &str,
+    cards: &[DeviceInfo],
+    settings: &Settings,
+    cache_id: &str,
+) -> Result<Option<(Served, Option<PodDevices>)>, PreStartError> {
+    let Some(given) = given(pod, owner, node, cards)? else {
+        return Ok(None);
+    };
+    let spec = pod
+        .spec
+        .as_ref()
+        .into_iter()
+        .flat_map(|s| {
+            s.init_containers
+                .iter()
+                .flatten()
+                .chain(s.containers.iter())
+        })
+        .find(|c| c.name == owner.container)
+        .cloned()
+        .unwrap_or_default();
+    let response =
+        allocate::container_response(settings, &given.uid, &spec, &given.devices, cache_id);
+    Ok(Some(given.served(settings, &owner.container, response)))
+}
+
+/// Whether the node lock value `lock` names `pod` (a scheduler speaking
+/// HAMi's protocol bound it and waits for the lock to go).
+pub fn lock_names(lock: Option<&str>, pod: &Pod) -> bool {
+    lock.and_then(|v| hami_api::node::NodeLock::decode(v).ok())
+        .is_some_and(|l| {
+            Some(l.namespace.as_str()) == pod.metadata.namespace.as_deref()
+                && Some(l.pod.as_str()) == pod.metadata.name.as_deref()
+        })
 }
 
 /// Points `link` at `target`, replacing whatever is there (an older link,

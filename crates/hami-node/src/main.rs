@@ -123,22 +123,55 @@ struct Args {
     priority_idle: Duration,
     /// How a container is tied to its cards: `pod-resources` (the
     /// kubelet's PreStartContainer and PodResources API; binds take no
-    /// node lock) or `lock` (HAMi's protocol: one bind per node at a time,
-    /// Allocate finds the pod through the node lock).
-    #[arg(long, default_value = "pod-resources", value_parser = parse_mode)]
-    allocation_mode: AllocationMode,
+    /// node lock), `nri` (the runtime's NRI calls hami-node at each
+    /// container's creation; no node lock) or `lock` (HAMi's protocol: one
+    /// bind per node at a time, Allocate finds the pod through the node
+    /// lock).
+    /// `auto` (the default) takes `nri` when the runtime's NRI socket
+    /// (`--nri-socket`) exists at start, else `pod-resources`.
+    #[arg(long, default_value = "auto", value_parser = parse_mode)]
+    allocation_mode: ModeArg,
+    /// The runtime's NRI socket (`nri` mode).
+    #[arg(long, default_value = hami_node::nri::DEFAULT_SOCKET)]
+    nri_socket: PathBuf,
     /// The kubelet's PodResources socket (`pod-resources` mode).
     #[arg(long, default_value = hami_node::pod_resources::DEFAULT_SOCKET)]
     pod_resources_socket: PathBuf,
 }
 
-fn parse_mode(s: &str) -> Result<AllocationMode, String> {
-    match AllocationMode::parse(s) {
-        Some(AllocationMode::Nri) => {
-            Err("`nri` is not available yet; use `pod-resources` or `lock`".into())
+#[derive(Debug, Clone, Copy)]
+enum ModeArg {
+    Auto,
+    Fixed(AllocationMode),
+}
+
+fn parse_mode(s: &str) -> Result<ModeArg, String> {
+    if s == "auto" {
+        return Ok(ModeArg::Auto);
+    }
+    AllocationMode::parse(s)
+        .map(ModeArg::Fixed)
+        .ok_or_else(|| format!("{s:?} is not `auto`, `nri`, `pod-resources` or `lock`"))
+}
+
+/// The allocation mode to run: `auto` takes NRI where the runtime serves
+/// it (its socket exists), else the kubelet's PodResources.
+fn allocation_mode(arg: ModeArg, nri_socket: &Path) -> AllocationMode {
+    use std::os::unix::fs::FileTypeExt as _;
+    match arg {
+        ModeArg::Fixed(m) => m,
+        ModeArg::Auto => {
+            let nri = std::fs::metadata(nri_socket).is_ok_and(|m| m.file_type().is_socket());
+            if nri {
+                AllocationMode::Nri
+            } else {
+                tracing::info!(
+                    "no NRI socket at {} (NRI off in the runtime, or another path: --nri-socket): allocating through the kubelet's PodResources",
+                    nri_socket.display()
+                );
+                AllocationMode::PodResources
+            }
         }
-        Some(m) => Ok(m),
-        None => Err(format!("{s:?} is not `pod-resources` or `lock`")),
     }
 }
 
@@ -343,8 +376,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let numa_topology = args.numa_topology || node_numa == Some(true);
     // Registration owns the sender: each rescan sends the cards when they changed.
     let (cards_tx, cards_rx) = watch::channel(cards);
-    let owners: Option<Arc<dyn hami_node::pod_resources::DeviceOwners>> = match args.allocation_mode
-    {
+    let mode = allocation_mode(args.allocation_mode, &args.nri_socket);
+    let owners: Option<Arc<dyn hami_node::pod_resources::DeviceOwners>> = match mode {
         AllocationMode::PodResources => {
             if !args.pod_resources_socket.exists() {
                 tracing::warn!(
@@ -358,24 +391,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    tracing::info!(mode = args.allocation_mode.as_str(), "allocation mode");
+    tracing::info!(mode = mode.as_str(), "allocation mode");
     let plugin_resource = resource.clone();
     let registration = Registration::new(client.clone(), &args.node_name, cards_tx)
         .with_period(args.rescan_period)
-        .with_allocation_mode(args.allocation_mode);
+        .with_allocation_mode(mode);
     let node_lock = registration.node_lock();
     let make_plugin = || {
         let p = Plugin::new(cards_rx.clone(), store.clone(), settings.clone())
             .with_numa_topology(numa_topology)
             .with_preferred_allocation(args.preferred_allocation);
-        match &owners {
-            Some(o) => p.with_pod_resources(
+        match (&owners, mode) {
+            (Some(o), _) => p.with_pod_resources(
                 o.clone(),
                 &args.node_name,
                 &plugin_resource,
                 node_lock.clone(),
             ),
-            None => p,
+            (None, AllocationMode::Nri) => p.with_nri(),
+            (None, _) => p,
         }
     };
 
@@ -387,6 +421,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    if mode == AllocationMode::Nri {
+        let handler = Arc::new(hami_node::nri::node::NodeHandler {
+            store: store.clone(),
+            cards: cards_rx.clone(),
+            settings: settings.clone(),
+            node: args.node_name.clone(),
+            node_lock: node_lock.clone(),
+        });
+        tokio::spawn(hami_node::nri::run(
+            args.nri_socket.clone(),
+            hami_node::nri::Identity {
+                name: "hami-node".into(),
+                index: "10".into(),
+            },
+            handler,
+            stopped(stopping.clone()),
+        ));
+    }
     if let Listen::At(addr) = args.monitor_address {
         let shared = monitor_http::Shared::default();
         let (bound, server) = monitor_http::serve(addr, shared.clone()).await?;

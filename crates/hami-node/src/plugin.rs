@@ -31,8 +31,11 @@ pub struct Plugin {
     allocating: Mutex<()>,
     /// Where the host side of the vgpu lock dir is made, if anywhere.
     lock_dir: Option<PathBuf>,
-    /// Allocation without the node lock, when set.
+    /// Allocation without the node lock through PreStartContainer, when set.
     lock_free: Option<LockFree>,
+    /// Allocation without the node lock through NRI: Allocate answers from
+    /// the device IDs alone, and the NRI plugin adjusts the container.
+    nri: bool,
 }
 
 /// What allocation without the node lock needs: who received which
@@ -49,14 +52,7 @@ impl LockFree {
     /// Whether the node lock names `pod` (a scheduler speaking HAMi's
     /// protocol bound it and waits for the lock to go).
     fn lock_held_by(&self, pod: &k8s_openapi::api::core::v1::Pod) -> bool {
-        self.node_lock
-            .borrow()
-            .as_deref()
-            .and_then(|v| hami_api::node::NodeLock::decode(v).ok())
-            .is_some_and(|l| {
-                Some(l.namespace.as_str()) == pod.metadata.namespace.as_deref()
-                    && Some(l.pod.as_str()) == pod.metadata.name.as_deref()
-            })
+        lockfree::lock_names(self.node_lock.borrow().as_deref(), pod)
     }
 }
 
@@ -78,7 +74,18 @@ impl Plugin {
             allocating: Mutex::new(()),
             lock_dir: Some(PathBuf::from(allocate::VGPU_LOCK_DIR)),
             lock_free: None,
+            nri: false,
         }
+    }
+
+    /// Allocate without the node lock for NRI ([`crate::nri`]): Allocate
+    /// answers from the device IDs alone (the links of [`lockfree`], which
+    /// stay empty: the container fails closed if no NRI call adjusts it),
+    /// and the runtime's CreateContainer call gives the container its
+    /// cards, limits and mounts.
+    pub fn with_nri(mut self) -> Plugin {
+        self.nri = true;
+        self
     }
 
     /// Allocate without the node lock ([`lockfree`]): Allocate answers
@@ -131,7 +138,8 @@ impl Plugin {
             // Without the lock the pod is not known before PreStart: no
             // preference to give.
             get_preferred_allocation_available: self.preferred_allocation
-                && self.lock_free.is_none(),
+                && self.lock_free.is_none()
+                && !self.nri,
         }
     }
 
@@ -254,7 +262,7 @@ impl Plugin {
                     return Err(Status::failed_precondition(reason));
                 }
             };
-        let linked = self.prepare_served(&plan.served).and_then(|()| {
+        let linked = write_container_files(&plan.served).and_then(|()| {
             lockfree::point(&plan.links.dir, &plan.served.host_dir)?;
             lockfree::point(&plan.links.limits, &plan.served.limits_dir)
         });
@@ -285,7 +293,7 @@ impl Plugin {
         &self,
         request: proto::AllocateRequest,
     ) -> Result<proto::AllocateResponse, Status> {
-        if self.lock_free.is_some() {
+        if self.lock_free.is_some() || self.nri {
             return self.allocate_lock_free(&request);
         }
         let started = std::time::Instant::now();
@@ -332,61 +340,13 @@ impl Plugin {
         })
     }
 
-    /// The host side of each served container: a fresh per-container dir
-    /// (world-writable, as HAMi makes it: the container's user is not
-    /// known here), and a fresh limits dir (0755, the container mounts it
-    /// read-only) holding the limits file (0444).
+    /// The host side of each served container ([`write_container_files`])
+    /// and the vgpu lock dir.
     fn prepare(&self, plan: &Plan) -> std::io::Result<()> {
         for s in &plan.served {
-            self.prepare_served(s)?;
+            write_container_files(s)?;
         }
         self.prepare_lock_dir();
-        Ok(())
-    }
-
-    /// The host side of one served container (see [`Plugin::prepare`]).
-    fn prepare_served(&self, s: &Served) -> std::io::Result<()> {
-        use std::os::unix::fs::PermissionsExt as _;
-        let ctx = |what: &str, p: &Path, e: std::io::Error| {
-            std::io::Error::new(e.kind(), format!("{what} {}: {e}", p.display()))
-        };
-        let fresh = |dir: &Path, mode: u32| -> std::io::Result<()> {
-            match std::fs::remove_dir_all(dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(ctx("removing", dir, e)),
-            }
-            std::fs::create_dir_all(dir).map_err(|e| ctx("creating", dir, e))?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
-                .map_err(|e| ctx("chmod", dir, e))
-        };
-        {
-            fresh(&s.host_dir, 0o777)?;
-            fresh(&s.limits_dir, 0o755)?;
-            let file = s.limits_dir.join(allocate::LIMITS_FILE_NAME);
-            // The region path the container's processes see, for those
-            // started without the container's environment.
-            let region = s.response.envs.get(allocate::SHARED_CACHE).map(Path::new);
-            match region {
-                Some(r) => hami_shm::limits::write_for_container(
-                    &file,
-                    &s.limits,
-                    r,
-                    &allocate::card_uuids(&s.devices),
-                ),
-                None => hami_shm::limits::write(&file, &s.limits),
-            }
-            .map_err(|e| ctx("writing", &file, e))?;
-            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o444))
-                .map_err(|e| ctx("chmod", &file, e))?;
-            let cards: String = s.devices.iter().map(|d| format!("{}\n", d.uuid)).collect();
-            let file = s.limits_dir.join(allocate::CARDS_FILE_NAME);
-            std::fs::write(&file, cards).map_err(|e| ctx("writing", &file, e))?;
-            if let Some(devices) = &s.sim_devices {
-                let file = s.limits_dir.join(allocate::SIM_DEVICES_FILE_NAME);
-                std::fs::write(&file, devices).map_err(|e| ctx("writing", &file, e))?;
-            }
-        }
         Ok(())
     }
 
@@ -402,6 +362,56 @@ impl Plugin {
             }
         }
     }
+}
+
+/// The host side of one served container: a fresh per-container dir
+/// (world-writable, as HAMi makes it: the container's user is not known
+/// here), and a fresh limits dir (0755, the container mounts it read-only)
+/// holding the limits file (0444), the `cards` file and, with `--sim`, the
+/// container's simulated cards.
+pub fn write_container_files(s: &Served) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let ctx = |what: &str, p: &Path, e: std::io::Error| {
+        std::io::Error::new(e.kind(), format!("{what} {}: {e}", p.display()))
+    };
+    let fresh = |dir: &Path, mode: u32| -> std::io::Result<()> {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(ctx("removing", dir, e)),
+        }
+        std::fs::create_dir_all(dir).map_err(|e| ctx("creating", dir, e))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| ctx("chmod", dir, e))
+    };
+    {
+        fresh(&s.host_dir, 0o777)?;
+        fresh(&s.limits_dir, 0o755)?;
+        let file = s.limits_dir.join(allocate::LIMITS_FILE_NAME);
+        // The region path the container's processes see, for those
+        // started without the container's environment.
+        let region = s.response.envs.get(allocate::SHARED_CACHE).map(Path::new);
+        match region {
+            Some(r) => hami_shm::limits::write_for_container(
+                &file,
+                &s.limits,
+                r,
+                &allocate::card_uuids(&s.devices),
+            ),
+            None => hami_shm::limits::write(&file, &s.limits),
+        }
+        .map_err(|e| ctx("writing", &file, e))?;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o444))
+            .map_err(|e| ctx("chmod", &file, e))?;
+        let cards: String = s.devices.iter().map(|d| format!("{}\n", d.uuid)).collect();
+        let file = s.limits_dir.join(allocate::CARDS_FILE_NAME);
+        std::fs::write(&file, cards).map_err(|e| ctx("writing", &file, e))?;
+        if let Some(devices) = &s.sim_devices {
+            let file = s.limits_dir.join(allocate::SIM_DEVICES_FILE_NAME);
+            std::fs::write(&file, devices).map_err(|e| ctx("writing", &file, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Binds a unix socket at `path`, removing a stale socket file first.

@@ -93,6 +93,7 @@ async fn binary_registers_serves_its_cards_registers_again_after_a_kubelet_resta
             .arg(format!("--hook-path={}", dir.path().join("hook").display()))
             .arg(format!("--lib-source={}", lib.display()))
             .arg("--monitor-address=127.0.0.1:0")
+            .arg("--allocation-mode=pod-resources")
             .stdin(Stdio::null())
             .spawn()
             .expect("starting hami-node"),
@@ -103,8 +104,8 @@ async fn binary_registers_serves_its_cards_registers_again_after_a_kubelet_resta
     assert_eq!(req.resource_name, "nvidia.com/gpu");
     assert_eq!(req.endpoint, "nvidia-gpu.sock");
     let options = req.options.expect("options");
-    // The default allocation mode (pod-resources) needs PreStartContainer
-    // and has no preference to give before it.
+    // The pod-resources allocation mode needs PreStartContainer and has no
+    // preference to give before it.
     assert!(!options.get_preferred_allocation_available);
     assert!(options.pre_start_required);
     let socket = plugins.join(&req.endpoint);

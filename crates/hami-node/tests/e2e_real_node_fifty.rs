@@ -1,5 +1,6 @@
-//! Allocation without the node lock on the real node (kubelet v1.34,
-//! containerd, runc), at once and in a mixed cluster: 50 GPU pods created
+//! Allocation without the node lock through the kubelet's PodResources
+//! (`--allocation-mode pod-resources`, NRI unused) on the real node
+//! (kubelet v1.34, containerd, runc), at once and in a mixed cluster: 50 GPU pods created
 //! together onto the real node all run with their own limits (each one
 //! checked inside its container), while the node's lock annotation never
 //! appears (a watch of the node sees every change); kwok nodes in HAMi's
@@ -14,18 +15,16 @@ mod real_node;
 
 use std::time::Duration;
 
-use futures::StreamExt as _;
-use hami_e2e::{GpuNode, LockWatch};
-use real_node::{Setup, line, phase, probe_pod, wait_finished, wait_node_serves};
+use real_node::{Setup, fifty_pods_at_once, phase, wait_finished, wait_node_serves};
 use serde_json::json;
-
-const PODS: usize = 50;
 
 static SETUP: std::sync::OnceLock<Option<Setup>> = std::sync::OnceLock::new();
 
 /// The real node with 25 slots per card, shared by this binary's tests.
 fn setup() -> Option<&'static Setup> {
-    SETUP.get_or_init(|| Setup::start(25)).as_ref()
+    SETUP
+        .get_or_init(|| Setup::start_with(25, &["--allocation-mode=pod-resources"]))
+        .as_ref()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -33,111 +32,7 @@ async fn fifty_pods_at_once_run_with_their_own_limits_and_the_node_is_never_lock
     let Some(s) = setup() else {
         return;
     };
-    wait_node_serves(s).await;
-    let mut ns = s.cluster.namespace("real-fifty").await;
-    // A node in HAMi's lock mode (no allocation-mode annotation), run by kwok.
-    let kwok = ns
-        .add_node(&GpuNode::new("kwok-lock", 2, 16384, "NVIDIA-Tesla T4"))
-        .await;
-    let real_locks = LockWatch::start(ns.client.clone(), &s.node.name).await;
-    let kwok_locks = LockWatch::start(ns.client.clone(), &kwok).await;
-
-    // Each real pod its own memory limit, so a pod given another's limits
-    // shows it.
-    let mib = |i: usize| 200 + 8 * i as u64;
-    let mut pods = Vec::new();
-    for i in 0..PODS {
-        let m = mib(i);
-        pods.push(probe_pod(
-            &ns,
-            &format!("p{i:02}"),
-            json!({"nvidia.com/gpu": 1, "nvidia.com/gpumem": m}),
-            &[
-                "/bin/cuda-probe",
-                "init",
-                "alloc",
-                &format!("{}m", m - 1),
-                "free",
-                "0",
-                "alloc",
-                &format!("{}m", m + 1),
-                "nvml-mem",
-                "0",
-            ],
-        ));
-    }
-    for i in 0..4 {
-        pods.push(ns.gpu_pod(
-            &format!("kwok{i}"),
-            json!({"nvidia.com/gpu": "1", "nvidia.com/gpumem": "1000"}),
-            json!({}),
-        ));
-    }
-    let created: Vec<_> = futures::stream::iter(pods)
-        .map(|p| ns.create_pod(p))
-        .buffer_unordered(16)
-        .collect()
-        .await;
-    for c in created {
-        c.expect("creating a pod");
-    }
-
-    for i in 0..PODS {
-        let name = format!("p{i:02}");
-        let (pod, log) = wait_finished(s, &ns, &name).await;
-        let context = || format!("{name}: {log}\nhami-node:\n{}", s.hami_node_log());
-        assert_eq!(phase(&pod), "Succeeded", "{}", context());
-        // HAMi's node label, written by hami-node with its one patch.
-        assert_eq!(
-            pod.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get("hami.io/vgpu-node"))
-                .map(String::as_str),
-            Some(s.node.name.as_str()),
-            "{name}"
-        );
-        assert_eq!(
-            line(&log, "alloc", 0)[1],
-            "0",
-            "under its limit: {}",
-            context()
-        );
-        assert_eq!(
-            line(&log, "alloc", 1)[1],
-            "2",
-            "1 MiB over its own {} MiB: {}",
-            mib(i),
-            context()
-        );
-        assert_eq!(
-            line(&log, "nvml-mem", 0)[2],
-            (mib(i) << 20).to_string(),
-            "nvidia-smi's total is its own limit: {}",
-            context()
-        );
-    }
-    for i in 0..4 {
-        let p = ns
-            .wait_bound(&format!("kwok{i}"), Duration::from_secs(60))
-            .await;
-        assert_eq!(
-            p.spec.and_then(|s| s.node_name).as_deref(),
-            Some(kwok.as_str())
-        );
-    }
-    let wait = Duration::from_secs(60);
-    let (real_seen, kwok_seen) = (real_locks.stop(wait).await, kwok_locks.stop(wait).await);
-    assert!(
-        real_seen.is_empty(),
-        "the lock-free real node was locked {} times, first {:?}",
-        real_seen.len(),
-        real_seen.first()
-    );
-    assert!(
-        !kwok_seen.is_empty(),
-        "the kwok node in lock mode never showed HAMi's lock"
-    );
+    fifty_pods_at_once(s, "real-fifty").await;
 }
 
 /// What containerd's NRI hands a plugin, recorded; containers of pods in

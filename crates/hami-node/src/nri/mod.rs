@@ -17,6 +17,7 @@
 //! method handlers. Protocol facts: docs/design/nri-protocol-notes.md.
 
 pub mod mux;
+pub mod node;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

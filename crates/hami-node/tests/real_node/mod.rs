@@ -67,11 +67,32 @@ pub struct Setup {
 
 impl Setup {
     pub fn start_hami_node(&self) {
+        self.start_hami_node_with(&[]);
+    }
+
+    /// Stops hami-node and starts it again with `changed` flags
+    /// (`--flag=value`, replacing the setup's value of that flag).
+    pub fn restart_hami_node_with(&self, changed: &[&str]) {
+        if let Some(mut c) = self.hami_node.lock().unwrap().take() {
+            hami_e2e::kill_child(&mut c);
+        }
+        self.start_hami_node_with(changed);
+    }
+
+    fn start_hami_node_with(&self, changed: &[&str]) {
+        let flag = |a: &str| a.split('=').next().unwrap_or(a).to_string();
+        let args: Vec<String> = self
+            .hami_node_args
+            .iter()
+            .filter(|a| !changed.iter().any(|c| flag(c) == flag(a)))
+            .cloned()
+            .chain(changed.iter().map(|c| c.to_string()))
+            .collect();
         let mut n = self.hami_node_starts.lock().unwrap();
         *n += 1;
         let log = std::fs::File::create(self.node.root.join(format!("hami-node-{n}.log"))).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hami-node"));
-        cmd.args(&self.hami_node_args)
+        cmd.args(&args)
             .env("RUST_LOG", "info,hami_node=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -139,6 +160,7 @@ impl Setup {
             "--monitor-period=500ms".to_string(),
             "--monitor-cleanup-grace=2s".to_string(),
             format!("--pod-resources-socket={}", s(&node.pod_resources_socket)),
+            format!("--nri-socket={}", s(&node.nri_socket)),
         ]
         .into_iter()
         .chain(extra.iter().map(|a| a.to_string()))
@@ -255,4 +277,120 @@ pub fn line<'a>(log: &'a str, command: &str, n: usize) -> Vec<&'a str> {
         .unwrap_or_else(|| panic!("no {command} line #{n} in:\n{log}"))
         .split_whitespace()
         .collect()
+}
+
+/// 50 GPU pods created at once onto the real node, each with its own
+/// memory limit, all run limited to it (checked inside each container),
+/// carry HAMi's node label, and the node's lock never appears (a watch of
+/// the node sees every change), while a kwok node in HAMi's lock mode in
+/// the same run gets the lock for its pods. Needs 25 slots per card.
+pub async fn fifty_pods_at_once(s: &Setup, namespace: &str) {
+    use futures::StreamExt as _;
+    use hami_e2e::{GpuNode, LockWatch};
+    const PODS: usize = 50;
+    wait_node_serves(s).await;
+    let mut ns = s.cluster.namespace(namespace).await;
+    // A node in HAMi's lock mode (no allocation-mode annotation), run by kwok.
+    let kwok = ns
+        .add_node(&GpuNode::new("kwok-lock", 2, 16384, "NVIDIA-Tesla T4"))
+        .await;
+    let real_locks = LockWatch::start(ns.client.clone(), &s.node.name).await;
+    let kwok_locks = LockWatch::start(ns.client.clone(), &kwok).await;
+
+    // Each real pod its own memory limit, so a pod given another's limits
+    // shows it.
+    let mib = |i: usize| 200 + 8 * i as u64;
+    let mut pods = Vec::new();
+    for i in 0..PODS {
+        let m = mib(i);
+        pods.push(probe_pod(
+            &ns,
+            &format!("p{i:02}"),
+            json!({"nvidia.com/gpu": 1, "nvidia.com/gpumem": m}),
+            &[
+                "/bin/cuda-probe",
+                "init",
+                "alloc",
+                &format!("{}m", m - 1),
+                "free",
+                "0",
+                "alloc",
+                &format!("{}m", m + 1),
+                "nvml-mem",
+                "0",
+            ],
+        ));
+    }
+    for i in 0..4 {
+        pods.push(ns.gpu_pod(
+            &format!("kwok{i}"),
+            json!({"nvidia.com/gpu": "1", "nvidia.com/gpumem": "1000"}),
+            json!({}),
+        ));
+    }
+    let created: Vec<_> = futures::stream::iter(pods)
+        .map(|p| ns.create_pod(p))
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    for c in created {
+        c.expect("creating a pod");
+    }
+
+    for i in 0..PODS {
+        let name = format!("p{i:02}");
+        let (pod, log) = wait_finished(s, &ns, &name).await;
+        let context = || format!("{name}: {log}\nhami-node:\n{}", s.hami_node_log());
+        assert_eq!(phase(&pod), "Succeeded", "{}", context());
+        // HAMi's node label, written by hami-node with its one patch.
+        assert_eq!(
+            pod.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("hami.io/vgpu-node"))
+                .map(String::as_str),
+            Some(s.node.name.as_str()),
+            "{name}"
+        );
+        assert_eq!(
+            line(&log, "alloc", 0)[1],
+            "0",
+            "under its limit: {}",
+            context()
+        );
+        assert_eq!(
+            line(&log, "alloc", 1)[1],
+            "2",
+            "1 MiB over its own {} MiB: {}",
+            mib(i),
+            context()
+        );
+        assert_eq!(
+            line(&log, "nvml-mem", 0)[2],
+            (mib(i) << 20).to_string(),
+            "nvidia-smi's total is its own limit: {}",
+            context()
+        );
+    }
+    for i in 0..4 {
+        let p = ns
+            .wait_bound(&format!("kwok{i}"), Duration::from_secs(60))
+            .await;
+        assert_eq!(
+            p.spec.and_then(|s| s.node_name).as_deref(),
+            Some(kwok.as_str())
+        );
+    }
+    let wait = Duration::from_secs(60);
+    let (real_seen, kwok_seen) = (real_locks.stop(wait).await, kwok_locks.stop(wait).await);
+    assert!(
+        real_seen.is_empty(),
+        "the lock-free real node was locked {} times, first {:?}",
+        real_seen.len(),
+        real_seen.first()
+    );
+    assert!(
+        !kwok_seen.is_empty(),
+        "the kwok node in lock mode never showed HAMi's lock"
+    );
 }
