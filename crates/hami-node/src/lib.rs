@@ -15,8 +15,8 @@
 //! * [`lockfree`]: allocation without the node lock (PreStartContainer
 //!   and the kubelet's PodResources API);
 //! * [`pod_resources`]: the PodResources client;
-//! * [`nri`]: the NRI plugin's protocol side (multiplexer, registration,
-//!   Configure, Synchronize, CreateContainer);
+//! * [`nri`]: the NRI plugin (multiplexer, registration, Configure,
+//!   Synchronize, CreateContainer) and its decisions for this node;
 //! * [`pending`]: the Kubernetes side of Allocate (find the pod, patch it,
 //!   release the node lock, write events);
 //! * [`plugin`]: the `DevicePlugin` gRPC service and its unix socket server;
