@@ -8,8 +8,8 @@
 //! real-node tests; prints why and does nothing when the harness cannot
 //! run, fails instead under HAMI_E2E_REQUIRE=1). `HAMI_BENCH_PODS` changes
 //! the pod count (at most 100: the node has 100 slots);
-//! `HAMI_BENCH_MODE=lock` runs hami-node in HAMi's node-lock mode instead
-//! of the default (`pod-resources`).
+//! `HAMI_BENCH_MODE` picks hami-node's `--allocation-mode`: `nri` (the
+//! default: the harness's containerd has NRI), `pod-resources` or `lock`.
 
 #[path = "../tests/real_node/mod.rs"]
 mod real_node;
@@ -38,7 +38,7 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(100)
         .clamp(1, 100);
-    let mode = std::env::var("HAMI_BENCH_MODE").unwrap_or_else(|_| "pod-resources".into());
+    let mode = std::env::var("HAMI_BENCH_MODE").unwrap_or_else(|_| "nri".into());
     let Some(s) = Setup::start_with(25, &[&format!("--allocation-mode={mode}")]) else {
         eprintln!(
             "real_node bench: the real-node harness is not available here (see above); nothing measured"
@@ -109,8 +109,9 @@ async fn run(s: &Setup, n: usize, mode: &str) {
         .collect();
     start_ms.sort_by(f64::total_cmp);
     let prefix = format!("pod={}/", ns.name);
-    // hami-node's own time per pod: Allocate under the lock, else
-    // PreStartContainer (Allocate then answers from the IDs alone).
+    // hami-node's own time per pod: Allocate under the lock, else NRI's
+    // CreateContainer or PreStartContainer (Allocate then answers from the
+    // IDs alone).
     let mut alloc_ms: Vec<f64> = s
         .hami_node_log()
         .lines()
@@ -150,10 +151,10 @@ async fn run(s: &Setup, n: usize, mode: &str) {
     );
     println!(
         "| {} (hami-node), p50 / p99 / max | **{:.2} ms / {:.2} ms** / {:.2} ms |",
-        if mode == "lock" {
-            "Allocate"
-        } else {
-            "PreStartContainer"
+        match mode {
+            "lock" => "Allocate",
+            "nri" => "NRI CreateContainer",
+            _ => "PreStartContainer",
         },
         quantile(&alloc_ms, 0.5),
         quantile(&alloc_ms, 0.99),
