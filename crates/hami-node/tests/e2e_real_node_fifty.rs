@@ -1,5 +1,5 @@
 //! Allocation without the node lock through the kubelet's PodResources
-//! (`--allocation-mode pod-resources`, NRI unused) on the real node
+//! (the default mode when the runtime serves no NRI socket) on the real node
 //! (kubelet v1.34, containerd, runc), at once and in a mixed cluster: 50 GPU pods created
 //! together onto the real node all run with their own limits (each one
 //! checked inside its container), while the node's lock annotation never
@@ -23,7 +23,9 @@ static SETUP: std::sync::OnceLock<Option<Setup>> = std::sync::OnceLock::new();
 /// The real node with 25 slots per card, shared by this binary's tests.
 fn setup() -> Option<&'static Setup> {
     SETUP
-        .get_or_init(|| Setup::start_with(25, &["--allocation-mode=pod-resources"]))
+        // The default mode where the runtime serves no NRI socket (NRI
+        // off in containerd): hami-node finds none and takes PodResources.
+        .get_or_init(|| Setup::start_with(25, &["--nri-socket=/run/hami-e2e-nri-off.sock"]))
         .as_ref()
 }
 
@@ -32,7 +34,21 @@ async fn fifty_pods_at_once_run_with_their_own_limits_and_the_node_is_never_lock
     let Some(s) = setup() else {
         return;
     };
+    wait_node_serves(s).await;
+    assert!(
+        s.hami_node_log()
+            .contains("allocation mode mode=\"pod-resources\""),
+        "without an NRI socket the default is PodResources:\n{}",
+        s.hami_node_log()
+    );
     fifty_pods_at_once(s, "real-fifty").await;
+    assert!(
+        s.hami_node_log()
+            .matches("limits written before the container starts")
+            .count()
+            >= 50,
+        "every container went through PreStartContainer"
+    );
 }
 
 /// What containerd's NRI hands a plugin, recorded; containers of pods in

@@ -80,14 +80,7 @@ impl Setup {
     }
 
     fn start_hami_node_with(&self, changed: &[&str]) {
-        let flag = |a: &str| a.split('=').next().unwrap_or(a).to_string();
-        let args: Vec<String> = self
-            .hami_node_args
-            .iter()
-            .filter(|a| !changed.iter().any(|c| flag(c) == flag(a)))
-            .cloned()
-            .chain(changed.iter().map(|c| c.to_string()))
-            .collect();
+        let args = with_flags(&self.hami_node_args, changed);
         let mut n = self.hami_node_starts.lock().unwrap();
         *n += 1;
         let log = std::fs::File::create(self.node.root.join(format!("hami-node-{n}.log"))).unwrap();
@@ -162,9 +155,8 @@ impl Setup {
             format!("--pod-resources-socket={}", s(&node.pod_resources_socket)),
             format!("--nri-socket={}", s(&node.nri_socket)),
         ]
-        .into_iter()
-        .chain(extra.iter().map(|a| a.to_string()))
-        .collect();
+        .into();
+        let args = with_flags(&args, extra);
         let setup = Setup {
             cluster,
             node,
@@ -176,6 +168,17 @@ impl Setup {
         setup.start_hami_node();
         Some(setup)
     }
+}
+
+/// `args` with each of `changed` (`--flag=value`) replacing that flag's
+/// value, or added (hami-node refuses a flag given twice).
+fn with_flags(args: &[String], changed: &[&str]) -> Vec<String> {
+    let flag = |a: &str| a.split('=').next().unwrap_or(a).to_string();
+    args.iter()
+        .filter(|a| !changed.iter().any(|c| flag(c) == flag(a)))
+        .cloned()
+        .chain(changed.iter().map(|c| c.to_string()))
+        .collect()
 }
 
 pub fn allocatable_gpus(n: &Node) -> u64 {
