@@ -295,12 +295,12 @@ impl Global {
     }
 
     /// Whether device memory is refused because the limits the node agent
-    /// owes this container never arrived (re-checked every 250 ms).
+    /// owes this container never arrived (as of the last look at the
+    /// limits file; callers poll it first).
     pub fn limits_missing(&self) -> bool {
         if !self.limits_required {
             return false;
         }
-        self.poll_limits_file();
         let missing = self.limits_missing.load(Relaxed);
         if missing && !self.limits_missing_warned.swap(true, Relaxed) {
             self.warn_limits_missing();
@@ -460,10 +460,10 @@ impl Process {
 
     /// Admits `bytes` on `dev` for the container, or says why not.
     pub fn admit(&self, g: &Global, dev: usize, bytes: u64) -> Result<(), OverLimit> {
+        g.poll_limits_file();
         if g.limits_missing() {
             return Err(OverLimit { used: 0, limit: 0 });
         }
-        g.poll_limits_file();
         let limit = g.memory_limit(dev);
         if self.slot == usize::MAX && limit == 0 {
             return Ok(());

@@ -34,7 +34,7 @@ use crate::allocate::{
     self, MountStyle, NVIDIA_VISIBLE_DEVICES, Served, Settings, common_env, common_mounts,
     container_limits,
 };
-use crate::pending::annotation;
+use crate::pending::{PodStore, annotation};
 use crate::proto::ContainerAllocateResponse;
 use crate::proto_podresources::ListPodResourcesResponse;
 
@@ -447,6 +447,35 @@ pub fn nri_plan(
     let response =
         allocate::container_response(settings, &given.uid, &spec, &given.devices, cache_id);
     Ok(Some(given.served(settings, &owner.container, response)))
+}
+
+/// A container's allocation can never work (`reason`): the pod's bind is
+/// marked failed with an event, once (the kubelet or runtime retries the
+/// start, which must not write the same event again and again).
+pub async fn fail_once(store: &dyn PodStore, pod: &Pod, reason: &str) {
+    if annotation(pod, ann::BIND_PHASE) != Some("failed") {
+        store.fail(pod, reason).await;
+    }
+}
+
+/// Records that a container got its limits, when that changes the pod
+/// (`remaining` is `to-allocate` with its entry emptied): `success` once no
+/// entry is left, and the node lock released if `node_lock` names the pod
+/// (a scheduler speaking HAMi's protocol locked the node for it).
+pub async fn record_started(
+    store: &dyn PodStore,
+    pod: &Pod,
+    remaining: Option<&PodDevices>,
+    node_lock: Option<&str>,
+) -> Result<(), crate::pending::StoreError> {
+    match remaining {
+        Some(left) => {
+            store
+                .started(pod, left, left.is_empty(), lock_names(node_lock, pod))
+                .await
+        }
+        None => Ok(()),
+    }
 }
 
 /// Whether the node lock value `lock` names `pod` (a scheduler speaking

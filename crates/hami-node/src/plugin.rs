@@ -48,14 +48,6 @@ struct LockFree {
     node_lock: watch::Receiver<Option<String>>,
 }
 
-impl LockFree {
-    /// Whether the node lock names `pod` (a scheduler speaking HAMi's
-    /// protocol bound it and waits for the lock to go).
-    fn lock_held_by(&self, pod: &k8s_openapi::api::core::v1::Pod) -> bool {
-        lockfree::lock_names(self.node_lock.borrow().as_deref(), pod)
-    }
-}
-
 impl Plugin {
     /// A plugin advertising the cards of `cards` (whoever owns discovery
     /// sends a new list when a card's health changes), finding pods in
@@ -251,14 +243,9 @@ impl Plugin {
                 Ok(p) => p,
                 Err(e) => {
                     // Nothing here changes by itself: the bind has failed
-                    // (as HAMi's Allocate marks it), once.
+                    // (as HAMi's Allocate marks it).
                     let reason = e.to_string();
-                    let failed_already =
-                        crate::pending::annotation(&pod, hami_api::annotations::BIND_PHASE)
-                            == Some("failed");
-                    if !failed_already {
-                        self.store.fail(&pod, &reason).await;
-                    }
+                    lockfree::fail_once(self.store.as_ref(), &pod, &reason).await;
                     return Err(Status::failed_precondition(reason));
                 }
             };
@@ -271,14 +258,15 @@ impl Plugin {
             self.store.warn(&pod, &reason).await;
             return Err(Status::internal(reason));
         }
-        if let Some(remaining) = &plan.remaining {
-            self.store
-                .started(&pod, remaining, plan.all_done(), lf.lock_held_by(&pod))
-                .await
-                .map_err(|e| {
-                    Status::unavailable(format!("pod {owner}: recording the allocation: {e}"))
-                })?;
-        }
+        let node_lock = lf.node_lock.borrow().clone();
+        lockfree::record_started(
+            self.store.as_ref(),
+            &pod,
+            plan.remaining.as_ref(),
+            node_lock.as_deref(),
+        )
+        .await
+        .map_err(|e| Status::unavailable(format!("pod {owner}: recording the allocation: {e}")))?;
         tracing::info!(
             pod = %allocate::pod_key(&pod),
             container = %owner.container,

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use crate::allocate::Settings;
 use crate::lockfree::{self, Owner, PreStartError};
 use crate::nri::Handler;
-use crate::pending::{BoxFuture, PodStore, annotation};
+use crate::pending::{BoxFuture, PodStore};
 use crate::plugin::{random_uuid, write_container_files};
 use crate::proto::ContainerAllocateResponse;
 use crate::proto_nri::{Container, ContainerAdjustment, KeyValue, Mount, PodSandbox};
@@ -104,9 +104,7 @@ impl NodeHandler {
             Ok(None) => return Ok(ContainerAdjustment::default()),
             Err(e) => {
                 let reason = e.to_string();
-                if annotation(&pod, ann::BIND_PHASE) != Some("failed") {
-                    self.store.fail(&pod, &reason).await;
-                }
+                lockfree::fail_once(self.store.as_ref(), &pod, &reason).await;
                 return Err(reason);
             }
         };
@@ -116,14 +114,15 @@ impl NodeHandler {
             self.store.warn(&pod, &reason).await;
             return Err(reason);
         }
-        if let Some(remaining) = &remaining {
-            let done = remaining.is_empty();
-            let release = lockfree::lock_names(self.node_lock.borrow().as_deref(), &pod);
-            self.store
-                .started(&pod, remaining, done, release)
-                .await
-                .map_err(|e| format!("pod {owner}: recording the allocation: {e}"))?;
-        }
+        let node_lock = self.node_lock.borrow().clone();
+        lockfree::record_started(
+            self.store.as_ref(),
+            &pod,
+            remaining.as_ref(),
+            node_lock.as_deref(),
+        )
+        .await
+        .map_err(|e| format!("pod {owner}: recording the allocation: {e}"))?;
         tracing::info!(
             pod = %format!("{}/{}", owner.namespace, owner.pod),
             container = %owner.container,
