@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build (once) the real Kubernetes binaries the e2e tests run against:
-# kube-apiserver, kube-scheduler, etcd and kwok for the control plane, and
+# kube-apiserver, kube-scheduler, kube-controller-manager, etcd and kwok
+# for the control plane, and
 # kubelet, containerd, its runc shim and ctr for the real node, from the
 # pinned Go wrapper modules under tests/e2e/k8s-build/. See tests/e2e/README.md.
 #
@@ -22,7 +23,7 @@ ETCD_VERSION=v3.6.5
 KWOK_VERSION=v0.7.0
 CONTAINERD_VERSION=v2.4.2
 
-BINARIES=(kube-apiserver kube-scheduler etcd kwok kubelet containerd containerd-shim-runc-v2 ctr)
+BINARIES=(kube-apiserver kube-scheduler kube-controller-manager etcd kwok kubelet containerd containerd-shim-runc-v2 ctr)
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 MOD_ROOT="$SCRIPT_DIR/k8s-build"
@@ -40,7 +41,7 @@ usage() {
 # Text that `<binary> --version` must print for the binary to count as good.
 expected_version() {
   case "$1" in
-    kube-apiserver | kube-scheduler | kubelet) echo "Kubernetes ${K8S_VERSION}" ;;
+    kube-apiserver | kube-scheduler | kube-controller-manager | kubelet) echo "Kubernetes ${K8S_VERSION}" ;;
     containerd | containerd-shim-runc-v2 | ctr) echo "${CONTAINERD_VERSION}" ;;
     etcd) echo "etcd Version: ${ETCD_VERSION#v}" ;;
     kwok) echo "${KWOK_VERSION#v}" ;;
@@ -195,6 +196,9 @@ build_one kwok kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION" 2 \
   "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}"
 build_one kube-apiserver kubernetes k8s.io/kubernetes/cmd/kube-apiserver "$K8S_VERSION" 5 "$K8S_LDFLAGS"
 build_one kube-scheduler kubernetes k8s.io/kubernetes/cmd/kube-scheduler "$K8S_VERSION" "$sched_minutes" "$K8S_LDFLAGS"
+# The Helm chart's test runs Deployments, DaemonSets and Jobs: their
+# controllers, service accounts' tokens and garbage collection.
+build_one kube-controller-manager kubernetes k8s.io/kubernetes/cmd/kube-controller-manager "$K8S_VERSION" "$sched_minutes" "$K8S_LDFLAGS"
 # The real node (tests/e2e/README.md, "real node"). The storage drivers need
 # cgo or kernel features the node does not use.
 build_one kubelet kubernetes k8s.io/kubernetes/cmd/kubelet "$K8S_VERSION" 7 "$K8S_LDFLAGS"

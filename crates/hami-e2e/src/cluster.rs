@@ -144,7 +144,41 @@ pub fn control_plane() -> Option<&'static Cluster> {
     start_shared("", &[], false)
 }
 
+/// The shared cluster of this test binary as an installer finds one: etcd,
+/// kube-apiserver, kube-controller-manager and a plain kube-scheduler (no
+/// hami-scheduler, no webhook), the API server reachable from pods through
+/// the `kubernetes` Service's address, for installing hami-rs itself (the
+/// Helm chart) onto [`Cluster::real_node`]. Needs root (iptables). Skips
+/// and fails as [`cluster`] does.
+pub fn deploy_cluster() -> Option<&'static Cluster> {
+    start_flavor("", &[], Flavor::Deploy)
+}
+
+/// What runs beside the API server.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Flavor {
+    /// hami-scheduler as a host process, or nothing (an empty path).
+    Host,
+    /// As [`Flavor::Host`], in HA mode.
+    Ha,
+    /// [`deploy_cluster`].
+    Deploy,
+}
+
 fn start_shared(scheduler_bin: &str, extra_args: &[&str], ha: bool) -> Option<&'static Cluster> {
+    start_flavor(
+        scheduler_bin,
+        extra_args,
+        if ha { Flavor::Ha } else { Flavor::Host },
+    )
+}
+
+fn start_flavor(
+    scheduler_bin: &str,
+    extra_args: &[&str],
+    flavor: Flavor,
+) -> Option<&'static Cluster> {
+    let ha = flavor == Flavor::Ha;
     let extra: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
     let r = CLUSTER.get_or_init(|| {
         let bin = match binaries() {
@@ -154,9 +188,12 @@ fn start_shared(scheduler_bin: &str, extra_args: &[&str], ha: bool) -> Option<&'
         if ha {
             own_host_names()?;
         }
+        if flavor == Flavor::Deploy {
+            crate::realnode::missing_for_deploy()?;
+        }
         let scheduler_bin = PathBuf::from(scheduler_bin);
         Ok(start_blocking("the e2e control plane", move || {
-            Cluster::start(&bin, &scheduler_bin, extra, ha)
+            Cluster::start(&bin, &scheduler_bin, extra, flavor)
         }))
     });
     available(r, "e2e")
@@ -328,6 +365,48 @@ fn kube_scheduler_args(config: &Path, kubeconfig: &Path, port: u16) -> Vec<Strin
     ]
 }
 
+/// The stand-in for kube-proxy, for the one Service pods need before
+/// hami-rs is installed: connections to the `kubernetes` Service address
+/// (10.96.0.1:443, what in-cluster clients dial) go to the API server on the
+/// host, from pods (PREROUTING) and from host-network processes (OUTPUT).
+/// Removed when the test binary exits.
+fn route_service_address(node_ip: &str, api_port: u16) -> anyhow::Result<()> {
+    let rule = |op: &str, chain: &str| {
+        let mut c = Command::new("iptables");
+        c.args([
+            "-w",
+            "-t",
+            "nat",
+            op,
+            chain,
+            "-d",
+            "10.96.0.1/32",
+            "-p",
+            "tcp",
+        ])
+        .args(["--dport", "443", "-j", "DNAT", "--to-destination"])
+        .arg(format!("{node_ip}:{api_port}"));
+        c
+    };
+    for chain in ["PREROUTING", "OUTPUT"] {
+        let out = rule("-A", chain)
+            .output()
+            .context("running iptables (the deploy cluster needs root and iptables)")?;
+        if !out.status.success() {
+            bail!(
+                "iptables -A {chain}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let chain = chain.to_string();
+        let mut undo = rule("-D", &chain);
+        procs::at_exit_first(Box::new(move || {
+            let _ = undo.output();
+        }));
+    }
+    Ok(())
+}
+
 /// Last lines of a component's log, for failure messages.
 pub(crate) fn tail(dir: &Path, name: &str, lines: usize) -> String {
     let text = fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
@@ -403,7 +482,7 @@ impl Cluster {
         bin: &Path,
         scheduler_bin: &Path,
         extra: Vec<String>,
-        ha: bool,
+        flavor: Flavor,
     ) -> anyhow::Result<Cluster> {
         rustls::crypto::ring::default_provider()
             .install_default()
@@ -415,7 +494,7 @@ impl Cluster {
         ));
         fs::create_dir_all(&dir)?;
         procs::remove_at_exit(dir.clone());
-        let r = Cluster::start_in(&dir, bin, scheduler_bin, extra, ha);
+        let r = Cluster::start_in(&dir, bin, scheduler_bin, extra, flavor);
         if let Err(e) = &r {
             let mut msg = format!("{e:#}\nlogs in {}", dir.display());
             for c in [
@@ -423,6 +502,7 @@ impl Cluster {
                 "kube-apiserver",
                 "hami-scheduler",
                 "kube-scheduler",
+                "kube-controller-manager",
                 "kwok",
             ] {
                 msg.push_str(&format!("\n---- {c}\n{}", tail(&dir, c, 15)));
@@ -437,8 +517,10 @@ impl Cluster {
         bin: &Path,
         scheduler_bin: &Path,
         extra: Vec<String>,
-        ha: bool,
+        flavor: Flavor,
     ) -> anyhow::Result<Cluster> {
+        let ha = flavor == Flavor::Ha;
+        let deploy = flavor == Flavor::Deploy;
         let pki = Pki::generate()?;
         let ca = write(dir, "ca.crt", &pki.ca.cert)?;
         let api_crt = write(dir, "apiserver.crt", &pki.apiserver.cert)?;
@@ -495,40 +577,60 @@ impl Cluster {
         )?);
         wait_http(etcd_port, "/health", "etcd", Duration::from_secs(30))?;
 
-        // kube-apiserver (flags as in tests/e2e/smoke-control-plane.sh)
+        // kube-apiserver (flags as in tests/e2e/smoke-control-plane.sh).
+        // Deployed: pods reach it on the host's address (through the
+        // `kubernetes` Service address, see `route_service_address`).
+        let node_ip = if deploy {
+            crate::realnode::node_ip()?
+        } else {
+            s("127.0.0.1")
+        };
+        let mut api_args = vec![
+            format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
+            format!(
+                "--bind-address={}",
+                if deploy { "0.0.0.0" } else { "127.0.0.1" }
+            ),
+            format!("--advertise-address={node_ip}"),
+            format!("--secure-port={api_port}"),
+            format!("--tls-cert-file={}", api_crt.display()),
+            format!("--tls-private-key-file={}", api_key.display()),
+            format!("--client-ca-file={}", ca.display()),
+            format!("--token-auth-file={}", tokens.display()),
+            format!("--requestheader-client-ca-file={}", ca.display()),
+            s("--requestheader-allowed-names=front-proxy-client"),
+            s("--requestheader-username-headers=X-Remote-User"),
+            s("--requestheader-group-headers=X-Remote-Group"),
+            s("--requestheader-extra-headers-prefix=X-Remote-Extra-"),
+            // Node: the real node's kubelet acts as itself.
+            s("--authorization-mode=Node,RBAC"),
+            // The real node's name does not resolve; its IP does.
+            s("--kubelet-preferred-address-types=InternalIP"),
+            s("--service-account-issuer=https://kubernetes.default.svc.cluster.local"),
+            format!("--service-account-key-file={}", sa_pub.display()),
+            format!("--service-account-signing-key-file={}", sa_key.display()),
+            s("--service-cluster-ip-range=10.96.0.0/16"),
+            s("--endpoint-reconciler-type=none"),
+            format!("--cert-dir={}", dir.join("apiserver-certs").display()),
+            s("--profiling=true"),
+            s("--max-requests-inflight=2000"),
+            s("--max-mutating-requests-inflight=1000"),
+        ];
+        if deploy {
+            // Pods get service-account tokens; webhooks are called on their
+            // endpoints' pod IPs (there is no kube-proxy for Service IPs).
+            api_args.push(s("--disable-admission-plugins=TaintNodesByCondition"));
+            api_args.push(s("--enable-aggregator-routing=true"));
+        } else {
+            api_args.push(s(
+                "--disable-admission-plugins=ServiceAccount,TaintNodesByCondition",
+            ));
+        }
         others.push(start(
             dir,
             "kube-apiserver",
             &bin.join("kube-apiserver"),
-            &[
-                format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
-                s("--bind-address=127.0.0.1"),
-                s("--advertise-address=127.0.0.1"),
-                format!("--secure-port={api_port}"),
-                format!("--tls-cert-file={}", api_crt.display()),
-                format!("--tls-private-key-file={}", api_key.display()),
-                format!("--client-ca-file={}", ca.display()),
-                format!("--token-auth-file={}", tokens.display()),
-                format!("--requestheader-client-ca-file={}", ca.display()),
-                s("--requestheader-allowed-names=front-proxy-client"),
-                s("--requestheader-username-headers=X-Remote-User"),
-                s("--requestheader-group-headers=X-Remote-Group"),
-                s("--requestheader-extra-headers-prefix=X-Remote-Extra-"),
-                // Node: the real node's kubelet acts as itself.
-                s("--authorization-mode=Node,RBAC"),
-                // The real node's name does not resolve; its IP does.
-                s("--kubelet-preferred-address-types=InternalIP"),
-                s("--service-account-issuer=https://kubernetes.default.svc.cluster.local"),
-                format!("--service-account-key-file={}", sa_pub.display()),
-                format!("--service-account-signing-key-file={}", sa_key.display()),
-                s("--service-cluster-ip-range=10.96.0.0/16"),
-                s("--disable-admission-plugins=ServiceAccount,TaintNodesByCondition"),
-                s("--endpoint-reconciler-type=none"),
-                format!("--cert-dir={}", dir.join("apiserver-certs").display()),
-                s("--profiling=true"),
-                s("--max-requests-inflight=2000"),
-                s("--max-mutating-requests-inflight=1000"),
-            ],
+            &api_args,
         )?);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -541,6 +643,55 @@ impl Cluster {
             "kube-apiserver",
             Duration::from_secs(120),
         ))?;
+
+        if deploy {
+            route_service_address(&node_ip, api_port)?;
+            let (kcm_port, plain_port) = (free_port()?, free_port()?);
+            others.push(start(
+                dir,
+                "kube-controller-manager",
+                &bin.join("kube-controller-manager"),
+                &[
+                    format!("--kubeconfig={}", kubeconfig.display()),
+                    format!("--authentication-kubeconfig={}", kubeconfig.display()),
+                    format!("--authorization-kubeconfig={}", kubeconfig.display()),
+                    format!("--service-account-private-key-file={}", sa_key.display()),
+                    format!("--root-ca-file={}", ca.display()),
+                    s("--use-service-account-credentials=true"),
+                    s("--leader-elect=false"),
+                    s("--bind-address=127.0.0.1"),
+                    format!("--secure-port={kcm_port}"),
+                    s("--v=2"),
+                ],
+            )?);
+            let plain = write(
+                dir,
+                "kube-scheduler.yaml",
+                &format!(
+                    "apiVersion: kubescheduler.config.k8s.io/v1\nkind: KubeSchedulerConfiguration\nclientConnection:\n  kubeconfig: {}\nleaderElection:\n  leaderElect: false\n",
+                    kubeconfig.display()
+                ),
+            )?;
+            others.push(start(
+                dir,
+                "kube-scheduler",
+                &bin.join("kube-scheduler"),
+                &kube_scheduler_args(&plain, &kubeconfig, plain_port),
+            )?);
+            for (port, what) in [
+                (kcm_port, "kube-controller-manager"),
+                (plain_port, "kube-scheduler"),
+            ] {
+                rt.block_on(wait_https(
+                    &kubeconfig,
+                    &format!("https://127.0.0.1:{port}"),
+                    "/healthz",
+                    true,
+                    what,
+                    Duration::from_secs(60),
+                ))?;
+            }
+        }
 
         // hami-scheduler, the binary under test
         let mut scheduler_args = vec![

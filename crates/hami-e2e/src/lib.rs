@@ -25,6 +25,7 @@ mod testns;
 
 pub use cluster::{
     Cluster, HA_LEASE, HA_MAIN_HOST, Replica, cluster, cluster_ha, cluster_with, control_plane,
+    deploy_cluster,
 };
 pub use lockwatch::LockWatch;
 pub use procs::{kill as kill_child, spawn as spawn_child};

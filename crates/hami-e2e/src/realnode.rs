@@ -96,6 +96,27 @@ fn missing() -> Option<String> {
     None
 }
 
+/// What this machine lacks for [`crate::deploy_cluster`]: a real node, and
+/// iptables for the `kubernetes` Service address.
+pub(crate) fn missing_for_deploy() -> Result<(), String> {
+    if let Some(m) = missing() {
+        return Err(m);
+    }
+    match Command::new("iptables")
+        .args(["-w", "-t", "nat", "-S", "OUTPUT"])
+        .output()
+    {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(format!(
+            "the deploy cluster routes the kubernetes Service address with iptables, which failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Err(format!(
+            "the deploy cluster needs iptables (apt-get install iptables): {e}"
+        )),
+    }
+}
+
 impl Cluster {
     /// The real node, started on first use. `None` (after printing why)
     /// when this machine cannot run one (not root, runc or the CNI plugins
@@ -115,7 +136,7 @@ impl Cluster {
 }
 
 /// The host's address the API server reaches the kubelet on.
-fn node_ip() -> anyhow::Result<String> {
+pub(crate) fn node_ip() -> anyhow::Result<String> {
     let out = Command::new("ip")
         .args(["-4", "-o", "route", "get", "1.1.1.1"])
         .output()

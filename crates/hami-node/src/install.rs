@@ -54,17 +54,37 @@ pub struct Installed {
 
 /// `libvgpu.so.<version>-<first 12 hex digits of the SHA-256 of bytes>`.
 pub fn versioned_name(version: &str, bytes: &[u8]) -> String {
+    versioned_file_name(LIBRARY_NAME, version, bytes)
+}
+
+fn versioned_file_name(name: &str, version: &str, bytes: &[u8]) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
     let hex: String = digest.as_ref()[..6]
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    format!("{LIBRARY_NAME}.{version}-{hex}")
+    format!("{name}.{version}-{hex}")
 }
 
 /// Installs the library at `source` into `vgpu_dir` (made if missing) as
 /// [`versioned_name`]; see the module doc.
 pub fn install(source: &Path, vgpu_dir: &Path, version: &str) -> Result<Installed, InstallError> {
+    install_as(source, vgpu_dir, LIBRARY_NAME, version)
+}
+
+/// sim-gpu's driver library, installed beside the interposer the same way
+/// (the agent's own copy is a path in its image, not on the host).
+pub const SIM_LIBRARY_NAME: &str = "libsim_gpu.so";
+/// sim-gpu's state dir under the hook dir (the agent's default).
+pub const SIM_STATE_NAME: &str = "sim-gpu-state";
+
+/// [`install`] of a library named `name` (`<name>.<version>-<hash>`).
+pub fn install_as(
+    source: &Path,
+    vgpu_dir: &Path,
+    name: &str,
+    version: &str,
+) -> Result<Installed, InstallError> {
     let bytes = std::fs::read(source).map_err(|e| InstallError::Source {
         path: source.to_path_buf(),
         source: e,
@@ -81,7 +101,7 @@ pub fn install(source: &Path, vgpu_dir: &Path, version: &str) -> Result<Installe
     };
     std::fs::create_dir_all(vgpu_dir).map_err(at(vgpu_dir))?;
     let removed_temps = remove_temps(vgpu_dir)?;
-    let dest = vgpu_dir.join(versioned_name(version, &bytes));
+    let dest = vgpu_dir.join(versioned_file_name(name, version, &bytes));
     match std::fs::read(&dest) {
         Ok(existing) if existing == bytes => {
             return Ok(Installed {
@@ -159,6 +179,63 @@ pub fn write_preload(vgpu_dir: &Path) -> Result<bool, InstallError> {
     }
     std::fs::rename(&tmp, &dest).map_err(at(&dest))?;
     Ok(true)
+}
+
+/// Removes what the agent put into `vgpu_dir` (the installed libraries,
+/// the preload list, sim-gpu's state, the empty `containers/` and `alloc/`
+/// dirs) when no
+/// container uses it any more: at the agent's exit, so uninstalling leaves
+/// the host's hook dir empty. `None`: kept, because a container's dir or
+/// allocation link is still there (its container may run, with the library
+/// mounted). Anything else in the dir is left alone.
+pub fn remove_if_unused(vgpu_dir: &Path) -> Result<Option<Vec<PathBuf>>, InstallError> {
+    let at = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| InstallError::Target { path, source }
+    };
+    let mut dirs = Vec::new();
+    for sub in ["containers", "alloc"] {
+        let d = vgpu_dir.join(sub);
+        match std::fs::read_dir(&d) {
+            Ok(mut entries) => {
+                if entries.next().is_some() {
+                    return Ok(None);
+                }
+                dirs.push(d);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(at(&d)(e)),
+        }
+    }
+    let mut removed = Vec::new();
+    let entries = match std::fs::read_dir(vgpu_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some(removed)),
+        Err(e) => return Err(at(vgpu_dir)(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(at(vgpu_dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let ours = name == PRELOAD_NAME
+            || name.starts_with(&format!("{LIBRARY_NAME}."))
+            || name.starts_with(&format!("{SIM_LIBRARY_NAME}."))
+            || name.starts_with(TEMP_PREFIX);
+        let kind = entry.file_type().map_err(at(vgpu_dir))?;
+        let path = entry.path();
+        if ours && kind.is_file() {
+            std::fs::remove_file(&path).map_err(at(&path))?;
+            removed.push(path);
+        } else if name == SIM_STATE_NAME && kind.is_dir() {
+            std::fs::remove_dir_all(&path).map_err(at(&path))?;
+            removed.push(path);
+        }
+    }
+    for d in dirs {
+        std::fs::remove_dir(&d).map_err(at(&d))?;
+        removed.push(d);
+    }
+    removed.sort();
+    Ok(Some(removed))
 }
 
 /// Removes the temporary files an interrupted install left in `dir`.
@@ -281,6 +358,41 @@ mod tests {
         assert_eq!(identity(&old.path), old_id, "the old file was touched");
         assert_eq!(std::fs::read(&rebuilt.path).unwrap(), b"new build");
         assert_eq!(std::fs::read(&upgraded.path).unwrap(), b"newer build");
+    }
+
+    #[test]
+    fn exit_removes_what_was_installed_only_when_no_container_uses_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let vgpu = dir.join("vgpu");
+        let lib = source(dir, "src.so", b"library-bytes");
+        let installed = install(&lib, &vgpu, "1.0").unwrap();
+        write_preload(&vgpu).unwrap();
+        let sim = install_as(&lib, &vgpu, SIM_LIBRARY_NAME, "1.0").unwrap();
+        std::fs::create_dir_all(vgpu.join(SIM_STATE_NAME)).unwrap();
+        std::fs::write(vgpu.join(SIM_STATE_NAME).join("card0"), b"state").unwrap();
+        std::fs::create_dir_all(vgpu.join("containers/uid_main")).unwrap();
+        std::fs::create_dir_all(vgpu.join("alloc")).unwrap();
+        std::fs::write(vgpu.join("operator-notes"), b"not ours").unwrap();
+        assert_eq!(
+            remove_if_unused(&vgpu).unwrap(),
+            None,
+            "a container's dir is there"
+        );
+        assert!(installed.path.is_file());
+        std::fs::remove_dir(vgpu.join("containers/uid_main")).unwrap();
+        let removed = remove_if_unused(&vgpu).unwrap().expect("nothing uses it");
+        assert_eq!(removed.len(), 6, "{removed:?}");
+        assert!(!installed.path.exists());
+        assert!(!sim.path.exists());
+        assert!(!vgpu.join(PRELOAD_NAME).exists());
+        let left: Vec<_> = std::fs::read_dir(&vgpu)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["operator-notes"]);
+        // A missing dir is nothing to remove.
+        assert_eq!(remove_if_unused(&dir.join("none")).unwrap(), Some(vec![]));
     }
 
     #[test]

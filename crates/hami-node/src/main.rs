@@ -243,7 +243,12 @@ fn main() -> anyhow::Result<()> {
     if sim_mode(&args) && std::env::var_os(SIM_STATE_ENV).is_none_or(|v| v.is_empty()) {
         // The cards' state must be where the containers' mount finds it.
         // SAFETY: as above.
-        unsafe { std::env::set_var(SIM_STATE_ENV, args.hook_path.join("vgpu/sim-gpu-state")) };
+        unsafe {
+            std::env::set_var(
+                SIM_STATE_ENV,
+                args.hook_path.join("vgpu").join(install::SIM_STATE_NAME),
+            )
+        };
     }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -286,8 +291,16 @@ fn sim_driver(args: &Args) -> anyhow::Result<Option<SimDriver>> {
     let state_dir = PathBuf::from(std::env::var_os(SIM_STATE_ENV).unwrap_or_default());
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating sim-gpu's state dir {}", state_dir.display()))?;
+    // Containers mount it from the host: install it under the hook dir
+    // (the agent's own copy may be a path in its image).
+    let installed = install::install_as(
+        &library,
+        &args.hook_path.join("vgpu"),
+        install::SIM_LIBRARY_NAME,
+        env!("CARGO_PKG_VERSION"),
+    )?;
     Ok(Some(SimDriver {
-        library,
+        library: installed.path,
         devices,
         state_dir,
     }))
@@ -476,6 +489,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     .await;
     // The registration loop removes the node's annotations before it ends.
     let _ = registration.await;
+    // What this agent installed goes with it, unless a container still
+    // uses it (a rolling update or a stop with GPU pods keeps it).
+    if args.lib_source.is_some() || sim_mode(&args) {
+        match install::remove_if_unused(&settings.vgpu_dir()) {
+            Ok(Some(removed)) => tracing::info!(
+                "removed {} file(s) from {}: no container uses them",
+                removed.len(),
+                settings.vgpu_dir().display()
+            ),
+            Ok(None) => tracing::info!(
+                "kept {}: containers still use it",
+                settings.vgpu_dir().display()
+            ),
+            Err(e) => tracing::warn!("cleaning up {}: {e}", settings.vgpu_dir().display()),
+        }
+    }
     result
 }
 

@@ -7,6 +7,7 @@
 //! never make a placement decision of its own: there is one engine.
 
 pub mod app;
+pub mod certgen;
 pub mod config;
 pub mod error;
 pub mod extender;
