@@ -32,6 +32,8 @@ pub struct Cluster {
     pub ca_pem: String,
     /// HTTPS port of hami-scheduler (extender, webhook, metrics).
     pub scheduler_port: u16,
+    /// Plain-HTTP port of hami-scheduler's dashboard (/ui, /api/v1).
+    pub dashboard_port: u16,
     scheduler_bin: PathBuf,
     scheduler_args: Vec<String>,
     scheduler: Mutex<Option<Child>>,
@@ -694,8 +696,10 @@ impl Cluster {
         }
 
         // hami-scheduler, the binary under test
+        let dashboard_port = free_port()?;
         let mut scheduler_args = vec![
             format!("--bind-address=127.0.0.1:{hs_port}"),
+            format!("--dashboard-bind-address=127.0.0.1:{dashboard_port}"),
             format!("--tls-cert-file={}", sched_crt.display()),
             format!("--tls-key-file={}", sched_key.display()),
             format!("--kubeconfig={}", kubeconfig.display()),
@@ -713,6 +717,7 @@ impl Cluster {
             kubeconfig: kubeconfig.clone(),
             ca_pem: pki.ca.cert.clone(),
             scheduler_port: hs_port,
+            dashboard_port,
             scheduler_bin: scheduler_bin.to_path_buf(),
             scheduler_args,
             scheduler: Mutex::new(None),
@@ -915,10 +920,15 @@ impl Cluster {
         let mut args: Vec<String> = self
             .scheduler_args
             .iter()
-            .filter(|a| !a.is_empty() && !a.starts_with("--bind-address="))
+            .filter(|a| {
+                !a.is_empty()
+                    && !a.starts_with("--bind-address=")
+                    && !a.starts_with("--dashboard-bind-address=")
+            })
             .cloned()
             .collect();
         args.push(format!("--bind-address=127.0.0.1:{hs_port}"));
+        args.push("--dashboard-bind-address=off".to_string());
         let hs_name = format!("hami-scheduler-{host}");
         let hami = start_as(&self.dir, &hs_name, Some(host), &self.scheduler_bin, &args)?;
         let replica = Replica {

@@ -545,12 +545,29 @@ syncFrequency: 5s
         for lib in crate::image::shared_libraries(&needs)? {
             layer = layer.file(&lib.display().to_string(), &lib, 0o755)?;
         }
+        let mut all_env = vec!["PATH=/bin:/usr/bin".to_string()];
+        all_env.extend(env.iter().map(|e| e.to_string()));
+        let process = crate::image::Process {
+            env: all_env,
+            ..Default::default()
+        };
+        self.import_layer(name, &layer, &process)
+    }
+
+    /// Imports the image `name` made of `layer` running `process` into the
+    /// node's containerd (as a registry pull would leave it).
+    pub fn import_layer(
+        &self,
+        name: &str,
+        layer: &crate::image::Layer,
+        process: &crate::image::Process,
+    ) -> anyhow::Result<()> {
         let safe: String = name
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .collect();
         let tar = self.root.join(format!("images/{safe}.tar"));
-        crate::image::write_oci(&tar, name, &layer, &[], env)?;
+        crate::image::write_oci_image(&tar, name, layer, process)?;
         self.ctr(&[
             "images",
             "import",

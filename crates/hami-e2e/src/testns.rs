@@ -187,6 +187,18 @@ impl TestNs {
             .await
     }
 
+    /// Deletes the pod at once (grace period 0).
+    pub async fn delete_pod(&self, name: &str) {
+        let now = DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        };
+        Api::<Pod>::namespaced(self.client.clone(), &self.name)
+            .delete(name, &now)
+            .await
+            .unwrap_or_else(|e| panic!("delete pod {name}: {e}"));
+    }
+
     pub async fn get_pod(&self, name: &str) -> Pod {
         Api::<Pod>::namespaced(self.client.clone(), &self.name)
             .get(name)

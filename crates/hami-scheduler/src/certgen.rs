@@ -290,6 +290,7 @@ mod tests {
             .next()
             .unwrap()
             .unwrap();
+        use rustls::client::danger::ServerCertVerifier as _;
         let now = rustls::pki_types::UnixTime::now();
         for host in ["hami-scheduler.kube-system.svc", "127.0.0.1"] {
             let name = rustls::pki_types::ServerName::try_from(host).unwrap();

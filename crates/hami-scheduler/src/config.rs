@@ -38,6 +38,13 @@ pub struct Args {
     #[arg(long, value_parser = parse_addr)]
     pub metrics_bind_address: Option<SocketAddr>,
 
+    /// Plain-HTTP address of the dashboard (/ui) and its JSON API
+    /// (/api/v1/...), or `off` [default: 127.0.0.1:9396]. On loopback in a
+    /// pod, only `kubectl port-forward` reaches it, so Kubernetes RBAC
+    /// (pods/portforward) decides who sees it.
+    #[arg(long, value_parser = parse_optional_addr)]
+    pub dashboard_bind_address: Option<Listen>,
+
     /// PEM certificate chain of the HTTPS server (re-read when it changes).
     #[arg(long, alias = "cert_file")]
     pub tls_cert_file: Option<PathBuf>,
@@ -270,6 +277,7 @@ impl HamiCompatFlags {
 pub struct FileConfig {
     pub bind_address: Option<String>,
     pub metrics_bind_address: Option<String>,
+    pub dashboard_bind_address: Option<String>,
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
     pub extender_client_ca_file: Option<PathBuf>,
@@ -303,6 +311,7 @@ pub struct FileConfig {
 pub struct Settings {
     pub bind_address: SocketAddr,
     pub metrics_bind_address: Option<SocketAddr>,
+    pub dashboard_bind_address: Option<SocketAddr>,
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
     pub extender_client_ca_file: Option<PathBuf>,
@@ -373,6 +382,33 @@ fn secs(n: f64) -> Option<Duration> {
 }
 
 /// Parses `host:port`, or Go's `:port` for every interface.
+/// Where the dashboard listens unless told otherwise.
+pub const DEFAULT_DASHBOARD: &str = "127.0.0.1:9396";
+
+/// An address to listen on, or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    At(SocketAddr),
+    Off,
+}
+
+impl Listen {
+    pub fn address(self) -> Option<SocketAddr> {
+        match self {
+            Listen::At(a) => Some(a),
+            Listen::Off => None,
+        }
+    }
+}
+
+/// `off`, or an address as [`parse_addr`] takes it.
+pub fn parse_optional_addr(s: &str) -> Result<Listen, String> {
+    if s == "off" {
+        return Ok(Listen::Off);
+    }
+    parse_addr(s).map(Listen::At)
+}
+
 pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     let full = match s.strip_prefix(':') {
         Some(port) => format!("0.0.0.0:{port}"),
@@ -485,6 +521,17 @@ impl Args {
                     file.metrics_bind_address,
                     parse_addr,
                 )?,
+            },
+            dashboard_bind_address: match self.dashboard_bind_address {
+                Some(a) => a.address(),
+                None => file_parsed(
+                    p,
+                    "dashboardBindAddress",
+                    file.dashboard_bind_address,
+                    parse_optional_addr,
+                )?
+                .unwrap_or_else(|| Listen::At(DEFAULT_DASHBOARD.parse().expect("valid address")))
+                .address(),
             },
             tls_cert_file: self.tls_cert_file.clone().or(file.tls_cert_file),
             tls_key_file: self.tls_key_file.clone().or(file.tls_key_file),

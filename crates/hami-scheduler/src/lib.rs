@@ -9,6 +9,7 @@
 pub mod app;
 pub mod certgen;
 pub mod config;
+pub mod dashboard;
 pub mod error;
 pub mod extender;
 pub mod metrics;

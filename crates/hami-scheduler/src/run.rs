@@ -157,6 +157,21 @@ pub async fn run(args: Args) -> Result<(), Error> {
         "HTTPS server",
         tokio::spawn(tls::serve_tls(listener, tls_config, router, limits)),
     ));
+    if let Some(addr) = s.dashboard_bind_address {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::Listen { addr, source })?;
+        tracing::info!(address = %addr, "serving the dashboard at /ui over HTTP");
+        let r = crate::dashboard::router().with_state(app.clone());
+        supervised.push((
+            "dashboard server",
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(l, r).await {
+                    tracing::error!(error = %e, "dashboard server");
+                }
+            }),
+        ));
+    }
     if let Some(addr) = s.metrics_bind_address {
         let l = tokio::net::TcpListener::bind(addr)
             .await
@@ -318,13 +333,25 @@ fn write_handshakes(app: &App, answers: Vec<(String, String)>) {
     let client = app.client.clone();
     tokio::spawn(async move {
         let nodes: Api<Node> = Api::all(client);
+        // `replace`, not a merge: it fails when the agent has removed its
+        // handshake meanwhile (it is being uninstalled), so an answer never
+        // brings the annotation back.
+        let path = format!(
+            "/metadata/annotations/{}",
+            ann::NODE_HANDSHAKE.replace('~', "~0").replace('/', "~1")
+        );
         for (node, value) in answers {
-            let patch = json!({"metadata": {"annotations": {ann::NODE_HANDSHAKE: value}}});
-            if let Err(e) = nodes
-                .patch(&node, &PatchParams::default(), &Patch::Merge(&patch))
+            let ops = json!([{"op": "replace", "path": path, "value": value}]);
+            let patch: json_patch::Patch = serde_json::from_value(ops).expect("a valid JSON patch");
+            match nodes
+                .patch(&node, &PatchParams::default(), &Patch::<()>::Json(patch))
                 .await
             {
-                tracing::warn!(node, error = %e, "writing the handshake");
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 422 => {
+                    tracing::debug!(node, "handshake gone before the answer; not written");
+                }
+                Err(e) => tracing::warn!(node, error = %e, "writing the handshake"),
             }
         }
     });

@@ -7,7 +7,7 @@
 //! without a cluster. Callers hold the one mutex around [`Cluster`] only
 //! for the duration of a call, never across I/O.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -113,6 +113,58 @@ pub struct Cluster {
     pods: HashMap<String, PodEntry>,
     pod_inventory: Inventory,
     reservations: HashMap<String, Reservation>,
+    /// GPU pods not bound yet, for the dashboard.
+    pending: HashMap<String, Pending>,
+}
+
+/// A GPU pod waiting for a node, and what the last Filter said about it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pending {
+    pub scheduler_name: String,
+    pub since: Option<Timestamp>,
+    /// What it asks for, in words.
+    pub request: String,
+    /// How many candidate nodes each rejection reason (the word before
+    /// the first `:` of HAMi's reason text) turned away in the last Filter.
+    pub rejections: BTreeMap<String, usize>,
+    /// One full reason of the last Filter, for reading.
+    pub reason: Option<String>,
+}
+
+/// A node as the dashboard shows it (its cards come from the snapshot).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeView {
+    pub name: String,
+    pub healthy: bool,
+    pub handshake: Option<String>,
+    pub mode: hami_api::node::AllocationMode,
+}
+
+/// The reason words of one node's rejection: HAMi's `1/2 CardInsufficientMemory,
+/// 1/2 CardUuidMismatch` gives both words; `NodeNotReporting: ...` its word.
+fn reason_words(why: &str) -> BTreeSet<String> {
+    let head = why.split(':').next().unwrap_or(why);
+    head.split(',')
+        .filter_map(|part| part.split_whitespace().last())
+        .map(str::to_string)
+        .collect()
+}
+
+/// A pod's request in words: `2 × nvidia.com/gpu, 3000 MiB, 30% cores`.
+fn request_words(req: &PodRequest) -> String {
+    let mut parts = Vec::new();
+    for c in req.containers.iter().flatten() {
+        let mem = match (c.mem, c.mem_percentage) {
+            (0, Some(p)) => format!("{p}% memory"),
+            (0, None) => "all memory".to_string(),
+            (m, _) => format!("{m} MiB"),
+        };
+        parts.push(format!(
+            "{} × {}, {mem}, {}% cores",
+            c.nums, c.vendor, c.cores
+        ));
+    }
+    parts.join("; ")
 }
 
 fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
@@ -165,6 +217,31 @@ impl Cluster {
             .collect();
         v.sort();
         v
+    }
+
+    /// Every node that registered cards (healthy or not), by name.
+    pub fn node_views(&self) -> Vec<NodeView> {
+        let mut v: Vec<NodeView> = self
+            .nodes
+            .iter()
+            .filter_map(|(name, e)| {
+                let a = e.node.metadata.annotations.as_ref();
+                let registered = a.is_some_and(|a| a.contains_key(ann::NODE_NVIDIA_REGISTER));
+                (registered || self.snapshot.node(name).is_some()).then(|| NodeView {
+                    name: name.clone(),
+                    healthy: e.healthy,
+                    handshake: a.and_then(|a| a.get(ann::NODE_HANDSHAKE)).cloned(),
+                    mode: self.allocation_mode(name),
+                })
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// GPU pods waiting for a node, by `namespace/name`.
+    pub fn pending(&self) -> impl Iterator<Item = (&str, &Pending)> {
+        self.pending.iter().map(|(k, p)| (k.as_str(), p))
     }
 
     // ---- nodes
@@ -275,6 +352,7 @@ impl Cluster {
     pub fn upsert_pod(&mut self, engine: &Engine, pod: &Pod) {
         let key = pod_key(pod);
         self.pod_inventory.upsert(&key);
+        self.track_pending(engine, &key, pod);
         let bind_phase = annotation(pod, ann::BIND_PHASE);
         // The engine decides what a pod holds (a given-up bind holds nothing).
         let record = match engine.pod_record(pod) {
@@ -329,7 +407,39 @@ impl Cluster {
         }
     }
 
+    /// Keeps [`Cluster::pending`] to the GPU pods without a node.
+    fn track_pending(&mut self, engine: &Engine, key: &str, pod: &Pod) {
+        let unbound = pod.spec.as_ref().is_some_and(|s| s.node_name.is_none())
+            && pod.metadata.deletion_timestamp.is_none()
+            && !matches!(phase(pod), Some("Succeeded" | "Failed"));
+        let request = unbound
+            .then(|| engine.prepare(pod).ok().flatten())
+            .flatten();
+        let Some(request) = request else {
+            self.pending.remove(key);
+            return;
+        };
+        let entry = self
+            .pending
+            .entry(key.to_string())
+            .or_insert_with(|| Pending {
+                scheduler_name: String::new(),
+                since: None,
+                request: String::new(),
+                rejections: BTreeMap::new(),
+                reason: None,
+            });
+        entry.scheduler_name = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.scheduler_name.clone())
+            .unwrap_or_else(|| "default-scheduler".into());
+        entry.since = pod.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        entry.request = request_words(&request);
+    }
+
     fn forget_pod(&mut self, key: &str) {
+        self.pending.remove(key);
         self.pods.remove(key);
         self.reservations.remove(key);
         self.snapshot.remove_pod(key);
@@ -471,6 +581,15 @@ impl Cluster {
                 .map(|(n, b)| (n.to_string(), b.reason())),
         );
         let node = decision.node.map(str::to_string);
+        if let Some(p) = self.pending.get_mut(&req.key) {
+            p.rejections = BTreeMap::new();
+            for why in failed.values() {
+                for word in reason_words(why) {
+                    *p.rejections.entry(word).or_default() += 1;
+                }
+            }
+            p.reason = failed.iter().next().map(|(n, why)| format!("{n}: {why}"));
+        }
         let outcome = FilterOutcome {
             freed: earlier.filter(|_| node.is_none()),
             node,
@@ -746,6 +865,106 @@ mod tests {
         assert_eq!(free_mem(&c, "n1"), 0);
         c.delete_pod("ns/a");
         assert_eq!(free_mem(&c, "n1"), 1000);
+    }
+
+    #[test]
+    fn rejection_reasons_are_counted_by_word() {
+        let words = |w: &str| reason_words(w).into_iter().collect::<Vec<_>>();
+        assert_eq!(
+            words("1/2 CardInsufficientMemory, 1/2 CardUuidMismatch"),
+            ["CardInsufficientMemory", "CardUuidMismatch"]
+        );
+        assert_eq!(
+            words("NodeNotReporting: the device plugin has not answered"),
+            ["NodeNotReporting"]
+        );
+    }
+
+    #[test]
+    fn the_dashboard_shows_cards_their_pods_and_why_a_pod_waits() {
+        use crate::dashboard;
+        let (engine, mut c, now) = reporting_nodes(&["n1", "n2"]);
+        c.upsert_node(
+            &engine,
+            node("n3", "Requesting_2026-01-01 00:00:00", "0"),
+            now,
+        );
+        // n3's plugin never answers: a minute on, its cards are withheld.
+        c.rejudge_nodes(&engine, now + SignedDuration::from_secs(61));
+        let cands = names(&["n1", "n2"]);
+        let req = |p: &Pod| engine.prepare(p).unwrap().unwrap();
+        let mut a = pod("a", "ua", "600");
+        a.spec.as_mut().unwrap().scheduler_name = Some("hami-scheduler".into());
+        let mut big = pod("big", "ub", "5000");
+        big.spec.as_mut().unwrap().scheduler_name = Some("hami-scheduler".into());
+        c.upsert_pod(&engine, &a);
+        c.upsert_pod(&engine, &big);
+        let placed = c.filter(&engine, &req(&a), Some("ua"), &cands, now);
+        let a_node = placed.node.expect("a fits");
+        assert!(
+            c.filter(&engine, &req(&big), Some("ub"), &cands, now)
+                .node
+                .is_none()
+        );
+
+        let (totals, models) = dashboard::totals(&c);
+        assert_eq!(
+            (totals.nodes, totals.healthy_nodes, totals.cards),
+            (3, 2, 4)
+        );
+        assert_eq!(
+            totals.capacity.memory_mi_b,
+            dashboard::Amount {
+                used: 600,
+                total: 4000
+            }
+        );
+        assert_eq!(
+            totals.capacity.slots,
+            dashboard::Amount { used: 1, total: 40 }
+        );
+        assert_eq!(models.len(), 1);
+        assert_eq!(models[0].model, "NVIDIA-T4");
+
+        let nodes = dashboard::node_list(&c).nodes;
+        let names_seen: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names_seen, ["n1", "n2", "n3"]);
+        let n3 = &nodes[2];
+        assert!(!n3.healthy && n3.cards.is_empty());
+        assert!(n3.reason.as_deref().unwrap().contains("Requesting_"));
+        let shared: Vec<_> = nodes
+            .iter()
+            .flat_map(|n| n.cards.iter().map(move |card| (n.name.as_str(), card)))
+            .filter(|(_, card)| !card.pods.is_empty())
+            .collect();
+        assert_eq!(shared.len(), 1, "a holds one card");
+        let (on, card) = shared[0];
+        assert_eq!(on, a_node);
+        assert_eq!(card.pods[0].name, "a");
+        assert_eq!(card.pods[0].memory_mi_b, 600);
+        assert_eq!(card.capacity.memory_mi_b.used, 600);
+
+        let pending = dashboard::pending_list(&c, "hami-scheduler").pods;
+        let waiting: Vec<&str> = pending.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(waiting, ["a", "big"], "neither is bound yet");
+        let big_row = &pending[1];
+        assert_eq!(big_row.request, "1 × NVIDIA, 5000 MiB, 0% cores");
+        assert_eq!(big_row.rejections.len(), 1);
+        assert_eq!(big_row.rejections[0].nodes, 2);
+        assert_eq!(big_row.rejections[0].reason, "CardInsufficientMemory");
+        assert!(big_row.reason.as_deref().unwrap().starts_with("n1: "));
+        assert!(dashboard::pending_list(&c, "other").pods.is_empty());
+
+        // Bound: no longer pending; deleted: gone.
+        let mut bound = a.clone();
+        bound.spec.as_mut().unwrap().node_name = Some(a_node.clone());
+        c.upsert_pod(&engine, &bound);
+        c.delete_pod("ns/big");
+        assert!(
+            dashboard::pending_list(&c, "hami-scheduler")
+                .pods
+                .is_empty()
+        );
     }
 
     #[test]

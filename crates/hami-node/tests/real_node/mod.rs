@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 #[path = "../../../hami-core/tests/common/mod.rs"]
-mod common;
+pub mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -124,13 +124,7 @@ impl Setup {
         let cluster = hami_e2e::cluster(workspace_bin("hami-scheduler").to_str()?)?;
         let node = cluster.real_node()?;
         let a = common::artifacts();
-        node.import_image(
-            IMAGE,
-            &[("/bin/cuda-probe", &a.probe)],
-            &[&a.sim, &a.vgpu],
-            &[],
-        )
-        .expect("importing the test image");
+        import_test_image(node);
         let devices = node.root.join("sim-devices");
         std::fs::write(&devices, CARDS.join("\n") + "\n").unwrap();
         let device_config = node.root.join("device-config.yaml");
@@ -168,6 +162,20 @@ impl Setup {
         setup.start_hami_node();
         Some(setup)
     }
+}
+
+/// Imports [`IMAGE`] into the node: busybox, cuda-probe and the shared
+/// libraries it and the injected libraries (interposer, simulated driver)
+/// load.
+pub fn import_test_image(node: &RealNode) {
+    let a = common::artifacts();
+    node.import_image(
+        IMAGE,
+        &[("/bin/cuda-probe", &a.probe)],
+        &[&a.sim, &a.vgpu],
+        &[],
+    )
+    .expect("importing the test image");
 }
 
 /// `args` with each of `changed` (`--flag=value`) replacing that flag's
