@@ -53,6 +53,10 @@ pub struct App {
     pub bind_flights: BindFlights,
     /// Marks nodes whose cards were freed with no event of their own.
     pub requeue: crate::requeue::Requeue,
+    /// Live card usage from the node monitors, for the dashboard.
+    pub usage: crate::usage::LiveUsage,
+    /// A card's usage older than this is not shown.
+    pub usage_max_age: jiff::SignedDuration,
 }
 
 /// The outcome of one bind, shared with retries of it.

@@ -45,6 +45,24 @@ pub struct Args {
     #[arg(long, value_parser = parse_optional_addr)]
     pub dashboard_bind_address: Option<Listen>,
 
+    /// Label selector of the node monitor pods (hami-node) whose
+    /// `/metrics` the dashboard reads for live card usage, e.g.
+    /// `app.kubernetes.io/component=hami-node`. Unset: no live usage
+    #[arg(long)]
+    pub node_monitor_selector: Option<String>,
+
+    /// Namespace of those pods [default: all namespaces]
+    #[arg(long)]
+    pub node_monitor_namespace: Option<String>,
+
+    /// Port of the node monitors' plain-HTTP /metrics [default: 9394]
+    #[arg(long)]
+    pub node_monitor_port: Option<u16>,
+
+    /// How often the node monitors are read, e.g. `10s` [default: 10s]
+    #[arg(long, value_parser = parse_duration)]
+    pub node_monitor_period: Option<Duration>,
+
     /// PEM certificate chain of the HTTPS server (re-read when it changes).
     #[arg(long, alias = "cert_file")]
     pub tls_cert_file: Option<PathBuf>,
@@ -278,6 +296,10 @@ pub struct FileConfig {
     pub bind_address: Option<String>,
     pub metrics_bind_address: Option<String>,
     pub dashboard_bind_address: Option<String>,
+    pub node_monitor_selector: Option<String>,
+    pub node_monitor_namespace: Option<String>,
+    pub node_monitor_port: Option<u16>,
+    pub node_monitor_period: Option<String>,
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
     pub extender_client_ca_file: Option<PathBuf>,
@@ -312,6 +334,10 @@ pub struct Settings {
     pub bind_address: SocketAddr,
     pub metrics_bind_address: Option<SocketAddr>,
     pub dashboard_bind_address: Option<SocketAddr>,
+    pub node_monitor_selector: Option<String>,
+    pub node_monitor_namespace: Option<String>,
+    pub node_monitor_port: u16,
+    pub node_monitor_period: Duration,
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
     pub extender_client_ca_file: Option<PathBuf>,
@@ -573,6 +599,26 @@ impl Args {
                 .clone()
                 .or(file.node_label_selector)
                 .filter(|s| !s.is_empty()),
+            node_monitor_selector: self
+                .node_monitor_selector
+                .clone()
+                .or(file.node_monitor_selector)
+                .filter(|s| !s.is_empty()),
+            node_monitor_namespace: self
+                .node_monitor_namespace
+                .clone()
+                .or(file.node_monitor_namespace)
+                .filter(|s| !s.is_empty()),
+            node_monitor_port: self
+                .node_monitor_port
+                .or(file.node_monitor_port)
+                .unwrap_or(9394),
+            node_monitor_period: duration(
+                self.node_monitor_period,
+                "nodeMonitorPeriod",
+                file.node_monitor_period,
+                Duration::from_secs(10),
+            )?,
             lock_timeout: duration(
                 self.lock_timeout,
                 "lockTimeout",

@@ -118,7 +118,7 @@ pub struct PodShare {
     pub cores: u32,
 }
 
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Card {
     pub uuid: String,
@@ -129,11 +129,12 @@ pub struct Card {
     #[serde(flatten)]
     pub capacity: Capacity,
     pub pods: Vec<PodShare>,
-    /// Live usage from the node monitor; not collected yet.
-    pub usage: Option<()>,
+    /// Live usage from the node monitor (`--node-monitor-selector`); null
+    /// when not read recently.
+    pub usage: Option<crate::usage::CardUsage>,
 }
 
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeInfo {
     pub name: String,
@@ -144,7 +145,7 @@ pub struct NodeInfo {
     pub cards: Vec<Card>,
 }
 
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, PartialEq)]
 pub struct Nodes {
     pub nodes: Vec<NodeInfo>,
 }
@@ -206,7 +207,7 @@ pub fn totals(c: &Cluster) -> (Totals, Vec<Model>) {
 }
 
 /// Every GPU node with its cards and the pods sharing each card.
-pub fn node_list(c: &Cluster) -> Nodes {
+pub fn node_list(c: &Cluster, usage: &dyn Fn(&str) -> Option<crate::usage::CardUsage>) -> Nodes {
     let snapshot = c.snapshot();
     let mut on_card: HashMap<&str, Vec<PodShare>> = HashMap::new();
     for (key, record) in snapshot.pods() {
@@ -262,7 +263,7 @@ pub fn node_list(c: &Cluster) -> Nodes {
                                     },
                                 },
                                 pods,
-                                usage: None,
+                                usage: usage(&d.info.id),
                             }
                         })
                         .collect()
@@ -332,7 +333,9 @@ async fn summary(State(app): State<App>) -> Response {
 }
 
 async fn nodes(State(app): State<App>) -> Response {
-    axum::Json(node_list(&app.cluster())).into_response()
+    let now = app.clock.now();
+    let usage = |uuid: &str| app.usage.get(uuid, now, app.usage_max_age);
+    axum::Json(node_list(&app.cluster(), &usage)).into_response()
 }
 
 async fn pending(State(app): State<App>) -> Response {

@@ -121,7 +121,22 @@ pub async fn run(args: Args) -> Result<(), Error> {
         failed: Default::default(),
         bind_flights: Default::default(),
         requeue: Default::default(),
+        usage: Default::default(),
+        usage_max_age: SignedDuration::try_from(s.node_monitor_period * 3)
+            .unwrap_or(SignedDuration::from_secs(30)),
     };
+    if let Some(selector) = &s.node_monitor_selector {
+        tokio::spawn(crate::usage::run(
+            client.clone(),
+            crate::usage::MonitorSource {
+                namespace: s.node_monitor_namespace.clone(),
+                selector: selector.clone(),
+                port: s.node_monitor_port,
+                period: s.node_monitor_period,
+            },
+            app.usage.clone(),
+        ));
+    }
 
     let nodes_synced = Arc::new(AtomicBool::new(false));
     let pods_synced = Arc::new(AtomicBool::new(false));

@@ -926,7 +926,7 @@ mod tests {
         assert_eq!(models.len(), 1);
         assert_eq!(models[0].model, "NVIDIA-T4");
 
-        let nodes = dashboard::node_list(&c).nodes;
+        let nodes = dashboard::node_list(&c, &|_| None).nodes;
         let names_seen: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
         assert_eq!(names_seen, ["n1", "n2", "n3"]);
         let n3 = &nodes[2];

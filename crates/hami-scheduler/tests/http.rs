@@ -66,6 +66,8 @@ fn app() -> App {
         failed: Default::default(),
         bind_flights: Default::default(),
         requeue: Default::default(),
+        usage: Default::default(),
+        usage_max_age: jiff::SignedDuration::from_secs(30),
     }
 }
 
