@@ -623,6 +623,8 @@ impl Cluster {
             // endpoints' pod IPs (there is no kube-proxy for Service IPs).
             api_args.push(s("--disable-admission-plugins=TaintNodesByCondition"));
             api_args.push(s("--enable-aggregator-routing=true"));
+            // The node agent runs privileged, as on any real cluster.
+            api_args.push(s("--allow-privileged=true"));
         } else {
             api_args.push(s(
                 "--disable-admission-plugins=ServiceAccount,TaintNodesByCondition",

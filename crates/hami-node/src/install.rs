@@ -182,32 +182,44 @@ pub fn write_preload(vgpu_dir: &Path) -> Result<bool, InstallError> {
 }
 
 /// Removes what the agent put into `vgpu_dir` (the installed libraries,
-/// the preload list, sim-gpu's state, the empty `containers/` and `alloc/`
-/// dirs) when no
+/// the preload list, sim-gpu's state, `alloc/` and `limits/`, the empty
+/// `containers/`) when no
 /// container uses it any more: at the agent's exit, so uninstalling leaves
 /// the host's hook dir empty. `None`: kept, because a container's dir or
 /// allocation link is still there (its container may run, with the library
 /// mounted). Anything else in the dir is left alone.
+/// The agent calls it only after it stopped allocating.
 pub fn remove_if_unused(vgpu_dir: &Path) -> Result<Option<Vec<PathBuf>>, InstallError> {
     let at = |path: &Path| {
         let path = path.to_path_buf();
         move |source| InstallError::Target { path, source }
     };
-    let mut dirs = Vec::new();
-    for sub in ["containers", "alloc"] {
-        let d = vgpu_dir.join(sub);
-        match std::fs::read_dir(&d) {
-            Ok(mut entries) => {
-                if entries.next().is_some() {
-                    return Ok(None);
-                }
-                dirs.push(d);
+    // A running GPU container has its dir under containers/ (removed only
+    // once its pod is gone); the allocation links and per-container limits
+    // dirs belong to those containers.
+    let containers = vgpu_dir.join("containers");
+    match std::fs::read_dir(&containers) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Ok(None);
             }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(at(&containers)(e)),
+    }
+    let mut removed = Vec::new();
+    for sub in ["alloc", "limits", "containers"] {
+        let d = vgpu_dir.join(sub);
+        match std::fs::symlink_metadata(&d) {
+            Ok(md) if md.is_dir() => {
+                std::fs::remove_dir_all(&d).map_err(at(&d))?;
+                removed.push(d);
+            }
+            Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(at(&d)(e)),
         }
     }
-    let mut removed = Vec::new();
     let entries = match std::fs::read_dir(vgpu_dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some(removed)),
@@ -229,10 +241,6 @@ pub fn remove_if_unused(vgpu_dir: &Path) -> Result<Option<Vec<PathBuf>>, Install
             std::fs::remove_dir_all(&path).map_err(at(&path))?;
             removed.push(path);
         }
-    }
-    for d in dirs {
-        std::fs::remove_dir(&d).map_err(at(&d))?;
-        removed.push(d);
     }
     removed.sort();
     Ok(Some(removed))
@@ -373,6 +381,8 @@ mod tests {
         std::fs::write(vgpu.join(SIM_STATE_NAME).join("card0"), b"state").unwrap();
         std::fs::create_dir_all(vgpu.join("containers/uid_main")).unwrap();
         std::fs::create_dir_all(vgpu.join("alloc")).unwrap();
+        std::os::unix::fs::symlink(vgpu.join("containers/uid_main"), vgpu.join("alloc/k.dir"))
+            .unwrap();
         std::fs::write(vgpu.join("operator-notes"), b"not ours").unwrap();
         assert_eq!(
             remove_if_unused(&vgpu).unwrap(),
@@ -380,9 +390,14 @@ mod tests {
             "a container's dir is there"
         );
         assert!(installed.path.is_file());
+        std::fs::create_dir_all(vgpu.join("limits/uid_main")).unwrap();
+        std::fs::write(vgpu.join("limits/uid_main/limits"), b"x").unwrap();
+        // Its pod gone, the monitor removed its dir: the link and the
+        // limits dir are left over, and go.
         std::fs::remove_dir(vgpu.join("containers/uid_main")).unwrap();
         let removed = remove_if_unused(&vgpu).unwrap().expect("nothing uses it");
-        assert_eq!(removed.len(), 6, "{removed:?}");
+        assert_eq!(removed.len(), 7, "{removed:?}");
+        assert!(!vgpu.join("limits").exists() && !vgpu.join("alloc").exists());
         assert!(!installed.path.exists());
         assert!(!sim.path.exists());
         assert!(!vgpu.join(PRELOAD_NAME).exists());

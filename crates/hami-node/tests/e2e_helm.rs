@@ -103,11 +103,13 @@ fn import_images(node: &RealNode, cluster: &Cluster, images: &BTreeSet<String>) 
     let node_bin = PathBuf::from(env!("CARGO_BIN_EXE_hami-node"));
     let scheduler_bin = workspace_bin("hami-scheduler");
     let certgen_bin = workspace_bin("hami-certgen");
+    let uninstall_bin = workspace_bin("hami-uninstall");
     let artifact = |file: &str| -> Option<PathBuf> {
         Some(match file {
             "hami-node" => node_bin.clone(),
             "hami-scheduler" => scheduler_bin.clone(),
             "hami-certgen" => certgen_bin.clone(),
+            "hami-uninstall" => uninstall_bin.clone(),
             "libsim_gpu.so" => a.sim.clone(),
             "libvgpu.so" => a.vgpu.clone(),
             _ => return None,
@@ -346,6 +348,15 @@ async fn helm_install_with_a_hami_values_file_runs_a_limited_gpu_pod_and_uninsta
         },
     )
     .await;
+    // The agent's log through its stop, for the failure messages below.
+    let agent_log = cluster.dir.join("hami-node-pod.log");
+    let mut follow = Command::new(&kubectl)
+        .args(["logs", "-f", "-n", NAMESPACE, "daemonset/hami-node"])
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .stdout(std::fs::File::create(&agent_log).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     run(
         &helm,
         cluster,
@@ -372,14 +383,37 @@ async fn helm_install_with_a_hami_values_file_runs_a_limited_gpu_pod_and_uninsta
     )
     .await;
     assert!(left.is_subset(&before));
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let agent_log = std::fs::read_to_string(&agent_log).unwrap_or_default();
+    let agent_tail: String = agent_log
+        .lines()
+        .rev()
+        .take(15)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n");
     let n = nodes.get(&name).await.unwrap();
+    let writers: Vec<String> = n
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .map(|m| format!("{:?} {:?} {:?}", m.manager, m.operation, m.time))
+        .collect();
     assert_eq!(
         hami_annotations(&n),
         Vec::<String>::new(),
-        "no registration, handshake, mode or lock annotation is left"
+        "no registration, handshake, mode or lock annotation is left: {:?}, written by {writers:?}",
+        n.metadata.annotations
     );
     let files = files_under(&node.root.join("hook"));
-    assert!(files.is_empty(), "files left on the host: {files:?}");
+    assert!(
+        files.is_empty(),
+        "files left on the host: {files:?}\nhami-node's last lines:\n{agent_tail}"
+    );
     let socket = Path::new(hami_e2e::DEVICE_PLUGIN_DIR).join("nvidia-gpu.sock");
     assert!(!socket.exists(), "the device-plugin socket is left");
 }

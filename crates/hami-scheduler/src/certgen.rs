@@ -201,44 +201,47 @@ pub async fn create(
 }
 
 /// Puts the Secret's CA into every webhook of the MutatingWebhookConfiguration
-/// `webhook`, and, with `owner`, makes that Deployment own the Secret.
-/// Returns how many webhooks were patched.
+/// `webhook` (when given), and, with `owner`, makes that Deployment own the
+/// Secret. Returns how many webhooks were patched.
 pub async fn patch(
     client: kube::Client,
     namespace: &str,
     name: &str,
-    webhook: &str,
+    webhook: Option<&str>,
     owner: Option<&str>,
 ) -> anyhow::Result<usize> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let secret = secrets.get(name).await?;
-    let ca = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get("ca.crt"))
-        .filter(|c| !c.0.is_empty())
-        .ok_or_else(|| anyhow::anyhow!("Secret {namespace}/{name} has no ca.crt"))?
-        .clone();
-    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    let config = configs.get(webhook).await?;
-    let n = config.webhooks.as_ref().map_or(0, Vec::len);
-    anyhow::ensure!(
-        n > 0,
-        "MutatingWebhookConfiguration {webhook} has no webhooks"
-    );
-    let ops: Vec<serde_json::Value> = (0..n)
-        .map(|i| {
-            serde_json::json!({
-                "op": "add",
-                "path": format!("/webhooks/{i}/clientConfig/caBundle"),
-                "value": ca,
+    let mut patched = 0;
+    if let Some(webhook) = webhook {
+        let ca = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get("ca.crt"))
+            .filter(|c| !c.0.is_empty())
+            .ok_or_else(|| anyhow::anyhow!("Secret {namespace}/{name} has no ca.crt"))?
+            .clone();
+        let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+        let config = configs.get(webhook).await?;
+        patched = config.webhooks.as_ref().map_or(0, Vec::len);
+        anyhow::ensure!(
+            patched > 0,
+            "MutatingWebhookConfiguration {webhook} has no webhooks"
+        );
+        let ops: Vec<serde_json::Value> = (0..patched)
+            .map(|i| {
+                serde_json::json!({
+                    "op": "add",
+                    "path": format!("/webhooks/{i}/clientConfig/caBundle"),
+                    "value": ca,
+                })
             })
-        })
-        .collect();
-    let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops))?;
-    configs
-        .patch(webhook, &PatchParams::default(), &Patch::<()>::Json(patch))
-        .await?;
+            .collect();
+        let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops))?;
+        configs
+            .patch(webhook, &PatchParams::default(), &Patch::<()>::Json(patch))
+            .await?;
+    }
     if let Some(owner) = owner {
         let deployments: Api<Deployment> = Api::namespaced(client, namespace);
         let d = deployments.get(owner).await?;
@@ -258,7 +261,7 @@ pub async fn patch(
             .patch(name, &PatchParams::default(), &Patch::Merge(&body))
             .await?;
     }
-    Ok(n)
+    Ok(patched)
 }
 
 #[cfg(test)]

@@ -299,16 +299,16 @@ async fn watch_nodes(
     let mut stream = std::pin::pin!(stream);
     while let Some(change) = stream.next().await {
         let now = app.clock.now();
-        let mut answers = Vec::new();
         {
             let mut c = app.cluster();
             match change {
                 Change::Restart => c.nodes_restart(),
+                // Handshake answers are written by the resync only: the
+                // agent answers each Requesting as it sees it, so answering
+                // each Reported as it comes would make the two ping-pong
+                // writes without pause (HAMi's scheduler paces them too).
                 Change::Upsert(node) => {
-                    let name = node.name_any();
-                    if let Some(a) = c.upsert_node(&app.engine, node, now) {
-                        answers.push((name, a));
-                    }
+                    let _ = c.upsert_node(&app.engine, node, now);
                 }
                 Change::Delete(node) => c.delete_node(&node.name_any()),
                 Change::Synced => {
@@ -318,7 +318,6 @@ async fn watch_nodes(
                 }
             }
         }
-        write_handshakes(&app, answers);
     }
 }
 
@@ -345,18 +344,31 @@ fn write_handshakes(app: &App, answers: Vec<(String, String)>) {
     if answers.is_empty() || !app.leadership.is_leader() {
         return;
     }
+    // Each answer is written only over the handshake it answers (a JSON
+    // patch `test`): an agent that removed its annotations meanwhile (it
+    // is being uninstalled) or wrote a newer one is not overwritten.
+    let answers: Vec<(String, String, String)> = {
+        let c = app.cluster();
+        answers
+            .into_iter()
+            .filter_map(|(node, value)| {
+                let seen = c.handshake_of(&node)?;
+                Some((node, seen, value))
+            })
+            .collect()
+    };
     let client = app.client.clone();
     tokio::spawn(async move {
         let nodes: Api<Node> = Api::all(client);
-        // `replace`, not a merge: it fails when the agent has removed its
-        // handshake meanwhile (it is being uninstalled), so an answer never
-        // brings the annotation back.
         let path = format!(
             "/metadata/annotations/{}",
             ann::NODE_HANDSHAKE.replace('~', "~0").replace('/', "~1")
         );
-        for (node, value) in answers {
-            let ops = json!([{"op": "replace", "path": path, "value": value}]);
+        for (node, seen, value) in answers {
+            let ops = json!([
+                {"op": "test", "path": path, "value": seen},
+                {"op": "replace", "path": path, "value": value},
+            ]);
             let patch: json_patch::Patch = serde_json::from_value(ops).expect("a valid JSON patch");
             match nodes
                 .patch(&node, &PatchParams::default(), &Patch::<()>::Json(patch))
@@ -364,7 +376,7 @@ fn write_handshakes(app: &App, answers: Vec<(String, String)>) {
             {
                 Ok(_) => {}
                 Err(kube::Error::Api(e)) if e.code == 422 => {
-                    tracing::debug!(node, "handshake gone before the answer; not written");
+                    tracing::debug!(node, "handshake changed before the answer; not written");
                 }
                 Err(e) => tracing::warn!(node, error = %e, "writing the handshake"),
             }

@@ -239,6 +239,18 @@ impl Cluster {
         v
     }
 
+    /// The node's handshake annotation as the watch last delivered it.
+    pub fn handshake_of(&self, node: &str) -> Option<String> {
+        self.nodes
+            .get(node)?
+            .node
+            .metadata
+            .annotations
+            .as_ref()?
+            .get(ann::NODE_HANDSHAKE)
+            .cloned()
+    }
+
     /// GPU pods waiting for a node, by `namespace/name`.
     pub fn pending(&self) -> impl Iterator<Item = (&str, &Pending)> {
         self.pending.iter().map(|(k, p)| (k.as_str(), p))

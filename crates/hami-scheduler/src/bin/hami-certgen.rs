@@ -50,9 +50,9 @@ enum Command {
         namespace: String,
         #[arg(long)]
         secret: String,
-        /// The MutatingWebhookConfiguration to patch
+        /// The MutatingWebhookConfiguration to patch (none: only the owner)
         #[arg(long)]
-        mutating_webhook: String,
+        mutating_webhook: Option<String>,
         /// The Deployment (in --namespace) to own the Secret
         #[arg(long)]
         owner_deployment: Option<String>,
@@ -92,16 +92,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 client,
                 &namespace,
                 &secret,
-                &mutating_webhook,
+                mutating_webhook.as_deref(),
                 owner_deployment.as_deref(),
             )
             .await?;
-            println!(
-                "put the CA of {namespace}/{secret} into {n} webhook(s) of {mutating_webhook}{}",
-                owner_deployment
-                    .map(|d| format!("; Deployment {d} owns the Secret"))
-                    .unwrap_or_default()
-            );
+            if let Some(w) = &mutating_webhook {
+                println!("put the CA of {namespace}/{secret} into {n} webhook(s) of {w}");
+            }
+            if let Some(d) = &owner_deployment {
+                println!("Deployment {d} owns Secret {namespace}/{secret}");
+            }
         }
     }
     Ok(())
