@@ -181,6 +181,54 @@ fn inventory(kubectl: &Path, cluster: &Cluster) -> BTreeSet<String> {
     all
 }
 
+/// `kubectl port-forward <target> :<remote>`; the child and the local port
+/// it listens on (from its "Forwarding from" line).
+fn port_forward(
+    kubectl: &Path,
+    cluster: &Cluster,
+    target: &str,
+    remote: u16,
+) -> (std::process::Child, u16) {
+    use std::io::BufRead as _;
+    let mut child = Command::new(kubectl)
+        .args(["port-forward", "-n", NAMESPACE, target])
+        .arg(format!(":{remote}"))
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("running kubectl port-forward");
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line)
+        .expect("reading kubectl port-forward");
+    // "Forwarding from 127.0.0.1:43109 -> 9396"
+    let port = line
+        .split_whitespace()
+        .nth(2)
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("kubectl port-forward said {line:?}"));
+    // Keep draining its stdout so it never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    (child, port)
+}
+
+/// The body of `GET path` on 127.0.0.1:`port` (empty on any failure).
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default()
+}
+
 /// Files (not dirs) under `dir`, recursively.
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -265,6 +313,27 @@ async fn helm_install_with_a_hami_values_file_runs_a_limited_gpu_pod_and_uninsta
     import_images(node, cluster, &images);
     real_node::import_test_image(node);
 
+    // What an uninstalled HAMi leaves behind: its kube-scheduler's Lease
+    // and its certificate Job's Opaque Secret, both with the names HAMi's
+    // chart gives them. The install goes over them.
+    let leftovers = json!([
+        {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+         "metadata": {"name": "hami-scheduler", "namespace": NAMESPACE}},
+        {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+         "metadata": {"name": "hami-scheduler-tls", "namespace": NAMESPACE},
+         "data": {"cert": "eA==", "key": "eA=="}},
+    ]);
+    let leftovers_file = cluster.dir.join("hami-leftovers.json");
+    std::fs::write(
+        &leftovers_file,
+        json!({"apiVersion": "v1", "kind": "List", "items": leftovers}).to_string(),
+    )
+    .unwrap();
+    run(
+        &kubectl,
+        cluster,
+        &["create", "-f", leftovers_file.to_str().unwrap()],
+    );
     let before = inventory(&kubectl, cluster);
     let mut install = vec!["install", RELEASE, chart_dir, "-n", NAMESPACE];
     install.extend(values);
@@ -334,6 +403,34 @@ async fn helm_install_with_a_hami_values_file_runs_a_limited_gpu_pod_and_uninsta
         (300u64 << 20).to_string(),
         "nvidia-smi's total is its limit: {log}"
     );
+
+    // The dashboard, as NOTES.txt says to reach it (a port-forward to the
+    // scheduler pod's loopback), shows the real node's cards with live
+    // usage read from the chart's node monitor.
+    let (mut forward, port) = port_forward(&kubectl, cluster, "deploy/hami-scheduler", 9396);
+    let page = http_get(port, "/ui");
+    assert!(page.contains("hami-rs"), "{page}");
+    let node_name = node.name.clone();
+    wait_for(
+        Duration::from_secs(90),
+        "live usage of the real node's cards",
+        || {
+            let body = http_get(port, "/api/v1/nodes");
+            let nodes: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            let cards = nodes["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|n| n["name"] == node_name.as_str())
+                .and_then(|n| n["cards"].as_array().cloned())
+                .unwrap_or_default();
+            let ready = cards.len() == CARDS.len() && cards.iter().all(|c| c["usage"].is_object());
+            async move { ready.then_some(()) }
+        },
+    )
+    .await;
+    let _ = forward.kill();
+    let _ = forward.wait();
 
     // Uninstall once the pod is gone and the monitor has dropped its dir.
     drop(ns);

@@ -106,6 +106,12 @@ pub fn generate(dns: &[String], ips: &[IpAddr], days: i64) -> anyhow::Result<Bun
 /// exactly these hosts, and does not expire within [`RENEW_BEFORE`].
 pub fn secret_fits(secret: &Secret, hosts: &str, now: Timestamp) -> Result<(), String> {
     let data = secret.data.clone().unwrap_or_default();
+    if secret.type_.as_deref() != Some("kubernetes.io/tls") {
+        return Err(format!(
+            "it is of type {}, not kubernetes.io/tls",
+            secret.type_.as_deref().unwrap_or("Opaque")
+        ));
+    }
     for k in ["tls.crt", "tls.key", "ca.crt"] {
         if data.get(k).is_none_or(|v| v.0.is_empty()) {
             return Err(format!("it has no {k}"));
@@ -185,6 +191,16 @@ pub async fn create(
     let bundle = generate(dns, ips, days)?;
     let mut fresh = secret(namespace, name, &hosts, &bundle);
     match (existing, why) {
+        // A Secret's type cannot change (HAMi's certificate Job leaves an
+        // Opaque one of the same name behind): delete it, then create.
+        (Some(old), Some(why)) if old.type_.as_deref() != Some("kubernetes.io/tls") => {
+            api.delete(name, &Default::default()).await?;
+            api.create(&PostParams::default(), &fresh).await?;
+            Ok(Created::Replaced(format!(
+                "{why}; it was of type {}",
+                old.type_.as_deref().unwrap_or("Opaque")
+            )))
+        }
         (Some(old), Some(why)) => {
             // Replace keeps the owner set by `patch` and guards against a
             // concurrent writer through the resourceVersion.

@@ -176,6 +176,15 @@ more than one replica, and also the surge pod of a rolling update (which is
 why HAMi's default, on, is kept). hami-scheduler follows kube-scheduler's
 Lease, so without kube-scheduler in the pod there is nothing to follow.
 */}}
+{{/*
+kube-scheduler's leader Lease. Not HAMi's name (its schedulerName): HAMi's
+kube-scheduler leaves that Lease behind on uninstall, and the chart owns
+this one (uninstall removes it), so the two must not collide.
+*/}}
+{{- define "hami-rs.leaseName" -}}
+{{- printf "%s-leader" (include "hami-rs.scheduler.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "hami-rs.leaderElect" -}}
 {{- $s := .Values.scheduler -}}
 {{- if and $s.kubeScheduler.enabled (or (gt (int $s.replicas) 1) $s.leaderElect) -}}
@@ -278,7 +287,7 @@ kind: KubeSchedulerConfiguration
 leaderElection:
   leaderElect: {{ include "hami-rs.leaderElect" . }}
   resourceNamespace: {{ include "hami-rs.namespace" . | quote }}
-  resourceName: {{ $name | quote }}
+  resourceName: {{ include "hami-rs.leaseName" . | quote }}
 profiles:
   - schedulerName: {{ $name | quote }}
 extenders:
