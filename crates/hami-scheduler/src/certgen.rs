@@ -43,7 +43,7 @@ pub struct Bundle {
 /// The hosts a certificate is for, in the annotation's form: sorted, joined
 /// with commas.
 pub fn hosts_key(dns: &[String], ips: &[IpAddr]) -> String {
-    let mut all: Vec<String> = dns.iter().cloned().collect();
+    let mut all: Vec<String> = dns.to_vec();
     all.extend(ips.iter().map(|i| i.to_string()));
     all.sort();
     all.dedup();

@@ -47,7 +47,8 @@ pub struct Args {
 
     /// Label selector of the node monitor pods (hami-node) whose
     /// `/metrics` the dashboard reads for live card usage, e.g.
-    /// `app.kubernetes.io/component=hami-node`. Unset: no live usage
+    /// `app.kubernetes.io/component=node,app.kubernetes.io/instance=hami`
+    /// (the chart's). Unset: no live usage
     #[arg(long)]
     pub node_monitor_selector: Option<String>,
 

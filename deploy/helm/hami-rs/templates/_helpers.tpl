@@ -325,7 +325,6 @@ Node agent settings
 {{- default "/var/run/nri/nri.sock" (dig "socketPath" "" (.Values.nri | default dict)) -}}
 {{- end -}}
 
-{{/* Where the simulator's NVML is copied: a host path, because hami-node mounts it into GPU containers from there. */}}
 {{/*
 NOTES.txt helpers
 */}}
