@@ -419,10 +419,32 @@ mod tests {
             scheduler.process.entrypoint,
             ["/usr/local/bin/hami-scheduler"]
         );
-        assert!(scheduler.copies.contains(&(
-            "hami-certgen".to_string(),
-            "/usr/local/bin/hami-certgen".to_string()
-        )));
+        for tool in ["hami-certgen", "hami-uninstall"] {
+            assert!(
+                scheduler
+                    .copies
+                    .contains(&(tool.to_string(), format!("/usr/local/bin/{tool}"))),
+                "{tool}"
+            );
+        }
+        // Every file a runtime stage copies is one the build stage puts
+        // into /out (the interposer comes from build-lib.sh's output).
+        let text = dockerfile();
+        let build: String = text
+            .lines()
+            .take_while(|l| l.trim_end() != RUNTIME_MARKER)
+            .collect::<Vec<_>>()
+            .join("\n");
+        for s in &stages {
+            for (file, _) in &s.copies {
+                assert!(
+                    build.contains(&format!("target/release/{file}"))
+                        || (file == "libvgpu.so" && build.contains("build-lib.sh")),
+                    "stage {} copies /out/{file}, which the build stage does not make",
+                    s.name
+                );
+            }
+        }
         let node = &stages[1];
         assert_eq!(node.process.user, None, "the agent runs as root");
         for (file, dest) in [

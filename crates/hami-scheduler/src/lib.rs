@@ -17,6 +17,7 @@ pub mod requeue;
 pub mod run;
 pub mod state;
 pub mod tls;
+pub mod tool;
 pub mod usage;
 pub mod webhook;
 

@@ -299,16 +299,14 @@ async fn stale_handshake_node_gets_no_pods_until_it_reports() {
         .expect("allocatable patched");
     let p = ns.wait_bound("pinned", Duration::from_secs(120)).await;
     assert_eq!(node_of(&p), stale_name);
-    // The scheduler answered the report with a new request.
-    let n = nodes.get(&stale_name).await.expect("node");
-    let hs = n
-        .metadata
-        .annotations
-        .unwrap_or_default()
-        .get(ann::NODE_HANDSHAKE)
-        .cloned()
-        .unwrap_or_default();
-    assert!(hs.starts_with("Requesting_"), "{hs}");
+    // The scheduler answers the report with a new request at its next
+    // resync (1 s here).
+    hami_e2e::wait_for(Duration::from_secs(30), "the report answered", || async {
+        let n = nodes.get(&stale_name).await.ok()?;
+        let hs = n.metadata.annotations?.get(ann::NODE_HANDSHAKE).cloned()?;
+        hs.starts_with("Requesting_").then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -108,25 +108,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    rustls::crypto::ring::default_provider()
-        .install_default()
-        .ok();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("hami-certgen: starting the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("hami-certgen: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    hami_scheduler::tool::main("hami-certgen", run(cli))
 }
