@@ -122,8 +122,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
         bind_flights: Default::default(),
         requeue: Default::default(),
         usage: Default::default(),
-        usage_max_age: SignedDuration::try_from(s.node_monitor_period * 3)
-            .unwrap_or(SignedDuration::from_secs(30)),
+        usage_max_age: crate::usage::max_age(s.node_monitor_period),
     };
     if let Some(selector) = &s.node_monitor_selector {
         tokio::spawn(crate::usage::run(

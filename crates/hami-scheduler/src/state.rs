@@ -124,8 +124,8 @@ pub struct Pending {
     pub since: Option<Timestamp>,
     /// What it asks for, in words.
     pub request: String,
-    /// How many candidate nodes each rejection reason (the word before
-    /// the first `:` of HAMi's reason text) turned away in the last Filter.
+    /// How many candidate nodes each rejection reason word
+    /// ([`reason_words`]) turned away in the last Filter.
     pub rejections: BTreeMap<String, usize>,
     /// One full reason of the last Filter, for reading.
     pub reason: Option<String>,
@@ -150,7 +150,8 @@ fn reason_words(why: &str) -> BTreeSet<String> {
         .collect()
 }
 
-/// A pod's request in words: `2 × nvidia.com/gpu, 3000 MiB, 30% cores`.
+/// A pod's request in words: `2 × NVIDIA, 3000 MiB, 30% cores`, one part
+/// per GPU container.
 fn request_words(req: &PodRequest) -> String {
     let mut parts = Vec::new();
     for c in req.containers.iter().flatten() {
@@ -419,35 +420,37 @@ impl Cluster {
         }
     }
 
-    /// Keeps [`Cluster::pending`] to the GPU pods without a node.
+    /// Keeps [`Cluster::pending`] to the GPU pods without a node. A pod's
+    /// requests, scheduler name and creation time cannot change, so it is
+    /// parsed once, when it first shows up unbound.
     fn track_pending(&mut self, engine: &Engine, key: &str, pod: &Pod) {
         let unbound = pod.spec.as_ref().is_some_and(|s| s.node_name.is_none())
             && pod.metadata.deletion_timestamp.is_none()
             && !matches!(phase(pod), Some("Succeeded" | "Failed"));
-        let request = unbound
-            .then(|| engine.prepare(pod).ok().flatten())
-            .flatten();
-        let Some(request) = request else {
+        if !unbound {
             self.pending.remove(key);
             return;
+        }
+        if self.pending.contains_key(key) {
+            return;
+        }
+        let Ok(Some(request)) = engine.prepare(pod) else {
+            return;
         };
-        let entry = self
-            .pending
-            .entry(key.to_string())
-            .or_insert_with(|| Pending {
-                scheduler_name: String::new(),
-                since: None,
-                request: String::new(),
+        self.pending.insert(
+            key.to_string(),
+            Pending {
+                scheduler_name: pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.scheduler_name.clone())
+                    .unwrap_or_else(|| "default-scheduler".into()),
+                since: pod.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                request: request_words(&request),
                 rejections: BTreeMap::new(),
                 reason: None,
-            });
-        entry.scheduler_name = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.scheduler_name.clone())
-            .unwrap_or_else(|| "default-scheduler".into());
-        entry.since = pod.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        entry.request = request_words(&request);
+            },
+        );
     }
 
     fn forget_pod(&mut self, key: &str) {

@@ -41,10 +41,18 @@ impl LiveUsage {
         map.get(uuid).copied().filter(|u| now - max_age <= u.at)
     }
 
-    fn merge(&self, readings: HashMap<String, CardUsage>) {
+    /// Adds fresh readings and drops those older than `before` (cards
+    /// gone with their node or monitor).
+    fn merge(&self, readings: HashMap<String, CardUsage>, before: Timestamp) {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         map.extend(readings);
+        map.retain(|_, u| u.at >= before);
     }
+}
+
+/// How old a reading may be before it is not shown: three read periods.
+pub fn max_age(period: Duration) -> SignedDuration {
+    SignedDuration::try_from(period * 3).unwrap_or(SignedDuration::from_secs(30))
 }
 
 /// Where and how often to read the monitors.
@@ -153,12 +161,14 @@ pub async fn run(client: kube::Client, source: MonitorSource, usage: LiveUsage) 
         let reads = addrs
             .into_iter()
             .map(|a| async move { (a, scrape(a, source.period / 2).await) });
+        let mut readings = HashMap::new();
         for (addr, r) in futures::future::join_all(reads).await {
             match r {
-                Ok(text) => usage.merge(parse(&text, Timestamp::now())),
+                Ok(text) => readings.extend(parse(&text, Timestamp::now())),
                 Err(e) => tracing::debug!(%addr, error = %e, "node monitor not read"),
             }
         }
+        usage.merge(readings, Timestamp::now() - max_age(source.period));
     }
 }
 
@@ -188,10 +198,13 @@ hami_host_gpu_utilization_ratio{device_uuid=\"GPU-c\"} not-a-number
     fn old_readings_are_not_shown() {
         let usage = LiveUsage::default();
         let at: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
-        usage.merge(parse(
-            "hami_host_gpu_utilization_ratio{device_uuid=\"GPU-a\"} 5\n",
+        usage.merge(
+            parse(
+                "hami_host_gpu_utilization_ratio{device_uuid=\"GPU-a\"} 5\n",
+                at,
+            ),
             at,
-        ));
+        );
         let max = SignedDuration::from_secs(30);
         assert!(
             usage
@@ -204,6 +217,9 @@ hami_host_gpu_utilization_ratio{device_uuid=\"GPU-c\"} not-a-number
                 .is_none()
         );
         assert!(usage.get("GPU-z", at, max).is_none());
+        // A later round drops readings older than its cut-off.
+        usage.merge(HashMap::new(), at + SignedDuration::from_secs(1));
+        assert!(usage.get("GPU-a", at, max).is_none());
     }
 
     #[tokio::test]
