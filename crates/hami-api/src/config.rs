@@ -1,30 +1,15 @@
 //! `device-config.yaml`: the per-vendor configuration the scheduler reads
 //! from the `hami-scheduler-device` ConfigMap (spec section 10).
 //!
-//! NVIDIA is complete. The other vendors' sections are accepted and kept as
-//! data until their backends exist. Unknown keys are warnings that name the
-//! key; a wrong type is an error that names the file, key and expected type.
+//! The `nvidia` section is here; the other vendors' sections are in
+//! [`crate::vendor_config`]. Unknown keys are warnings that name the key; a
+//! wrong type is an error that names the file, key and expected type.
 
-use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// Top-level sections we recognise besides `nvidia`.
-pub const OTHER_VENDOR_SECTIONS: &[&str] = &[
-    "ascend",
-    "vnpus",
-    "cambricon",
-    "hygon",
-    "metax",
-    "mthreads",
-    "enflame",
-    "kunlun",
-    "iluvatars",
-    "iluvatar",
-    "amd",
-    "awsneuron",
-];
+use crate::vendor_config::{VENDOR_SECTIONS, VendorConfigs, overlay};
 
 /// How the interposer enforces compute limits (`GPU_CORE_UTILIZATION_POLICY`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -163,8 +148,9 @@ impl NvidiaConfig {
 #[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct DeviceConfig {
     pub nvidia: NvidiaConfig,
-    /// Other vendors' sections by key, kept as data for their backends.
-    pub other_vendors: BTreeMap<String, serde_json::Value>,
+    /// Every other vendor's section, with the chart's defaults where the
+    /// file is silent.
+    pub vendors: VendorConfigs,
 }
 
 /// A key the parser did not recognise; the file still loads.
@@ -209,14 +195,21 @@ pub(crate) fn deserialize_reporting<T: serde::de::DeserializeOwned>(
     value: &serde_json::Value,
 ) -> Result<(T, Vec<ConfigWarning>), ConfigError> {
     let mut unknown = Vec::new();
-    let mut on_unknown = |path: serde_ignored::Path| unknown.push(format!("{prefix}.{path}"));
+    let join = |path: String| {
+        if prefix.is_empty() {
+            path
+        } else {
+            format!("{prefix}.{path}")
+        }
+    };
+    let mut on_unknown = |path: serde_ignored::Path| unknown.push(join(path.to_string()));
     let de = serde_ignored::Deserializer::new(value, &mut on_unknown);
     let parsed = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let key = if path == "." {
             prefix.to_string()
         } else {
-            format!("{prefix}.{path}")
+            join(path)
         };
         ConfigError {
             file: file.to_string(),
@@ -281,11 +274,23 @@ impl DeviceConfig {
                 config.nvidia = nvidia;
                 warnings.extend(unknown);
                 config.nvidia.validate(file)?;
-            } else if OTHER_VENDOR_SECTIONS.contains(&key.as_str()) {
-                if !(value.is_object() || value.is_array() || value.is_null()) {
-                    return Err(err(&key, "expected a mapping or a list".into()));
+            } else if VENDOR_SECTIONS.contains(&key.as_str()) {
+                let expected_list = key == "iluvatars";
+                let ok = value.is_null()
+                    || (expected_list && value.is_array())
+                    || (!expected_list && value.is_object());
+                if !ok {
+                    let shape = if expected_list { "a list" } else { "a mapping" };
+                    return Err(err(&key, format!("expected {shape}")));
                 }
-                config.other_vendors.insert(key, value);
+                let mut all = serde_json::to_value(&config.vendors)
+                    .expect("vendor defaults always serialize");
+                if !value.is_null() {
+                    overlay(&mut all[key.as_str()], value);
+                }
+                let (vendors, unknown) = deserialize_reporting(file, "", &all)?;
+                config.vendors = vendors;
+                warnings.extend(unknown);
             } else {
                 warnings.push(ConfigWarning {
                     file: file.to_string(),
@@ -333,7 +338,10 @@ mod tests {
         let keys: Vec<_> = w.iter().map(|w| w.key.as_str()).collect();
         assert_eq!(keys, ["mystery", "nvidia.deviceSplitCont"]);
         assert!(w[1].to_string().contains("device-config.yaml"));
-        assert!(c.other_vendors.contains_key("cambricon"));
+        assert_eq!(
+            c.vendors.cambricon.resource_count_name,
+            "cambricon.com/vmlu"
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod policy;
 pub mod quantity;
 pub mod request;
 pub mod topology;
+pub mod vendor_config;
 
 pub use allocation::{ContainerDevice, ContainerDevices, PodDevices};
 pub use config::{DeviceConfig, NvidiaConfig};

@@ -12,7 +12,7 @@ use hami_api::annotations as ann;
 use hami_api::node::NodeLock;
 use hami_sched::{
     Admission, BindInFlight, BusyRule, Engine, LockHolder, Mode, Policies, Reason, Snapshot,
-    Vendor, pod_key,
+    pod_key,
 };
 use jiff::{SignedDuration, Timestamp};
 
@@ -74,8 +74,8 @@ pub struct Placement {
 
 pub fn execute(args: ScheduleArgs) -> Result<i32, InputError> {
     let config = load_config(args.config.as_deref())?;
-    let engine = Engine::new(
-        config.nvidia,
+    let engine = Engine::from_config(
+        &config,
         Policies {
             node: args.node_policy,
             gpu: args.gpu_policy,
@@ -237,7 +237,10 @@ fn place(
                 .map(|(n, b)| (n.to_string(), b.reason())),
         )
         .collect();
-    placement.annotations = decision.annotations(&engine.nvidia as &dyn Vendor);
+    placement.annotations = match decision.node {
+        Some(node) => engine.decision_annotations(node, &decision.devices, now_ns()),
+        None => BTreeMap::new(),
+    };
     placement.devices = decision.devices.0.clone();
     let node = decision.node.map(str::to_string);
     if let Some(node) = &node {
@@ -314,4 +317,9 @@ fn print_table(placements: &[Placement]) {
 fn main_reason(formatted: &str) -> &str {
     let first = formatted.split(", ").next().unwrap_or(formatted);
     first.rsplit(' ').next().unwrap_or(first)
+}
+
+/// Unix nanoseconds now, for the time annotations some vendors' plugins read.
+fn now_ns() -> i128 {
+    Timestamp::now().as_nanosecond()
 }

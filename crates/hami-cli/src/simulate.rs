@@ -87,7 +87,7 @@ pub fn execute(args: SimulateArgs) -> Result<i32, InputError> {
     let mut reports = Vec::new();
     let mut speeds = Vec::new();
     for p in &policies {
-        let engine = Engine::new(config.nvidia.clone(), *p);
+        let engine = Engine::from_config(&config, *p);
         let cluster = load_cluster(&engine, &cluster_file, &cluster_text)?;
         let label = label(p);
         let started = Instant::now();

@@ -85,12 +85,13 @@ pub struct ContainerAdmission {
 /// The webhook's rules for a pod being created, applied in place. GPU pods
 /// of the default scheduler go to `scheduler_name`.
 pub fn admit(
-    vendor: &dyn Vendor,
+    vendors: &[&dyn Vendor],
     options: &AdmissionOptions,
     pod: &mut Pod,
     scheduler_name: &str,
 ) -> Admission {
-    let stripped = strip_scheduler_written(vendor, pod);
+    let stripped = strip_scheduler_written(vendors, pod);
+    let pod_annotations = pod.metadata.annotations.clone().unwrap_or_default();
     let unchanged = if stripped {
         Admission::Mutated
     } else {
@@ -116,6 +117,8 @@ pub fn admit(
     }
     // Per container in allocation order: whether it asks for devices.
     let mut gpu = Vec::new();
+    // Vendors some container asks for, in engine order.
+    let mut asked = vec![false; vendors.len()];
     let mut changed = stripped;
     let containers = spec
         .init_containers
@@ -123,13 +126,18 @@ pub fn admit(
         .flatten()
         .chain(spec.containers.iter_mut());
     for container in containers {
-        match vendor.admit_container(container) {
-            Ok(a) => {
-                gpu.push(a.managed);
-                changed |= a.changed;
+        let mut managed = false;
+        for (v, vendor) in vendors.iter().enumerate() {
+            match vendor.admit_container(container, &pod_annotations) {
+                Ok(a) => {
+                    managed |= a.managed;
+                    asked[v] |= a.managed;
+                    changed |= a.changed;
+                }
+                Err(message) => return Admission::Denied(message),
             }
-            Err(message) => return Admission::Denied(message),
         }
+        gpu.push(managed);
     }
     if !gpu.contains(&true) {
         return if changed {
@@ -138,7 +146,16 @@ pub fn admit(
             Admission::Untouched
         };
     }
-    let resource = vendor.count_resource();
+    let used: Vec<&dyn Vendor> = vendors
+        .iter()
+        .zip(&asked)
+        .filter_map(|(v, &a)| a.then_some(*v))
+        .collect();
+    let resource = used
+        .iter()
+        .map(|v| v.count_resource())
+        .collect::<Vec<_>>()
+        .join(", ");
     let privileged = spec
         .init_containers
         .iter()
@@ -163,7 +180,8 @@ pub fn admit(
         ));
     }
     if !env_allowed {
-        let written = vendor.admission_env();
+        let written: Vec<(&'static str, String)> =
+            used.iter().flat_map(|v| v.admission_env()).collect();
         let gpu_containers = spec
             .init_containers
             .iter_mut()
@@ -180,7 +198,11 @@ pub fn admit(
         }
     }
     spec.scheduler_name = Some(scheduler_name.to_string());
-    vendor.admit_gpu_pod(spec);
+    for vendor in &used {
+        if let Err(message) = vendor.admit_gpu_pod(pod) {
+            return Admission::Denied(message);
+        }
+    }
     Admission::Mutated
 }
 
@@ -190,18 +212,22 @@ fn is_privileged(sc: Option<&SecurityContext>) -> bool {
 
 /// Removes the annotations only the scheduler and the device plugin write.
 /// Returns whether any was there.
-pub fn strip_scheduler_written(vendor: &dyn Vendor, pod: &mut Pod) -> bool {
+pub fn strip_scheduler_written(vendors: &[&dyn Vendor], pod: &mut Pod) -> bool {
     let Some(annotations) = pod.metadata.annotations.as_mut() else {
         return false;
     };
-    let (to_allocate, allocated) = vendor.allocation_annotations();
     let mut removed = false;
-    for key in ann::SCHEDULER_WRITTEN
-        .iter()
-        .copied()
-        .chain([to_allocate, allocated])
-    {
+    for key in ann::SCHEDULER_WRITTEN {
         removed |= annotations.remove(key).is_some();
+    }
+    for vendor in vendors {
+        let (to_allocate, allocated) = vendor.allocation_annotations();
+        for key in to_allocate.into_iter().chain([allocated]) {
+            removed |= annotations.remove(key).is_some();
+        }
+        for key in vendor.plugin_annotation_keys() {
+            removed |= annotations.remove(&key).is_some();
+        }
     }
     removed
 }

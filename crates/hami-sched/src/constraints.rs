@@ -32,7 +32,7 @@ pub struct PodConstraints {
     pub mode: Option<DeviceMode>,
 }
 
-fn list(value: Option<&String>, lower: bool) -> Vec<String> {
+pub(crate) fn list(value: Option<&String>, lower: bool) -> Vec<String> {
     value
         .map(|v| {
             v.split(',')

@@ -4,6 +4,7 @@
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BinaryHeap};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 
@@ -11,15 +12,15 @@ use hami_api::allocation::{ContainerDevice, PodDevices};
 use hami_api::annotations as ann;
 use hami_api::policy::NodePolicy;
 use hami_api::request::init_container_count;
-use hami_api::{ContainerRequest, DecodeError, NvidiaConfig, RequestError};
+use hami_api::{ContainerRequest, DecodeError, DeviceConfig, NvidiaConfig, RequestError};
 
 use crate::admission::{self, AdmissionOptions};
 use crate::bind::{BindInFlight, BusyRule};
 use crate::constraints::{PodConstraints, Policies};
 use crate::reason::{Reason, Rejection};
 use crate::score::node_score;
-use crate::snapshot::{NodeState, PodRecord, Snapshot, Usage};
-use crate::vendor::{Admission, FitScratch, Nvidia, Vendor};
+use crate::snapshot::{NodeDevices, NodeState, PodRecord, Snapshot, Usage};
+use crate::vendor::{Admission, Ascend, FitPod, FitScratch, Generic, Nvidia, Vendor};
 
 /// Why a pod cannot be considered at all (before looking at nodes).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -30,24 +31,42 @@ pub enum PodError {
     Annotation(#[from] DecodeError),
 }
 
+/// One container's request for one vendor's devices.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VendorRequest {
+    /// Index of the vendor in the engine ([`Engine::vendor`]).
+    pub vendor: usize,
+    pub request: ContainerRequest,
+}
+
 /// A pod reduced to what the engine needs, parsed once.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PodRequest {
     /// `namespace/name`.
     pub key: String,
-    /// Per container in allocation order; `None` for containers without GPUs.
-    pub containers: Vec<Option<ContainerRequest>>,
+    /// Per container in allocation order: what it asks of each vendor
+    /// (empty for containers without devices; a container may ask
+    /// several vendors).
+    pub containers: Vec<Vec<VendorRequest>>,
     pub init_count: usize,
     pub constraints: PodConstraints,
+    /// The pod's annotations, for vendor-specific selectors and modes.
+    pub annotations: BTreeMap<String, String>,
 }
 
 impl PodRequest {
-    /// Cards asked for over all containers.
-    pub fn total_cards(&self) -> u64 {
+    /// Every (container, request) in allocation order.
+    pub fn requests(&self) -> impl Iterator<Item = (usize, &VendorRequest)> {
         self.containers
             .iter()
-            .flatten()
-            .map(|r| u64::from(r.nums))
+            .enumerate()
+            .flat_map(|(ci, c)| c.iter().map(move |r| (ci, r)))
+    }
+
+    /// Cards asked for over all containers.
+    pub fn total_cards(&self) -> u64 {
+        self.requests()
+            .map(|(_, r)| u64::from(r.request.nums))
             .sum()
     }
 
@@ -56,8 +75,10 @@ impl PodRequest {
     /// a time, before the app containers).
     pub fn peak_cards(&self) -> u64 {
         let init = self.init_count.min(self.containers.len());
-        let nums = |c: &[Option<ContainerRequest>]| -> Vec<u64> {
-            c.iter().flatten().map(|r| u64::from(r.nums)).collect()
+        let nums = |c: &[Vec<VendorRequest>]| -> Vec<u64> {
+            c.iter()
+                .map(|v| v.iter().map(|r| u64::from(r.request.nums)).sum())
+                .collect()
         };
         let init_max = nums(&self.containers[..init]).into_iter().max();
         let app_sum: u64 = nums(&self.containers[init..]).into_iter().sum();
@@ -89,22 +110,6 @@ pub struct Decision<'a> {
     pub busy: Vec<(&'a str, &'a BindInFlight)>,
 }
 
-impl Decision<'_> {
-    /// The pod annotations the scheduler writes for this decision (the
-    /// shell adds `hami.io/vgpu-time`, which needs a clock).
-    pub fn annotations(&self, vendor: &dyn Vendor) -> BTreeMap<String, String> {
-        let mut m = BTreeMap::new();
-        if let Some(node) = self.node {
-            let encoded = self.devices.encode();
-            let (to_allocate, allocated) = vendor.allocation_annotations();
-            m.insert(ann::VGPU_NODE.to_string(), node.to_string());
-            m.insert(to_allocate.to_string(), encoded.clone());
-            m.insert(allocated.to_string(), encoded);
-        }
-        m
-    }
-}
-
 /// Whether to explain every rejected node (the extender, the CLI) or only
 /// find the best node (the simulator). Both give the same node and cards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,23 +118,68 @@ pub enum Mode {
     Fast,
 }
 
-/// The scheduling engine: a vendor backend, the default policies and the
-/// webhook's scheduler-level settings.
+/// The scheduling engine: the vendor backends, the default policies and
+/// the webhook's scheduler-level settings.
 #[derive(Debug, Clone, Default)]
 pub struct Engine {
+    /// Vendor 0.
     pub nvidia: Nvidia,
+    /// Vendors 1.., in HAMi's order.
+    pub others: Vec<Arc<dyn Vendor>>,
     pub policies: Policies,
     pub admission: AdmissionOptions,
 }
 
 impl Engine {
-    /// An engine with HAMi's default admission settings.
+    /// An NVIDIA-only engine with HAMi's default admission settings.
     pub fn new(config: NvidiaConfig, policies: Policies) -> Engine {
         Engine {
             nvidia: Nvidia::new(config),
+            others: Vec::new(),
             policies,
             admission: AdmissionOptions::default(),
         }
+    }
+
+    /// An engine for every vendor of a device config: NVIDIA, each Ascend
+    /// chip of `vnpus`, then the vendors of [`Generic::all`].
+    pub fn from_config(config: &DeviceConfig, policies: Policies) -> Engine {
+        let mut engine = Engine::new(config.nvidia.clone(), policies);
+        let v = &config.vendors;
+        for chip in &v.vnpus.configs {
+            if !chip.resource_name.is_empty() && !chip.common_word.is_empty() {
+                engine
+                    .others
+                    .push(Arc::new(Ascend::new(chip.clone(), v.vnpus.hami_vnpu_core)));
+            }
+        }
+        for g in Generic::all(v) {
+            engine.others.push(Arc::new(g));
+        }
+        engine
+    }
+
+    /// How many vendors the engine schedules.
+    pub fn vendor_count(&self) -> usize {
+        1 + self.others.len()
+    }
+
+    /// Vendor `i` (0 is NVIDIA).
+    pub fn vendor(&self, i: usize) -> &dyn Vendor {
+        match i {
+            0 => &self.nvidia,
+            i => &*self.others[i - 1],
+        }
+    }
+
+    /// Every vendor with its index.
+    pub fn vendors(&self) -> impl Iterator<Item = (usize, &dyn Vendor)> {
+        (0..self.vendor_count()).map(|i| (i, self.vendor(i)))
+    }
+
+    /// The vendor whose allocation entries `word` names.
+    pub fn vendor_of_entry(&self, entry: &ContainerDevice) -> Option<usize> {
+        self.vendors().find(|(_, v)| v.owns(entry)).map(|(i, _)| i)
     }
 
     /// The same engine with other admission settings.
@@ -142,23 +192,72 @@ impl Engine {
     /// for pods the webhook otherwise leaves alone. Returns whether any
     /// annotation was removed.
     pub fn strip_scheduler_written(&self, pod: &mut Pod) -> bool {
-        admission::strip_scheduler_written(&self.nvidia, pod)
+        admission::strip_scheduler_written(&self.vendor_list(), pod)
+    }
+
+    fn vendor_list(&self) -> Vec<&dyn Vendor> {
+        self.vendors().map(|(_, v)| v).collect()
     }
 
     /// Parses a pod. `Ok(None)` when it asks for no managed device.
     pub fn prepare(&self, pod: &Pod) -> Result<Option<PodRequest>, PodError> {
-        let containers = self.nvidia.pod_requests(pod)?;
-        if containers.iter().all(Option::is_none) {
+        let mut containers: Vec<Vec<VendorRequest>> = Vec::new();
+        for (vendor, backend) in self.vendors() {
+            let asks = backend.pod_requests(pod)?;
+            if containers.len() < asks.len() {
+                containers.resize_with(asks.len(), Vec::new);
+            }
+            for (ci, request) in asks.into_iter().enumerate() {
+                if let Some(request) = request {
+                    containers[ci].push(VendorRequest { vendor, request });
+                }
+            }
+        }
+        if containers.iter().all(Vec::is_empty) {
             return Ok(None);
         }
-        let empty = BTreeMap::new();
-        let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
+        let annotations = pod.metadata.annotations.clone().unwrap_or_default();
         Ok(Some(PodRequest {
             key: pod_key(pod),
             containers,
             init_count: init_container_count(pod),
-            constraints: PodConstraints::decode(annotations, self.policies)?,
+            constraints: PodConstraints::decode(&annotations, self.policies)?,
+            annotations,
         }))
+    }
+
+    /// The pod annotations the scheduler writes for `devices` on `node` at
+    /// `now_ns` (unix nanoseconds): `hami.io/vgpu-node`, and per vendor its
+    /// allocation pair and what its device plugin reads. (The shell adds
+    /// the bind times.)
+    pub fn decision_annotations(
+        &self,
+        node: &str,
+        devices: &PodDevices,
+        now_ns: i128,
+    ) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        m.insert(ann::VGPU_NODE.to_string(), node.to_string());
+        for (_, vendor) in self.vendors() {
+            let mine = PodDevices(
+                devices
+                    .0
+                    .iter()
+                    .map(|c| c.iter().filter(|d| vendor.owns(d)).cloned().collect())
+                    .collect(),
+            );
+            if mine.is_empty() {
+                continue;
+            }
+            let encoded = mine.encode();
+            let (to_allocate, allocated) = vendor.allocation_annotations();
+            if let Some(key) = to_allocate {
+                m.insert(key.to_string(), encoded.clone());
+            }
+            m.insert(allocated.to_string(), encoded);
+            m.extend(vendor.plugin_annotations(node, &mine, now_ns));
+        }
+        m
     }
 
     /// The admission webhook's rules for a pod being created (mutates it
@@ -166,27 +265,53 @@ impl Engine {
     /// scheduler go to `scheduler_name` (HAMi's is
     /// [`hami_api::annotations::SCHEDULER_NAME`]).
     pub fn admit(&self, pod: &mut Pod, scheduler_name: &str) -> Admission {
-        admission::admit(&self.nvidia, &self.admission, pod, scheduler_name)
+        admission::admit(&self.vendor_list(), &self.admission, pod, scheduler_name)
     }
 
-    /// Registers a Kubernetes Node's devices in the snapshot. Returns
-    /// whether it has any; a node whose annotation is malformed is an error
-    /// and is left out of the snapshot.
+    /// Registers a Kubernetes Node's devices, of every vendor, in the
+    /// snapshot. Returns whether it has any. A vendor whose registration is
+    /// malformed is left out (the node keeps the other vendors' cards) and
+    /// its error is returned after the node is registered.
     pub fn add_node(&self, snapshot: &mut Snapshot, node: &Node) -> Result<bool, DecodeError> {
+        self.add_node_vendors(snapshot, node, &|_| true)
+    }
+
+    /// [`Engine::add_node`] with only the vendors `include` names (the
+    /// shell leaves out vendors whose device plugin stopped reporting).
+    pub fn add_node_vendors(
+        &self,
+        snapshot: &mut Snapshot,
+        node: &Node,
+        include: &dyn Fn(usize) -> bool,
+    ) -> Result<bool, DecodeError> {
         let name = node.metadata.name.as_deref().unwrap_or_default();
-        match self.nvidia.decode_node(node) {
-            Ok(Some(devices)) => {
-                snapshot.upsert_node(name, devices);
-                Ok(true)
+        let mut joined = NodeDevices::default();
+        let mut error = None;
+        for (i, vendor) in self.vendors().filter(|(i, _)| include(*i)) {
+            match vendor.decode_node(node) {
+                Ok(Some(reg)) => {
+                    let start = joined.devices.len();
+                    joined.devices.extend(reg.devices);
+                    joined.vendor_cards.push((i, start..joined.devices.len()));
+                    joined.cordoned.extend(reg.cordoned);
+                    joined.pair_scores.extend(reg.pair_scores);
+                    joined.soft_split |= reg.soft_split;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    error.get_or_insert(e);
+                }
             }
-            Ok(None) => {
-                snapshot.remove_node(name);
-                Ok(false)
-            }
-            Err(e) => {
-                snapshot.remove_node(name);
-                Err(e)
-            }
+        }
+        let any = !joined.devices.is_empty();
+        if any {
+            snapshot.upsert_node(name, joined);
+        } else {
+            snapshot.remove_node(name);
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(any),
         }
     }
 
@@ -211,17 +336,28 @@ impl Engine {
         if given_up && phase != Some("Running") {
             return Ok(None);
         }
-        let (Some(node), Some(allocated)) = (
-            annotations.get(ann::VGPU_NODE),
-            annotations.get(self.nvidia.allocation_annotations().1),
-        ) else {
+        let Some(node) = annotations.get(ann::VGPU_NODE) else {
             return Ok(None);
         };
         let bound_to = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
         if bound_to != Some(node.as_str()) {
             return Ok(None);
         }
-        let devices = PodDevices::decode(ann::NVIDIA_DEVICES_ALLOCATED, allocated)?;
+        // Every vendor's allocated key, joined container by container.
+        let mut devices = PodDevices::default();
+        for (_, vendor) in self.vendors() {
+            let key = vendor.allocation_annotations().1;
+            let Some(value) = annotations.get(key) else {
+                continue;
+            };
+            let mine = PodDevices::decode(key, value)?;
+            if devices.0.len() < mine.0.len() {
+                devices.0.resize_with(mine.0.len(), Vec::new);
+            }
+            for (ci, c) in mine.0.into_iter().enumerate() {
+                devices.0[ci].extend(c.into_iter().filter(|d| vendor.owns(d)));
+            }
+        }
         if devices.is_empty() {
             return Ok(None);
         }
@@ -330,20 +466,31 @@ impl Engine {
         let mut best: Option<Ranked> = None;
         // With one GPU container the node's own usage is all it sees, so the
         // backend may answer without ranking cards.
-        let single = match pod.containers.iter().flatten().collect::<Vec<_>>()[..] {
-            [only] => Some(only),
+        let single = match pod.requests().collect::<Vec<_>>()[..] {
+            [(ci, only)] => Some((ci, only)),
             _ => None,
+        };
+        let alone = FitPod {
+            constraints: &pod.constraints,
+            annotations: &pod.annotations,
+            earlier: &[],
         };
         match mode {
             Mode::Explain => {
                 for &(pos, i) in &known {
                     let node = &nodes[i];
-                    let fits = match single.and_then(|r| {
-                        self.nvidia
-                            .container_fits_unordered(node, r, &pod.constraints)
+                    let fits = match single.and_then(|(ci, r)| {
+                        self.vendor(r.vendor)
+                            .container_fits_unordered(
+                                node,
+                                node.cards_of(r.vendor),
+                                &r.request,
+                                &alone,
+                            )
+                            .map(|answer| (ci, answer))
                     }) {
-                        Some(answer) => answer.map_err(|mut r| {
-                            r.container = container_index(pod);
+                        Some((ci, answer)) => answer.map_err(|mut r| {
+                            r.container = ci as u16;
                             r
                         }),
                         None => self.fit_pod_cards(node, pod, &mut scratch),
@@ -384,7 +531,7 @@ impl Engine {
             Some(b) => {
                 self.fit_pod_cards(&nodes[b.node], pod, &mut scratch)
                     .expect("the chosen node fits");
-                scratch.devices(&nodes[b.node], pod, self.nvidia.word())
+                scratch.devices(self, &nodes[b.node], pod)
             }
             None => PodDevices::default(),
         };
@@ -409,7 +556,7 @@ impl Engine {
         scratch: &mut PodScratch,
     ) -> Result<PodDevices, Rejection> {
         self.fit_pod_cards(node, pod, scratch)?;
-        Ok(scratch.devices(node, pod, self.nvidia.word()))
+        Ok(scratch.devices(self, node, pod))
     }
 
     /// [`Engine::fit_pod`] without building the result: the chosen cards
@@ -420,30 +567,46 @@ impl Engine {
         pod: &PodRequest,
         scratch: &mut PodScratch,
     ) -> Result<(), Rejection> {
-        let PodScratch { used, picks, fit } = scratch;
+        let PodScratch {
+            used,
+            picks,
+            earlier,
+            fit,
+        } = scratch;
         picks.clear();
-        for (ci, request) in pod.containers.iter().enumerate() {
+        for (ci, requests) in pod.containers.iter().enumerate() {
             // Every init container, and then the app containers together,
             // start from the node's own usage.
             if ci <= pod.init_count {
                 used.clear();
                 used.extend(node.devices.iter().map(|d| d.used));
             }
-            let Some(req) = request else {
-                continue;
-            };
-            self.nvidia
-                .fit_container(node, used, req, &pod.constraints, fit)
-                .map_err(|mut r| {
-                    r.container = ci as u16;
-                    r
-                })?;
-            for &i in &fit.picked {
-                let mem = req.mem_on(node.devices[i].info.devmem);
-                used[i].slots += 1;
-                used[i].mem += mem;
-                used[i].cores += req.cores;
-                picks.push((ci, i));
+            for VendorRequest {
+                vendor: v,
+                request: req,
+            } in requests
+            {
+                let vendor = self.vendor(*v);
+                earlier.clear();
+                earlier.extend(picks.iter().filter(|p| p.1 == *v).map(|p| p.2));
+                let fit_pod = FitPod {
+                    constraints: &pod.constraints,
+                    annotations: &pod.annotations,
+                    earlier,
+                };
+                vendor
+                    .fit_container(node, node.cards_of(*v), used, req, &fit_pod, fit)
+                    .map_err(|mut r| {
+                        r.container = ci as u16;
+                        r
+                    })?;
+                for &i in &fit.picked {
+                    let (mem, cores) = vendor.take(&node.devices[i].info, used[i], req);
+                    used[i].slots += 1;
+                    used[i].mem += mem;
+                    used[i].cores += cores;
+                    picks.push((ci, *v, i, mem, cores));
+                }
             }
         }
         Ok(())
@@ -479,35 +642,29 @@ fn has_free_slots(node: &NodeState, cards: u64) -> bool {
             >= cards
 }
 
-/// Allocation-order index of the pod's only GPU container.
-fn container_index(pod: &PodRequest) -> u16 {
-    pod.containers.iter().position(Option::is_some).unwrap_or(0) as u16
-}
-
 /// Buffers reused while fitting one pod on node after node.
 #[derive(Debug, Default)]
 pub struct PodScratch {
     /// Per card of the node being fitted: usage including earlier containers.
     used: Vec<Usage>,
-    /// (container, card) in allocation order.
-    picks: Vec<(usize, usize)>,
+    /// (container, vendor, card, MiB, cores) in allocation order.
+    picks: Vec<(usize, usize, usize, u64, u32)>,
+    /// Cards one vendor gave earlier containers of the pod.
+    earlier: Vec<usize>,
     fit: FitScratch,
 }
 
 impl PodScratch {
     /// The devices of the last successful fit, per container.
-    fn devices(&self, node: &NodeState, pod: &PodRequest, word: &str) -> PodDevices {
+    fn devices(&self, engine: &Engine, node: &NodeState, pod: &PodRequest) -> PodDevices {
         let mut out: Vec<Vec<ContainerDevice>> = vec![Vec::new(); pod.containers.len()];
-        for &(ci, i) in &self.picks {
-            let req = pod.containers[ci]
-                .as_ref()
-                .expect("picks are for GPU containers");
+        for &(ci, v, i, mem, cores) in &self.picks {
             let info = &node.devices[i].info;
             out[ci].push(ContainerDevice {
                 uuid: info.id.clone(),
-                vendor: word.to_string(),
-                mem: req.mem_on(info.devmem),
-                cores: req.cores,
+                vendor: engine.vendor(v).entry_type(info).to_string(),
+                mem,
+                cores,
             });
         }
         PodDevices(out)

@@ -23,10 +23,16 @@ pub enum Reason {
     NumaNotFit,
     AllocatedCardsInsufficientRequest,
     NodeInsufficientDevice,
+    /// A vendor rule tying a pod's containers to the same card (Mthreads,
+    /// MetaX) ruled the card out.
+    CardNotFoundCustomFilterRule,
+    /// The pod's sharing mode is not one the node offers (Ascend soft
+    /// split), or no profile holds the request (Enflame).
+    ModeNotFit,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 16] = [
         Reason::CardNotHealth,
         Reason::CardCordoned,
         Reason::CardTypeMismatch,
@@ -41,6 +47,8 @@ impl Reason {
         Reason::NumaNotFit,
         Reason::AllocatedCardsInsufficientRequest,
         Reason::NodeInsufficientDevice,
+        Reason::CardNotFoundCustomFilterRule,
+        Reason::ModeNotFit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -59,6 +67,8 @@ impl Reason {
             Reason::NumaNotFit => "NumaNotFit",
             Reason::AllocatedCardsInsufficientRequest => "AllocatedCardsInsufficientRequest",
             Reason::NodeInsufficientDevice => "NodeInsufficientDevice",
+            Reason::CardNotFoundCustomFilterRule => "CardNotFoundCustomFilterRule",
+            Reason::ModeNotFit => "ModeNotFit",
         }
     }
 
@@ -81,6 +91,10 @@ impl Reason {
             Reason::NumaNotFit => "cards that fit are spread over NUMA nodes",
             Reason::AllocatedCardsInsufficientRequest => "fewer fitting cards than requested",
             Reason::NodeInsufficientDevice => "node has no usable devices",
+            Reason::CardNotFoundCustomFilterRule => {
+                "the vendor keeps all of a pod's containers on one card, and that card is another"
+            }
+            Reason::ModeNotFit => "the node does not offer the sharing mode or size asked for",
         }
     }
 }

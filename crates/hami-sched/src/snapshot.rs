@@ -3,6 +3,7 @@
 //! and exactly; a node that re-registers gets its usage rebuilt from its pods.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 
 use hami_api::allocation::PodDevices;
 use hami_api::device::DeviceInfo;
@@ -77,12 +78,33 @@ pub struct NodeTotals {
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeState {
     pub name: String,
+    /// Every vendor's cards, each vendor's contiguous (see `vendor_cards`).
     pub devices: Vec<DeviceState>,
+    /// (engine vendor index, its cards' range in `devices`); empty means
+    /// every card is vendor 0's.
+    pub vendor_cards: Vec<(usize, Range<usize>)>,
     pub pair_scores: Vec<DevicePairScore>,
+    /// Ascend: the node runs hami-vnpu-core (soft split).
+    pub soft_split: bool,
     pub totals: NodeTotals,
 }
 
 impl NodeState {
+    /// The range of `devices` holding vendor `vendor`'s cards.
+    pub fn cards_of(&self, vendor: usize) -> Range<usize> {
+        if self.vendor_cards.is_empty() {
+            return if vendor == 0 {
+                0..self.devices.len()
+            } else {
+                0..0
+            };
+        }
+        self.vendor_cards
+            .iter()
+            .find(|(v, _)| *v == vendor)
+            .map_or(0..0, |(_, r)| r.clone())
+    }
+
     fn device_index(&self, uuid: &str) -> Option<usize> {
         self.devices.iter().position(|d| d.info.id == uuid)
     }
@@ -185,11 +207,12 @@ pub fn held_usage(
 }
 
 /// Allocation annotations are pod data anyone may write: values beyond any
-/// real allocation (a container gets at most 100 cores of a card, and no card
-/// has 2^32 MiB) are clamped, so that sums over many pods cannot overflow and
-/// removal stays exact. Such a value still fills the card.
+/// real allocation (no card has 2^32 MiB or 10,000 compute units; most
+/// vendors count compute in percent, AMD in compute units) are clamped, so
+/// that sums over many pods cannot overflow and removal stays exact. Such a
+/// value still fills the card.
 const MAX_HELD_MEM: u64 = u32::MAX as u64;
-const MAX_HELD_CORES: u32 = 100;
+const MAX_HELD_CORES: u32 = 10_000;
 
 fn one(d: &hami_api::ContainerDevice) -> Usage {
     Usage {
@@ -217,6 +240,11 @@ pub struct NodeDevices {
     pub devices: Vec<DeviceInfo>,
     pub cordoned: Vec<String>,
     pub pair_scores: Vec<DevicePairScore>,
+    /// Ascend: the node runs hami-vnpu-core (soft split).
+    pub soft_split: bool,
+    /// (engine vendor index, its cards' range in `devices`), set when the
+    /// engine joins several vendors' registrations; empty = all vendor 0.
+    pub vendor_cards: Vec<(usize, Range<usize>)>,
 }
 
 impl Snapshot {
@@ -260,7 +288,9 @@ impl Snapshot {
         let mut state = NodeState {
             name: name.to_string(),
             devices,
+            vendor_cards: reg.vendor_cards,
             pair_scores: reg.pair_scores,
+            soft_split: reg.soft_split,
             totals: NodeTotals::default(),
         };
         state.recompute_totals();

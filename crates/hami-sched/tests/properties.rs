@@ -277,6 +277,8 @@ fn registration(s: &Snapshot, name: &str) -> NodeDevices {
             .map(|d| d.info.id.clone())
             .collect(),
         pair_scores: n.pair_scores.clone(),
+        soft_split: n.soft_split,
+        vendor_cards: n.vendor_cards.clone(),
     }
 }
 
@@ -446,7 +448,7 @@ fn run(cluster: &[NodeSpec], ops: &[Op]) -> Result<Trace, TestCaseError> {
                 if let Some(node) = explain.node.map(str::to_string) {
                     // Every container asking for n cards got n distinct cards.
                     for (c, want) in explain.devices.0.iter().zip(&req.containers) {
-                        let want = want.as_ref().map_or(0, |r| r.nums as usize);
+                        let want: usize = want.iter().map(|r| r.request.nums as usize).sum();
                         let distinct: BTreeSet<&str> = c.iter().map(|d| d.uuid.as_str()).collect();
                         prop_assert_eq!(c.len(), want);
                         prop_assert_eq!(distinct.len(), want);
@@ -531,7 +533,7 @@ proptest! {
             let req = e.prepare(&p).unwrap().unwrap();
             let d = e.filter(&s, &req, None, Mode::Fast);
             let Some(node) = d.node.map(str::to_string) else { continue };
-            let annotations: BTreeMap<String, String> = d.annotations(&e.nvidia);
+            let annotations: BTreeMap<String, String> = e.decision_annotations(&node, &d.devices, 0);
             let devices = d.devices.clone();
             p.metadata.annotations.get_or_insert_with(BTreeMap::new).extend(annotations);
             // ...and binds it.

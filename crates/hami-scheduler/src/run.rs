@@ -52,8 +52,8 @@ pub fn load_engine(s: &Settings) -> Result<Engine, Error> {
         },
         protected_env_namespaces: s.protected_env_allowed_namespaces.clone(),
     };
-    Ok(Engine::new(
-        config.nvidia,
+    Ok(Engine::from_config(
+        &config,
         Policies {
             node: s.node_policy,
             gpu: s.gpu_policy,

@@ -17,10 +17,7 @@ use hami_api::allocation::PodDevices;
 use hami_api::annotations as ann;
 use hami_kube::cache::Inventory;
 use hami_kube::handshake;
-use hami_sched::{
-    BindInFlight, BusyRule, Decision, Engine, LockHolder, Mode, PodRequest, Snapshot, Vendor,
-    pod_key,
-};
+use hami_sched::{BindInFlight, BusyRule, Engine, LockHolder, Mode, PodRequest, Snapshot, pod_key};
 
 /// A Filter decision not yet visible in the API server.
 #[derive(Debug, Clone, PartialEq)]
@@ -154,7 +151,8 @@ fn reason_words(why: &str) -> BTreeSet<String> {
 /// per GPU container.
 fn request_words(req: &PodRequest) -> String {
     let mut parts = Vec::new();
-    for c in req.containers.iter().flatten() {
+    for (_, r) in req.requests() {
+        let c = &r.request;
         let mem = match (c.mem, c.mem_percentage) {
             (0, Some(p)) => format!("{p}% memory"),
             (0, None) => "all memory".to_string(),
@@ -297,18 +295,23 @@ impl Cluster {
         verdict.answer
     }
 
+    /// `healthy` is the NVIDIA handshake's verdict: it decides about the
+    /// NVIDIA cards only, so a node of another vendor (whose plugin never
+    /// answers hami.io/node-handshake) keeps its cards.
     fn apply_node(&mut self, engine: &Engine, name: &str, node: &Node, healthy: bool) {
-        if !healthy {
-            if self.snapshot.remove_node(name) {
-                tracing::warn!(
-                    node = name,
-                    "node stopped reporting (handshake stale); its devices leave the cache"
-                );
-            }
-            return;
+        let had_nvidia = self
+            .snapshot
+            .node(name)
+            .is_some_and(|n| !n.cards_of(0).is_empty());
+        if !healthy && had_nvidia {
+            tracing::warn!(
+                node = name,
+                "NVIDIA device plugin stopped reporting (handshake stale); its cards leave the cache"
+            );
         }
-        if let Err(e) = engine.add_node(&mut self.snapshot, node) {
-            tracing::warn!(node = name, error = %e, "node registration not understood; node ignored");
+        let include = |vendor: usize| vendor != 0 || healthy;
+        if let Err(e) = engine.add_node_vendors(&mut self.snapshot, node, &include) {
+            tracing::warn!(node = name, error = %e, "a vendor's node registration is not understood; that vendor's cards are left out");
         }
     }
 
@@ -770,14 +773,7 @@ pub fn bind_annotations(
     devices: &PodDevices,
     now: Timestamp,
 ) -> BTreeMap<String, String> {
-    let decision = Decision {
-        node: Some(node),
-        devices: devices.clone(),
-        rejected: Vec::new(),
-        busy: Vec::new(),
-    };
-    let vendor: &dyn Vendor = &engine.nvidia;
-    let mut m: BTreeMap<String, String> = decision.annotations(vendor).into_iter().collect();
+    let mut m = engine.decision_annotations(node, devices, now.as_nanosecond());
     let secs = now.as_second().to_string();
     m.insert(ann::VGPU_TIME.into(), secs.clone());
     m.insert(ann::BIND_PHASE.into(), "allocating".into());

@@ -74,8 +74,8 @@ pub fn build_cluster(spec: &ClusterSpec, config: &NvidiaConfig) -> Snapshot {
                 &name,
                 NodeDevices {
                     devices,
-                    cordoned: Vec::new(),
                     pair_scores,
+                    ..Default::default()
                 },
             );
         }
@@ -414,7 +414,7 @@ fn median_request(requests: &[PodRequest], workload: &Workload) -> Option<Contai
         .iter()
         .zip(&workload.groups)
         .filter_map(|(r, g)| {
-            let c = r.containers.iter().flatten().next()?;
+            let c = &r.requests().next()?.1.request;
             Some((c.mem_on(81920), c, g.count))
         })
         .collect();

@@ -1,19 +1,32 @@
 //! Vendor backends. A backend is data plus one trait: it decodes a node's
 //! registration, parses a pod's requests, fits one container onto a node's
 //! cards, names its allocation annotations and applies its admission rules.
-//! Adding a vendor touches one module here and one config section.
+//! NVIDIA and Ascend have modules of their own; the vendors whose rules are
+//! HAMi's shared per-card rule with units, defaults and a few switches are
+//! one [`Generic`] backend each, described by data ([`generic::Spec`]).
 
+pub mod ascend;
+pub mod generic;
 pub mod nvidia;
+pub mod shared;
 
-use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
 
-use hami_api::{ContainerRequest, DecodeError, RequestError};
+use k8s_openapi::api::core::v1::{Container, Node, Pod};
+
+use hami_api::{
+    ContainerDevice, ContainerRequest, DecodeError, DeviceInfo, PodDevices, RequestError,
+};
 
 use crate::admission::ContainerAdmission;
 use crate::constraints::PodConstraints;
 use crate::reason::Rejection;
 use crate::snapshot::{NodeDevices, NodeState, Usage};
 
+pub use ascend::Ascend;
+pub use generic::Generic;
 pub use nvidia::Nvidia;
 
 /// Buffers a backend reuses from card to card and node to node, so that
@@ -39,33 +52,58 @@ pub enum Admission {
     Denied(String),
 }
 
+/// What a backend may look at while fitting one container, besides the
+/// node: the pod's decoded constraints, its annotations (vendor-specific
+/// selectors and modes) and the cards this vendor already gave earlier
+/// containers of the same pod.
+#[derive(Debug, Clone, Copy)]
+pub struct FitPod<'a> {
+    pub constraints: &'a PodConstraints,
+    pub annotations: &'a BTreeMap<String, String>,
+    /// Node card indices, in allocation order.
+    pub earlier: &'a [usize],
+}
+
 /// One accelerator vendor's rules.
-pub trait Vendor: Send + Sync {
-    /// The word written in allocations, e.g. `NVIDIA`.
-    fn word(&self) -> &'static str;
+///
+/// A node's cards are one list; each vendor's cards are a contiguous range
+/// of it (`cards`), and a backend only ever looks inside its range.
+pub trait Vendor: Send + Sync + fmt::Debug {
+    /// The word written in allocations, e.g. `NVIDIA`, `MLU`, `Ascend910B3`.
+    fn word(&self) -> &str;
 
-    /// Node annotation holding the vendor's device list.
-    fn register_annotation(&self) -> &'static str;
+    /// Pod annotations `(to-allocate, allocated)` for this vendor; some
+    /// vendors' plugins read only the allocated key.
+    fn allocation_annotations(&self) -> (Option<&str>, &str);
 
-    /// Pod annotations `(to-allocate, allocated)` for this vendor.
-    fn allocation_annotations(&self) -> (&'static str, &'static str);
+    /// Whether an allocation entry is this vendor's. The entry's type is
+    /// the vendor word, except where a vendor writes the card model.
+    fn owns(&self, entry: &ContainerDevice) -> bool {
+        entry.vendor == self.word()
+    }
 
-    /// The node's cards, cordon list and link scores; `Ok(None)` when the
-    /// node has registered none of this vendor's devices.
+    /// The type an allocation entry on `card` carries: the vendor word,
+    /// or the card's model for vendors whose plugins expect that (AMD).
+    fn entry_type<'a>(&'a self, _card: &'a DeviceInfo) -> &'a str {
+        self.word()
+    }
+
+    /// The node's cards of this vendor; `Ok(None)` when it has none.
     fn decode_node(&self, node: &Node) -> Result<Option<NodeDevices>, DecodeError>;
 
     /// Every container's request, in allocation order (init containers first).
     fn pod_requests(&self, pod: &Pod) -> Result<Vec<Option<ContainerRequest>>, RequestError>;
 
-    /// Picks cards for one container given the node's current `used` per
-    /// card (index-aligned with `node.devices`). On success
+    /// Picks cards for one container among `cards` given the node's current
+    /// `used` per card (index-aligned with `node.devices`). On success
     /// `scratch.picked` holds the chosen card indices in allocation order.
     fn fit_container(
         &self,
         node: &NodeState,
+        cards: Range<usize>,
         used: &[Usage],
         request: &ContainerRequest,
-        constraints: &PodConstraints,
+        pod: &FitPod<'_>,
         scratch: &mut FitScratch,
     ) -> Result<(), Rejection>;
 
@@ -75,10 +113,19 @@ pub trait Vendor: Send + Sync {
     /// Lets the engine explain thousands of nodes without ranking cards.
     fn container_fits_unordered(
         &self,
-        node: &NodeState,
-        request: &ContainerRequest,
-        constraints: &PodConstraints,
-    ) -> Option<Result<(), Rejection>>;
+        _node: &NodeState,
+        _cards: Range<usize>,
+        _request: &ContainerRequest,
+        _pod: &FitPod<'_>,
+    ) -> Option<Result<(), Rejection>> {
+        None
+    }
+
+    /// What one container takes on a chosen card: (MiB, cores in the
+    /// vendor's unit). Most vendors take what was asked.
+    fn take(&self, card: &DeviceInfo, _used: Usage, request: &ContainerRequest) -> (u64, u32) {
+        (request.mem_on(card.devmem), request.cores)
+    }
 
     /// The resource that asks for a number of devices, for messages.
     fn count_resource(&self) -> &str;
@@ -86,12 +133,39 @@ pub trait Vendor: Send + Sync {
     /// Applies the vendor's admission defaults to one container (init or
     /// app) of a pod being created; `Err` denies the pod with a message
     /// naming the container, resource, value and rule.
-    fn admit_container(&self, container: &mut Container) -> Result<ContainerAdmission, String>;
+    fn admit_container(
+        &self,
+        container: &mut Container,
+        pod_annotations: &BTreeMap<String, String>,
+    ) -> Result<ContainerAdmission, String>;
 
-    /// Pod-level defaults for an admitted pod that asks for devices.
-    fn admit_gpu_pod(&self, spec: &mut PodSpec);
+    /// Pod-level changes for an admitted pod that asks for this vendor's
+    /// devices (runtime class, pod annotations its plugin reads).
+    fn admit_gpu_pod(&self, _pod: &mut Pod) -> Result<(), String> {
+        Ok(())
+    }
 
     /// Environment the webhook itself writes into every GPU container,
     /// whatever the pod (exempt from the protected-environment rule).
-    fn admission_env(&self) -> Vec<(&'static str, String)>;
+    fn admission_env(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
+
+    /// Pod annotations this vendor's device plugin reads besides the
+    /// allocation pair, computed from the allocation (this vendor's entries
+    /// only) on `node` at `now_ns` (unix nanoseconds).
+    fn plugin_annotations(
+        &self,
+        _node: &str,
+        _devices: &PodDevices,
+        _now_ns: i128,
+    ) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    /// Every pod annotation key [`Vendor::plugin_annotations`] may write:
+    /// only the scheduler writes them, so the webhook strips them.
+    fn plugin_annotation_keys(&self) -> Vec<String> {
+        Vec::new()
+    }
 }

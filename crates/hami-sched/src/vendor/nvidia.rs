@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Container, EnvVar, Node, Pod, PodSpec};
+use std::ops::Range;
+
+use k8s_openapi::api::core::v1::{Container, Node, Pod};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity as K8sQuantity;
 
 use hami_api::annotations as ann;
@@ -18,11 +20,11 @@ use hami_api::request::{
 use hami_api::topology::{decode_pair_scores, pair_score};
 use hami_api::{ContainerRequest, DecodeError, NVIDIA, RequestError};
 
-use super::{FitScratch, Vendor};
+use super::shared::{card_order, no_cards, set_env};
+use super::{FitPod, FitScratch, Vendor};
 use crate::admission::ContainerAdmission;
 use crate::constraints::PodConstraints;
 use crate::reason::{Reason, Rejection};
-use crate::score::gpu_score;
 use crate::snapshot::{NodeDevices, NodeState, Usage};
 
 /// Largest fitting set searched exhaustively by topology-aware placement.
@@ -41,17 +43,13 @@ impl Nvidia {
 }
 
 impl Vendor for Nvidia {
-    fn word(&self) -> &'static str {
+    fn word(&self) -> &str {
         NVIDIA
     }
 
-    fn register_annotation(&self) -> &'static str {
-        ann::NODE_NVIDIA_REGISTER
-    }
-
-    fn allocation_annotations(&self) -> (&'static str, &'static str) {
+    fn allocation_annotations(&self) -> (Option<&str>, &str) {
         (
-            ann::NVIDIA_DEVICES_TO_ALLOCATE,
+            Some(ann::NVIDIA_DEVICES_TO_ALLOCATE),
             ann::NVIDIA_DEVICES_ALLOCATED,
         )
     }
@@ -78,6 +76,7 @@ impl Vendor for Nvidia {
             devices,
             cordoned,
             pair_scores,
+            ..Default::default()
         }))
     }
 
@@ -88,11 +87,16 @@ impl Vendor for Nvidia {
     fn fit_container(
         &self,
         node: &NodeState,
+        cards: Range<usize>,
         used: &[Usage],
         req: &ContainerRequest,
-        c: &PodConstraints,
+        pod: &FitPod<'_>,
         scratch: &mut FitScratch,
     ) -> Result<(), Rejection> {
+        if let Some(r) = no_cards(&cards) {
+            return Err(r);
+        }
+        let c = pod.constraints;
         let FitScratch {
             keyed,
             fitting,
@@ -101,12 +105,8 @@ impl Vendor for Nvidia {
         out.clear();
         fitting.clear();
         let nums = req.nums as usize;
-        let mut rejection = Rejection::for_cards(node.devices.len());
-        if node.devices.is_empty() {
-            rejection.add(Reason::NodeInsufficientDevice, 1);
-            return Err(rejection);
-        }
-        card_order(self.word(), node, used, req, c, keyed);
+        let mut rejection = Rejection::for_cards(cards.len());
+        card_order(self.word(), node, cards.clone(), used, req, c, keyed);
         let collect_all = c.numa_bind || (c.gpu_policy == GpuPolicy::TopologyAware);
         for &(_, _, i) in keyed.iter().rev() {
             if let Err(reason) = card_fits(node, i, used[i], req, c) {
@@ -139,7 +139,7 @@ impl Vendor for Nvidia {
             let best = groups
                 .iter()
                 .filter(|g| g.len() >= nums)
-                .map(|g| best_linked_set(node, g, nums, used))
+                .map(|g| best_linked_set(node, cards.clone(), g, nums, used))
                 .max_by(|a, b| a.0.cmp(&b.0).then(std::cmp::Ordering::Greater));
             if let Some((_, set)) = best {
                 *out = set;
@@ -163,19 +163,21 @@ impl Vendor for Nvidia {
     fn container_fits_unordered(
         &self,
         node: &NodeState,
+        cards: Range<usize>,
         req: &ContainerRequest,
-        c: &PodConstraints,
+        pod: &FitPod<'_>,
     ) -> Option<Result<(), Rejection>> {
         // NUMA binding and topology choose among fitting cards; only then
         // does the order matter. Otherwise a container fits when enough
         // cards pass, and a rejection counts every card either way.
-        if c.numa_bind || c.gpu_policy == GpuPolicy::TopologyAware || node.devices.is_empty() {
+        let c = pod.constraints;
+        if c.numa_bind || c.gpu_policy == GpuPolicy::TopologyAware || cards.is_empty() {
             return None;
         }
-        let mut rejection = Rejection::for_cards(node.devices.len());
+        let mut rejection = Rejection::for_cards(cards.len());
         let mut passing = 0usize;
-        for (i, d) in node.devices.iter().enumerate() {
-            match card_fits(node, i, d.used, req, c) {
+        for i in cards {
+            match card_fits(node, i, node.devices[i].used, req, c) {
                 Ok(()) => passing += 1,
                 Err(reason) => rejection.add(reason, 1),
             }
@@ -193,7 +195,11 @@ impl Vendor for Nvidia {
         &self.config.resource_count_name
     }
 
-    fn admit_container(&self, container: &mut Container) -> Result<ContainerAdmission, String> {
+    fn admit_container(
+        &self,
+        container: &mut Container,
+        _pod_annotations: &BTreeMap<String, String>,
+    ) -> Result<ContainerAdmission, String> {
         let before = container.clone();
         let managed = admit_container(&self.config, container)?;
         if !managed && self.config.overwrite_env {
@@ -205,57 +211,26 @@ impl Vendor for Nvidia {
         })
     }
 
-    fn admit_gpu_pod(&self, spec: &mut PodSpec) {
+    fn admit_gpu_pod(&self, pod: &mut Pod) -> Result<(), String> {
+        let asks = super::shared::containers(pod).any(|c| {
+            c.resources
+                .as_ref()
+                .is_some_and(|r| has_nvidia_resources(&self.config, r))
+        });
         // A runtime class the user chose is kept, as upstream does.
-        if !self.config.runtime_class_name.is_empty() && spec.runtime_class_name.is_none() {
+        if let Some(spec) = pod.spec.as_mut()
+            && asks
+            && !self.config.runtime_class_name.is_empty()
+            && spec.runtime_class_name.is_none()
+        {
             spec.runtime_class_name = Some(self.config.runtime_class_name.clone());
         }
+        Ok(())
     }
 
     fn admission_env(&self) -> Vec<(&'static str, String)> {
         core_policy_env(&self.config).into_iter().collect()
     }
-}
-
-/// Fills `keyed` with (score, NUMA id, card index) in preference order,
-/// best LAST: HAMi sorts the cards and takes them from the end. By score
-/// (spread: emptiest last, binpack: fullest last; mutex: by slots in use,
-/// least used last); among equal scores the higher NUMA id, then the card
-/// registered last (HAMi's sort is not stable, so its choice among full
-/// ties is not defined; ours is).
-fn card_order(
-    word: &str,
-    node: &NodeState,
-    used: &[Usage],
-    req: &ContainerRequest,
-    c: &PodConstraints,
-    keyed: &mut Vec<(f64, i32, usize)>,
-) {
-    keyed.clear();
-    let mutex = c.gpu_policy == GpuPolicy::Mutex;
-    keyed.extend(node.devices.iter().enumerate().map(|(i, d)| {
-        let score = if mutex {
-            f64::from(used[i].slots)
-        } else {
-            let request = Usage {
-                slots: 1,
-                mem: req.mem_on(d.info.devmem),
-                cores: req.cores,
-            };
-            gpu_score(d, used[i], word, request, &c.weights)
-        };
-        (score, d.info.numa, i)
-    }));
-    // Fullest last for binpack; emptiest (least used for mutex) last otherwise.
-    let binpack = c.gpu_policy == GpuPolicy::Binpack;
-    let by_score = |a: &(f64, i32, usize), b: &(f64, i32, usize)| {
-        if binpack {
-            a.0.total_cmp(&b.0)
-        } else {
-            b.0.total_cmp(&a.0)
-        }
-    };
-    keyed.sort_unstable_by(|a, b| by_score(a, b).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
 }
 
 /// The rules of spec section 6 for one card, in HAMi's order.
@@ -325,6 +300,7 @@ fn numa_groups(node: &NodeState, fitting: &[usize]) -> Vec<Vec<usize>> {
 /// Ties go to the set that comes first in preference order. Returns (links, set).
 fn best_linked_set(
     node: &NodeState,
+    cards: Range<usize>,
     candidates: &[usize],
     nums: usize,
     used: &[Usage],
@@ -337,7 +313,7 @@ fn best_linked_set(
         )
     };
     if nums == 1 {
-        let free: Vec<usize> = (0..node.devices.len())
+        let free: Vec<usize> = cards
             .filter(|&j| used[j].slots == 0 && node.devices[j].usable())
             .collect();
         let mut best: Option<(i64, usize)> = None;
@@ -420,22 +396,6 @@ fn core_policy_env(config: &NvidiaConfig) -> Option<(&'static str, String)> {
             config.gpu_core_policy.as_str().to_string(),
         )
     })
-}
-
-/// Sets one variable, replacing the container's own value (no duplicates).
-fn set_env(c: &mut Container, name: &str, value: String) {
-    let vars = c.env.get_or_insert_with(Vec::new);
-    match vars.iter_mut().find(|e| e.name == name) {
-        Some(e) => {
-            e.value = Some(value);
-            e.value_from = None;
-        }
-        None => vars.push(EnvVar {
-            name: name.to_string(),
-            value: Some(value),
-            value_from: None,
-        }),
-    }
 }
 
 /// Returns whether the container asks for NVIDIA resources; `Err` denies the pod.
