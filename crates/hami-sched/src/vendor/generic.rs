@@ -802,7 +802,7 @@ impl Vendor for Generic {
                         Ok(())
                     }
                     None => {
-                        rejection.add(Reason::NumaNotFit, scratch.fitting.len().max(1) as u16);
+                        rejection.add(Reason::NumaNotFit, 1);
                         Err(rejection)
                     }
                 }
