@@ -22,6 +22,10 @@ const MANAGED: &[&str] = &[
     "nvidia.com/gpumem-percentage",
     "nvidia.com/gpucores",
     "nvidia.com/priority",
+    // Other vendors, as HAMi's chart lists them (Cambricon: the count only).
+    "huawei.com/Ascend910B3",
+    "huawei.com/Ascend910B3-memory",
+    "cambricon.com/vmlu",
 ];
 
 /// A running control plane shared by the tests of one binary.

@@ -40,6 +40,10 @@ pub struct GpuNode {
     /// `hami.io/node-allocation-mode`, as the node agent announces it
     /// (none: HAMi's node lock).
     pub allocation_mode: Option<String>,
+    /// More node annotations (another vendor's register, say).
+    pub annotations: Vec<(String, String)>,
+    /// More capacity (and allocatable), e.g. another vendor's resources.
+    pub resources: Vec<(String, String)>,
 }
 
 impl GpuNode {
@@ -51,11 +55,30 @@ impl GpuNode {
             model: model.to_string(),
             split: 10,
             numa: Vec::new(),
+            annotations: Vec::new(),
+            resources: Vec::new(),
             handshake: None,
             allocatable: None,
             kwok: true,
             allocation_mode: None,
         }
+    }
+
+    /// A node without NVIDIA cards, for other vendors' registrations.
+    pub fn other_vendor(name: &str) -> GpuNode {
+        GpuNode::new(name, 0, 0, "")
+    }
+
+    /// Adds a node annotation.
+    pub fn annotation(mut self, key: &str, value: &str) -> GpuNode {
+        self.annotations.push((key.into(), value.into()));
+        self
+    }
+
+    /// Adds a resource to the node's capacity and allocatable.
+    pub fn resource(mut self, key: &str, value: &str) -> GpuNode {
+        self.resources.push((key.into(), value.into()));
+        self
     }
 
     /// UUID of GPU `i` on a node named `node`.
@@ -87,14 +110,23 @@ impl GpuNode {
             .allocatable
             .unwrap_or(u64::from(self.gpus) * u64::from(self.split))
             .to_string();
-        let resources = json!({
-            "cpu": "128", "memory": "1Ti", "pods": "500", "nvidia.com/gpu": gpus,
+        let mut resources = json!({
+            "cpu": "128", "memory": "1Ti", "pods": "500",
         });
         let mut annotations = json!({
             "kwok.x-k8s.io/node": if self.kwok { "fake" } else { "none" },
-            ann::NODE_NVIDIA_REGISTER: encode_devices_json(&devices),
-            ann::NODE_HANDSHAKE: handshake,
         });
+        if self.gpus > 0 {
+            resources["nvidia.com/gpu"] = json!(gpus);
+            annotations[ann::NODE_NVIDIA_REGISTER] = json!(encode_devices_json(&devices));
+            annotations[ann::NODE_HANDSHAKE] = json!(handshake);
+        }
+        for (k, v) in &self.annotations {
+            annotations[k] = json!(v);
+        }
+        for (k, v) in &self.resources {
+            resources[k] = json!(v);
+        }
         if let Some(mode) = &self.allocation_mode {
             annotations[ann::NODE_ALLOCATION_MODE] = json!(mode);
         }
