@@ -234,9 +234,18 @@ if helm install hami "$chart" --namespace hami-system --dry-run=client \
   --values "$chart/ci/hami-defaults.yaml" >"$out/hami-defaults-install.txt" 2>&1; then
   sed -n '/^NOTES:/,$p' "$out/hami-defaults-install.txt" >"$notes"
   for want in "Accepted but not used by hami-rs" "global.imageTag" "scheduler.extender.image" \
-    "devicePlugin.image" "devicePlugin.monitor" "NVIDIA GPUs only"; do
+    "devicePlugin.image" "devicePlugin.monitor" "schedules these vendors' devices too"; do
     grep -qF -- "$want" "$notes" || fail "hami-defaults: NOTES.txt does not mention $want"
   done
+  # managedResources follow HAMi's rule: enabled vendors' customresources
+  # (Kunlunxin is on in HAMi's values), not disabled ones (Ascend is off).
+  for want in '"kunlunxin.com/xpu"' '"cambricon.com/vmlu"' '"hygon.com/dcumem"' '"amd.com/gpucores"'; do
+    grep -qF -- "- name: $want" "$out/hami-defaults-install.txt" ||
+      fail "hami-defaults: managedResources lack $want"
+  done
+  if grep -qF -- '- name: "huawei.com/Ascend910B3"' "$out/hami-defaults-install.txt"; then
+    fail "hami-defaults: managedResources list Ascend, which HAMi's values disable"
+  fi
 else
   fail "helm install --dry-run=client (hami-defaults): $(tail -3 "$out/hami-defaults-install.txt" | tr '\n' ' ')"
 fi

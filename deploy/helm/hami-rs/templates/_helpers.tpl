@@ -303,7 +303,7 @@ extenders:
     weight: 1
     httpTimeout: {{ include "hami-rs.extenderHTTPTimeout" . }}
     managedResources:
-      {{- range list .Values.resourceName .Values.resourceMem .Values.resourceMemPercentage .Values.resourceCores .Values.resourcePriority }}
+      {{- range include "hami-rs.managedResources" . | splitList "\n" }}
       - name: {{ . | quote }}
         ignoredByScheduler: true
       {{- end }}
@@ -386,6 +386,24 @@ one line per reason, "reason: key, key, ...".
 {{- $lines = append $lines (printf "other vendors' resource names: %s" (join ", " ($prefixes | uniq))) -}}
 {{- end -}}
 {{- join "\n" $lines -}}
+{{- end -}}
+
+{{/*
+The resources kube-scheduler sends to the extender, as HAMi's chart lists
+them: NVIDIA's, Cambricon's count, Hygon's and MetaX's always, and each
+devices.<vendor>.customresources unless that vendor has enabled: false.
+Cambricon's and Mthreads' memory and core resources are left to
+kube-scheduler's own capacity check, as in HAMi.
+*/}}
+{{- define "hami-rs.managedResources" -}}
+{{- $names := list .Values.resourceName .Values.resourceMem .Values.resourceMemPercentage .Values.resourceCores .Values.resourcePriority -}}
+{{- $names = concat $names (list "cambricon.com/vmlu" "hygon.com/dcunum" "hygon.com/dcumem" "hygon.com/dcucores" "metax-tech.com/gpu" "metax-tech.com/sgpu" "metax-tech.com/vcore" "metax-tech.com/vmemory") -}}
+{{- range $vendor, $cfg := (.Values.devices | default dict) -}}
+{{- if and (ne $vendor "nvidia") (kindIs "map" $cfg) (ne (toString (dig "enabled" true $cfg)) "false") -}}
+{{- $names = concat $names ($cfg.customresources | default list) -}}
+{{- end -}}
+{{- end -}}
+{{- join "\n" ($names | uniq) -}}
 {{- end -}}
 
 {{/* Vendors other than NVIDIA that the values switch on (devices.<vendor>.enabled). */}}
