@@ -345,6 +345,29 @@ mod tests {
     }
 
     #[test]
+    fn vendor_sections_overlay_the_chart_defaults() {
+        let y = "cambricon:\n  resourceMemoryName: cambricon.com/mlu370.smlu.vmemory\n  resourceCoreNme: x\nhygon:\n  memoryFactor: 2\niluvatars:\n- commonWord: BI-V150\n  resourceCountName: iluvatar.ai/gpu\nvnpus:\n  hamiVnpuCore: true\nascend: {}\n";
+        let (c, w) = DeviceConfig::from_yaml("f", y).unwrap();
+        let keys: Vec<_> = w.iter().map(|w| w.key.as_str()).collect();
+        assert_eq!(keys, ["ascend", "cambricon.resourceCoreNme"]);
+        let v = &c.vendors;
+        assert_eq!(v.cambricon.resource_count_name, "cambricon.com/vmlu");
+        assert_eq!(
+            v.cambricon.resource_memory_name,
+            "cambricon.com/mlu370.smlu.vmemory"
+        );
+        assert_eq!(v.hygon.memory_factor, 2);
+        assert_eq!(v.hygon.resource_count_name, "hygon.com/dcunum");
+        assert_eq!(v.iluvatars.len(), 1, "a list replaces the default list");
+        assert_eq!(v.iluvatars[0].resource_count_name, "iluvatar.ai/gpu");
+        assert!(v.vnpus.hami_vnpu_core);
+        assert_eq!(v.vnpus.configs.len(), 7, "chips keep their defaults");
+        let e = DeviceConfig::from_yaml("f", "vnpus:\n  configs: 3\n").unwrap_err();
+        assert_eq!(e.key, "vnpus.configs", "{e}");
+        assert!(DeviceConfig::from_yaml("f", "iluvatars: {}\n").is_err());
+    }
+
+    #[test]
     fn wrong_types_name_file_key_and_type() {
         let e =
             DeviceConfig::from_yaml("dc.yaml", "nvidia:\n  deviceSplitCount: ten\n").unwrap_err();

@@ -549,3 +549,26 @@ fn a_closed_output_pipe_ends_hami_quietly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn simulate_runs_the_mixed_vendor_example() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let out = hami(&[
+        "simulate",
+        "--cluster",
+        root.join("mixed-cluster.yaml").to_str().unwrap(),
+        "--workload",
+        root.join("mixed-workload.yaml").to_str().unwrap(),
+        "-o",
+        "json",
+        "-q",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let groups = json[0]["groups"].as_array().expect("per-group results");
+    assert_eq!(groups.len(), 5, "{json:#}");
+    for g in groups {
+        // Every vendor's pods found their vendor's cards.
+        assert!(g["placed"].as_u64().unwrap() > 0, "{g:#}");
+    }
+}

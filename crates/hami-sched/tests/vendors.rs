@@ -217,7 +217,7 @@ fn ascend_910c_takes_npus_in_module_pairs() {
         &[("hami.io/node-register-Ascend910C", &reg)],
         &[],
     );
-    let mut s = snapshot(&e, &[node.clone()]);
+    let mut s = snapshot(&e, std::slice::from_ref(&node));
     let (a, out, p) = schedule(
         &e,
         &mut s,

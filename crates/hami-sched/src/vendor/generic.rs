@@ -977,7 +977,7 @@ impl Vendor for Generic {
                 ]
             }
             PluginNotes::Mthreads => {
-                let Some(last) = with_cards().last() else {
+                let Some(last) = with_cards().next_back() else {
                     return Vec::new();
                 };
                 vec![
@@ -986,7 +986,7 @@ impl Vendor for Generic {
                     ("mthreads.com/predicate-time".into(), now_ns.to_string()),
                 ]
             }
-            PluginNotes::Kunlun => match with_cards().last() {
+            PluginNotes::Kunlun => match with_cards().next_back() {
                 Some(last) => vec![("BAIDU_COM_DEVICE_IDX".into(), indexes(last))],
                 None => Vec::new(),
             },
