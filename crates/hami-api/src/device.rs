@@ -102,6 +102,13 @@ pub struct DeviceInfo {
         skip_serializing_if = "Option::is_none"
     )]
     pub mig_profiles: Option<Box<serde_json::Value>>,
+    /// Vendor data the plugin attaches (Ascend `NetworkID`), kept as written.
+    #[serde(
+        default,
+        rename = "custominfo",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub custom_info: Option<Box<serde_json::Value>>,
     /// A record without `health` is unhealthy: Go omits `false`.
     #[serde(default, skip_serializing_if = "is_false")]
     pub health: bool,
@@ -226,6 +233,7 @@ pub fn decode_devices_legacy(source: &str, value: &str) -> Result<Vec<DeviceInfo
             numa,
             mode,
             mig_profiles: None,
+            custom_info: None,
             health,
         });
     }

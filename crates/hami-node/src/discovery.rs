@@ -134,6 +134,7 @@ pub fn cards(raw: &[RawCard], s: &CardSettings) -> Vec<DeviceInfo> {
             numa: c.numa.map_or(0, |n| i32::try_from(n).unwrap_or(0)),
             mode: Some(s.mode),
             mig_profiles: None,
+            custom_info: None,
             // hami-core mode shares whole cards; a card in MIG mode is
             // registered (so operators see it) but never offered.
             health: c.healthy && !c.mig,

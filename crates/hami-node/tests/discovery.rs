@@ -42,6 +42,7 @@ fn discovery_reads_the_simulated_cards() {
             numa: NUMA[i],
             mode: Some(DeviceMode::HamiCore),
             mig_profiles: None,
+            custom_info: None,
             health: true,
         })
         .collect();

@@ -20,7 +20,7 @@ use crate::constraints::{PodConstraints, Policies};
 use crate::reason::{Reason, Rejection};
 use crate::score::node_score;
 use crate::snapshot::{NodeDevices, NodeState, PodRecord, Snapshot, Usage};
-use crate::vendor::{Admission, Ascend, FitPod, FitScratch, Generic, Nvidia, Vendor};
+use crate::vendor::{Admission, Ascend, FitPod, FitScratch, Generic, Neuron, Nvidia, Vendor};
 
 /// Why a pod cannot be considered at all (before looking at nodes).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -142,7 +142,7 @@ impl Engine {
     }
 
     /// An engine for every vendor of a device config: NVIDIA, each Ascend
-    /// chip of `vnpus`, then the vendors of [`Generic::all`].
+    /// chip of `vnpus`, the vendors of [`Generic::all`], then AWS Neuron.
     pub fn from_config(config: &DeviceConfig, policies: Policies) -> Engine {
         let mut engine = Engine::new(config.nvidia.clone(), policies);
         let v = &config.vendors;
@@ -155,6 +155,11 @@ impl Engine {
         }
         for g in Generic::all(v) {
             engine.others.push(Arc::new(g));
+        }
+        if !v.awsneuron.resource_count_name.is_empty() {
+            engine
+                .others
+                .push(Arc::new(Neuron::new(v.awsneuron.clone())));
         }
         engine
     }
@@ -228,17 +233,27 @@ impl Engine {
 
     /// The pod annotations the scheduler writes for `devices` on `node` at
     /// `now_ns` (unix nanoseconds): `hami.io/vgpu-node`, and per vendor its
-    /// allocation pair and what its device plugin reads. (The shell adds
-    /// the bind times.)
+    /// allocation pair and what its device plugin reads. `request` is the
+    /// pod's parsed request when at hand (a vendor's plugin notes may
+    /// depend on how a container asked). (The shell adds the bind times.)
     pub fn decision_annotations(
         &self,
         node: &str,
         devices: &PodDevices,
+        request: Option<&PodRequest>,
         now_ns: i128,
     ) -> BTreeMap<String, String> {
         let mut m = BTreeMap::new();
         m.insert(ann::VGPU_NODE.to_string(), node.to_string());
-        for (_, vendor) in self.vendors() {
+        for (v, vendor) in self.vendors() {
+            let asked: Vec<Option<&ContainerRequest>> = request
+                .map(|r| {
+                    r.containers
+                        .iter()
+                        .map(|c| c.iter().find(|x| x.vendor == v).map(|x| &x.request))
+                        .collect()
+                })
+                .unwrap_or_default();
             let mine = PodDevices(
                 devices
                     .0
@@ -255,7 +270,7 @@ impl Engine {
                 m.insert(key.to_string(), encoded.clone());
             }
             m.insert(allocated.to_string(), encoded);
-            m.extend(vendor.plugin_annotations(node, &mine, now_ns));
+            m.extend(vendor.plugin_annotations(node, &mine, &asked, now_ns));
         }
         m
     }

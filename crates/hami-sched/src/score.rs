@@ -29,6 +29,11 @@ pub fn gpu_score(
         Usage::default()
     };
     let info = &device.info;
+    // HAMi scores a card without slots, compute or memory (AWS Neuron's
+    // have no memory) as 0, which leaves such cards in registration order.
+    if info.count == 0 || info.devcore == 0 || info.devmem == 0 {
+        return 0.0;
+    }
     10.0 * (weights.slot * ratio(f64::from(req.slots + used.slots), f64::from(info.count))
         + weights.core * ratio(f64::from(req.cores + used.cores), f64::from(info.devcore))
         + weights.memory * ratio((req.mem + used.mem) as f64, info.devmem as f64))

@@ -94,6 +94,7 @@ fn k8s_node(i: usize, spec: &NodeSpec) -> Node {
             numa: c.numa,
             mode: c.mig.then_some(DeviceMode::Mig),
             mig_profiles: None,
+            custom_info: None,
             health: c.healthy,
         })
         .collect();
@@ -533,7 +534,7 @@ proptest! {
             let req = e.prepare(&p).unwrap().unwrap();
             let d = e.filter(&s, &req, None, Mode::Fast);
             let Some(node) = d.node.map(str::to_string) else { continue };
-            let annotations: BTreeMap<String, String> = e.decision_annotations(&node, &d.devices, 0);
+            let annotations: BTreeMap<String, String> = e.decision_annotations(&node, &d.devices, Some(&req), 0);
             let devices = d.devices.clone();
             p.metadata.annotations.get_or_insert_with(BTreeMap::new).extend(annotations);
             // ...and binds it.

@@ -75,7 +75,7 @@ fn schedule(e: &Engine, s: &mut Snapshot, mut p: Pod) -> (BTreeMap<String, Strin
     );
     let out = place(e, s, &p);
     let ann = match &out.node {
-        Some(n) => e.decision_annotations(n, &out.devices, NOW_NS),
+        Some(n) => e.decision_annotations(n, &out.devices, Some(&request(e, &p)), NOW_NS),
         None => BTreeMap::new(),
     };
     (ann, out, p)
@@ -970,4 +970,84 @@ fn fast_mode_agrees_on_a_mixed_cluster() {
         assert!(ex.node.is_some());
         assert_eq!((ex.node, &ex.devices), (fast.node, &fast.devices));
     }
+}
+
+// ---- AWS Neuron
+
+fn neuron_node(name: &str, instance: &str) -> Node {
+    let mut n = vendor_node(
+        name,
+        &[],
+        &[
+            ("aws.amazon.com/neuron", "4"),
+            ("aws.amazon.com/neuroncore", "8"),
+        ],
+    );
+    n.metadata.labels = Some(BTreeMap::from([(
+        "node.kubernetes.io/instance-type".to_string(),
+        instance.to_string(),
+    )]));
+    n
+}
+
+#[test]
+fn aws_neuron_devices_and_cores() {
+    let e = all_vendors();
+    let mut s = snapshot(&e, &[neuron_node("node-neuron", "trn1.32xlarge")]);
+    let (a, out, _) = schedule(&e, &mut s, gpu_pod("p", &[("aws.amazon.com/neuron", "1")]));
+    let entry = "node-neuron-AWSNeuron-3,AWSNeuron,0,3:;";
+    assert_eq!(out.devices.encode(), entry);
+    assert_eq!(a["hami.io/aws-neuron-devices-allocated"], entry);
+    assert_eq!(a["AWS_NEURON_IDS"], "3");
+    assert_eq!(a["NEURON_ALLOCATED"], "false");
+    assert_eq!(a["NEURON_ALLOC_TIME"], NOW_NS.to_string());
+    assert_eq!(a["aws.amazon.com/predicate-node"], "node-neuron");
+    assert!(!a.contains_key("NEURON_RESOURCE_TYPE"));
+
+    let mut s = snapshot(&e, &[neuron_node("node-neuron", "trn1.32xlarge")]);
+    let (a, out, _) = schedule(
+        &e,
+        &mut s,
+        gpu_pod("p", &[("aws.amazon.com/neuroncore", "1")]),
+    );
+    assert_eq!(
+        out.devices.encode(),
+        "node-neuron-AWSNeuron-3,AWSNeuron,0,1:;"
+    );
+    assert_eq!(a["AWS_NEURON_IDS"], "6");
+    assert_eq!(a["NEURON_RESOURCE_TYPE"], "aws.amazon.com/neuroncore");
+    // The other core of that device is next, by its mask.
+    let (a, out, _) = schedule(
+        &e,
+        &mut s,
+        gpu_pod("q", &[("aws.amazon.com/neuroncore", "1")]),
+    );
+    assert_eq!(
+        out.devices.encode(),
+        "node-neuron-AWSNeuron-3,AWSNeuron,0,2:;"
+    );
+    assert_eq!(a["AWS_NEURON_IDS"], "7");
+    // A whole device no longer fits there.
+    let (_, out, _) = schedule(&e, &mut s, gpu_pod("r", &[("aws.amazon.com/neuron", "1")]));
+    assert_eq!(out.one(), "node-neuron-AWSNeuron-2");
+
+    // Trainium takes runs of 4, 8 or 16 devices only.
+    let mut s = snapshot(&e, &[neuron_node("node-neuron", "trn1.32xlarge")]);
+    let (_, out, _) = schedule(
+        &e,
+        &mut s,
+        gpu_pod("p", &[("aws.amazon.com/neuroncore", "4")]),
+    );
+    assert_eq!(out.reason("node-neuron"), "1/4 NumaNotFit");
+    // Inferentia takes any run of free devices.
+    let mut s = snapshot(&e, &[neuron_node("node-inf", "inf2.48xlarge")]);
+    let (a, out, _) = schedule(&e, &mut s, gpu_pod("p", &[("aws.amazon.com/neuron", "2")]));
+    assert_eq!(
+        out.devices.encode(),
+        "node-inf-AWSNeuron-0,AWSNeuron,0,3:node-inf-AWSNeuron-1,AWSNeuron,0,3:;"
+    );
+    assert_eq!(a["AWS_NEURON_IDS"], "0,1");
+
+    let m = denied(&e, gpu_pod("p", &[("aws.amazon.com/neuroncore", "3")]));
+    assert!(m.contains("even"), "{m}");
 }

@@ -330,8 +330,9 @@ async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String>
     let reserved = app
         .cluster()
         .claim_reserved(&key, call_uid.as_deref(), node);
-    let (devices, uid, pod) = match reserved {
+    let (devices, uid, pod, request) = match reserved {
         Some(d) => {
+            let request = app.cluster().reserved_request(&key);
             let pod = Pod {
                 metadata: ObjectMeta {
                     name: Some(name.clone()),
@@ -341,7 +342,7 @@ async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String>
                 },
                 ..Default::default()
             };
-            (d, call_uid, pod)
+            (d, call_uid, pod, request)
         }
         None => {
             let pods: kube::Api<Pod> = kube::Api::namespaced(app.client.clone(), ns);
@@ -375,7 +376,7 @@ async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String>
                 c.claim_for_bind(&app.engine, &req, uid.as_deref(), node, now)
             };
             match claimed {
-                Ok(d) => (d, uid, pod),
+                Ok(d) => (d, uid, pod, Some(req)),
                 Err(why) => {
                     let msg = format!("node {node} cannot take pod {key}: {why}");
                     binding_failed(app, &pod, &msg).await;
@@ -445,7 +446,13 @@ async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String>
         binding_failed(app, &pod, &msg).await;
         return Err(msg);
     }
-    let annotations = bind_annotations(&app.engine, node, &devices, app.clock.now());
+    let annotations = bind_annotations(
+        &app.engine,
+        node,
+        &devices,
+        request.as_ref(),
+        app.clock.now(),
+    );
     let bind_time = annotations.get(hami_api::annotations::BIND_TIME).cloned();
     // The annotations travel in the Binding: they land with the node name
     // or not at all, so a failed bind leaves nothing on the pod to undo.

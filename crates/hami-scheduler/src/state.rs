@@ -25,6 +25,8 @@ pub struct Reservation {
     pub uid: Option<String>,
     pub node: String,
     pub devices: PodDevices,
+    /// What the pod asked for (some vendors' plugin notes depend on it).
+    pub request: Option<PodRequest>,
     pub at: Timestamp,
     /// Bind has started: the sweeper leaves it to the bind's own outcome.
     pub binding: bool,
@@ -622,6 +624,7 @@ impl Cluster {
                     uid: uid.map(str::to_string),
                     node: node.clone(),
                     devices,
+                    request: Some(req.clone()),
                     at: now,
                     binding: false,
                 },
@@ -677,6 +680,11 @@ impl Cluster {
         }
         r.binding = true;
         Some(r.devices.clone())
+    }
+
+    /// The request behind a reservation, if the pod has one.
+    pub fn reserved_request(&self, key: &str) -> Option<PodRequest> {
+        self.reservations.get(key)?.request.clone()
     }
 
     /// Why the cards `devices` on `node` can no longer be bound: one of them
@@ -771,9 +779,10 @@ pub fn bind_annotations(
     engine: &Engine,
     node: &str,
     devices: &PodDevices,
+    request: Option<&PodRequest>,
     now: Timestamp,
 ) -> BTreeMap<String, String> {
-    let mut m = engine.decision_annotations(node, devices, now.as_nanosecond());
+    let mut m = engine.decision_annotations(node, devices, request, now.as_nanosecond());
     let secs = now.as_second().to_string();
     m.insert(ann::VGPU_TIME.into(), secs.clone());
     m.insert(ann::BIND_PHASE.into(), "allocating".into());
@@ -1089,7 +1098,7 @@ mod tests {
         let mut p = pod("p", "u", "400");
         let secs = (now.as_second() - 200).to_string();
         let devices = PodDevices::decode("x", "GPU-n1-0,NVIDIA,400,0:;").unwrap();
-        let mut annotations = bind_annotations(&engine, "n1", &devices, now);
+        let mut annotations = bind_annotations(&engine, "n1", &devices, None, now);
         annotations.insert(ann::BIND_TIME.into(), secs);
         p.metadata.annotations = Some(annotations);
         p.spec.as_mut().unwrap().node_name = Some("n1".into());
@@ -1185,7 +1194,7 @@ mod tests {
         // The holder is bound to n1 and waits for its device plugin.
         let mut holder = pod("holder", "uh", "100");
         let devices = PodDevices::decode("x", "GPU-n1-0,NVIDIA,100,0:;").unwrap();
-        holder.metadata.annotations = Some(bind_annotations(&engine, "n1", &devices, now));
+        holder.metadata.annotations = Some(bind_annotations(&engine, "n1", &devices, None, now));
         holder.spec.as_mut().unwrap().node_name = Some("n1".into());
         c.upsert_pod(&engine, &holder);
         let busy_after = SignedDuration::from_secs(5);
@@ -1322,7 +1331,7 @@ mod tests {
         let (engine, mut c, now) = reporting_nodes(&["n1", "n2"]);
         let mut p = pod("p", "u", "1000");
         let devices = PodDevices::decode("x", "GPU-n1-0,NVIDIA,1000,0:;").unwrap();
-        p.metadata.annotations = Some(bind_annotations(&engine, "n1", &devices, now));
+        p.metadata.annotations = Some(bind_annotations(&engine, "n1", &devices, None, now));
         p.spec.as_mut().unwrap().node_name = Some("n1".into());
         c.upsert_pod(&engine, &p);
         assert_eq!(free_mem(&c, "n1"), 1000);
@@ -1348,7 +1357,7 @@ mod tests {
         assert_eq!(c.overbooked("n1", &mine), None);
         // Another leader bound a pod to the very same card meanwhile.
         let mut other = pod("other", "uo", "1000");
-        other.metadata.annotations = Some(bind_annotations(&engine, "n1", &mine, now));
+        other.metadata.annotations = Some(bind_annotations(&engine, "n1", &mine, None, now));
         other.spec.as_mut().unwrap().node_name = Some("n1".into());
         c.upsert_pod(&engine, &other);
         let why = c.overbooked("n1", &mine).expect("over-booked");

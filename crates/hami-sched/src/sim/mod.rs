@@ -53,6 +53,7 @@ pub fn build_cluster(spec: &ClusterSpec, config: &NvidiaConfig) -> Snapshot {
                         .unwrap_or(0),
                     mode: None,
                     mig_profiles: None,
+                    custom_info: None,
                     health: true,
                 })
                 .collect();

@@ -345,6 +345,7 @@ impl Vendor for Ascend {
         &self,
         _node: &str,
         devices: &PodDevices,
+        _asked: &[Option<&ContainerRequest>],
         now_ns: i128,
     ) -> Vec<(String, String)> {
         let cards: Vec<serde_json::Value> = devices

@@ -952,6 +952,7 @@ impl Vendor for Generic {
         &self,
         node: &str,
         devices: &PodDevices,
+        _asked: &[Option<&ContainerRequest>],
         now_ns: i128,
     ) -> Vec<(String, String)> {
         let with_cards = || devices.0.iter().filter(|c| !c.is_empty());

@@ -7,6 +7,7 @@
 
 pub mod ascend;
 pub mod generic;
+pub mod neuron;
 pub mod nvidia;
 pub mod shared;
 
@@ -27,6 +28,7 @@ use crate::snapshot::{NodeDevices, NodeState, Usage};
 
 pub use ascend::Ascend;
 pub use generic::Generic;
+pub use neuron::Neuron;
 pub use nvidia::Nvidia;
 
 /// Buffers a backend reuses from card to card and node to node, so that
@@ -153,11 +155,13 @@ pub trait Vendor: Send + Sync + fmt::Debug {
 
     /// Pod annotations this vendor's device plugin reads besides the
     /// allocation pair, computed from the allocation (this vendor's entries
-    /// only) on `node` at `now_ns` (unix nanoseconds).
+    /// only) on `node` at `now_ns` (unix nanoseconds). `asked` is this
+    /// vendor's request per container when known (empty otherwise).
     fn plugin_annotations(
         &self,
         _node: &str,
         _devices: &PodDevices,
+        _asked: &[Option<&ContainerRequest>],
         _now_ns: i128,
     ) -> Vec<(String, String)> {
         Vec::new()
