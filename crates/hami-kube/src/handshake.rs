@@ -32,12 +32,14 @@ pub struct Verdict {
 /// Judges a node's handshake at time `now`. `count_resource` is the
 /// vendor's count resource (`nvidia.com/gpu`).
 pub fn judge(node: &Node, now: Timestamp, count_resource: &str) -> Verdict {
+    judge_key(node, now, ann::NODE_HANDSHAKE, count_resource)
+}
+
+/// [`judge`] for the handshake annotation `key` (other vendors' plugins
+/// answer `hami.io/node-handshake-<vendor>`).
+pub fn judge_key(node: &Node, now: Timestamp, key: &str, count_resource: &str) -> Verdict {
     let requesting_now = || Some(Handshake::Requesting(now).encode());
-    let value = node
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ann::NODE_HANDSHAKE));
+    let value = node.metadata.annotations.as_ref().and_then(|a| a.get(key));
     let Some(value) = value else {
         // A node that never took part in the handshake: start it.
         return Verdict {
@@ -45,7 +47,7 @@ pub fn judge(node: &Node, now: Timestamp, count_resource: &str) -> Verdict {
             answer: requesting_now(),
         };
     };
-    match Handshake::decode(ann::NODE_HANDSHAKE, value) {
+    match Handshake::decode(key, value) {
         Ok(Handshake::Requesting(since)) => {
             let stale = now.duration_since(since) > STALE_AFTER;
             let healthy = !(stale && allocatable_count(node, count_resource) == 0);

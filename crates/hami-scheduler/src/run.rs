@@ -339,31 +339,31 @@ async fn watch_pods(app: App, synced: Arc<AtomicBool>, other: Arc<AtomicBool>) {
 }
 
 /// Writes handshake answers (leader only), off the watch loop.
-fn write_handshakes(app: &App, answers: Vec<(String, String)>) {
+fn write_handshakes(app: &App, answers: Vec<(String, String, String)>) {
     if answers.is_empty() || !app.leadership.is_leader() {
         return;
     }
     // Each answer is written only over the handshake it answers (a JSON
     // patch `test`): an agent that removed its annotations meanwhile (it
     // is being uninstalled) or wrote a newer one is not overwritten.
-    let answers: Vec<(String, String, String)> = {
+    let answers: Vec<(String, String, String, String)> = {
         let c = app.cluster();
         answers
             .into_iter()
-            .filter_map(|(node, value)| {
-                let seen = c.handshake_of(&node)?;
-                Some((node, seen, value))
+            .filter_map(|(node, key, value)| {
+                let seen = c.handshake_of(&node, &key)?;
+                Some((node, key, seen, value))
             })
             .collect()
     };
     let client = app.client.clone();
     tokio::spawn(async move {
         let nodes: Api<Node> = Api::all(client);
-        let path = format!(
-            "/metadata/annotations/{}",
-            ann::NODE_HANDSHAKE.replace('~', "~0").replace('/', "~1")
-        );
-        for (node, seen, value) in answers {
+        for (node, key, seen, value) in answers {
+            let path = format!(
+                "/metadata/annotations/{}",
+                key.replace('~', "~0").replace('/', "~1")
+            );
             let ops = json!([
                 {"op": "test", "path": path, "value": seen},
                 {"op": "replace", "path": path, "value": value},
@@ -375,9 +375,13 @@ fn write_handshakes(app: &App, answers: Vec<(String, String)>) {
             {
                 Ok(_) => {}
                 Err(kube::Error::Api(e)) if e.code == 422 => {
-                    tracing::debug!(node, "handshake changed before the answer; not written");
+                    tracing::debug!(
+                        node,
+                        key,
+                        "handshake changed before the answer; not written"
+                    );
                 }
-                Err(e) => tracing::warn!(node, error = %e, "writing the handshake"),
+                Err(e) => tracing::warn!(node, key, error = %e, "writing the handshake"),
             }
         }
     });

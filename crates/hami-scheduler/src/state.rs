@@ -80,7 +80,41 @@ pub struct StuckPod {
 #[derive(Debug, Clone)]
 struct NodeEntry {
     node: Node,
+    /// The NVIDIA handshake's verdict.
     healthy: bool,
+    /// Other vendors (engine indices) whose plugin stopped answering its
+    /// handshake on this node.
+    stale_vendors: Vec<usize>,
+}
+
+/// The handshakes of the other vendors registered on `node` (those whose
+/// plugin writes `hami.io/node-handshake-<vendor>`): (vendor, key, verdict).
+fn vendor_verdicts(
+    engine: &Engine,
+    node: &Node,
+    now: Timestamp,
+) -> Vec<(usize, String, handshake::Verdict)> {
+    let Some(annotations) = node.metadata.annotations.as_ref() else {
+        return Vec::new();
+    };
+    engine
+        .vendors()
+        .filter_map(|(i, v)| {
+            let key = v.handshake_key()?;
+            annotations.contains_key(v.register_key()?).then(|| {
+                let verdict = handshake::judge_key(node, now, key, v.count_resource());
+                (i, key.to_string(), verdict)
+            })
+        })
+        .collect()
+}
+
+fn stale_of(verdicts: &[(usize, String, handshake::Verdict)]) -> Vec<usize> {
+    verdicts
+        .iter()
+        .filter(|(_, _, v)| !v.healthy)
+        .map(|(i, _, _)| *i)
+        .collect()
 }
 
 #[derive(Debug, Clone)]
@@ -240,15 +274,15 @@ impl Cluster {
         v
     }
 
-    /// The node's handshake annotation as the watch last delivered it.
-    pub fn handshake_of(&self, node: &str) -> Option<String> {
+    /// A node's handshake annotation `key` as the watch last delivered it.
+    pub fn handshake_of(&self, node: &str, key: &str) -> Option<String> {
         self.nodes
             .get(node)?
             .node
             .metadata
             .annotations
             .as_ref()?
-            .get(ann::NODE_HANDSHAKE)
+            .get(key)
             .cloned()
     }
 
@@ -269,7 +303,8 @@ impl Cluster {
         let name = node.name_any();
         self.node_inventory.upsert(&name);
         let verdict = handshake::judge(&node, now, &engine.nvidia.config.resource_count_name);
-        self.apply_node(engine, &name, &node, verdict.healthy);
+        let stale_vendors = stale_of(&vendor_verdicts(engine, &node, now));
+        self.apply_node(engine, &name, &node, verdict.healthy, &stale_vendors);
         let mode = hami_api::node::AllocationMode::of_node(
             node.metadata
                 .annotations
@@ -292,6 +327,7 @@ impl Cluster {
             NodeEntry {
                 node,
                 healthy: verdict.healthy,
+                stale_vendors,
             },
         );
         verdict.answer
@@ -299,19 +335,23 @@ impl Cluster {
 
     /// `healthy` is the NVIDIA handshake's verdict: it decides about the
     /// NVIDIA cards only, so a node of another vendor (whose plugin never
-    /// answers hami.io/node-handshake) keeps its cards.
-    fn apply_node(&mut self, engine: &Engine, name: &str, node: &Node, healthy: bool) {
-        let had_nvidia = self
-            .snapshot
-            .node(name)
-            .is_some_and(|n| !n.cards_of(0).is_empty());
-        if !healthy && had_nvidia {
-            tracing::warn!(
-                node = name,
-                "NVIDIA device plugin stopped reporting (handshake stale); its cards leave the cache"
-            );
-        }
-        let include = |vendor: usize| vendor != 0 || healthy;
+    /// answers hami.io/node-handshake) keeps its cards. The vendors in
+    /// `stale` lost their own handshake: their cards are left out.
+    fn apply_node(
+        &mut self,
+        engine: &Engine,
+        name: &str,
+        node: &Node,
+        healthy: bool,
+        stale: &[usize],
+    ) {
+        let include = |vendor: usize| {
+            if vendor == 0 {
+                healthy
+            } else {
+                !stale.contains(&vendor)
+            }
+        };
         if let Err(e) = engine.add_node_vendors(&mut self.snapshot, node, &include) {
             tracing::warn!(node = name, error = %e, "a vendor's node registration is not understood; that vendor's cards are left out");
         }
@@ -333,29 +373,55 @@ impl Cluster {
         self.snapshot.remove_node(name);
     }
 
-    /// Re-judges every node's handshake at `now` (staleness is a matter of
-    /// time, not only of events). Returns `(node, value to write)` pairs.
-    pub fn rejudge_nodes(&mut self, engine: &Engine, now: Timestamp) -> Vec<(String, String)> {
+    /// Re-judges every node's handshakes at `now` (staleness is a matter of
+    /// time, not only of events). Returns `(node, annotation, value to
+    /// write)` triples.
+    pub fn rejudge_nodes(
+        &mut self,
+        engine: &Engine,
+        now: Timestamp,
+    ) -> Vec<(String, String, String)> {
         let mut answers = Vec::new();
         let mut flips = Vec::new();
         for (name, entry) in &self.nodes {
             let v = handshake::judge(&entry.node, now, &engine.nvidia.config.resource_count_name);
-            if v.healthy != entry.healthy {
-                flips.push((name.clone(), v.healthy));
+            let verdicts = vendor_verdicts(engine, &entry.node, now);
+            let stale = stale_of(&verdicts);
+            if v.healthy != entry.healthy || stale != entry.stale_vendors {
+                flips.push((name.clone(), v.healthy, stale));
             }
             if let Some(a) = v.answer {
-                answers.push((name.clone(), a));
+                answers.push((name.clone(), ann::NODE_HANDSHAKE.to_string(), a));
+            }
+            for (_, key, verdict) in verdicts {
+                if let Some(a) = verdict.answer {
+                    answers.push((name.clone(), key, a));
+                }
             }
         }
-        for (name, healthy) in flips {
+        for (name, healthy, stale) in flips {
             let node = match self.nodes.get_mut(&name) {
                 Some(e) => {
+                    if e.healthy && !healthy {
+                        tracing::warn!(
+                            node = name,
+                            "NVIDIA device plugin stopped reporting (handshake stale); its cards leave the cache"
+                        );
+                    }
+                    for v in stale.iter().filter(|v| !e.stale_vendors.contains(v)) {
+                        tracing::warn!(
+                            node = name,
+                            vendor = engine.vendor(*v).word(),
+                            "device plugin stopped reporting (handshake stale); its cards leave the cache"
+                        );
+                    }
                     e.healthy = healthy;
+                    e.stale_vendors = stale.clone();
                     e.node.clone()
                 }
                 None => continue,
             };
-            self.apply_node(engine, &name, &node, healthy);
+            self.apply_node(engine, &name, &node, healthy, &stale);
         }
         answers
     }
@@ -1051,6 +1117,56 @@ mod tests {
             .claim_for_bind(&engine, &req, Some("u2"), "n1", now)
             .unwrap();
         assert_eq!(devices.devices().count(), 1);
+    }
+
+    #[test]
+    fn each_vendors_handshake_decides_about_its_own_cards() {
+        let engine = Engine::from_config(&Default::default(), hami_sched::Policies::default());
+        let mut c = Cluster::default();
+        let t0 = t("2026-01-01T00:00:00Z");
+        let dcu = "DCU-a,4,65520,100,DCU-K100_AI,0,true,0,hami-core:";
+        let mut n = node("n1", "Reported x", "20");
+        let a = n.metadata.annotations.as_mut().unwrap();
+        a.insert("hami.io/node-dcu-register".into(), dcu.into());
+        a.insert(
+            "hami.io/node-handshake-dcu".into(),
+            "Requesting_2026-01-01 00:00:00".into(),
+        );
+        c.upsert_node(&engine, n.clone(), t0);
+        assert_eq!(c.snapshot().node("n1").unwrap().devices.len(), 3);
+        // The DCU plugin never answers: after a minute its card leaves,
+        // the NVIDIA cards stay, and both handshakes are answered.
+        let answers = c.rejudge_nodes(&engine, t0 + SignedDuration::from_secs(61));
+        let ids: Vec<_> = c
+            .snapshot()
+            .node("n1")
+            .unwrap()
+            .devices
+            .iter()
+            .map(|d| d.info.id.clone())
+            .collect();
+        assert_eq!(ids, ["GPU-n1-0", "GPU-n1-1"]);
+        let keys: Vec<_> = answers.iter().map(|a| a.1.as_str()).collect();
+        assert_eq!(
+            keys,
+            [ann::NODE_HANDSHAKE],
+            "a stale Requesting is not answered again"
+        );
+        // The plugin reports again: the card is back and is asked anew.
+        n.metadata.annotations.as_mut().unwrap().insert(
+            "hami.io/node-handshake-dcu".into(),
+            "Reported 2026-01-01 00:01:05".into(),
+        );
+        let t1 = t0 + SignedDuration::from_secs(66);
+        c.upsert_node(&engine, n, t1);
+        assert_eq!(c.snapshot().node("n1").unwrap().devices.len(), 3);
+        let answers = c.rejudge_nodes(&engine, t1);
+        assert!(
+            answers
+                .iter()
+                .any(|a| a.1 == "hami.io/node-handshake-dcu" && a.2.starts_with("Requesting_")),
+            "{answers:?}"
+        );
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub struct Ascend {
     /// Soft split on nodes that do not say (`vnpus.hamiVnpuCore`).
     pub soft_by_default: bool,
     register: String,
+    handshake: String,
     to_allocate: String,
     allocated: String,
     plugin_key: String,
@@ -52,6 +53,7 @@ impl Ascend {
             chip,
             soft_by_default,
             register: format!("hami.io/node-register-{w}"),
+            handshake: format!("hami.io/node-handshake-{w}"),
             to_allocate: format!("hami.io/{w}-devices-to-allocate"),
             allocated: format!("hami.io/{w}-devices-allocated"),
             plugin_key: format!("huawei.com/{w}"),
@@ -136,6 +138,14 @@ impl Vendor for Ascend {
 
     fn allocation_annotations(&self) -> (Option<&str>, &str) {
         (Some(&self.to_allocate), &self.allocated)
+    }
+
+    fn register_key(&self) -> Option<&str> {
+        Some(&self.register)
+    }
+
+    fn handshake_key(&self) -> Option<&str> {
+        Some(&self.handshake)
     }
 
     fn decode_node(&self, node: &Node) -> Result<Option<NodeDevices>, DecodeError> {

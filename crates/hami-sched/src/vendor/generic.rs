@@ -161,6 +161,8 @@ pub struct Spec {
     pub admit: Admit,
     /// Entries carry the card's model as their type (AMD).
     pub entry_is_model: bool,
+    /// `hami.io/node-handshake-<x>`, for vendors whose plugin answers one.
+    pub handshake: Option<String>,
 }
 
 impl Spec {
@@ -191,6 +193,7 @@ impl Spec {
             notes: PluginNotes::None,
             admit: Admit::Plain,
             entry_is_model: false,
+            handshake: None,
         }
     }
 
@@ -261,6 +264,7 @@ impl Generic {
             "hygon.com/use-dcutype",
             "hygon.com/nouse-dcutype",
         ));
+        s.handshake = Some("hami.io/node-handshake-dcu".into());
         Generic { spec: s }
     }
 
@@ -281,6 +285,7 @@ impl Generic {
             &format!("hami.io/no-use-{w}-uuid"),
         )];
         s.admit = Admit::Iluvatar;
+        s.handshake = Some(format!("hami.io/node-handshake-{w}"));
         Generic { spec: s }
     }
 
@@ -411,6 +416,7 @@ impl Generic {
         s.one_slice_size = true;
         s.placement = Placement::KunlunHalves;
         s.admit = Admit::Vxpu;
+        s.handshake = Some("hami.io/node-handshake-xpu".into());
         Generic { spec: s }
     }
 
@@ -458,6 +464,7 @@ impl Generic {
         )];
         s.core_check = CoreCheck::None;
         s.take = Take::Slot;
+        s.handshake = Some(format!("hami.io/node-handshake-{short}"));
         Generic { spec: s }
     }
 
@@ -700,6 +707,17 @@ impl Vendor for Generic {
 
     fn allocation_annotations(&self) -> (Option<&str>, &str) {
         (self.spec.to_allocate.as_deref(), &self.spec.allocated)
+    }
+
+    fn register_key(&self) -> Option<&str> {
+        match &self.spec.report {
+            Report::Annotation { key, .. } | Report::MetaxJson(key) => Some(key),
+            Report::Capacity(_) => None,
+        }
+    }
+
+    fn handshake_key(&self) -> Option<&str> {
+        self.spec.handshake.as_deref()
     }
 
     fn owns(&self, entry: &ContainerDevice) -> bool {

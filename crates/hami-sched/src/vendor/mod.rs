@@ -90,6 +90,19 @@ pub trait Vendor: Send + Sync + fmt::Debug {
         self.word()
     }
 
+    /// The node annotation this vendor's plugin registers its cards in,
+    /// for vendors that use one.
+    fn register_key(&self) -> Option<&str> {
+        None
+    }
+
+    /// The node annotation of the handshake between the scheduler and this
+    /// vendor's plugin (`hami.io/node-handshake-<vendor>`), if it has one.
+    /// NVIDIA's (`hami.io/node-handshake`) is the shell's own.
+    fn handshake_key(&self) -> Option<&str> {
+        None
+    }
+
     /// The node's cards of this vendor; `Ok(None)` when it has none.
     fn decode_node(&self, node: &Node) -> Result<Option<NodeDevices>, DecodeError>;
 
