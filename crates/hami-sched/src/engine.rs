@@ -182,7 +182,16 @@ impl Engine {
         (0..self.vendor_count()).map(|i| (i, self.vendor(i)))
     }
 
-    /// The vendor whose allocation entries `word` names.
+    /// Whether binding `devices` takes HAMi's node lock: when some vendor
+    /// of the allocation has a plugin that releases it.
+    pub fn needs_node_lock(&self, devices: &PodDevices) -> bool {
+        devices.devices().any(|d| {
+            self.vendor_of_entry(d)
+                .is_none_or(|v| self.vendor(v).uses_node_lock())
+        })
+    }
+
+    /// The vendor that wrote an allocation entry.
     pub fn vendor_of_entry(&self, entry: &ContainerDevice) -> Option<usize> {
         self.vendors().find(|(_, v)| v.owns(entry)).map(|(i, _)| i)
     }

@@ -1051,3 +1051,24 @@ fn aws_neuron_devices_and_cores() {
     let m = denied(&e, gpu_pod("p", &[("aws.amazon.com/neuroncore", "3")]));
     assert!(m.contains("even"), "{m}");
 }
+
+#[test]
+fn binds_take_the_node_lock_only_for_vendors_whose_plugin_releases_it() {
+    let e = all_vendors();
+    let lock = |entry: &str| e.needs_node_lock(&hami_api::PodDevices::decode("t", entry).unwrap());
+    assert!(lock("GPU-a,NVIDIA,1000,0:;"));
+    assert!(lock("a,Ascend910B3,16384,0:;"));
+    assert!(lock("DCU-a,DCU,1000,10:;"));
+    assert!(lock("x,AMD Instinct MI300X VF,1,1:;"));
+    assert!(
+        !lock("n-cambricon-mlu-0,MLU,1024,10:;"),
+        "Cambricon's lock is its own"
+    );
+    assert!(!lock("n-mthreads-0,Mthreads,1024,1:;"));
+    assert!(!lock("n-kunlun-0,kunlun,98304,100:;"));
+    assert!(!lock("n-AWSNeuron-0,AWSNeuron,0,3:;"));
+    assert!(
+        lock(";n-cambricon-mlu-0,MLU,1024,10:;GPU-a,NVIDIA,1000,0:;"),
+        "any vendor that uses it"
+    );
+}

@@ -387,8 +387,10 @@ async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String>
     };
     // A node whose agent names the pod itself (NRI, PodResources) needs no
     // lock: the reservation keeps concurrent decisions exact, and the
-    // annotations travel in the Binding.
-    let lock_free = app.cluster().allocation_mode(node).lock_free();
+    // annotations travel in the Binding. Nor do devices whose plugin never
+    // releases the lock (vendors that do not use it).
+    let agent_labels = app.cluster().allocation_mode(node).lock_free();
+    let lock_free = agent_labels || !app.engine.needs_node_lock(&devices);
     let mut gate_ms = 0;
     let locked = if lock_free {
         Ok(None)
@@ -523,7 +525,7 @@ async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String>
         Some(node.clone()),
     )]
     .into();
-    if !lock_free
+    if !agent_labels
         && let Err(e) = podio::patch_metadata(
             &app.client,
             ns,

@@ -157,6 +157,8 @@ async fn each_vendors_pod_lands_on_its_own_vendors_node() {
         TestNs::annotation(&mlu_pod, "CAMBRICON_DSMLU_ASSIGNED").as_deref(),
         Some("false")
     );
+    // Cambricon's plugin never releases HAMi's node lock, so none is taken.
+    assert_eq!(ns.node_lock(&mlu).await, None);
 
     // An Ascend pod larger than any NPU waits with the Ascend reason on the
     // Ascend node and "no device" on the others.

@@ -163,6 +163,8 @@ pub struct Spec {
     pub entry_is_model: bool,
     /// `hami.io/node-handshake-<x>`, for vendors whose plugin answers one.
     pub handshake: Option<String>,
+    /// Binds take `hami.io/mutex.lock` (its plugin releases it).
+    pub node_lock: bool,
 }
 
 impl Spec {
@@ -194,6 +196,7 @@ impl Spec {
             admit: Admit::Plain,
             entry_is_model: false,
             handshake: None,
+            node_lock: true,
         }
     }
 
@@ -241,6 +244,7 @@ impl Generic {
             "cambricon.com/nouse-gpuuuid",
         )];
         s.notes = PluginNotes::Cambricon;
+        s.node_lock = false;
         Generic { spec: s }
     }
 
@@ -310,6 +314,7 @@ impl Generic {
         s.same_card = true;
         s.notes = PluginNotes::Mthreads;
         s.admit = Admit::Mthreads;
+        s.node_lock = false;
         Generic { spec: s }
     }
 
@@ -329,6 +334,7 @@ impl Generic {
         .with_to_allocate("hami.io/metax-gpu-devices-to-allocate");
         s.same_card = true;
         s.take = Take::WholeCard;
+        s.node_lock = false;
         Generic { spec: s }
     }
 
@@ -371,6 +377,7 @@ impl Generic {
         .with_to_allocate("hami.io/enflame-gcu-devices-to-allocate");
         s.exclusive = true;
         s.take = Take::WholeCard;
+        s.node_lock = false;
         Generic { spec: s }
     }
 
@@ -395,6 +402,7 @@ impl Generic {
         s.take = Take::WholeCard;
         s.placement = Placement::KunlunHalves;
         s.notes = PluginNotes::Kunlun;
+        s.node_lock = false;
         Generic { spec: s }
     }
 
@@ -718,6 +726,10 @@ impl Vendor for Generic {
 
     fn handshake_key(&self) -> Option<&str> {
         self.spec.handshake.as_deref()
+    }
+
+    fn uses_node_lock(&self) -> bool {
+        self.spec.node_lock
     }
 
     fn owns(&self, entry: &ContainerDevice) -> bool {

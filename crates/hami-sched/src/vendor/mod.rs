@@ -90,6 +90,15 @@ pub trait Vendor: Send + Sync + fmt::Debug {
         self.word()
     }
 
+    /// Whether a bind of this vendor's devices takes HAMi's node lock
+    /// (`hami.io/mutex.lock`), which the vendor's plugin releases once it
+    /// has handed the devices out. Plugins that never take part in it
+    /// (Moore Threads, MetaX whole cards, Enflame, Kunlunxin XPU, AWS
+    /// Neuron, and Cambricon, whose lock is its own) would leave it held.
+    fn uses_node_lock(&self) -> bool {
+        true
+    }
+
     /// The node annotation this vendor's plugin registers its cards in,
     /// for vendors that use one.
     fn register_key(&self) -> Option<&str> {

@@ -114,6 +114,10 @@ impl Vendor for Neuron {
         (None, "hami.io/aws-neuron-devices-allocated")
     }
 
+    fn uses_node_lock(&self) -> bool {
+        false
+    }
+
     fn decode_node(&self, node: &Node) -> Result<Option<NodeDevices>, DecodeError> {
         let name = node.metadata.name.as_deref().unwrap_or_default();
         let devices = capacity(node, &self.names.resource_count_name).min(1024);
