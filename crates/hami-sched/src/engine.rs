@@ -499,8 +499,14 @@ impl Engine {
             annotations: &pod.annotations,
             earlier: &[],
         };
+        // Vendor node scores depend on the cards chosen, so with them every
+        // node is fitted, also in Fast mode (same answer, no explanations).
+        let scored = pod
+            .requests()
+            .any(|(_, r)| self.vendor(r.vendor).scores_nodes());
+        let single = if scored { None } else { single };
         match mode {
-            Mode::Explain => {
+            _ if mode == Mode::Explain || scored => {
                 for &(pos, i) in &known {
                     let node = &nodes[i];
                     let fits = match single.and_then(|(ci, r)| {
@@ -521,16 +527,23 @@ impl Engine {
                     };
                     match fits {
                         Ok(()) => {
-                            let r = Ranked::new(node_score(&node.totals), pos, i, policy);
+                            let mut score = node_score(&node.totals);
+                            if scored {
+                                score += self.vendor_scores(node, pod, &scratch, policy);
+                            }
+                            let r = Ranked::new(score, pos, i, policy);
                             if best.as_ref().is_none_or(|b| r > *b) {
                                 best = Some(r);
                             }
                         }
-                        Err(rej) => rejected.push((node.name.as_str(), rej)),
+                        Err(rej) if mode == Mode::Explain => {
+                            rejected.push((node.name.as_str(), rej))
+                        }
+                        Err(_) => {}
                     }
                 }
             }
-            Mode::Fast => {
+            _ => {
                 // Rank every node in O(1) from its totals, then fit the best
                 // first; the first that fits is the answer Explain would give.
                 let mut heap: BinaryHeap<Ranked> = known
@@ -634,6 +647,30 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// The vendors' own node scores for the cards just fitted (in
+    /// `scratch`), added to the shared score as HAMi adds them.
+    fn vendor_scores(
+        &self,
+        node: &NodeState,
+        pod: &PodRequest,
+        scratch: &PodScratch,
+        policy: NodePolicy,
+    ) -> f64 {
+        let mut total = 0.0;
+        for (v, vendor) in self.vendors().filter(|(_, v)| v.scores_nodes()) {
+            let mut per_container: Vec<Vec<usize>> = vec![Vec::new(); pod.containers.len()];
+            for &(ci, pv, i, _, _) in &scratch.picks {
+                if pv == v {
+                    per_container[ci].push(i);
+                }
+            }
+            if per_container.iter().any(|c| !c.is_empty()) {
+                total += vendor.node_score(node, &per_container, policy);
+            }
+        }
+        total
     }
 
     /// Records a decision in the snapshot so the next pod sees it.

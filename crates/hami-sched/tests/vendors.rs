@@ -1072,3 +1072,126 @@ fn binds_take_the_node_lock_only_for_vendors_whose_plugin_releases_it() {
         "any vendor that uses it"
     );
 }
+
+// ---- vendor node scores and topology
+
+fn npus_with_network(word: &str, ids: &[i64]) -> String {
+    let cards: Vec<DeviceInfo> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| DeviceInfo {
+            id: format!("{}-npu-{i}", word.to_lowercase()),
+            index: i as u32,
+            count: 4,
+            devmem: 65536,
+            devcore: 20,
+            device_type: word.into(),
+            health: true,
+            custom_info: Some(Box::new(serde_json::json!({ "NetworkID": id }))),
+            ..Default::default()
+        })
+        .collect();
+    encode_devices_json(&cards)
+}
+
+#[test]
+fn ascend_910_npus_of_one_network_group_go_together() {
+    let e = all_vendors();
+    let reg = npus_with_network("Ascend910B3", &[0, 0, 0, 0, 1, 1, 1, 1]);
+    let node = vendor_node(
+        "node-b3x8",
+        &[("hami.io/node-register-Ascend910B3", &reg)],
+        &[],
+    );
+    let mut s = snapshot(&e, std::slice::from_ref(&node));
+    let (a, out, _) = schedule(&e, &mut s, gpu_pod("p", &[(B3, "2")]));
+    assert_eq!(
+        out.devices.encode(),
+        "ascend910b3-npu-7,Ascend910B3,65536,0:ascend910b3-npu-6,Ascend910B3,65536,0:;"
+    );
+    assert_eq!(
+        a[B3],
+        r#"[{"UUID":"ascend910b3-npu-7","memory":65536},{"UUID":"ascend910b3-npu-6","memory":65536}]"#
+    );
+    // Group 1 has two NPUs left, group 0 four: a pair comes from group 0.
+    let (_, out, _) = schedule(&e, &mut s, gpu_pod("q", &[(B3, "2")]));
+    assert_eq!(out.uuids(), [["ascend910b3-npu-3", "ascend910b3-npu-2"]]);
+    // Two groups of two: the first fills, the rest comes from the next.
+    let (_, out, _) = schedule(&e, &mut s, gpu_pod("r", &[(B3, "3")]));
+    assert_eq!(
+        out.uuids(),
+        [[
+            "ascend910b3-npu-5",
+            "ascend910b3-npu-4",
+            "ascend910b3-npu-1"
+        ]]
+    );
+}
+
+#[test]
+fn ascend_network_score_prefers_the_node_that_keeps_a_pair_together() {
+    let e = all_vendors();
+    let split = npus_with_network("Ascend910B3", &[0, 1]);
+    let together = npus_with_network("Ascend910B3", &[0, 0]);
+    let key = "hami.io/node-register-Ascend910B3";
+    // Equal nodes but for their groups; without the score the first wins.
+    let s = snapshot(
+        &e,
+        &[
+            vendor_node("split", &[(key, &split)], &[]),
+            vendor_node("together", &[(key, &together)], &[]),
+        ],
+    );
+    let out = decide(&e, &s, &gpu_pod("p", &[(B3, "2")]));
+    assert_eq!(out.node.as_deref(), Some("together"));
+    let out = decide(&e, &s, &gpu_pod("p", &[(B3, "1")]));
+    assert_eq!(
+        out.node.as_deref(),
+        Some("split"),
+        "one NPU scores the same"
+    );
+}
+
+#[test]
+fn kunlunxin_and_metax_node_scores() {
+    let e = all_vendors();
+    let kunlun = (0..e.vendor_count())
+        .find(|&i| e.vendor(i).word() == "kunlun")
+        .unwrap();
+    let metax = (0..e.vendor_count())
+        .find(|&i| e.vendor(i).word() == "Metax-GPU")
+        .unwrap();
+    let mut s = snapshot(
+        &e,
+        &[vendor_node("xpu", &[], &[("kunlunxin.com/xpu", "8")])],
+    );
+    let n = s.node("xpu").unwrap().clone();
+    let bin = hami_api::policy::NodePolicy::Binpack;
+    // A fresh board: one card opens a half (+2 bubbles) scores 0.
+    assert_eq!(e.vendor(kunlun).node_score(&n, &[vec![0]], bin), 0.0);
+    hold(
+        &mut s,
+        "default/busy",
+        "xpu",
+        "xpu-kunlun-1,kunlun,98304,100:xpu-kunlun-2,kunlun,98304,100:xpu-kunlun-3,kunlun,98304,100:;",
+    );
+    let n = s.node("xpu").unwrap().clone();
+    // Closing the left half removes a bubble; opening the right adds one.
+    assert_eq!(e.vendor(kunlun).node_score(&n, &[vec![0]], bin), 3000.0);
+    assert_eq!(e.vendor(kunlun).node_score(&n, &[vec![4]], bin), 1000.0);
+
+    let mx = vendor_node(
+        "mx",
+        &[
+            ("metax-tech.com/gpu.topology.losses", r#"{"1":0,"2":300}"#),
+            ("metax-tech.com/gpu.topology.scores", r#"{"1":10,"2":50}"#),
+        ],
+        &[("metax-tech.com/gpu", "2")],
+    );
+    let s = snapshot(&e, &[mx]);
+    let n = s.node("mx").unwrap();
+    let spread = hami_api::policy::NodePolicy::Spread;
+    assert_eq!(e.vendor(metax).node_score(n, &[vec![0, 1]], bin), 1700.0);
+    assert_eq!(e.vendor(metax).node_score(n, &[vec![0, 1]], spread), 1950.0);
+    assert_eq!(e.vendor(metax).node_score(n, &[vec![0]], bin), 2000.0);
+}

@@ -9,8 +9,9 @@ use std::ops::Range;
 use k8s_openapi::api::core::v1::{Container, Node, Pod};
 
 use hami_api::device::decode_devices;
+use hami_api::policy::NodePolicy;
 use hami_api::vendor_config::{AscendChip, VnpuTemplate};
-use hami_api::{ContainerRequest, DecodeError, PodDevices, RequestError};
+use hami_api::{ContainerRequest, DecodeError, DeviceInfo, PodDevices, RequestError};
 
 use super::shared::{
     CoreCheck, Selectors, Source, bad_value, card_order, card_rule, collect_fitting, count_of,
@@ -20,6 +21,13 @@ use super::{FitPod, FitScratch, Vendor};
 use crate::admission::ContainerAdmission;
 use crate::reason::{Reason, Rejection};
 use crate::snapshot::{NodeDevices, NodeState, Usage};
+
+/// The NPU's network group (`custominfo.NetworkID`, written by HAMi's
+/// Ascend plugin for 910 chips).
+fn network_id(card: &DeviceInfo) -> Option<i64> {
+    let id = card.custom_info.as_ref()?.get("NetworkID")?;
+    id.as_i64().or_else(|| id.as_f64().map(|f| f as i64))
+}
 
 /// Pod annotation choosing soft split (`hami-core`).
 pub const VNPU_MODE: &str = "huawei.com/vnpu-mode";
@@ -200,7 +208,7 @@ impl Vendor for Ascend {
         card_order(
             w,
             node,
-            cards,
+            cards.clone(),
             used,
             req,
             pod.constraints,
@@ -222,6 +230,40 @@ impl Vendor for Ascend {
             )
         };
         let nums = req.nums as usize;
+        let topology = self.chip.common_word.starts_with("Ascend910")
+            && node.devices[cards.clone()]
+                .iter()
+                .all(|d| network_id(&d.info).is_some());
+        if topology && !(self.chip.super_pod && nums > 1) {
+            // NPUs of one network group first: the largest groups, in
+            // preference order, filled in preference order.
+            collect_fitting(scratch, &mut rejection, None, fits);
+            scratch.picked.clear();
+            if scratch.fitting.len() < nums {
+                if !scratch.fitting.is_empty() {
+                    rejection.add(
+                        Reason::AllocatedCardsInsufficientRequest,
+                        scratch.fitting.len() as u16,
+                    );
+                }
+                return Err(rejection);
+            }
+            let mut groups: Vec<(i64, Vec<usize>)> = Vec::new();
+            for &i in &scratch.fitting {
+                let id = network_id(&node.devices[i].info).unwrap_or_default();
+                match groups.iter_mut().find(|g| g.0 == id) {
+                    Some(g) => g.1.push(i),
+                    None => groups.push((id, vec![i])),
+                }
+            }
+            if nums > 1 {
+                groups.sort_by_key(|g| std::cmp::Reverse(g.1.len()));
+            }
+            scratch
+                .picked
+                .extend(groups.iter().flat_map(|g| g.1.iter().copied()).take(nums));
+            return Ok(());
+        }
         if !(self.chip.super_pod && nums > 1) {
             return pick_first(scratch, rejection, nums, fits);
         }
@@ -258,6 +300,32 @@ impl Vendor for Ascend {
 
     fn count_resource(&self) -> &str {
         &self.chip.resource_name
+    }
+
+    fn scores_nodes(&self) -> bool {
+        self.chip.common_word.starts_with("Ascend910")
+    }
+
+    /// Per container, the share of its NPUs in its largest network group,
+    /// summed, times 10; 0 when an NPU has no network group.
+    fn node_score(&self, node: &NodeState, cards: &[Vec<usize>], _policy: NodePolicy) -> f64 {
+        let mut total = 0.0;
+        for container in cards.iter().filter(|c| !c.is_empty()) {
+            let ids: Option<Vec<i64>> = container
+                .iter()
+                .map(|&i| network_id(&node.devices[i].info))
+                .collect();
+            let Some(ids) = ids else {
+                return 0.0;
+            };
+            let largest = ids
+                .iter()
+                .map(|id| ids.iter().filter(|x| *x == id).count())
+                .max()
+                .unwrap_or(0);
+            total += largest as f64 / ids.len() as f64;
+        }
+        total * 10.0
     }
 
     fn admit_container(

@@ -10,6 +10,7 @@ use std::ops::Range;
 use k8s_openapi::api::core::v1::{Container, Node, Pod};
 
 use hami_api::device::decode_devices;
+use hami_api::policy::NodePolicy;
 use hami_api::vendor_config::{IluvatarChip, VendorConfigs};
 use hami_api::{
     ContainerDevice, ContainerRequest, DecodeError, DeviceInfo, PodDevices, RequestError,
@@ -81,6 +82,17 @@ pub enum Placement {
     /// Kunlunxin: 1, 2, 4 or 8 cards within one half of the board, or a
     /// linked cross pair or quad.
     KunlunHalves,
+}
+
+/// A vendor's own addition to the node score (HAMi's `ScoreNode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeScore {
+    None,
+    /// Kunlunxin: fewer half-used board halves is better.
+    KunlunBubbles,
+    /// MetaX: the plugin's topology losses (binpack) or scores (spread)
+    /// for the number of cards taken.
+    MetaxTopology,
 }
 
 /// The pod annotations a vendor's plugin reads besides the allocation pair.
@@ -165,6 +177,7 @@ pub struct Spec {
     pub handshake: Option<String>,
     /// Binds take `hami.io/mutex.lock` (its plugin releases it).
     pub node_lock: bool,
+    pub node_score: NodeScore,
 }
 
 impl Spec {
@@ -197,6 +210,7 @@ impl Spec {
             entry_is_model: false,
             handshake: None,
             node_lock: true,
+            node_score: NodeScore::None,
         }
     }
 
@@ -335,6 +349,7 @@ impl Generic {
         s.same_card = true;
         s.take = Take::WholeCard;
         s.node_lock = false;
+        s.node_score = NodeScore::MetaxTopology;
         Generic { spec: s }
     }
 
@@ -403,6 +418,7 @@ impl Generic {
         s.placement = Placement::KunlunHalves;
         s.notes = PluginNotes::Kunlun;
         s.node_lock = false;
+        s.node_score = NodeScore::KunlunBubbles;
         Generic { spec: s }
     }
 
@@ -644,6 +660,22 @@ impl Generic {
     }
 }
 
+/// Half-used board halves of a set of card indexes, as HAMi weighs them:
+/// per half (0-3, 4-7), 0 when full, 2 for a single card, else 1; an empty
+/// set counts 1.
+fn kunlun_bubbles(indexes: &[u32]) -> i32 {
+    if indexes.is_empty() {
+        return 1;
+    }
+    (0..2)
+        .map(|h| match indexes.iter().filter(|&&i| i / 4 == h).count() {
+            4 => 0,
+            1 => 2,
+            _ => 1,
+        })
+        .sum()
+}
+
 /// Kunlunxin's board: cards 0-3 and 4-7 are two halves; the cross pairs and
 /// quads that HAMi accepts when no half has room.
 const KUNLUN_PAIRS: [[u32; 2]; 4] = [[0, 4], [1, 5], [2, 6], [3, 7]];
@@ -730,6 +762,47 @@ impl Vendor for Generic {
 
     fn uses_node_lock(&self) -> bool {
         self.spec.node_lock
+    }
+
+    fn scores_nodes(&self) -> bool {
+        self.spec.node_score != NodeScore::None
+    }
+
+    fn node_score(&self, node: &NodeState, cards: &[Vec<usize>], policy: NodePolicy) -> f64 {
+        let taken: Vec<usize> = cards.iter().flatten().copied().collect();
+        match self.spec.node_score {
+            NodeScore::None => 0.0,
+            NodeScore::KunlunBubbles => {
+                let index = |i: usize| node.devices[i].info.index;
+                let before: Vec<u32> = node
+                    .devices
+                    .iter()
+                    .filter(|d| d.used.slots > 0 && d.info.device_type == self.spec.word)
+                    .map(|d| d.info.index)
+                    .collect();
+                let mut after = before.clone();
+                after.extend(taken.iter().map(|&i| index(i)));
+                match kunlun_bubbles(&after) - kunlun_bubbles(&before) {
+                    -1 => 3000.0,
+                    0 => 2000.0,
+                    2 => 0.0,
+                    _ => 1000.0,
+                }
+            }
+            NodeScore::MetaxTopology => {
+                let key = match policy {
+                    NodePolicy::Binpack => "losses",
+                    NodePolicy::Spread => "scores",
+                };
+                taken
+                    .first()
+                    .and_then(|&i| node.devices[i].info.custom_info.as_ref())
+                    .and_then(|c| c.get(key))
+                    .and_then(|m| m.get(taken.len().to_string()))
+                    .and_then(|v| v.as_f64())
+                    .map_or(0.0, |v| 2000.0 - v)
+            }
+        }
     }
 
     fn owns(&self, entry: &ContainerDevice) -> bool {
@@ -1117,17 +1190,38 @@ fn capacity_cards(node: &Node, name: &str, cards: &CapacityCards) -> Vec<DeviceI
                 r if r.starts_with("enflame") => ("GCU", "GCU"),
                 _ => ("kunlun", "kunlun"),
             };
+            let topology = metax_topology(node).filter(|_| infix == "metax");
             (0..n)
                 .map(|i| {
                     let mut d = card(infix, i, *count, *devmem, *devcore, ty);
                     if *numa_halves && i >= n / 2 {
                         d.numa = 1;
                     }
+                    d.custom_info = topology.clone();
                     d
                 })
                 .collect()
         }
     }
+}
+
+/// MetaX's plugin's topology tables (`metax-tech.com/gpu.topology.losses`
+/// and `.scores`: card count to value), kept on each card for scoring.
+fn metax_topology(node: &Node) -> Option<Box<serde_json::Value>> {
+    let a = node.metadata.annotations.as_ref()?;
+    let table = |key: &str| {
+        a.get(key)
+            .and_then(|v| serde_json::from_str::<serde_json::Value>(v).ok())
+            .filter(serde_json::Value::is_object)
+    };
+    let losses = table("metax-tech.com/gpu.topology.losses");
+    let scores = table("metax-tech.com/gpu.topology.scores");
+    if losses.is_none() && scores.is_none() {
+        return None;
+    }
+    Some(Box::new(
+        serde_json::json!({"losses": losses, "scores": scores}),
+    ))
 }
 
 /// One card of MetaX's own node report.

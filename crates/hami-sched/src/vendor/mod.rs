@@ -17,6 +17,8 @@ use std::ops::Range;
 
 use k8s_openapi::api::core::v1::{Container, Node, Pod};
 
+use hami_api::policy::NodePolicy;
+
 use hami_api::{
     ContainerDevice, ContainerRequest, DecodeError, DeviceInfo, PodDevices, RequestError,
 };
@@ -143,6 +145,18 @@ pub trait Vendor: Send + Sync + fmt::Debug {
         _pod: &FitPod<'_>,
     ) -> Option<Result<(), Rejection>> {
         None
+    }
+
+    /// Whether the vendor adds a score of its own to the node score
+    /// ([`Vendor::node_score`]).
+    fn scores_nodes(&self) -> bool {
+        false
+    }
+
+    /// The vendor's addition to a node's score for the cards it chose
+    /// (node card indices, per container), added raw as HAMi adds it.
+    fn node_score(&self, _node: &NodeState, _cards: &[Vec<usize>], _policy: NodePolicy) -> f64 {
+        0.0
     }
 
     /// What one container takes on a chosen card: (MiB, cores in the
