@@ -274,6 +274,11 @@ nvidia:
   {{- with $dp.runtimeClassName }}
   runtimeClassName: {{ . | quote }}
   {{- end }}
+{{- $ascend := dig "ascend" dict (.Values.devices | default dict) }}
+{{- if hasKey $ascend "hamiVnpuCore" }}
+vnpus:
+  hamiVnpuCore: {{ include "hami-rs.bool" $ascend.hamiVnpuCore }}
+{{- end }}
 {{- end -}}
 {{- end -}}
 
