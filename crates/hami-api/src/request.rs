@@ -30,6 +30,10 @@ pub struct ContainerRequest {
     /// Task priority as given: 0 is high, any other value low (see
     /// docs/annotations.md); `None` when not given.
     pub priority: Option<u32>,
+    /// Enflame DRS: a slice count asked for directly (`enflame.com/drs-gcu`);
+    /// `None` for every other request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slices: Option<u32>,
 }
 
 impl ContainerRequest {
@@ -174,6 +178,7 @@ pub fn nvidia_container_request(
         mem_percentage,
         cores,
         priority: priority.map(|p| p as u32),
+        slices: None,
     }))
 }
 

@@ -238,9 +238,13 @@ fn place(
         )
         .collect();
     placement.annotations = match decision.node {
-        Some(node) => {
-            engine.decision_annotations(node, &decision.devices, Some(&request), now_ns())
-        }
+        Some(node) => engine.decision_annotations(
+            node,
+            &decision.devices,
+            Some(&request),
+            snapshot.node(node),
+            now_ns(),
+        ),
         None => BTreeMap::new(),
     };
     placement.devices = decision.devices.0.clone();

@@ -20,7 +20,9 @@ use crate::constraints::{PodConstraints, Policies};
 use crate::reason::{Reason, Rejection};
 use crate::score::node_score;
 use crate::snapshot::{NodeDevices, NodeState, PodRecord, Snapshot, Usage};
-use crate::vendor::{Admission, Ascend, FitPod, FitScratch, Generic, Neuron, Nvidia, Vendor};
+use crate::vendor::{
+    Admission, Ascend, EnflameDrs, FitPod, FitScratch, Generic, Neuron, Nvidia, Placed, Vendor,
+};
 
 /// Why a pod cannot be considered at all (before looking at nodes).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -52,6 +54,8 @@ pub struct PodRequest {
     pub constraints: PodConstraints,
     /// The pod's annotations, for vendor-specific selectors and modes.
     pub annotations: BTreeMap<String, String>,
+    /// Container names in allocation order (some plugins key by them).
+    pub container_names: Vec<String>,
 }
 
 impl PodRequest {
@@ -142,7 +146,8 @@ impl Engine {
     }
 
     /// An engine for every vendor of a device config: NVIDIA, each Ascend
-    /// chip of `vnpus`, the vendors of [`Generic::all`], then AWS Neuron.
+    /// chip of `vnpus`, the vendors of [`Generic::all`], Enflame DRS, then AWS
+    /// Neuron.
     pub fn from_config(config: &DeviceConfig, policies: Policies) -> Engine {
         let mut engine = Engine::new(config.nvidia.clone(), policies);
         let v = &config.vendors;
@@ -155,6 +160,10 @@ impl Engine {
         }
         for g in Generic::all(v) {
             engine.others.push(Arc::new(g));
+        }
+        let drs = EnflameDrs::new(&v.enflame);
+        if !drs.count_resource().is_empty() {
+            engine.others.push(Arc::new(drs));
         }
         if !v.awsneuron.resource_count_name.is_empty() {
             engine
@@ -237,19 +246,24 @@ impl Engine {
             init_count: init_container_count(pod),
             constraints: PodConstraints::decode(&annotations, self.policies)?,
             annotations,
+            container_names: crate::vendor::shared::containers(pod)
+                .map(|c| c.name.clone())
+                .collect(),
         }))
     }
 
     /// The pod annotations the scheduler writes for `devices` on `node` at
     /// `now_ns` (unix nanoseconds): `hami.io/vgpu-node`, and per vendor its
-    /// allocation pair and what its device plugin reads. `request` is the
-    /// pod's parsed request when at hand (a vendor's plugin notes may
-    /// depend on how a container asked). (The shell adds the bind times.)
+    /// allocation pair and what its device plugin reads. `request` and
+    /// `state` (the node's cards) are passed when at hand: some vendors'
+    /// plugin notes depend on how a container asked or on the card.
+    /// (The shell adds the bind times.)
     pub fn decision_annotations(
         &self,
         node: &str,
         devices: &PodDevices,
         request: Option<&PodRequest>,
+        state: Option<&NodeState>,
         now_ns: i128,
     ) -> BTreeMap<String, String> {
         let mut m = BTreeMap::new();
@@ -279,7 +293,14 @@ impl Engine {
                 m.insert(key.to_string(), encoded.clone());
             }
             m.insert(allocated.to_string(), encoded);
-            m.extend(vendor.plugin_annotations(node, &mine, &asked, now_ns));
+            m.extend(vendor.plugin_annotations(&Placed {
+                node,
+                state,
+                devices: &mine,
+                asked: &asked,
+                containers: request.map_or(&[][..], |r| &r.container_names),
+                now_ns,
+            }));
         }
         m
     }

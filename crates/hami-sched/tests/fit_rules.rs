@@ -564,7 +564,7 @@ fn init_containers_are_allocated_first() {
     let req = request(&e, &p);
     assert_eq!(req.init_count, 1);
     let d = e.filter(&s, &req, None, Mode::Explain);
-    let a = e.decision_annotations(d.node.unwrap(), &d.devices, Some(&req), 0);
+    let a = e.decision_annotations(d.node.unwrap(), &d.devices, Some(&req), None, 0);
     assert_eq!(a[ann::VGPU_NODE], "n1");
     assert_eq!(a[ann::NVIDIA_DEVICES_ALLOCATED], out.devices.encode());
     assert_eq!(a[ann::NVIDIA_DEVICES_TO_ALLOCATE], out.devices.encode());

@@ -534,7 +534,7 @@ proptest! {
             let req = e.prepare(&p).unwrap().unwrap();
             let d = e.filter(&s, &req, None, Mode::Fast);
             let Some(node) = d.node.map(str::to_string) else { continue };
-            let annotations: BTreeMap<String, String> = e.decision_annotations(&node, &d.devices, Some(&req), 0);
+            let annotations: BTreeMap<String, String> = e.decision_annotations(&node, &d.devices, Some(&req), s.node(&node), 0);
             let devices = d.devices.clone();
             p.metadata.annotations.get_or_insert_with(BTreeMap::new).extend(annotations);
             // ...and binds it.

@@ -75,7 +75,9 @@ fn schedule(e: &Engine, s: &mut Snapshot, mut p: Pod) -> (BTreeMap<String, Strin
     );
     let out = place(e, s, &p);
     let ann = match &out.node {
-        Some(n) => e.decision_annotations(n, &out.devices, Some(&request(e, &p)), NOW_NS),
+        Some(n) => {
+            e.decision_annotations(n, &out.devices, Some(&request(e, &p)), s.node(n), NOW_NS)
+        }
         None => BTreeMap::new(),
     };
     (ann, out, p)
@@ -1194,4 +1196,87 @@ fn kunlunxin_and_metax_node_scores() {
     assert_eq!(e.vendor(metax).node_score(n, &[vec![0, 1]], bin), 1700.0);
     assert_eq!(e.vendor(metax).node_score(n, &[vec![0, 1]], spread), 1950.0);
     assert_eq!(e.vendor(metax).node_score(n, &[vec![0]], bin), 2000.0);
+}
+
+// ---- Enflame DRS
+
+fn drs_node() -> Node {
+    vendor_node(
+        "node-drs",
+        &[(
+            "enflame.com/gcu-drs-capacity",
+            r#"{"devices":[{"index":"0","minor":"0","capacity":6},{"index":"1","minor":"1","capacity":6}],"profiles":{"1g.6gb":"0","3g.20gb":"1","6g.40gb":"2"}}"#,
+        )],
+        &[],
+    )
+}
+
+#[test]
+fn enflame_drs_profiles_by_slices_or_by_size() {
+    let e = all_vendors();
+    let mut s = snapshot(&e, &[drs_node()]);
+    let (a, out, p) = schedule(&e, &mut s, gpu_pod("p", &[("enflame.com/drs-gcu", "3")]));
+    let req = p.spec.as_ref().unwrap().containers[0]
+        .resources
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        req.requests.as_ref().unwrap()["enflame.com/drs-gcu"].0,
+        "3",
+        "copied to requests"
+    );
+    let entry = "node-drs-enflame-drs-1,Enflame,20480,50:;";
+    assert_eq!(out.devices.encode(), entry);
+    assert_eq!(a["hami.io/enflame-vgpu-devices-allocated"], entry);
+    assert!(
+        !a.keys()
+            .any(|k| k.contains("enflame-vgpu-devices-to-allocate"))
+    );
+    assert_eq!(
+        a["assigned-containers"],
+        r#"{"c0":{"allocated":false,"profileID":"1","profileName":"3g.20gb","request":3}}"#
+    );
+    assert_eq!(a["enflame.com/gcu-assigned"], "false");
+    assert_eq!(a["enflame.com/gcu-assigned-index"], "1");
+    assert_eq!(a["enflame.com/gcu-assigned-id"], "1");
+    assert_eq!(a["enflame.com/gcu-assigned-minor"], "1");
+    assert_eq!(a["enflame.com/gcu-request-size"], "3");
+    assert_eq!(a["enflame.com/gcu-assigned-time"], NOW_NS.to_string());
+
+    // By size: 20480 is MiB (above twice the largest profile's 40 GiB).
+    let mut s = snapshot(&e, &[drs_node()]);
+    let (_, out, _) = schedule(
+        &e,
+        &mut s,
+        gpu_pod(
+            "p",
+            &[
+                ("enflame.com/gcu-memory", "20480"),
+                ("enflame.com/gcu-core", "40"),
+            ],
+        ),
+    );
+    assert_eq!(out.devices.encode(), entry);
+    // 6 is GiB: the smallest profile.
+    let mut fresh = snapshot(&e, &[drs_node()]);
+    let (a, out, _) = schedule(
+        &e,
+        &mut fresh,
+        gpu_pod("q", &[("enflame.com/gcu-memory", "6")]),
+    );
+    assert_eq!(
+        out.devices.encode(),
+        "node-drs-enflame-drs-1,Enflame,6144,17:;"
+    );
+    assert!(a["assigned-containers"].contains(r#""profileName":"1g.6gb""#));
+    // No profile of 4 slices: the node cannot take it.
+    let (_, out, _) = schedule(&e, &mut s, gpu_pod("r", &[("enflame.com/drs-gcu", "4")]));
+    assert_eq!(out.reason("node-drs"), "1/2 ModeNotFit");
+    // A whole card (6 slices, 100 %) fits only the card still empty.
+    let (_, out, _) = schedule(&e, &mut s, gpu_pod("w", &[("enflame.com/drs-gcu", "6")]));
+    assert_eq!(out.one(), "node-drs-enflame-drs-0");
+    let (_, out, _) = schedule(&e, &mut s, gpu_pod("v", &[("enflame.com/drs-gcu", "6")]));
+    assert_eq!(out.node, None);
+    let m = denied(&e, gpu_pod("x", &[("enflame.com/gcu-core", "150")]));
+    assert!(m.contains("1-100"), "{m}");
 }

@@ -448,13 +448,17 @@ async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String>
         binding_failed(app, &pod, &msg).await;
         return Err(msg);
     }
-    let annotations = bind_annotations(
-        &app.engine,
-        node,
-        &devices,
-        request.as_ref(),
-        app.clock.now(),
-    );
+    let annotations = {
+        let c = app.cluster();
+        bind_annotations(
+            &app.engine,
+            node,
+            &devices,
+            request.as_ref(),
+            c.snapshot().node(node),
+            app.clock.now(),
+        )
+    };
     let bind_time = annotations.get(hami_api::annotations::BIND_TIME).cloned();
     // The annotations travel in the Binding: they land with the node name
     // or not at all, so a failed bind leaves nothing on the pod to undo.

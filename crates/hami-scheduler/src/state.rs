@@ -846,9 +846,10 @@ pub fn bind_annotations(
     node: &str,
     devices: &PodDevices,
     request: Option<&PodRequest>,
+    state: Option<&hami_sched::NodeState>,
     now: Timestamp,
 ) -> BTreeMap<String, String> {
-    let mut m = engine.decision_annotations(node, devices, request, now.as_nanosecond());
+    let mut m = engine.decision_annotations(node, devices, request, state, now.as_nanosecond());
     let secs = now.as_second().to_string();
     m.insert(ann::VGPU_TIME.into(), secs.clone());
     m.insert(ann::BIND_PHASE.into(), "allocating".into());
@@ -1214,7 +1215,7 @@ mod tests {
         let mut p = pod("p", "u", "400");
         let secs = (now.as_second() - 200).to_string();
         let devices = PodDevices::decode("x", "GPU-n1-0,NVIDIA,400,0:;").unwrap();
-        let mut annotations = bind_annotations(&engine, "n1", &devices, None, now);
+        let mut annotations = bind_annotations(&engine, "n1", &devices, None, None, now);
         annotations.insert(ann::BIND_TIME.into(), secs);
         p.metadata.annotations = Some(annotations);
         p.spec.as_mut().unwrap().node_name = Some("n1".into());
@@ -1310,7 +1311,8 @@ mod tests {
         // The holder is bound to n1 and waits for its device plugin.
         let mut holder = pod("holder", "uh", "100");
         let devices = PodDevices::decode("x", "GPU-n1-0,NVIDIA,100,0:;").unwrap();
-        holder.metadata.annotations = Some(bind_annotations(&engine, "n1", &devices, None, now));
+        holder.metadata.annotations =
+            Some(bind_annotations(&engine, "n1", &devices, None, None, now));
         holder.spec.as_mut().unwrap().node_name = Some("n1".into());
         c.upsert_pod(&engine, &holder);
         let busy_after = SignedDuration::from_secs(5);
@@ -1447,7 +1449,7 @@ mod tests {
         let (engine, mut c, now) = reporting_nodes(&["n1", "n2"]);
         let mut p = pod("p", "u", "1000");
         let devices = PodDevices::decode("x", "GPU-n1-0,NVIDIA,1000,0:;").unwrap();
-        p.metadata.annotations = Some(bind_annotations(&engine, "n1", &devices, None, now));
+        p.metadata.annotations = Some(bind_annotations(&engine, "n1", &devices, None, None, now));
         p.spec.as_mut().unwrap().node_name = Some("n1".into());
         c.upsert_pod(&engine, &p);
         assert_eq!(free_mem(&c, "n1"), 1000);
@@ -1473,7 +1475,7 @@ mod tests {
         assert_eq!(c.overbooked("n1", &mine), None);
         // Another leader bound a pod to the very same card meanwhile.
         let mut other = pod("other", "uo", "1000");
-        other.metadata.annotations = Some(bind_annotations(&engine, "n1", &mine, None, now));
+        other.metadata.annotations = Some(bind_annotations(&engine, "n1", &mine, None, None, now));
         other.spec.as_mut().unwrap().node_name = Some("n1".into());
         c.upsert_pod(&engine, &other);
         let why = c.overbooked("n1", &mine).expect("over-booked");

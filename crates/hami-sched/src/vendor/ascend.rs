@@ -11,13 +11,13 @@ use k8s_openapi::api::core::v1::{Container, Node, Pod};
 use hami_api::device::decode_devices;
 use hami_api::policy::NodePolicy;
 use hami_api::vendor_config::{AscendChip, VnpuTemplate};
-use hami_api::{ContainerRequest, DecodeError, DeviceInfo, PodDevices, RequestError};
+use hami_api::{ContainerRequest, DecodeError, DeviceInfo, RequestError};
 
 use super::shared::{
     CoreCheck, Selectors, Source, bad_value, card_order, card_rule, collect_fitting, count_of,
     in_limits, is_mutex, no_cards, pick_first, read_whole, set_env, set_limit,
 };
-use super::{FitPod, FitScratch, Vendor};
+use super::{FitPod, FitScratch, Placed, Vendor};
 use crate::admission::ContainerAdmission;
 use crate::reason::{Reason, Rejection};
 use crate::snapshot::{NodeDevices, NodeState, Usage};
@@ -127,6 +127,7 @@ impl Ascend {
             mem_percentage: if mem.is_none() { Some(100) } else { None },
             cores: cores.min(100) as u32,
             priority: None,
+            slices: None,
         }))
     }
 
@@ -419,13 +420,8 @@ impl Vendor for Ascend {
         Ok(())
     }
 
-    fn plugin_annotations(
-        &self,
-        _node: &str,
-        devices: &PodDevices,
-        _asked: &[Option<&ContainerRequest>],
-        now_ns: i128,
-    ) -> Vec<(String, String)> {
+    fn plugin_annotations(&self, placed: &Placed<'_>) -> Vec<(String, String)> {
+        let (devices, now_ns) = (placed.devices, placed.now_ns);
         let cards: Vec<serde_json::Value> = devices
             .devices()
             .map(|d| {

@@ -12,16 +12,14 @@ use k8s_openapi::api::core::v1::{Container, Node, Pod};
 use hami_api::device::decode_devices;
 use hami_api::policy::NodePolicy;
 use hami_api::vendor_config::{IluvatarChip, VendorConfigs};
-use hami_api::{
-    ContainerDevice, ContainerRequest, DecodeError, DeviceInfo, PodDevices, RequestError,
-};
+use hami_api::{ContainerDevice, ContainerRequest, DecodeError, DeviceInfo, RequestError};
 
 use super::shared::{
     self, CoreCheck, Selectors, Source, bad_value, capacity, card_order, card_rule, count_of,
     each_container, in_limits, index_suffix, is_mutex, no_cards, pick_first, read_quantity,
     read_whole, set_env, set_limit,
 };
-use super::{FitPod, FitScratch, Vendor};
+use super::{FitPod, FitScratch, Placed, Vendor};
 use crate::admission::ContainerAdmission;
 use crate::reason::{Reason, Rejection};
 use crate::snapshot::{NodeDevices, NodeState, Usage};
@@ -560,6 +558,7 @@ impl Generic {
             mem_percentage: if mem.is_none() { Some(100) } else { None },
             cores,
             priority: None,
+            slices: None,
         }))
     }
 
@@ -1051,13 +1050,8 @@ impl Vendor for Generic {
         Ok(())
     }
 
-    fn plugin_annotations(
-        &self,
-        node: &str,
-        devices: &PodDevices,
-        _asked: &[Option<&ContainerRequest>],
-        now_ns: i128,
-    ) -> Vec<(String, String)> {
+    fn plugin_annotations(&self, placed: &Placed<'_>) -> Vec<(String, String)> {
+        let (node, devices, now_ns) = (placed.node, placed.devices, placed.now_ns);
         let with_cards = || devices.0.iter().filter(|c| !c.is_empty());
         let indexes = |c: &Vec<ContainerDevice>| {
             c.iter()

@@ -6,6 +6,7 @@
 //! one [`Generic`] backend each, described by data ([`generic::Spec`]).
 
 pub mod ascend;
+pub mod enflame_drs;
 pub mod generic;
 pub mod neuron;
 pub mod nvidia;
@@ -29,6 +30,7 @@ use crate::reason::Rejection;
 use crate::snapshot::{NodeDevices, NodeState, Usage};
 
 pub use ascend::Ascend;
+pub use enflame_drs::EnflameDrs;
 pub use generic::Generic;
 pub use neuron::Neuron;
 pub use nvidia::Nvidia;
@@ -66,6 +68,22 @@ pub struct FitPod<'a> {
     pub annotations: &'a BTreeMap<String, String>,
     /// Node card indices, in allocation order.
     pub earlier: &'a [usize],
+}
+
+/// A decision as a vendor's plugin notes see it.
+#[derive(Debug, Clone, Copy)]
+pub struct Placed<'a> {
+    pub node: &'a str,
+    /// The node's cards as the scheduler sees them, when at hand.
+    pub state: Option<&'a NodeState>,
+    /// This vendor's entries, per container in allocation order.
+    pub devices: &'a PodDevices,
+    /// This vendor's request per container, when known (else empty).
+    pub asked: &'a [Option<&'a ContainerRequest>],
+    /// Container names in allocation order, when known (else empty).
+    pub containers: &'a [String],
+    /// Unix nanoseconds.
+    pub now_ns: i128,
 }
 
 /// One accelerator vendor's rules.
@@ -190,16 +208,8 @@ pub trait Vendor: Send + Sync + fmt::Debug {
     }
 
     /// Pod annotations this vendor's device plugin reads besides the
-    /// allocation pair, computed from the allocation (this vendor's entries
-    /// only) on `node` at `now_ns` (unix nanoseconds). `asked` is this
-    /// vendor's request per container when known (empty otherwise).
-    fn plugin_annotations(
-        &self,
-        _node: &str,
-        _devices: &PodDevices,
-        _asked: &[Option<&ContainerRequest>],
-        _now_ns: i128,
-    ) -> Vec<(String, String)> {
+    /// allocation pair, for an allocation of this vendor's devices.
+    fn plugin_annotations(&self, _placed: &Placed<'_>) -> Vec<(String, String)> {
         Vec::new()
     }
 

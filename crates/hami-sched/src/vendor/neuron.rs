@@ -11,13 +11,13 @@ use std::ops::Range;
 use k8s_openapi::api::core::v1::{Container, Node, Pod};
 
 use hami_api::vendor_config::ResourceNames;
-use hami_api::{ContainerRequest, DecodeError, DeviceInfo, PodDevices, RequestError};
+use hami_api::{ContainerRequest, DecodeError, DeviceInfo, RequestError};
 
 use super::shared::{
     Selectors, Source, bad_value, capacity, card_order, count_of, each_container, in_limits,
     index_suffix, is_mutex, no_cards, read_whole,
 };
-use super::{FitPod, FitScratch, Vendor};
+use super::{FitPod, FitScratch, Placed, Vendor};
 use crate::admission::ContainerAdmission;
 use crate::reason::{Reason, Rejection};
 use crate::snapshot::{NodeDevices, NodeState, Usage};
@@ -50,6 +50,7 @@ impl Neuron {
             mem_percentage: None,
             cores,
             priority: None,
+            slices: None,
         };
         if let Some(n) = read_whole(c, src, &self.names.resource_count_name)? {
             return Ok(count_of(c, &self.names.resource_count_name, n)?.map(|n| request(n, 0)));
@@ -276,13 +277,9 @@ impl Vendor for Neuron {
         })
     }
 
-    fn plugin_annotations(
-        &self,
-        node: &str,
-        devices: &PodDevices,
-        asked: &[Option<&ContainerRequest>],
-        now_ns: i128,
-    ) -> Vec<(String, String)> {
+    fn plugin_annotations(&self, placed: &Placed<'_>) -> Vec<(String, String)> {
+        let (node, devices, asked, now_ns) =
+            (placed.node, placed.devices, placed.asked, placed.now_ns);
         let mut ids = Vec::new();
         let mut core_style = false;
         for (ci, container) in devices.0.iter().enumerate() {
