@@ -29,10 +29,12 @@ pub enum Reason {
     /// The pod's sharing mode is not one the node offers (Ascend soft
     /// split), or no profile holds the request (Enflame).
     ModeNotFit,
+    /// MetaX sGPU: the card in use runs another QoS policy.
+    CardQosPolicyMismatch,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 17] = [
         Reason::CardNotHealth,
         Reason::CardCordoned,
         Reason::CardTypeMismatch,
@@ -49,6 +51,7 @@ impl Reason {
         Reason::NodeInsufficientDevice,
         Reason::CardNotFoundCustomFilterRule,
         Reason::ModeNotFit,
+        Reason::CardQosPolicyMismatch,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -69,6 +72,7 @@ impl Reason {
             Reason::NodeInsufficientDevice => "NodeInsufficientDevice",
             Reason::CardNotFoundCustomFilterRule => "CardNotFoundCustomFilterRule",
             Reason::ModeNotFit => "ModeNotFit",
+            Reason::CardQosPolicyMismatch => "CardQosPolicyMismatch",
         }
     }
 
@@ -95,6 +99,9 @@ impl Reason {
                 "the vendor keeps all of a pod's containers on one card, and that card is another"
             }
             Reason::ModeNotFit => "the node does not offer the sharing mode or size asked for",
+            Reason::CardQosPolicyMismatch => {
+                "the card in use runs another QoS policy (metax-tech.com/sgpu-qos-policy)"
+            }
         }
     }
 }

@@ -1280,3 +1280,34 @@ fn enflame_drs_profiles_by_slices_or_by_size() {
     let m = denied(&e, gpu_pod("x", &[("enflame.com/gcu-core", "150")]));
     assert!(m.contains("1-100"), "{m}");
 }
+
+#[test]
+fn metax_sgpu_shared_cards_keep_one_qos_policy() {
+    let e = all_vendors();
+    let reg = r#"[{"uuid":"GPU-mx-0","totalDevCount":16,"totalCompute":100,"totalVRam":65536,"healthy":true,"qosPolicy":"fixed-share"}]"#;
+    let mut s = snapshot(
+        &e,
+        &[vendor_node(
+            "sg",
+            &[("metax-tech.com/node-gpu-devices", reg)],
+            &[],
+        )],
+    );
+    let shared = [
+        ("metax-tech.com/sgpu", "1"),
+        ("metax-tech.com/vcore", "20"),
+        ("metax-tech.com/vmemory", "4"),
+    ];
+    // An empty card takes any policy.
+    let (_, out, _) = schedule(&e, &mut s, gpu_pod("a", &shared));
+    assert_eq!(out.node.as_deref(), Some("sg"));
+    // In use under fixed-share: best-effort (the default) waits, fixed-share fits.
+    let (_, out, _) = schedule(&e, &mut s, gpu_pod("b", &shared));
+    assert_eq!(out.reason("sg"), "1/1 CardQosPolicyMismatch");
+    let p = pod("c")
+        .ann("metax-tech.com/sgpu-qos-policy", "fixed-share")
+        .ctr(&shared)
+        .build();
+    let (_, out, _) = schedule(&e, &mut s, p);
+    assert_eq!(out.node.as_deref(), Some("sg"));
+}

@@ -655,8 +655,41 @@ impl Generic {
         if s.same_card && pod.earlier.iter().any(|&e| e != i) {
             return Err(Reason::CardNotFoundCustomFilterRule);
         }
+        if s.notes == PluginNotes::MetaxSgpu && !metax_qos_fits(d, used, req, pod) {
+            return Err(Reason::CardQosPolicyMismatch);
+        }
         Ok(())
     }
+}
+
+/// MetaX sGPU: a card in use keeps the QoS policy its plugin reports; a
+/// shared (not whole-card) request of another policy does not go there.
+/// Online pods (`metax-tech.com/sgpu-app-class: online`) are not checked.
+fn metax_qos_fits(
+    d: &crate::snapshot::DeviceState,
+    used: Usage,
+    req: &ContainerRequest,
+    pod: &FitPod<'_>,
+) -> bool {
+    let online = pod
+        .annotations
+        .get("metax-tech.com/sgpu-app-class")
+        .is_some_and(|c| c == "online");
+    if online || used.slots == 0 || req.cores >= 100 {
+        return true;
+    }
+    let card = d
+        .info
+        .custom_info
+        .as_ref()
+        .and_then(|c| c.get("qosPolicy"))
+        .and_then(|q| q.as_str())
+        .unwrap_or_default();
+    let wanted = pod
+        .annotations
+        .get(METAX_QOS_KEY)
+        .map_or("best-effort", String::as_str);
+    card.is_empty() || card == wanted
 }
 
 /// Half-used board halves of a set of card indexes, as HAMi weighs them:
@@ -1233,6 +1266,8 @@ struct MetaxCard {
     numa: i32,
     #[serde(default)]
     healthy: bool,
+    #[serde(default)]
+    qos_policy: String,
 }
 
 fn decode_metax(key: &str, value: &str, word: &str) -> Result<Vec<DeviceInfo>, DecodeError> {
@@ -1253,6 +1288,7 @@ fn decode_metax(key: &str, value: &str, word: &str) -> Result<Vec<DeviceInfo>, D
             device_type: word.to_string(),
             numa: c.numa,
             health: c.healthy,
+            custom_info: Some(Box::new(serde_json::json!({ "qosPolicy": c.qos_policy }))),
             ..Default::default()
         })
         .collect())
