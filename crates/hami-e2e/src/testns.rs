@@ -297,6 +297,25 @@ impl TestNs {
             .cloned()
     }
 
+    /// The node the pod is bound to ("" when none).
+    pub fn node_of(pod: &Pod) -> String {
+        pod.spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default()
+    }
+
+    /// The first container's limit of `resource`, as written.
+    pub fn limit(pod: &Pod, resource: &str) -> Option<String> {
+        pod.spec.as_ref()?.containers[0]
+            .resources
+            .as_ref()?
+            .limits
+            .as_ref()?
+            .get(resource)
+            .map(|q| q.0.clone())
+    }
+
     /// The pod's `vgpu-devices-allocated`, decoded (panics if malformed).
     pub fn allocation(pod: &Pod) -> hami_api::allocation::PodDevices {
         let v = TestNs::annotation(pod, ann::NVIDIA_DEVICES_ALLOCATED).unwrap_or_default();

@@ -16,13 +16,6 @@ use hami_e2e::{GpuNode, TestNs, wait_for};
 
 const BIND: Duration = Duration::from_secs(60);
 
-fn node_of(pod: &Pod) -> String {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.node_name.clone())
-        .unwrap_or_default()
-}
-
 /// UUIDs per container from the allocated annotation.
 fn uuids(pod: &Pod) -> Vec<Vec<String>> {
     TestNs::allocation(pod)
@@ -48,7 +41,7 @@ async fn place(ns: &TestNs, name: &str, limits: serde_json::Value, ann: serde_js
     // The bind writes the protocol annotations before the binding.
     assert_eq!(
         TestNs::annotation(&pod, ann::VGPU_NODE).as_deref(),
-        Some(node_of(&pod).as_str())
+        Some(TestNs::node_of(&pod).as_str())
     );
     assert_eq!(
         TestNs::annotation(&pod, ann::BIND_PHASE).as_deref(),
@@ -76,14 +69,14 @@ async fn binpack_and_spread_at_node_and_gpu_level() {
     let mem = json!({"nvidia.com/gpu": "1", "nvidia.com/gpumem": "1000"});
 
     let first = place(&ns, "first", mem.clone(), json!({})).await;
-    let busy = node_of(&first);
+    let busy = TestNs::node_of(&first);
     let idle = if busy == a { b.clone() } else { a.clone() };
     let first_gpu = uuids(&first)[0][0].clone();
 
     // Node binpack (the default) joins the busy node; GPU spread (the
     // default) takes its other, empty card.
     let second = place(&ns, "second", mem.clone(), json!({})).await;
-    assert_eq!(node_of(&second), busy);
+    assert_eq!(TestNs::node_of(&second), busy);
     assert_ne!(uuids(&second)[0][0], first_gpu);
 
     // GPU binpack: the fullest card of the busy node.
@@ -94,7 +87,7 @@ async fn binpack_and_spread_at_node_and_gpu_level() {
         json!({ann::GPU_SCHEDULER_POLICY: "binpack"}),
     )
     .await;
-    assert_eq!(node_of(&third), busy);
+    assert_eq!(TestNs::node_of(&third), busy);
     let held: Vec<String> = vec![uuids(&first)[0][0].clone(), uuids(&second)[0][0].clone()];
     assert!(held.contains(&uuids(&third)[0][0]));
 
@@ -106,7 +99,7 @@ async fn binpack_and_spread_at_node_and_gpu_level() {
         json!({ann::NODE_SCHEDULER_POLICY: "spread"}),
     )
     .await;
-    assert_eq!(node_of(&fourth), idle);
+    assert_eq!(TestNs::node_of(&fourth), idle);
 }
 
 #[tokio::test]
@@ -130,7 +123,7 @@ async fn type_and_uuid_selectors_numa_bind_and_exclusive_use() {
         json!({ann::NVIDIA_USE_GPUTYPE: "a100"}),
     )
     .await;
-    assert_eq!(node_of(&p), a100);
+    assert_eq!(TestNs::node_of(&p), a100);
     let p = place(
         &ns,
         "not-a100",
@@ -138,7 +131,7 @@ async fn type_and_uuid_selectors_numa_bind_and_exclusive_use() {
         json!({ann::NVIDIA_NOUSE_GPUTYPE: "A100"}),
     )
     .await;
-    assert_eq!(node_of(&p), t4);
+    assert_eq!(TestNs::node_of(&p), t4);
     let wanted = GpuNode::uuid(&a100, 2);
     let p = place(
         &ns,
@@ -198,7 +191,7 @@ async fn type_and_uuid_selectors_numa_bind_and_exclusive_use() {
     let msg = ev.message.unwrap_or_default();
     assert!(msg.contains(&a100), "{msg}");
     assert_eq!(
-        node_of(&ns.get_pod(&name).await),
+        TestNs::node_of(&ns.get_pod(&name).await),
         "",
         "joined an exclusive card"
     );
@@ -233,7 +226,7 @@ async fn unschedulable_pod_stays_pending_with_reasons_per_node() {
     let msg = ev.message.unwrap_or_default();
     assert!(msg.contains("CardInsufficientMemory"), "{msg}");
     let pod = ns.get_pod("too-big").await;
-    assert_eq!(node_of(&pod), "");
+    assert_eq!(TestNs::node_of(&pod), "");
     assert_eq!(pod.status.and_then(|s| s.phase).as_deref(), Some("Pending"));
 }
 
@@ -257,7 +250,7 @@ async fn stale_handshake_node_gets_no_pods_until_it_reports() {
     let small = json!({"nvidia.com/gpu": "1", "nvidia.com/gpumem": "1000"});
     for i in 0..4 {
         let p = place(&ns, &format!("p{i}"), small.clone(), json!({})).await;
-        assert_eq!(node_of(&p), healthy);
+        assert_eq!(TestNs::node_of(&p), healthy);
     }
     // A pod that only fits the stale node waits.
     let card = GpuNode::uuid(&stale_name, 0);
@@ -274,7 +267,7 @@ async fn stale_handshake_node_gets_no_pods_until_it_reports() {
         msg.contains(&format!("{stale_name}: NodeNotReporting")) && msg.contains("Requesting_"),
         "{msg}"
     );
-    assert_eq!(node_of(&ns.get_pod("pinned").await), "");
+    assert_eq!(TestNs::node_of(&ns.get_pod("pinned").await), "");
 
     // The device plugin comes back: it reports and advertises its GPUs.
     let nodes: Api<Node> = Api::all(ns.client.clone());
@@ -298,7 +291,7 @@ async fn stale_handshake_node_gets_no_pods_until_it_reports() {
         .await
         .expect("allocatable patched");
     let p = ns.wait_bound("pinned", Duration::from_secs(120)).await;
-    assert_eq!(node_of(&p), stale_name);
+    assert_eq!(TestNs::node_of(&p), stale_name);
     // The scheduler answers the report with a new request at its next
     // resync (1 s here).
     hami_e2e::wait_for(Duration::from_secs(30), "the report answered", || async {
@@ -345,7 +338,7 @@ async fn a_pod_of_another_scheduler_is_neither_reserved_nor_bound() {
     let error = bound["Error"].as_str().unwrap_or_default();
     assert!(error.contains("nobody"), "{bound}");
     // The Bind answered: had it bound, the pod would show it now.
-    assert_eq!(node_of(&ns.get_pod("theirs").await), "");
+    assert_eq!(TestNs::node_of(&ns.get_pod("theirs").await), "");
     // Nothing was reserved: a pod of ours takes the whole card.
     let mine = place(
         &ns,
@@ -354,7 +347,7 @@ async fn a_pod_of_another_scheduler_is_neither_reserved_nor_bound() {
         json!({}),
     )
     .await;
-    assert_eq!(node_of(&mine), node);
+    assert_eq!(TestNs::node_of(&mine), node);
 }
 
 /// A mixed cluster: a node whose agent announces a lock-free allocation
@@ -396,7 +389,7 @@ async fn lock_free_nodes_bind_without_the_lock_beside_lock_nodes() {
     }
     for (name, node, card) in &names {
         let pod = ns.wait_bound(name, BIND).await;
-        assert_eq!(&node_of(&pod), node, "{name}");
+        assert_eq!(&TestNs::node_of(&pod), node, "{name}");
         assert_eq!(uuids(&pod), vec![vec![card.clone()]], "{name}");
         assert_eq!(
             TestNs::annotation(&pod, ann::BIND_PHASE).as_deref(),

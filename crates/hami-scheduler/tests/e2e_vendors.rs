@@ -15,23 +15,6 @@ use hami_e2e::{GpuNode, TestNs, wait_for};
 
 const BIND: Duration = Duration::from_secs(60);
 
-fn node_of(pod: &Pod) -> String {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.node_name.clone())
-        .unwrap_or_default()
-}
-
-fn limit(pod: &Pod, resource: &str) -> Option<String> {
-    pod.spec.as_ref()?.containers[0]
-        .resources
-        .as_ref()?
-        .limits
-        .as_ref()?
-        .get(resource)
-        .map(|q| q.0.clone())
-}
-
 async fn running(ns: &TestNs, name: &str, limits: serde_json::Value) -> Pod {
     ns.create_pod(ns.gpu_pod(name, limits, json!({})))
         .await
@@ -91,7 +74,7 @@ async fn each_vendors_pod_lands_on_its_own_vendors_node() {
         json!({"nvidia.com/gpu": "1", "nvidia.com/gpumem": "1000"}),
     )
     .await;
-    assert_eq!(node_of(&nv_pod), nvidia);
+    assert_eq!(TestNs::node_of(&nv_pod), nvidia);
     let nv_alloc = TestNs::annotation(&nv_pod, ann::NVIDIA_DEVICES_ALLOCATED).unwrap();
     assert_eq!(
         nv_alloc,
@@ -104,10 +87,10 @@ async fn each_vendors_pod_lands_on_its_own_vendors_node() {
         json!({"huawei.com/Ascend910B3": "1", "huawei.com/Ascend910B3-memory": "16000"}),
     )
     .await;
-    assert_eq!(node_of(&npu_pod), ascend);
+    assert_eq!(TestNs::node_of(&npu_pod), ascend);
     // The webhook rounded the memory up to the vNPU template.
     assert_eq!(
-        limit(&npu_pod, "huawei.com/Ascend910B3-memory").as_deref(),
+        TestNs::limit(&npu_pod, "huawei.com/Ascend910B3-memory").as_deref(),
         Some("16384")
     );
     let entry = format!("{npu_prefix}-1,Ascend910B3,16384,0:;");
@@ -143,7 +126,7 @@ async fn each_vendors_pod_lands_on_its_own_vendors_node() {
         }),
     )
     .await;
-    assert_eq!(node_of(&mlu_pod), mlu);
+    assert_eq!(TestNs::node_of(&mlu_pod), mlu);
     let entry = format!("{mlu}-cambricon-mlu-1,MLU,5120,10:;");
     assert_eq!(
         TestNs::annotation(&mlu_pod, "hami.io/cambricon-mlu-devices-allocated").as_deref(),
@@ -173,5 +156,5 @@ async fn each_vendors_pod_lands_on_its_own_vendors_node() {
     );
     assert!(why.contains("AllocatedCardsInsufficientRequest"), "{why}");
     assert!(why.contains("NodeInsufficientDevice"), "{why}");
-    assert_eq!(node_of(&ns.get_pod("too-big").await), "");
+    assert_eq!(TestNs::node_of(&ns.get_pod("too-big").await), "");
 }

@@ -16,16 +16,6 @@ fn env_value(pod: &k8s_openapi::api::core::v1::Pod, var: &str) -> Option<String>
         .clone()
 }
 
-fn limit(pod: &k8s_openapi::api::core::v1::Pod, resource: &str) -> Option<String> {
-    pod.spec.as_ref()?.containers[0]
-        .resources
-        .as_ref()?
-        .limits
-        .as_ref()?
-        .get(resource)
-        .map(|q| q.0.clone())
-}
-
 #[tokio::test]
 async fn gpu_pods_are_mutated_and_privileged_ones_denied() {
     let Some(cluster) = hami_e2e::cluster(env!("CARGO_BIN_EXE_hami-scheduler")) else {
@@ -44,8 +34,8 @@ async fn gpu_pods_are_mutated_and_privileged_ones_denied() {
         .expect("created");
     let spec = pod.spec.as_ref().unwrap();
     assert_eq!(spec.scheduler_name.as_deref(), Some("hami-scheduler"));
-    assert_eq!(limit(&pod, "nvidia.com/gpu").as_deref(), Some("1"));
-    assert_eq!(limit(&pod, "nvidia.com/gpucores"), None);
+    assert_eq!(TestNs::limit(&pod, "nvidia.com/gpu").as_deref(), Some("1"));
+    assert_eq!(TestNs::limit(&pod, "nvidia.com/gpucores"), None);
     assert_eq!(env_value(&pod, "CUDA_TASK_PRIORITY").as_deref(), Some("0"));
 
     // Exclusive default: a whole GPU with no memory named gets gpucores 100.
@@ -53,7 +43,10 @@ async fn gpu_pods_are_mutated_and_privileged_ones_denied() {
         .create_pod(ns.gpu_pod("whole", json!({"nvidia.com/gpu": "1"}), json!({})))
         .await
         .expect("created");
-    assert_eq!(limit(&pod, "nvidia.com/gpucores").as_deref(), Some("100"));
+    assert_eq!(
+        TestNs::limit(&pod, "nvidia.com/gpucores").as_deref(),
+        Some("100")
+    );
 
     // Percentage 100 is exclusive too.
     let pod = ns
@@ -64,7 +57,10 @@ async fn gpu_pods_are_mutated_and_privileged_ones_denied() {
         ))
         .await
         .expect("created");
-    assert_eq!(limit(&pod, "nvidia.com/gpucores").as_deref(), Some("100"));
+    assert_eq!(
+        TestNs::limit(&pod, "nvidia.com/gpucores").as_deref(),
+        Some("100")
+    );
 
     // Privileged with GPUs: denied, and the message names the rule.
     let mut privileged = ns.gpu_pod("priv", json!({"nvidia.com/gpu": "1"}), json!({}));
@@ -105,13 +101,13 @@ async fn gpu_pods_are_mutated_and_privileged_ones_denied() {
         pod.spec.as_ref().unwrap().scheduler_name.as_deref(),
         Some("volcano")
     );
-    assert_eq!(limit(&pod, "nvidia.com/gpu"), None);
+    assert_eq!(TestNs::limit(&pod, "nvidia.com/gpu"), None);
 
     // Labelled hami.io/webhook=ignore: untouched (objectSelector).
     let mut ignored = ns.gpu_pod("ignored", json!({"nvidia.com/gpumem": "1000"}), json!({}));
     ignored["metadata"]["labels"] = json!({"hami.io/webhook": "ignore"});
     let pod = ns.create_pod(ignored).await.expect("created");
-    assert_eq!(limit(&pod, "nvidia.com/gpu"), None);
+    assert_eq!(TestNs::limit(&pod, "nvidia.com/gpu"), None);
 
     // A pod without GPUs: untouched, default scheduler kept.
     let plain = ns.gpu_pod("plain", json!({"cpu": "1"}), json!({}));
