@@ -73,9 +73,10 @@ EOF
 
 venv="$tools/kubernetes-validate-$validate_version"
 # A venv hard-codes its own path, so it is built in place; the stamp says it
-# was finished.
+# was finished, and one moved from elsewhere (its scripts' #! lines point to
+# the old place) is built again.
 install_validate() {
-  [[ -f "$venv/.complete" ]] && return 0
+  [[ -f "$venv/.complete" ]] && "$venv/bin/kubernetes-validate" --version >/dev/null 2>&1 && return 0
   command -v python3 >/dev/null || die "python3 is needed for kubernetes-validate"
   rm -rf "$venv"
   mkdir -p "$tools"
@@ -276,6 +277,9 @@ expect policies "MIG strategy" '^ +migStrategy: "mixed"$'
 expect policies "webhook failurePolicy" '^ +failurePolicy: Fail$'
 expect policies "lock timeout" '^ +- --lock-timeout=10m$'
 expect policies "ServiceMonitors" '^kind: ServiceMonitor$' 2
+expect policies "Ascend soft split in device-config.yaml" '^ +hamiVnpuCore: true$' 1
+expect policies "Ascend runtime class in device-config.yaml" '^ +runtimeClassName: "ascend"$' 1
+expect hami-defaults "HAMi's Ascend soft-split default" '^ +hamiVnpuCore: false$' 1
 expect sim "simulated cards" '^ +- --sim-devices=/node-config/sim-devices$'
 expect_not sim "no init container (hami-node installs sim-gpu's driver itself)" 'initContainers:'
 expect_not sim "NVML from beside the binary, not a flag" '--nvml-lib='

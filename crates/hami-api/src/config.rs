@@ -346,7 +346,7 @@ mod tests {
 
     #[test]
     fn vendor_sections_overlay_the_chart_defaults() {
-        let y = "cambricon:\n  resourceMemoryName: cambricon.com/mlu370.smlu.vmemory\n  resourceCoreNme: x\nhygon:\n  memoryFactor: 2\niluvatars:\n- commonWord: BI-V150\n  resourceCountName: iluvatar.ai/gpu\nvnpus:\n  hamiVnpuCore: true\nascend: {}\n";
+        let y = "cambricon:\n  resourceMemoryName: cambricon.com/mlu370.smlu.vmemory\n  resourceCoreNme: x\nhygon:\n  memoryFactor: 2\niluvatars:\n- commonWord: BI-V150\n  resourceCountName: iluvatar.ai/gpu\nvnpus:\n  hamiVnpuCore: true\n  runtimeClassName: ascend\nascend: {}\n";
         let (c, w) = DeviceConfig::from_yaml("f", y).unwrap();
         let keys: Vec<_> = w.iter().map(|w| w.key.as_str()).collect();
         assert_eq!(keys, ["ascend", "cambricon.resourceCoreNme"]);
@@ -362,6 +362,19 @@ mod tests {
         assert_eq!(v.iluvatars[0].resource_count_name, "iluvatar.ai/gpu");
         assert!(v.vnpus.hami_vnpu_core);
         assert_eq!(v.vnpus.configs.len(), 7, "chips keep their defaults");
+        assert!(
+            v.vnpus.chips().all(|c| c.runtime_class_name == "ascend"),
+            "the section's runtimeClassName fills chips that set none"
+        );
+        let y = "vnpus:\n  runtimeClassName: ascend\n  configs:\n  - commonWord: A\n    runtimeClassName: own\n  - commonWord: B\n";
+        let (c, _) = DeviceConfig::from_yaml("f", y).unwrap();
+        let classes: Vec<_> = c
+            .vendors
+            .vnpus
+            .chips()
+            .map(|c| c.runtime_class_name)
+            .collect();
+        assert_eq!(classes, ["own", "ascend"], "a chip's own class wins");
         let e = DeviceConfig::from_yaml("f", "vnpus:\n  configs: 3\n").unwrap_err();
         assert_eq!(e.key, "vnpus.configs", "{e}");
         assert!(DeviceConfig::from_yaml("f", "iluvatars: {}\n").is_err());

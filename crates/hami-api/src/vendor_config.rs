@@ -126,7 +126,25 @@ pub struct AscendChip {
 pub struct VnpusConfig {
     /// Soft split (hami-vnpu-core) for nodes that do not say.
     pub hami_vnpu_core: bool,
+    /// hami-rs's key: the `runtimeClassName` of every chip that sets none.
+    /// The chart's `devices.ascend.runtimeClassName` lands here, so the
+    /// default chip list need not be repeated to set it.
+    pub runtime_class_name: String,
     pub configs: Vec<AscendChip>,
+}
+
+impl VnpusConfig {
+    /// The chips, each with `runtimeClassName` filled from the section's
+    /// when it sets none.
+    pub fn chips(&self) -> impl Iterator<Item = AscendChip> + '_ {
+        self.configs.iter().map(|chip| {
+            let mut chip = chip.clone();
+            if chip.runtime_class_name.is_empty() {
+                chip.runtime_class_name = self.runtime_class_name.clone();
+            }
+            chip
+        })
+    }
 }
 
 /// Every non-NVIDIA section, each with the chart's defaults.
@@ -211,6 +229,7 @@ fn default_vnpus() -> VnpusConfig {
     c910.super_pod = true;
     VnpusConfig {
         hami_vnpu_core: false,
+        runtime_class_name: String::new(),
         configs: vec![
             ascend(
                 "Ascend910A",

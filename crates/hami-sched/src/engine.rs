@@ -151,11 +151,17 @@ impl Engine {
     pub fn from_config(config: &DeviceConfig, policies: Policies) -> Engine {
         let mut engine = Engine::new(config.nvidia.clone(), policies);
         let v = &config.vendors;
-        for chip in &v.vnpus.configs {
+        let chip_resources: Vec<String> = (v.vnpus.configs.iter())
+            .map(|c| c.resource_name.clone())
+            .filter(|r| !r.is_empty())
+            .collect();
+        for chip in v.vnpus.chips() {
             if !chip.resource_name.is_empty() && !chip.common_word.is_empty() {
-                engine
-                    .others
-                    .push(Arc::new(Ascend::new(chip.clone(), v.vnpus.hami_vnpu_core)));
+                engine.others.push(Arc::new(Ascend::new(
+                    chip,
+                    v.vnpus.hami_vnpu_core,
+                    chip_resources.clone(),
+                )));
             }
         }
         for g in Generic::all(v) {

@@ -177,6 +177,56 @@ fn ascend_webhook_rules() {
 }
 
 #[test]
+fn ascend_pods_get_the_configured_runtime_class() {
+    let (config, _) = DeviceConfig::from_yaml("f", "vnpus:\n  runtimeClassName: ascend\n").unwrap();
+    let e = Engine::from_config(&config, Policies::default());
+    let mut p = gpu_pod("p", &[(B3, "1"), (B3_MEM, "16000")]);
+    assert_eq!(e.admit(&mut p, SCHEDULER_NAME), Admission::Mutated);
+    assert_eq!(
+        p.spec.as_ref().unwrap().runtime_class_name.as_deref(),
+        Some("ascend")
+    );
+    // Pods of other vendors keep theirs.
+    let mut p = gpu_pod("p", &[("cambricon.com/vmlu", "1")]);
+    e.admit(&mut p, SCHEDULER_NAME);
+    assert_eq!(p.spec.as_ref().unwrap().runtime_class_name, None);
+    // Without the key nothing is set.
+    let mut p = gpu_pod("p", &[(B3, "1"), (B3_MEM, "16000")]);
+    all_vendors().admit(&mut p, SCHEDULER_NAME);
+    assert_eq!(p.spec.as_ref().unwrap().runtime_class_name, None);
+}
+
+#[test]
+fn ascend_overwrite_env_blanks_only_containers_without_an_npu() {
+    let chip = |w: &str| {
+        format!(
+            "  - commonWord: {w}\n    resourceName: huawei.com/{w}\n    resourceMemoryName: huawei.com/{w}-memory\n    memoryAllocatable: 65536\n    memoryCapacity: 65536\n    overwriteEnv: true\n"
+        )
+    };
+    let y = format!("vnpus:\n  configs:\n{}{}", chip("ChipA"), chip("ChipB"));
+    let (config, _) = DeviceConfig::from_yaml("f", &y).unwrap();
+    let e = Engine::from_config(&config, Policies::default());
+    let mut p = pod("p")
+        .ctr(&[("huawei.com/ChipB", "1")])
+        .ctr(&[("cpu", "1")])
+        .build();
+    e.admit(&mut p, SCHEDULER_NAME);
+    let env = |i: usize| {
+        let c = &p.spec.as_ref().unwrap().containers[i];
+        (c.env.iter().flatten())
+            .filter(|v| v.name == "ASCEND_VISIBLE_DEVICES")
+            .map(|v| v.value.clone().unwrap_or_default())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        env(0),
+        Vec::<String>::new(),
+        "ChipA's rule leaves ChipB's container"
+    );
+    assert_eq!(env(1), [""], "a container without an NPU sees none");
+}
+
+#[test]
 fn ascend_soft_split_needs_a_node_that_offers_it() {
     let e = all_vendors();
     let soft = |p: PodB| {

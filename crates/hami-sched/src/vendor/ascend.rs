@@ -40,6 +40,9 @@ pub struct Ascend {
     pub chip: AscendChip,
     /// Soft split on nodes that do not say (`vnpus.hamiVnpuCore`).
     pub soft_by_default: bool,
+    /// The count resource of every configured chip: `overwriteEnv` blanks
+    /// `ASCEND_VISIBLE_DEVICES` only in containers that ask for none.
+    every_chip_resource: Vec<String>,
     register: String,
     handshake: String,
     to_allocate: String,
@@ -54,12 +57,17 @@ fn soft_pod(annotations: Option<&BTreeMap<String, String>>) -> bool {
 }
 
 impl Ascend {
-    pub fn new(mut chip: AscendChip, soft_by_default: bool) -> Ascend {
+    pub fn new(
+        mut chip: AscendChip,
+        soft_by_default: bool,
+        every_chip_resource: Vec<String>,
+    ) -> Ascend {
         chip.templates.sort_by_key(|t| t.memory);
         let w = chip.common_word.clone();
         Ascend {
             chip,
             soft_by_default,
+            every_chip_resource,
             register: format!("hami.io/node-register-{w}"),
             handshake: format!("hami.io/node-handshake-{w}"),
             to_allocate: format!("hami.io/{w}-devices-to-allocate"),
@@ -338,7 +346,9 @@ impl Vendor for Ascend {
         let before = c.clone();
         let res = c.resources.as_ref();
         if !in_limits(res, &chip.resource_name) {
-            if chip.overwrite_env {
+            // HAMi blanks it also in containers of another Ascend chip,
+            // which would hide the NPUs their plugin hands them.
+            if chip.overwrite_env && !self.every_chip_resource.iter().any(|r| in_limits(res, r)) {
                 set_env(c, "ASCEND_VISIBLE_DEVICES", String::new());
             }
             return Ok(ContainerAdmission {

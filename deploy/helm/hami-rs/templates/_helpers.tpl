@@ -275,9 +275,14 @@ nvidia:
   runtimeClassName: {{ . | quote }}
   {{- end }}
 {{- $ascend := dig "ascend" dict (.Values.devices | default dict) }}
-{{- if hasKey $ascend "hamiVnpuCore" }}
+{{- if or (hasKey $ascend "hamiVnpuCore") $ascend.runtimeClassName }}
 vnpus:
+  {{- if hasKey $ascend "hamiVnpuCore" }}
   hamiVnpuCore: {{ include "hami-rs.bool" $ascend.hamiVnpuCore }}
+  {{- end }}
+  {{- with $ascend.runtimeClassName }}
+  runtimeClassName: {{ . | quote }}
+  {{- end }}
 {{- end }}
 {{- end -}}
 {{- end -}}
