@@ -328,7 +328,7 @@ fn scanner(
     );
     let d = Discovery::open(lib.as_os_str(), settings)?.with_topology_score(args.topology_score);
     tracing::info!("NVML loaded from {}", lib.display());
-    let host: Arc<dyn HostGpus> = Arc::new(NvmlGpus(d.nvml()));
+    let host: Arc<dyn HostGpus> = Arc::new(NvmlGpus::new(d.nvml()));
     Ok((Box::new(d), Some(host)))
 }
 

@@ -138,20 +138,66 @@ pub trait HostGpus: Send + Sync {
 }
 
 /// NVML's view of the cards.
-pub struct NvmlGpus(pub &'static nvml_wrapper::Nvml);
+pub struct NvmlGpus {
+    nvml: &'static nvml_wrapper::Nvml,
+    /// Per card (UUID), the timestamp of the last utilization sample read.
+    last_sample: std::sync::Mutex<HashMap<String, u64>>,
+}
+
+impl NvmlGpus {
+    pub fn new(nvml: &'static nvml_wrapper::Nvml) -> NvmlGpus {
+        NvmlGpus {
+            nvml,
+            last_sample: Default::default(),
+        }
+    }
+
+    /// The card's utilization since the last call: the mean of NVML's
+    /// utilization samples taken since then, so that it covers the same
+    /// time as the containers' busy counters between two scans (NVML's
+    /// utilization rate covers its own sample period, up to a second,
+    /// which after a quiet spell reads far below what the containers just
+    /// measured). Where samples are not to be had, the utilization rate.
+    fn utilization(&self, d: &nvml_wrapper::Device<'_>, uuid: &str) -> f64 {
+        use nvml_wrapper::enum_wrappers::device::Sampling;
+        use nvml_wrapper::enums::device::SampleValue;
+        let mut last = self.last_sample.lock().unwrap_or_else(|e| e.into_inner());
+        let since = last.get(uuid).copied();
+        let samples = d
+            .samples(Sampling::GpuUtilization, since)
+            .unwrap_or_default();
+        let values: Vec<f64> = samples
+            .iter()
+            .filter_map(|s| match s.value {
+                SampleValue::U32(v) => Some(f64::from(v)),
+                SampleValue::U64(v) => Some(v as f64),
+                _ => None,
+            })
+            .collect();
+        if let Some(t) = samples.iter().map(|s| s.timestamp).max() {
+            last.insert(uuid.to_string(), t);
+        }
+        if values.is_empty() {
+            d.utilization_rates().map_or(0.0, |u| f64::from(u.gpu))
+        } else {
+            values.iter().sum::<f64>() / values.len() as f64
+        }
+    }
+}
 
 impl HostGpus for NvmlGpus {
     fn cards(&self) -> Vec<HostCard> {
-        let n = self.0.device_count().unwrap_or(0);
+        let n = self.nvml.device_count().unwrap_or(0);
         (0..n)
             .filter_map(|i| {
-                let d = self.0.device_by_index(i).ok()?;
+                let d = self.nvml.device_by_index(i).ok()?;
+                let uuid = d.uuid().ok()?;
                 Some(HostCard {
                     index: d.index().unwrap_or(i),
-                    uuid: d.uuid().ok()?,
+                    utilization: self.utilization(&d, &uuid),
+                    uuid,
                     device_type: d.name().unwrap_or_default(),
                     used_bytes: d.memory_info().map_or(0, |m| m.used),
-                    utilization: d.utilization_rates().map_or(0.0, |u| f64::from(u.gpu)),
                 })
             })
             .collect()

@@ -117,27 +117,47 @@ async fn two_pods_at_30_and_60_percent_of_one_card_get_their_shares_within_5_poi
         return;
     };
     let card = CARDS[1].split_whitespace().nth(2).unwrap();
+    // Both probes start their kernels when the test creates `go` in this
+    // host directory: under the default core policy a pod alone on its
+    // card is not held back, so a pod that started first would run
+    // unpaced for as long as the other one took to start.
+    let barrier = s.node.root.join(format!("barrier-{}", ns.name));
+    std::fs::create_dir_all(&barrier).unwrap();
     for (name, cores) in [("cores-30", 30), ("cores-60", 60)] {
         let mut pod = probe_pod(
             &ns,
             name,
             json!({"nvidia.com/gpu": 1, "nvidia.com/gpumem": 1000, "nvidia.com/gpucores": cores}),
-            // Kernels after 3 s: by then both pods hold the card and the
-            // monitor has seen it (under the default core policy a pod alone
-            // on its card is not held back).
             &[
                 "/bin/cuda-probe",
                 "init",
-                "sleep",
-                "3000",
+                "alloc",
+                "10m",
+                "wait-path",
+                "/barrier/go",
+                "120000",
                 "busy",
                 "4000",
                 "1000",
             ],
         );
         pod["metadata"]["annotations"] = json!({ann::NVIDIA_USE_GPUUUID: card});
+        pod["spec"]["volumes"] =
+            json!([{"name": "barrier", "hostPath": {"path": barrier, "type": "Directory"}}]);
+        pod["spec"]["containers"][0]["volumeMounts"] =
+            json!([{"name": "barrier", "mountPath": "/barrier", "readOnly": true}]);
         ns.create_pod(pod).await.expect("creating the pod");
     }
+    // The go-ahead once the monitor has seen both processes on the card
+    // (their memory in its metrics): from then on each is paced.
+    let addr = s.monitor_address().await;
+    wait_for(WAIT, "the monitor showing both pods", || async {
+        let m = http_get(&addr, "/metrics");
+        let seen = |pod| container_series(&m, "hami_vgpu_memory_used_bytes", &ns.name, pod);
+        (seen("cores-30")? > 0.0 && seen("cores-60")? > 0.0).then_some(())
+    })
+    .await;
+    std::fs::write(barrier.join("go"), "").unwrap();
     let mut results = Vec::new();
     for (name, want) in [("cores-30", 30.0), ("cores-60", 60.0)] {
         let (pod, log) = wait_finished(s, &ns, name).await;
@@ -151,6 +171,11 @@ async fn two_pods_at_30_and_60_percent_of_one_card_get_their_shares_within_5_poi
             TestNs::allocation(pod).0[0][0].uuid,
             card,
             "both pods on one card"
+        );
+        assert_eq!(
+            line(log, "wait-path", 0)[1],
+            "0",
+            "the go-ahead came: {log}"
         );
         let (got, starved) = busy_share(log);
         // Within 5 points of the quota (as hami-core's pacing tests; a probe

@@ -956,6 +956,78 @@ pub unsafe extern "C" fn nvmlDeviceGetUtilizationRates(
     }
 }
 
+/// `nvmlSample_t`: a CPU timestamp (µs) and a value (here an unsigned int).
+#[repr(C)]
+pub struct NvmlSample {
+    pub time_stamp: u64,
+    pub value: u64,
+}
+
+/// `NVML_GPU_UTILIZATION_SAMPLES`.
+const GPU_UTILIZATION_SAMPLES: c_uint = 1;
+/// `NVML_VALUE_TYPE_UNSIGNED_INT`.
+const VALUE_TYPE_UNSIGNED_INT: c_uint = 1;
+/// The sampling period of the simulated driver, µs (NVML's is between
+/// 1/6 s and 1 s, by product).
+const SAMPLE_US: u64 = 50_000;
+/// Samples kept: one second of them.
+const SAMPLES_KEPT: u64 = 1_000_000 / SAMPLE_US;
+
+/// GPU utilization samples: one per finished [`SAMPLE_US`] period of the
+/// last second after `last_seen` (µs of CLOCK_MONOTONIC), each the percent of
+/// its period the card was busy. Other sample types are not supported.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetSamples(
+    h: usize,
+    kind: c_uint,
+    last_seen: u64,
+    value_type: *mut c_uint,
+    count: *mut c_uint,
+    samples: *mut NvmlSample,
+) -> NvmlReturn {
+    let Some(i) = index(h) else {
+        return INVALID_ARGUMENT;
+    };
+    if count.is_null() || value_type.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    if kind != GPU_UTILIZATION_SAMPLES {
+        return NOT_SUPPORTED;
+    }
+    // SAFETY: checked non-null.
+    unsafe { *value_type = VALUE_TYPE_UNSIGNED_INT };
+    if samples.is_null() {
+        // SAFETY: checked non-null.
+        unsafe { *count = SAMPLES_KEPT as c_uint };
+        return SUCCESS;
+    }
+    let now_us = crate::state::now_ns() / 1000;
+    let last_done = now_us / SAMPLE_US;
+    let first = (last_done.saturating_sub(SAMPLES_KEPT - 1)).max(last_seen / SAMPLE_US + 1);
+    // SAFETY: the caller's buffer holds `*count` samples.
+    let room = unsafe { *count } as u64;
+    let s = state();
+    let mut n = 0u64;
+    for k in first..last_done {
+        if n == room {
+            break;
+        }
+        let (from, to) = (k * SAMPLE_US, (k + 1) * SAMPLE_US);
+        let busy = s.devices[i].shared.busy_percent(from * 1000, to * 1000);
+        // SAFETY: n < room.
+        unsafe {
+            *samples.add(n as usize) = NvmlSample {
+                time_stamp: to,
+                value: u64::from(busy),
+            };
+        }
+        n += 1;
+    }
+    // SAFETY: checked non-null.
+    unsafe { *count = n as c_uint };
+    if n == 0 { NOT_FOUND } else { SUCCESS }
+}
+
 /// Every live process holding memory on the card. Pids are shifted by
 /// `SIM_GPU_PID_OFFSET` (default 0), to play a container's pid namespace:
 /// NVML reports host pids, which differ from the pids a container sees.

@@ -358,7 +358,15 @@ impl SharedDevice {
 
     /// Percent of the last second the device was busy, all processes.
     pub fn utilization(&self, now: u64) -> u32 {
-        let from = now.saturating_sub(1_000_000_000);
+        self.busy_percent(now.saturating_sub(1_000_000_000), now)
+    }
+
+    /// Percent of `[from, to)` (CLOCK_MONOTONIC ns) the device was busy, all
+    /// processes.
+    pub fn busy_percent(&self, from: u64, to: u64) -> u32 {
+        if to <= from {
+            return 0;
+        }
         let mut busy = 0u64;
         for e in &self.log {
             let s = e.start.load(Acquire);
@@ -366,9 +374,9 @@ impl SharedDevice {
             if s == 0 || end <= s || e.start.load(Acquire) != s {
                 continue;
             }
-            busy += end.min(now).saturating_sub(s.max(from));
+            busy += end.min(to).saturating_sub(s.max(from));
         }
-        ((busy * 100) / 1_000_000_000).min(100) as u32
+        ((busy * 100) / (to - from)).min(100) as u32
     }
 
     /// Frees the slots of processes that are gone. A slot being reclaimed

@@ -578,6 +578,46 @@ fn nvml_wrapper_sees_work_on_the_card() {
 }
 
 #[test]
+fn utilization_samples_cover_exactly_the_time_since_the_last_read() {
+    if in_child(
+        "utilization_samples_cover_exactly_the_time_since_the_last_read",
+        &[],
+    ) {
+        return;
+    }
+    use nvml_wrapper::enum_wrappers::device::Sampling;
+    use nvml_wrapper::enums::device::SampleValue;
+    let nvml = nvml();
+    let cuda = Cuda::open();
+    let d = nvml.device_by_index(0).unwrap();
+    let percent = |s: &nvml_wrapper::struct_wrappers::device::Sample| match s.value {
+        SampleValue::U32(v) => v,
+        ref v => panic!("a GPU utilization sample is an unsigned int, got {v:?}"),
+    };
+    // Idle: a second of 50 ms samples, all 0.
+    let idle = d.samples(Sampling::GpuUtilization, None).unwrap();
+    assert!((19..=20).contains(&idle.len()), "{}", idle.len());
+    assert!(idle.iter().all(|s| percent(s) == 0));
+    assert!(
+        idle.windows(2)
+            .all(|w| w[1].timestamp - w[0].timestamp == 50_000)
+    );
+    let seen = idle.last().unwrap().timestamp;
+    // 300 ms of kernels: the samples after the last one read are new ones,
+    // and those inside the run read the card busy throughout.
+    cuda.busy(300);
+    let busy = d.samples(Sampling::GpuUtilization, seen).unwrap();
+    assert!(busy.iter().all(|s| s.timestamp > seen));
+    let full = busy.iter().filter(|s| percent(s) == 100).count();
+    assert!((4..=6).contains(&full), "{busy:?}");
+    // Other sample kinds are not simulated.
+    assert!(matches!(
+        d.samples(Sampling::Power, None),
+        Err(NvmlError::NotSupported)
+    ));
+}
+
+#[test]
 fn nvml_wrapper_through_the_interposer_sees_the_containers_view() {
     // The child never builds (nor asks for) the artifacts: it runs with
     // the interposer preloaded.

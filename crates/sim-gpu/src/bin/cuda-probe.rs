@@ -800,6 +800,18 @@ fn main() {
                 line = "sleep 0".into();
             }
             "ready" => line = format!("ready 0 {}", std::process::id()),
+            "wait-path" => {
+                // wait-path <path> <ms>: blocks until the path exists (a
+                // go-ahead from outside the container, e.g. through a
+                // hostPath volume), for at most <ms>; 1 when it never came.
+                let (path, ms) = (std::path::Path::new(args[i + 1].as_str()), num(i + 2));
+                i += 2;
+                let t0 = std::time::Instant::now();
+                while !path.exists() && t0.elapsed().as_millis() < ms as u128 {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+                line = format!("wait-path {}", u8::from(!path.exists()));
+            }
             "await" => {
                 // await: blocks until a line arrives on stdin (the test's
                 // go-ahead, sent after it changed something); `await 1` if
