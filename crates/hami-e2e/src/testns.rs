@@ -279,13 +279,32 @@ impl TestNs {
 
     /// The node's lock annotation (`hami.io/mutex.lock`), if set.
     pub async fn node_lock(&self, node: &str) -> Option<String> {
+        self.node_annotation(node, ann::NODE_LOCK).await
+    }
+
+    /// The node's annotation `key`, if set.
+    pub async fn node_annotation(&self, node: &str, key: &str) -> Option<String> {
         Api::<Node>::all(self.client.clone())
             .get(node)
             .await
             .unwrap_or_else(|e| panic!("get node {node}: {e}"))
             .metadata
             .annotations
-            .and_then(|a| a.get(ann::NODE_LOCK).cloned())
+            .and_then(|a| a.get(key).cloned())
+    }
+
+    /// Sets (`Some`) or removes (`None`) the node's annotation `key`, as a
+    /// node agent or device plugin would.
+    pub async fn set_node_annotation(&self, node: &str, key: &str, value: Option<&str>) {
+        let patch = serde_json::json!({"metadata": {"annotations": {key: value}}});
+        Api::<Node>::all(self.client.clone())
+            .patch(
+                node,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("annotate node {node}: {e}"));
     }
 
     /// The pod's annotation, if set.

@@ -33,6 +33,15 @@ pub enum Error {
         since: String,
         waited_ms: u128,
     },
+    #[error(
+        "node {node} has {key}={since}: a bind took the device plugin's lock there less than {expiry_secs} s ago and the plugin has not released it yet"
+    )]
+    PluginLocked {
+        node: String,
+        key: String,
+        since: String,
+        expiry_secs: i64,
+    },
     #[error("node {node}: lock annotation changed under us {attempts} times in a row")]
     LockContention { node: String, attempts: u32 },
     #[error(transparent)]

@@ -159,27 +159,31 @@ impl CachedLock {
     }
 }
 
-/// JSON pointer of the lock annotation (`/` in the key escaped as `~1`).
-fn lock_path() -> String {
-    format!(
-        "/metadata/annotations/{}",
-        ann::NODE_LOCK.replace('/', "~1")
-    )
+/// JSON pointer of the node annotation `key` (`/` escaped as `~1`).
+fn annotation_path(key: &str) -> String {
+    format!("/metadata/annotations/{}", key.replace('/', "~1"))
 }
 
-/// A JSON patch that sets the lock to `value` only if it is still `seen`.
-fn swap_patch(seen: &CachedLock, value: Option<&str>) -> json_patch::Patch {
-    let ops = if !seen.has_annotations {
+/// A JSON patch that sets the node annotation `key` to `value` only if it
+/// is still `seen` (`has_annotations`: the node had an annotations map).
+fn swap_patch(
+    key: &str,
+    has_annotations: bool,
+    seen: Option<&str>,
+    value: Option<&str>,
+) -> json_patch::Patch {
+    let ops = if !has_annotations {
         json!([
             {"op": "test", "path": "/metadata/annotations", "value": null},
-            {"op": "add", "path": "/metadata/annotations", "value": {ann::NODE_LOCK: value}},
+            {"op": "add", "path": "/metadata/annotations", "value": {key: value}},
         ])
     } else {
+        let path = annotation_path(key);
         let change = match value {
-            Some(v) => json!({"op": "add", "path": lock_path(), "value": v}),
-            None => json!({"op": "remove", "path": lock_path()}),
+            Some(v) => json!({"op": "add", "path": path, "value": v}),
+            None => json!({"op": "remove", "path": path}),
         };
-        json!([{"op": "test", "path": lock_path(), "value": seen.lock}, change])
+        json!([{"op": "test", "path": path, "value": seen}, change])
     };
     serde_json::from_value(ops).expect("a well-formed JSON patch")
 }
@@ -197,7 +201,27 @@ async fn swap(
     seen: &CachedLock,
     value: Option<&str>,
 ) -> Result<Swap> {
-    let patch: Patch<()> = Patch::Json(swap_patch(seen, value));
+    swap_annotation(
+        nodes,
+        node,
+        ann::NODE_LOCK,
+        seen.has_annotations,
+        seen.lock.as_deref(),
+        value,
+    )
+    .await
+}
+
+/// Compare-and-swap of the node annotation `key` (see [`swap_patch`]).
+async fn swap_annotation(
+    nodes: &Api<Node>,
+    node: &str,
+    key: &str,
+    has_annotations: bool,
+    seen: Option<&str>,
+    value: Option<&str>,
+) -> Result<Swap> {
+    let patch: Patch<()> = Patch::Json(swap_patch(key, has_annotations, seen, value));
     match nodes.patch(node, &PatchParams::default(), &patch).await {
         Ok(_) => Ok(Swap::Done),
         Err(e) if crate::error::is_unprocessable(&e) || crate::error::is_conflict(&e) => {
@@ -389,6 +413,78 @@ pub async fn release(client: &Client, node: &str, namespace: &str, pod: &str) ->
     })
 }
 
+/// Whether a vendor plugin's lock value (an RFC 3339 time) still holds at
+/// `now`: it does until `expiry` has passed. A value that is no time
+/// protects nothing.
+pub fn plugin_lock_holds(value: &str, now: Timestamp, expiry: SignedDuration) -> bool {
+    value
+        .parse::<Timestamp>()
+        .is_ok_and(|since| now.duration_since(since) <= expiry)
+}
+
+/// Takes a vendor plugin's own node lock (`key`, e.g. Cambricon's
+/// `cambricon.com/dsmlu.lock`): sets it to `now` in RFC 3339 (seconds, as
+/// the plugin writes and parses it) unless it holds a time younger than
+/// `expiry`. The swap tests the value read, so two binders never both take
+/// it. Returns the value set, for [`release_plugin_lock`] should the bind
+/// fail; the plugin removes it once it has allocated.
+pub async fn take_plugin_lock(
+    client: &Client,
+    node: &str,
+    key: &str,
+    now: Timestamp,
+    expiry: SignedDuration,
+) -> Result<String> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let value = jiff::fmt::strtime::format("%Y-%m-%dT%H:%M:%SZ", now)
+        .expect("a timestamp formats as RFC 3339");
+    const ATTEMPTS: u32 = 10;
+    for _ in 0..ATTEMPTS {
+        let meta = nodes
+            .get_metadata_opt(node)
+            .await
+            .map_err(|e| Error::api(format!("get node {node}"), e))?
+            .ok_or_else(|| Error::NodeNotFound {
+                node: node.to_string(),
+            })?
+            .metadata;
+        let annotations = meta.annotations.as_ref();
+        let seen = annotations.and_then(|a| a.get(key));
+        if let Some(since) = seen.filter(|v| plugin_lock_holds(v, now, expiry)) {
+            return Err(Error::PluginLocked {
+                node: node.to_string(),
+                key: key.to_string(),
+                since: since.clone(),
+                expiry_secs: expiry.as_secs(),
+            });
+        }
+        let seen = seen.map(String::as_str);
+        match swap_annotation(&nodes, node, key, annotations.is_some(), seen, Some(&value)).await? {
+            Swap::Done => return Ok(value),
+            Swap::Changed => continue,
+        }
+    }
+    Err(Error::LockContention {
+        node: node.to_string(),
+        attempts: ATTEMPTS,
+    })
+}
+
+/// Removes a vendor plugin's lock taken by [`take_plugin_lock`] if it is
+/// still exactly `value` (one request; one changed since is left alone).
+pub async fn release_plugin_lock(
+    client: &Client,
+    node: &str,
+    key: &str,
+    value: &str,
+) -> Result<()> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    match swap_annotation(&nodes, node, key, true, Some(value), None).await {
+        Ok(_) | Err(Error::NodeNotFound { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -464,5 +560,18 @@ mod tests {
         assert_eq!(holder_state(Some(&p), "n"), HolderState::Done);
         let p = pod("Pending", None, "n");
         assert_eq!(holder_state(Some(&p), "n"), HolderState::Binding);
+    }
+
+    #[test]
+    fn a_plugin_lock_holds_for_its_expiry_and_garbage_holds_nothing() {
+        let now: Timestamp = "2026-12-01T10:02:00Z".parse().unwrap();
+        let two_min = SignedDuration::from_mins(2);
+        assert!(plugin_lock_holds("2026-12-01T10:00:30Z", now, two_min));
+        assert!(plugin_lock_holds("2026-12-01T10:00:00Z", now, two_min));
+        assert!(!plugin_lock_holds("2026-12-01T09:59:59Z", now, two_min));
+        // Go's RFC 3339 with a zone offset, as HAMi writes it.
+        assert!(plugin_lock_holds("2026-12-01T11:01:00+01:00", now, two_min));
+        assert!(!plugin_lock_holds("not a time", now, two_min));
+        assert!(!plugin_lock_holds("", now, two_min));
     }
 }

@@ -56,6 +56,9 @@ pub struct PodRequest {
     pub annotations: BTreeMap<String, String>,
     /// Container names in allocation order (some plugins key by them).
     pub container_names: Vec<String>,
+    /// The node annotations of the vendor plugins' own locks its bind
+    /// takes ([`crate::vendor::Vendor::plugin_lock_key`]), each once.
+    pub plugin_locks: Vec<String>,
 }
 
 impl PodRequest {
@@ -231,8 +234,15 @@ impl Engine {
     /// Parses a pod. `Ok(None)` when it asks for no managed device.
     pub fn prepare(&self, pod: &Pod) -> Result<Option<PodRequest>, PodError> {
         let mut containers: Vec<Vec<VendorRequest>> = Vec::new();
+        let mut plugin_locks: Vec<String> = Vec::new();
         for (vendor, backend) in self.vendors() {
             let asks = backend.pod_requests(pod)?;
+            if asks.iter().any(Option::is_some)
+                && let Some(key) = backend.plugin_lock_key(pod)
+                && !plugin_locks.iter().any(|k| k == key)
+            {
+                plugin_locks.push(key.to_string());
+            }
             if containers.len() < asks.len() {
                 containers.resize_with(asks.len(), Vec::new);
             }
@@ -255,6 +265,7 @@ impl Engine {
             container_names: crate::vendor::shared::containers(pod)
                 .map(|c| c.name.clone())
                 .collect(),
+            plugin_locks,
         }))
     }
 

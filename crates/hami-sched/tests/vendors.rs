@@ -386,6 +386,32 @@ fn cambricon_cards_come_from_capacity_and_memory_is_in_256_mib_units() {
 }
 
 #[test]
+fn cambricon_dynamic_smlu_binds_take_the_plugins_own_lock() {
+    let e = all_vendors();
+    let keys = |p: Pod| {
+        let gpu = node("gpu-node", &[card("GPU-0", "NVIDIA-T4", 16384)]);
+        let mut s = snapshot(&e, &[mlu_node(), gpu]);
+        let (_, out, p) = schedule(&e, &mut s, p);
+        assert!(out.node.is_some(), "placed");
+        request(&e, &p).plugin_locks
+    };
+    let smlu = keys(gpu_pod(
+        "p",
+        &[(VMLU, "1"), (VMLU_MEM, "20"), (VMLU_CORE, "10")],
+    ));
+    assert_eq!(smlu, ["cambricon.com/dsmlu.lock"]);
+    assert_eq!(
+        keys(gpu_pod("p", &[(VMLU, "1"), (VMLU_CORE, "10")])).len(),
+        1
+    );
+    // The plugin releases it only after a dynamic sMLU pod: a whole-card
+    // one (or a zero vcore) takes none, nor do other vendors' pods.
+    assert!(keys(gpu_pod("p", &[(VMLU, "1")])).is_empty());
+    assert!(keys(gpu_pod("p", &[(VMLU, "1"), (VMLU_CORE, "0")])).is_empty());
+    assert!(keys(gpu_pod("p", &[("nvidia.com/gpu", "1")])).is_empty());
+}
+
+#[test]
 fn cambricon_defaults_multi_card_and_padding() {
     let e = all_vendors();
     let mut s = snapshot(&e, &[mlu_node()]);

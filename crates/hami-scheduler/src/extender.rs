@@ -448,6 +448,23 @@ async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String>
         binding_failed(app, &pod, &msg).await;
         return Err(msg);
     }
+    // Locks of the vendors' own plugins (Cambricon's), which binds take as
+    // HAMi's do and the plugins release after allocating.
+    let mut plugin_locks: Vec<(String, String)> = Vec::new();
+    for lock_key in request.iter().flat_map(|r| r.plugin_locks.iter()) {
+        let expiry = jiff::SignedDuration::from_secs(hami_sched::vendor::PLUGIN_LOCK_EXPIRY_SECS);
+        match lock::take_plugin_lock(&app.client, node, lock_key, app.clock.now(), expiry).await {
+            Ok(value) => plugin_locks.push((lock_key.clone(), value)),
+            Err(e) => {
+                release_plugin_locks(app, node, &plugin_locks).await;
+                release_lock(app, node, lock_value.as_deref(), "of an abandoned bind").await;
+                app.cluster().release(&key);
+                let msg = e.to_string();
+                binding_failed(app, &pod, &msg).await;
+                return Err(msg);
+            }
+        }
+    }
     let annotations = {
         let c = app.cluster();
         bind_annotations(
@@ -500,6 +517,7 @@ async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String>
             Some((n, false)) if n == *node => {
                 // An earlier bind of this pod won; its annotations and its
                 // lock stand, ours go.
+                release_plugin_locks(app, node, &plugin_locks).await;
                 app.cluster().release(&key);
                 tracing::info!(
                     pod = key,
@@ -509,6 +527,7 @@ async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String>
                 return Ok(());
             }
             elsewhere => {
+                release_plugin_locks(app, node, &plugin_locks).await;
                 release_lock(app, node, lock_value.as_deref(), "after a failed bind").await;
                 app.cluster().release(&key);
                 let msg = match elsewhere {
@@ -562,6 +581,16 @@ async fn release_lock(app: &App, node: &str, held: Option<&str>, when: &str) {
         && let Err(e) = lock::release_held(&app.client, node, value).await
     {
         tracing::warn!(error = %e, "releasing the node lock {when}");
+    }
+}
+
+/// Removes the vendor plugins' locks this bind took (`(key, value)`), when
+/// it did not bind; a failure is logged (the locks expire by themselves).
+async fn release_plugin_locks(app: &App, node: &str, held: &[(String, String)]) {
+    for (key, value) in held {
+        if let Err(e) = lock::release_plugin_lock(&app.client, node, key, value).await {
+            tracing::warn!(error = %e, "releasing {key} on node {node}");
+        }
     }
 }
 

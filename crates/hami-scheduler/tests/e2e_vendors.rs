@@ -14,6 +14,7 @@ use hami_api::{DeviceInfo, annotations as ann};
 use hami_e2e::{GpuNode, TestNs, wait_for};
 
 const BIND: Duration = Duration::from_secs(60);
+const DSMLU_LOCK: &str = "cambricon.com/dsmlu.lock";
 
 async fn running(ns: &TestNs, name: &str, limits: serde_json::Value) -> Pod {
     ns.create_pod(ns.gpu_pod(name, limits, json!({})))
@@ -142,6 +143,44 @@ async fn each_vendors_pod_lands_on_its_own_vendors_node() {
     );
     // Cambricon's plugin never releases HAMi's node lock, so none is taken.
     assert_eq!(ns.node_lock(&mlu).await, None);
+    // Its own lock is: the bind's time, which the plugin removes once it
+    // has allocated.
+    let dsmlu_lock = ns
+        .node_annotation(&mlu, DSMLU_LOCK)
+        .await
+        .expect("the bind takes cambricon.com/dsmlu.lock");
+    let since: jiff::Timestamp = dsmlu_lock.parse().expect("an RFC 3339 time");
+    let age = jiff::Timestamp::now().duration_since(since);
+    assert!(age.as_secs() < 60, "{dsmlu_lock} is {age:?} old");
+    // A whole-card pod is not the plugin's dynamic sMLU, which alone takes
+    // and releases the lock: it binds beside a held lock and leaves it.
+    let whole = running(&ns, "mlu-whole", json!({"cambricon.com/vmlu": "1"})).await;
+    assert_eq!(TestNs::node_of(&whole), mlu);
+    assert_eq!(
+        ns.node_annotation(&mlu, DSMLU_LOCK).await.as_deref(),
+        Some(dsmlu_lock.as_str())
+    );
+    // While it is held, the next dynamic sMLU bind on the node fails and
+    // says why; once the plugin (here the test) removes it, the pod binds.
+    let smlu = json!({
+        "cambricon.com/vmlu": "1",
+        "cambricon.com/mlu.smlu.vmemory": "20",
+        "cambricon.com/mlu.smlu.vcore": "10",
+    });
+    ns.create_pod(ns.gpu_pod("mlu-2", smlu, json!({})))
+        .await
+        .unwrap();
+    let ev = ns.wait_event("mlu-2", "BindingFailed", BIND).await;
+    let why = ev.message.unwrap_or_default();
+    assert!(
+        why.contains(DSMLU_LOCK) && why.contains(&dsmlu_lock),
+        "{why}"
+    );
+    assert_eq!(TestNs::node_of(&ns.get_pod("mlu-2").await), "");
+    ns.set_node_annotation(&mlu, DSMLU_LOCK, None).await;
+    let mlu_2 = ns.wait_bound("mlu-2", BIND).await;
+    assert_eq!(TestNs::node_of(&mlu_2), mlu);
+    assert!(ns.node_annotation(&mlu, DSMLU_LOCK).await.is_some());
 
     // An Ascend pod larger than any NPU waits with the Ascend reason on the
     // Ascend node and "no device" on the others.

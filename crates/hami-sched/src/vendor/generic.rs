@@ -175,6 +175,8 @@ pub struct Spec {
     pub handshake: Option<String>,
     /// Binds take `hami.io/mutex.lock` (its plugin releases it).
     pub node_lock: bool,
+    /// The node annotation of the plugin's own lock, taken instead.
+    pub plugin_lock: Option<String>,
     pub node_score: NodeScore,
 }
 
@@ -208,6 +210,7 @@ impl Spec {
             entry_is_model: false,
             handshake: None,
             node_lock: true,
+            plugin_lock: None,
             node_score: NodeScore::None,
         }
     }
@@ -257,6 +260,7 @@ impl Generic {
         )];
         s.notes = PluginNotes::Cambricon;
         s.node_lock = false;
+        s.plugin_lock = Some("cambricon.com/dsmlu.lock".into());
         Generic { spec: s }
     }
 
@@ -794,6 +798,24 @@ impl Vendor for Generic {
 
     fn uses_node_lock(&self) -> bool {
         self.spec.node_lock
+    }
+
+    fn plugin_lock_key(&self, pod: &Pod) -> Option<&str> {
+        let key = self.spec.plugin_lock.as_deref()?;
+        // Cambricon's plugin releases its lock only after allocating a
+        // dynamic-sMLU pod (one whose limits name a `cambricon.com/*.vcore`
+        // or `*.vmemory` above 0, its own test): a lock taken for another
+        // pod would hold the node's binds for the full expiry.
+        let app_containers = pod.spec.iter().flat_map(|s| &s.containers);
+        let dynamic_smlu = app_containers
+            .flat_map(|c| c.resources.as_ref().and_then(|r| r.limits.as_ref()))
+            .flatten()
+            .any(|(name, q)| {
+                name.starts_with("cambricon.com/")
+                    && (name.ends_with(".vcore") || name.ends_with(".vmemory"))
+                    && hami_api::quantity::Quantity::parse(&q.0).is_ok_and(|v| v.value() > 0)
+            });
+        dynamic_smlu.then_some(key)
     }
 
     fn scores_nodes(&self) -> bool {

@@ -86,6 +86,10 @@ pub struct Placed<'a> {
     pub now_ns: i128,
 }
 
+/// Seconds after which a vendor plugin's own node lock
+/// ([`Vendor::plugin_lock_key`]) is taken to be abandoned (HAMi: 2 minutes).
+pub const PLUGIN_LOCK_EXPIRY_SECS: i64 = 120;
+
 /// One accelerator vendor's rules.
 ///
 /// A node's cards are one list; each vendor's cards are a contiguous range
@@ -117,6 +121,16 @@ pub trait Vendor: Send + Sync + fmt::Debug {
     /// Neuron, and Cambricon, whose lock is its own) would leave it held.
     fn uses_node_lock(&self) -> bool {
         true
+    }
+
+    /// The node annotation of a lock the vendor's own plugin keeps instead,
+    /// when binding `pod` takes it (Cambricon's `cambricon.com/dsmlu.lock`:
+    /// the bind's time in RFC 3339, removed by the plugin once it has
+    /// allocated; binds wait while one younger than
+    /// [`PLUGIN_LOCK_EXPIRY_SECS`] is on the node).
+    fn plugin_lock_key(&self, pod: &Pod) -> Option<&str> {
+        let _ = pod;
+        None
     }
 
     /// The node annotation this vendor's plugin registers its cards in,
