@@ -279,6 +279,7 @@ expect policies "lock timeout" '^ +- --lock-timeout=10m$'
 expect policies "ServiceMonitors" '^kind: ServiceMonitor$' 2
 expect policies "Ascend soft split in device-config.yaml" '^ +hamiVnpuCore: true$' 1
 expect policies "Ascend runtime class in device-config.yaml" '^ +runtimeClassName: "ascend"$' 1
+expect policies "overwriteEnv for NVIDIA and every Ascend chip" '^ +overwriteEnv: true$' 2
 expect hami-defaults "HAMi's Ascend soft-split default" '^ +hamiVnpuCore: false$' 1
 expect sim "simulated cards" '^ +- --sim-devices=/node-config/sim-devices$'
 expect_not sim "no init container (hami-node installs sim-gpu's driver itself)" 'initContainers:'

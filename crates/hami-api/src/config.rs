@@ -346,7 +346,7 @@ mod tests {
 
     #[test]
     fn vendor_sections_overlay_the_chart_defaults() {
-        let y = "cambricon:\n  resourceMemoryName: cambricon.com/mlu370.smlu.vmemory\n  resourceCoreNme: x\nhygon:\n  memoryFactor: 2\niluvatars:\n- commonWord: BI-V150\n  resourceCountName: iluvatar.ai/gpu\nvnpus:\n  hamiVnpuCore: true\n  runtimeClassName: ascend\nascend: {}\n";
+        let y = "cambricon:\n  resourceMemoryName: cambricon.com/mlu370.smlu.vmemory\n  resourceCoreNme: x\nhygon:\n  memoryFactor: 2\niluvatars:\n- commonWord: BI-V150\n  resourceCountName: iluvatar.ai/gpu\nvnpus:\n  hamiVnpuCore: true\n  runtimeClassName: ascend\n  overwriteEnv: true\nascend: {}\n";
         let (c, w) = DeviceConfig::from_yaml("f", y).unwrap();
         let keys: Vec<_> = w.iter().map(|w| w.key.as_str()).collect();
         assert_eq!(keys, ["ascend", "cambricon.resourceCoreNme"]);
@@ -366,6 +366,8 @@ mod tests {
             v.vnpus.chips().all(|c| c.runtime_class_name == "ascend"),
             "the section's runtimeClassName fills chips that set none"
         );
+        assert!(v.vnpus.chips().all(|c| c.overwrite_env));
+        assert!(!v.vnpus.configs[0].overwrite_env, "the chips as written");
         let y = "vnpus:\n  runtimeClassName: ascend\n  configs:\n  - commonWord: A\n    runtimeClassName: own\n  - commonWord: B\n";
         let (c, _) = DeviceConfig::from_yaml("f", y).unwrap();
         let classes: Vec<_> = c

@@ -130,18 +130,22 @@ pub struct VnpusConfig {
     /// The chart's `devices.ascend.runtimeClassName` lands here, so the
     /// default chip list need not be repeated to set it.
     pub runtime_class_name: String,
+    /// hami-rs's key: `overwriteEnv` for every chip (the chart's
+    /// `scheduler.overwriteEnv`, which HAMi's chart copies into each chip).
+    pub overwrite_env: bool,
     pub configs: Vec<AscendChip>,
 }
 
 impl VnpusConfig {
     /// The chips, each with `runtimeClassName` filled from the section's
-    /// when it sets none.
+    /// when it sets none, and `overwriteEnv` on when the section's is.
     pub fn chips(&self) -> impl Iterator<Item = AscendChip> + '_ {
         self.configs.iter().map(|chip| {
             let mut chip = chip.clone();
             if chip.runtime_class_name.is_empty() {
                 chip.runtime_class_name = self.runtime_class_name.clone();
             }
+            chip.overwrite_env |= self.overwrite_env;
             chip
         })
     }
@@ -230,6 +234,7 @@ fn default_vnpus() -> VnpusConfig {
     VnpusConfig {
         hami_vnpu_core: false,
         runtime_class_name: String::new(),
+        overwrite_env: false,
         configs: vec![
             ascend(
                 "Ascend910A",

@@ -275,13 +275,17 @@ nvidia:
   runtimeClassName: {{ . | quote }}
   {{- end }}
 {{- $ascend := dig "ascend" dict (.Values.devices | default dict) }}
-{{- if or (hasKey $ascend "hamiVnpuCore") $ascend.runtimeClassName }}
+{{- $overwrite := eq (include "hami-rs.bool" .Values.scheduler.overwriteEnv) "true" }}
+{{- if or (hasKey $ascend "hamiVnpuCore") $ascend.runtimeClassName $overwrite }}
 vnpus:
   {{- if hasKey $ascend "hamiVnpuCore" }}
   hamiVnpuCore: {{ include "hami-rs.bool" $ascend.hamiVnpuCore }}
   {{- end }}
   {{- with $ascend.runtimeClassName }}
   runtimeClassName: {{ . | quote }}
+  {{- end }}
+  {{- if $overwrite }}
+  overwriteEnv: true
   {{- end }}
 {{- end }}
 {{- end -}}
