@@ -451,8 +451,8 @@ async fn bind_inner(app: &App, args: &ExtenderBindingArgs) -> Result<(), String>
     // Locks of the vendors' own plugins (Cambricon's), which binds take as
     // HAMi's do and the plugins release after allocating.
     let mut plugin_locks: Vec<(String, String)> = Vec::new();
+    let expiry = jiff::SignedDuration::from_secs(hami_sched::vendor::PLUGIN_LOCK_EXPIRY_SECS);
     for lock_key in request.iter().flat_map(|r| r.plugin_locks.iter()) {
-        let expiry = jiff::SignedDuration::from_secs(hami_sched::vendor::PLUGIN_LOCK_EXPIRY_SECS);
         match lock::take_plugin_lock(&app.client, node, lock_key, app.clock.now(), expiry).await {
             Ok(value) => plugin_locks.push((lock_key.clone(), value)),
             Err(e) => {

@@ -1006,22 +1006,20 @@ pub unsafe extern "C" fn nvmlDeviceGetSamples(
     let first = (last_done.saturating_sub(SAMPLES_KEPT - 1)).max(last_seen / SAMPLE_US + 1);
     // SAFETY: the caller's buffer holds `*count` samples.
     let room = unsafe { *count } as u64;
-    let s = state();
-    let mut n = 0u64;
-    for k in first..last_done {
-        if n == room {
-            break;
-        }
-        let (from, to) = (k * SAMPLE_US, (k + 1) * SAMPLE_US);
-        let busy = s.devices[i].shared.busy_percent(from * 1000, to * 1000);
-        // SAFETY: n < room.
+    let n = last_done.saturating_sub(first).min(room);
+    let busy = state().devices[i].shared.busy_percents(
+        first * SAMPLE_US * 1000,
+        SAMPLE_US * 1000,
+        n as usize,
+    );
+    for (k, percent) in busy.into_iter().enumerate() {
+        // SAFETY: k < n <= room.
         unsafe {
-            *samples.add(n as usize) = NvmlSample {
-                time_stamp: to,
-                value: u64::from(busy),
+            *samples.add(k) = NvmlSample {
+                time_stamp: (first + k as u64 + 1) * SAMPLE_US,
+                value: u64::from(percent),
             };
         }
-        n += 1;
     }
     // SAFETY: checked non-null.
     unsafe { *count = n as c_uint };

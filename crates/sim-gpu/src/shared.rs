@@ -358,25 +358,37 @@ impl SharedDevice {
 
     /// Percent of the last second the device was busy, all processes.
     pub fn utilization(&self, now: u64) -> u32 {
-        self.busy_percent(now.saturating_sub(1_000_000_000), now)
+        let from = now.saturating_sub(1_000_000_000);
+        self.busy_percents(from, (now - from).max(1), 1)[0]
     }
 
-    /// Percent of `[from, to)` (CLOCK_MONOTONIC ns) the device was busy, all
-    /// processes.
-    pub fn busy_percent(&self, from: u64, to: u64) -> u32 {
-        if to <= from {
-            return 0;
+    /// Percent each of `n` consecutive periods of `width` ns from `from`
+    /// (CLOCK_MONOTONIC) the device was busy, all processes: one pass over
+    /// the log.
+    pub fn busy_percents(&self, from: u64, width: u64, n: usize) -> Vec<u32> {
+        if width == 0 || n == 0 {
+            return vec![0; n];
         }
-        let mut busy = 0u64;
+        let to = from + width * n as u64;
+        let mut busy = vec![0u64; n];
         for e in &self.log {
             let s = e.start.load(Acquire);
             let end = e.end.load(Acquire);
             if s == 0 || end <= s || e.start.load(Acquire) != s {
                 continue;
             }
-            busy += end.min(to).saturating_sub(s.max(from));
+            let (s, end) = (s.max(from), end.min(to));
+            let mut t = s;
+            while t < end {
+                let k = ((t - from) / width) as usize;
+                let period_end = from + (k as u64 + 1) * width;
+                busy[k] += end.min(period_end) - t;
+                t = period_end;
+            }
         }
-        ((busy * 100) / (to - from)).min(100) as u32
+        busy.into_iter()
+            .map(|b| ((b * 100) / width).min(100) as u32)
+            .collect()
     }
 
     /// Frees the slots of processes that are gone. A slot being reclaimed
